@@ -1,0 +1,1 @@
+"""pagetable: the page table of a paged KV cache."""

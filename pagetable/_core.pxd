@@ -1,0 +1,55 @@
+# C-level interface of the PageTable, for other extension modules (the KV-cache
+# manager) that need to read and grow rows without going through Python.
+from pagetable._types cimport block_id_t, seq_id_t, row_t, int32_t, int64_t
+
+
+cdef class PageTable:
+    cdef:
+        int32_t _block_size
+        int32_t _block_shift       # log2(block_size) when a power of two, else -1
+        int32_t _block_mask        # block_size - 1 when a power of two
+
+        # Open-addressing hash index: sequence id -> row.  Empty slots hold key -1.
+        object _index_keys_arr     # int64 [capacity]
+        object _index_rows_arr     # int32 [capacity]
+        int64_t* _index_keys
+        int32_t* _index_rows
+        int64_t _index_mask        # capacity - 1 (capacity is a power of two)
+
+        # Per-row metadata, rows indexed 0 .. _rows_used - 1.
+        object _row_start_arr      # int64: offset of the row's first block in the pool
+        object _row_len_arr        # int32: number of blocks mapped
+        object _row_cap_arr        # int32: blocks reserved in the pool
+        object _row_seq_arr        # int64: sequence id, -1 for a free row
+        object _row_order_arr      # int64: insertion stamp, for iteration order
+        int64_t* _row_start
+        int32_t* _row_len
+        int32_t* _row_cap
+        int64_t* _row_seq
+        int64_t* _row_order
+        int32_t _rows_used         # high-water mark of rows handed out
+        int32_t _rows_capacity
+        object _free_rows          # list of recycled row indices
+        int64_t _next_order
+        int64_t _num_sequences
+
+        # The block pool: every row's blocks, each row contiguous.
+        object _pool_arr           # int32 [capacity]
+        int32_t* _pool
+        int64_t _pool_capacity
+        int64_t _pool_tail         # first never-used entry
+        int64_t _pool_garbage      # entries abandoned by relocated or removed rows
+        int64_t _total_blocks      # sum of row lengths
+
+    # Lookups (no Python objects touched; safe without the GIL).
+    cdef row_t _find_row(self, seq_id_t seq_id) noexcept nogil
+    cdef inline block_id_t* _row_data(self, row_t row) noexcept nogil:
+        return self._pool + self._row_start[row]
+    cdef inline int32_t _row_length(self, row_t row) noexcept nogil:
+        return self._row_len[row]
+
+    # Mutations (may allocate; raise MemoryError through except -1).
+    cdef row_t _get_or_create_row(self, seq_id_t seq_id) except -1
+    cdef int _reserve_row(self, row_t row, int64_t min_capacity) except -1
+    cdef int _append_to_row(self, row_t row, const block_id_t* blocks, int64_t count) except -1
+    cdef int _drop_row(self, row_t row) except -1

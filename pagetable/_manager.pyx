@@ -1,0 +1,844 @@
+"""Block allocator and KV-cache manager over the Cython PageTable.
+
+No Python object exists per block or per sequence: the allocator is two int32 arrays
+(reference counts and a free stack) and the manager keeps each sequence's token count
+in an int32 array indexed by the PageTable's internal row, so a decode step for
+thousands of sequences is a few passes over contiguous arrays.
+
+Reuse order
+-----------
+Free blocks form a LIFO stack: the most recently freed block is handed out first, and
+a fresh allocator hands out 0, 1, 2, ... .  LIFO keeps the set of block ids in use
+compact (lightly loaded engines touch a small, low region of the KV pool, which is
+kinder to the GPU's TLB and L2 than ids spread over the whole pool), its push and pop
+are O(1) with no per-block objects, and it is deterministic, which the reference model
+and the simulation's side-by-side check rely on.
+
+Copy-on-write
+-------------
+``fork`` shares every block of the parent (reference counts rise).  Appending into a
+sequence whose last block is partly filled and shared (reference count > 1) first moves
+that sequence onto a fresh block and reports the copy (``copy_src`` -> ``copy_dst``)
+that the engine must perform before writing.  Full shared blocks are never copied: new
+tokens go into new blocks.  Within one call sequences are served in input order, so
+of two forks appending together the first copies and the second (then the sole owner)
+writes in place.
+"""
+
+cimport cython
+from libc.stdint cimport int32_t, int64_t
+
+from pagetable._types cimport block_id_t, seq_id_t, slot_t, row_t, PAD
+from pagetable._core cimport PageTable
+
+import operator
+
+import numpy as np
+
+from pagetable._convert import INT64_MAX, as_index, as_int_array, check_range
+
+BLOCK_ID_LIMIT = 2**31 - 1   # largest int32: block ids and token counts are int32
+
+# Error codes reported by the nogil planning kernel; the caller raises with the GIL.
+cdef enum:
+    PLAN_OK = 0
+    PLAN_UNKNOWN = 1
+    PLAN_DUPLICATE = 2
+    PLAN_NEGATIVE = 3
+
+
+class OutOfBlocksError(RuntimeError):
+    """The pool has fewer free blocks than a call needs; the call changed nothing.
+
+    A ``RuntimeError`` rather than a ``MemoryError``: running out of KV blocks is the
+    normal back-pressure signal an engine's scheduler handles (by preempting), not a
+    failure of host memory, and catching ``MemoryError`` must not swallow it.
+
+    Attributes
+    ----------
+    requested : int
+        Blocks the call needed.
+    available : int
+        Blocks that were free.
+    """
+
+    def __init__(self, requested, available):
+        super().__init__(f"need {requested} free blocks, only {available} available")
+        self.requested = requested
+        self.available = available
+
+    def __reduce__(self):
+        return (type(self), (self.requested, self.available))
+
+
+@cython.final
+cdef class AppendResult:
+    """What an engine needs after a growth call.
+
+    Attributes
+    ----------
+    slots : numpy.ndarray of int64
+        The cache slot (``block_id * block_size + offset``) of every new token,
+        sequence by sequence in input order: the K/V write kernel's slot mapping.
+    copy_src, copy_dst : numpy.ndarray of int32
+        Copy-on-write block copies to perform before writing, pairwise.
+    """
+
+    cdef readonly object slots
+    cdef readonly object copy_src
+    cdef readonly object copy_dst
+
+    def __cinit__(self, slots, copy_src, copy_dst):
+        self.slots = slots
+        self.copy_src = copy_src
+        self.copy_dst = copy_dst
+
+    def __repr__(self):
+        return (f"AppendResult(slots={self.slots!r}, copy_src={self.copy_src!r}, "
+                f"copy_dst={self.copy_dst!r})")
+
+
+cdef object _EMPTY_INT32 = np.empty(0, dtype=np.int32)
+_EMPTY_INT32.flags.writeable = False
+
+
+@cython.final
+cdef class BlockAllocator:
+    """Reference-counted pool of physical KV-cache blocks ``0 .. num_blocks - 1``.
+
+    Parameters
+    ----------
+    num_blocks : int
+        Size of the pool, 1 .. 2**31 - 1.
+
+    Notes
+    -----
+    Free blocks are a LIFO stack: the most recently freed block is handed out first
+    (a fresh pool hands out 0, 1, 2, ...).  See the module docstring for why.
+    """
+
+    cdef:
+        int32_t _num_blocks
+        int32_t _num_free
+        object _refcount_arr      # int32 [num_blocks]
+        object _free_stack_arr    # int32 [num_blocks]; entries 0 .. _num_free - 1 are free
+        object _pending_arr       # int32 [num_blocks]; scratch for planning, all zero between calls
+        int32_t[::1] _refcount
+        int32_t[::1] _free_stack
+        int32_t[::1] _pending
+
+    def __cinit__(self, num_blocks):
+        cdef int32_t i
+        num_blocks = check_range(as_index(num_blocks, "num_blocks"), 1, BLOCK_ID_LIMIT, "num_blocks")
+        self._num_blocks = num_blocks
+        self._refcount_arr = np.zeros(num_blocks, dtype=np.int32)
+        # Top of the stack is the last entry, so block 0 is handed out first.
+        self._free_stack_arr = np.arange(num_blocks - 1, -1, -1, dtype=np.int32)
+        self._pending_arr = np.zeros(num_blocks, dtype=np.int32)
+        self._refcount = self._refcount_arr
+        self._free_stack = self._free_stack_arr
+        self._pending = self._pending_arr
+        self._num_free = num_blocks
+
+    @property
+    def num_blocks(self):
+        """Size of the pool."""
+        return self._num_blocks
+
+    @property
+    def num_free(self):
+        """Blocks currently free."""
+        return self._num_free
+
+    def __repr__(self):
+        return f"BlockAllocator(num_blocks={self._num_blocks}, num_free={self._num_free})"
+
+    # -- C level --------------------------------------------------------------------
+    cdef void _take(self, int64_t n, block_id_t* out) noexcept nogil:
+        """Pop ``n`` blocks (the caller checked ``n <= _num_free``) with refcount 1."""
+        cdef int64_t i
+        cdef block_id_t block
+        for i in range(n):
+            self._num_free -= 1
+            block = self._free_stack[self._num_free]
+            self._refcount[block] = 1
+            out[i] = block
+
+    cdef void _release(self, const block_id_t* blocks, int64_t n) noexcept nogil:
+        """Drop one reference from each block (the caller checked they are held)."""
+        cdef int64_t i
+        cdef block_id_t block
+        for i in range(n):
+            block = blocks[i]
+            self._refcount[block] -= 1
+            if self._refcount[block] == 0:
+                self._free_stack[self._num_free] = block
+                self._num_free += 1
+
+    cdef void _retain(self, const block_id_t* blocks, int64_t n) noexcept nogil:
+        cdef int64_t i
+        for i in range(n):
+            self._refcount[blocks[i]] += 1
+
+    cdef int64_t _check_ids(self, const int64_t[::1] ids) noexcept nogil:
+        """Index of the first id outside the pool, or -1."""
+        cdef Py_ssize_t i
+        for i in range(ids.shape[0]):
+            if ids[i] < 0 or ids[i] >= self._num_blocks:
+                return i
+        return -1
+
+    cdef object _block_ids(self, block_ids):
+        ids = as_int_array(block_ids, "block_ids")
+        cdef int64_t bad = self._check_ids(ids)
+        if bad >= 0:
+            raise ValueError(
+                f"block_ids[{bad}] = {ids[bad]} is out of range 0..{self._num_blocks - 1}")
+        return ids
+
+    # -- Python API -----------------------------------------------------------------
+    def allocate(self, n):
+        """Take ``n`` distinct free blocks, each with reference count 1.
+
+        Parameters
+        ----------
+        n : int
+            Number of blocks, >= 0.
+
+        Returns
+        -------
+        numpy.ndarray of int32
+            The block ids, in the order they were handed out.
+
+        Raises
+        ------
+        OutOfBlocksError
+            Fewer than ``n`` blocks are free; nothing is taken.
+        """
+        n = as_index(n, "n")
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        if n > self._num_free:
+            raise OutOfBlocksError(n, self._num_free)
+        out = np.empty(n, dtype=np.int32)
+        cdef int32_t[::1] view = out
+        if n:
+            self._take(n, &view[0])
+        return out
+
+    def free(self, block_ids):
+        """Drop one reference from each block; a block whose count reaches 0 is free.
+
+        A block listed twice loses two references.  The whole call is checked first:
+        an id out of range, or one with fewer references than it is listed, raises
+        ``ValueError`` and changes nothing.
+        """
+        cdef const int64_t[::1] ids = self._block_ids(block_ids)
+        cdef Py_ssize_t i, j, n = ids.shape[0]
+        cdef int32_t saved_free = self._num_free
+        cdef block_id_t block
+        cdef int64_t bad = -1
+        with nogil:
+            for i in range(n):
+                block = <block_id_t>ids[i]
+                if self._refcount[block] == 0:
+                    bad = i
+                    break
+                self._refcount[block] -= 1
+                if self._refcount[block] == 0:
+                    self._free_stack[self._num_free] = block
+                    self._num_free += 1
+            if bad >= 0:
+                # Undo: restore the counts and forget the blocks pushed so far.
+                for j in range(bad):
+                    self._refcount[<block_id_t>ids[j]] += 1
+                self._num_free = saved_free
+        if bad >= 0:
+            raise ValueError(f"block_ids[{bad}] = {ids[bad]} is already free")
+
+    def incref(self, block_ids):
+        """Add one reference to each (allocated) block; a block listed twice gains two.
+
+        Raises ``ValueError`` and changes nothing if an id is out of range or free.
+        """
+        cdef const int64_t[::1] ids = self._block_ids(block_ids)
+        cdef Py_ssize_t i, n = ids.shape[0]
+        cdef int64_t bad = -1
+        with nogil:
+            for i in range(n):
+                if self._refcount[<block_id_t>ids[i]] == 0:
+                    bad = i
+                    break
+            if bad < 0:
+                for i in range(n):
+                    self._refcount[<block_id_t>ids[i]] += 1
+        if bad >= 0:
+            raise ValueError(
+                f"block_ids[{bad}] = {ids[bad]} is free; only allocated blocks can be shared")
+
+    def refcount(self, block_ids):
+        """Reference count of each block, int32."""
+        cdef const int64_t[::1] ids = self._block_ids(block_ids)
+        cdef Py_ssize_t i, n = ids.shape[0]
+        out = np.empty(n, dtype=np.int32)
+        cdef int32_t[::1] view = out
+        with nogil:
+            for i in range(n):
+                view[i] = self._refcount[<block_id_t>ids[i]]
+        return out
+
+    def _free_blocks(self):
+        """The free stack, bottom to top (the next block handed out is the last)."""
+        return self._free_stack_arr[:self._num_free].copy()
+
+    def _refcounts(self):
+        """All reference counts (a copy)."""
+        return self._refcount_arr.copy()
+
+
+cdef inline int64_t _blocks_for(int64_t tokens, int64_t block_size) noexcept nogil:
+    return (tokens + block_size - 1) // block_size
+
+
+cdef object _as_seq_ids(seq_ids, str name="seq_ids"):
+    return as_int_array(seq_ids, name)
+
+
+cdef int64_t _as_seq_id(value, str name) except -1:
+    return check_range(as_index(value, name), 0, INT64_MAX, name)
+
+
+@cython.final
+cdef class KVCacheManager:
+    """Paged KV-cache bookkeeping: a PageTable, a BlockAllocator and token counts.
+
+    Parameters
+    ----------
+    num_blocks : int
+        KV-cache blocks in the pool; ``num_blocks * block_size`` must be below 2**31
+        so that every token count fits in int32.
+    block_size : int, default 16
+        Tokens per block.
+
+    Notes
+    -----
+    Treat ``page_table`` as read-only: changing it behind the manager's back breaks
+    the invariants that :meth:`check` verifies.
+    """
+
+    cdef:
+        PageTable _table
+        BlockAllocator _allocator
+        int64_t _block_size
+        object _row_tokens_arr    # int32, token count by PageTable row
+        object _row_stamp_arr     # int64, last call that touched the row (duplicate check)
+        int32_t[::1] _row_tokens
+        int64_t[::1] _row_stamp
+        int64_t _stamp
+
+    def __cinit__(self, num_blocks, block_size=16):
+        block_size = check_range(as_index(block_size, "block_size"), 1, BLOCK_ID_LIMIT, "block_size")
+        num_blocks = check_range(as_index(num_blocks, "num_blocks"), 1, BLOCK_ID_LIMIT, "num_blocks")
+        if num_blocks * block_size > BLOCK_ID_LIMIT:
+            raise ValueError(
+                f"num_blocks * block_size must be below 2**31, got {num_blocks} * {block_size}")
+        self._block_size = block_size
+        self._table = PageTable(block_size)
+        self._allocator = BlockAllocator(num_blocks)
+        self._row_tokens_arr = np.zeros(64, dtype=np.int32)
+        self._row_stamp_arr = np.zeros(64, dtype=np.int64)
+        self._row_tokens = self._row_tokens_arr
+        self._row_stamp = self._row_stamp_arr
+        self._stamp = 0
+
+    # -- properties ----------------------------------------------------------------------
+    @property
+    def page_table(self):
+        """The PageTable holding every sequence's blocks (read it, do not change it)."""
+        return self._table
+
+    @property
+    def allocator(self):
+        """The BlockAllocator owning the pool (read it, do not change it)."""
+        return self._allocator
+
+    @property
+    def block_size(self):
+        """Tokens per block."""
+        return self._block_size
+
+    @property
+    def num_blocks(self):
+        """Blocks in the pool."""
+        return self._allocator._num_blocks
+
+    @property
+    def num_free_blocks(self):
+        """Blocks currently free."""
+        return self._allocator._num_free
+
+    @property
+    def usage(self):
+        """Fraction of the pool's blocks in use, 0.0 .. 1.0."""
+        return 1.0 - self._allocator._num_free / <double>self._allocator._num_blocks
+
+    def __len__(self):
+        return self._table._num_sequences
+
+    def __contains__(self, seq_id):
+        try:
+            seq = operator.index(seq_id)
+        except TypeError:
+            return False
+        if seq < 0 or seq > INT64_MAX:
+            return False
+        return self._table._find_row(seq) >= 0
+
+    def __repr__(self):
+        return (f"KVCacheManager(num_blocks={self.num_blocks}, block_size={self._block_size}, "
+                f"sequences={len(self)}, free_blocks={self.num_free_blocks})")
+
+    # -- C helpers -----------------------------------------------------------------------
+    cdef int _ensure_rows(self, row_t row) except -1:
+        """Grow the per-row arrays so that ``row`` is a valid index."""
+        cdef Py_ssize_t size = self._row_tokens.shape[0]
+        if row < size:
+            return 0
+        while size <= row:
+            size *= 2
+        tokens = np.zeros(size, dtype=np.int32)
+        stamps = np.zeros(size, dtype=np.int64)
+        tokens[:self._row_tokens.shape[0]] = self._row_tokens_arr
+        stamps[:self._row_stamp.shape[0]] = self._row_stamp_arr
+        self._row_tokens_arr = tokens
+        self._row_stamp_arr = stamps
+        self._row_tokens = tokens
+        self._row_stamp = stamps
+        return 0
+
+    cdef int64_t _find_rows(self, const int64_t[::1] seq_ids, row_t[::1] rows,
+                            bint distinct, int* error) noexcept nogil:
+        """Resolve ids to rows; on a bad entry set ``error`` and return its index."""
+        cdef Py_ssize_t i
+        cdef row_t row
+        self._stamp += 1
+        for i in range(seq_ids.shape[0]):
+            if seq_ids[i] < 0:
+                error[0] = PLAN_NEGATIVE
+                return i
+            row = self._table._find_row(seq_ids[i])
+            if row < 0:
+                error[0] = PLAN_UNKNOWN
+                return i
+            if distinct:
+                if self._row_stamp[row] == self._stamp:
+                    error[0] = PLAN_DUPLICATE
+                    return i
+                self._row_stamp[row] = self._stamp
+            rows[i] = row
+        error[0] = PLAN_OK
+        return -1
+
+    cdef object _rows(self, seq_ids, bint distinct, str name="seq_ids"):
+        """(ids, rows) for a batch of known sequence ids, raising on a bad entry."""
+        ids = _as_seq_ids(seq_ids, name)
+        rows = np.empty(ids.shape[0], dtype=np.int32)
+        cdef int error = PLAN_OK
+        cdef int64_t bad
+        cdef const int64_t[::1] ids_view = ids
+        cdef row_t[::1] rows_view = rows
+        with nogil:
+            bad = self._find_rows(ids_view, rows_view, distinct, &error)
+        if error == PLAN_UNKNOWN:
+            raise KeyError(f"{name}[{bad}] = {ids[bad]} is not a sequence of this manager")
+        if error == PLAN_NEGATIVE:
+            raise ValueError(f"{name}[{bad}] = {ids[bad]} is negative; sequence ids are 0..2**63-1")
+        if error == PLAN_DUPLICATE:
+            raise ValueError(f"{name}[{bad}] = {ids[bad]} appears more than once")
+        return ids, rows
+
+    cdef object _counts(self, num_new_tokens, Py_ssize_t n):
+        """``num_new_tokens`` as an int64 array of length ``n`` (a scalar is broadcast)."""
+        if isinstance(num_new_tokens, (list, tuple, np.ndarray)):
+            counts = as_int_array(num_new_tokens, "num_new_tokens")
+            if counts.shape[0] != n:
+                raise ValueError(
+                    f"num_new_tokens must have one entry per sequence ({n}), got {counts.shape[0]}")
+            if n and counts.min() < 0:
+                bad = int(np.argmax(counts < 0))
+                raise ValueError(f"num_new_tokens[{bad}] = {counts[bad]} is negative")
+            return counts
+        count = as_index(num_new_tokens, "num_new_tokens")
+        if count < 0:
+            raise ValueError(f"num_new_tokens[0] = {count} is negative")
+        if count > INT64_MAX:
+            raise OverflowError(f"num_new_tokens = {count} does not fit in 64 bits")
+        return np.full(n, count, dtype=np.int64)
+
+    cdef int64_t _plan(self, const row_t[::1] rows, const int64_t[::1] counts,
+                       int64_t* num_copies, int64_t* num_slots) noexcept nogil:
+        """Blocks a growth call needs (new blocks plus copy-on-write copies).
+
+        Mirrors the execution exactly: sequences in input order, and a shared last
+        block stops needing a copy once the earlier sharers in the call have moved off
+        it (tracked in the allocator's ``_pending`` scratch, reset before returning).
+        """
+        cdef Py_ssize_t i, n = rows.shape[0]
+        cdef int64_t need = 0, copies = 0, slots = 0, tokens, count
+        cdef int64_t limit = <int64_t>self._allocator._num_blocks * self._block_size
+        cdef int32_t length
+        cdef row_t row
+        cdef block_id_t last
+        cdef int32_t[::1] refcount = self._allocator._refcount
+        cdef int32_t[::1] pending = self._allocator._pending
+        for i in range(n):
+            count = counts[i]
+            if count == 0:
+                continue
+            row = rows[i]
+            tokens = self._row_tokens[row]
+            length = self._table._row_length(row)
+            if count > limit:
+                need += self._allocator._num_blocks + 1   # can never fit
+                continue
+            slots += count
+            if tokens % self._block_size:
+                last = self._table._row_data(row)[length - 1]
+                if refcount[last] - pending[last] > 1:
+                    need += 1
+                    copies += 1
+                    pending[last] += 1
+            need += _blocks_for(tokens + count, self._block_size) - length
+        if copies:
+            for i in range(n):
+                if counts[i]:
+                    row = rows[i]
+                    length = self._table._row_length(row)
+                    if length:
+                        pending[self._table._row_data(row)[length - 1]] = 0
+        num_copies[0] = copies
+        num_slots[0] = slots
+        return need
+
+    # -- growth --------------------------------------------------------------------------
+    def add_sequence(self, seq_id, num_tokens):
+        """Start a sequence holding ``num_tokens`` tokens (a prefill).
+
+        Parameters
+        ----------
+        seq_id : int
+            New sequence id, 0 .. 2**63 - 1; an existing id raises ``ValueError``.
+        num_tokens : int
+            Tokens in the prompt, >= 0 (0 makes an empty sequence with no block).
+
+        Returns
+        -------
+        AppendResult
+            ``slots`` for positions ``0 .. num_tokens - 1``; no copies.
+
+        Raises
+        ------
+        OutOfBlocksError
+            Not enough free blocks; nothing changes.
+        """
+        cdef int64_t seq = _as_seq_id(seq_id, "seq_id")
+        num_tokens = as_index(num_tokens, "num_tokens")
+        if num_tokens < 0:
+            raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
+        if self._table._find_row(seq) >= 0:
+            raise ValueError(f"seq_id = {seq} already exists")
+        if num_tokens > <int64_t>self._allocator._num_blocks * self._block_size:
+            raise OutOfBlocksError(-(-num_tokens // self._block_size), self._allocator._num_free)
+        cdef int64_t n = num_tokens
+        cdef int64_t need = _blocks_for(n, self._block_size)
+        if need > self._allocator._num_free:
+            raise OutOfBlocksError(need, self._allocator._num_free)
+        cdef row_t row = self._table._get_or_create_row(seq)
+        try:
+            self._ensure_rows(row)
+            if need:
+                self._table._reserve_row(row, need)
+        except BaseException:
+            self._table._drop_row(row)
+            raise
+        blocks = np.empty(need, dtype=np.int32)
+        slots = np.empty(n, dtype=np.int64)
+        cdef block_id_t[::1] block_view = blocks
+        cdef slot_t[::1] slot_view = slots
+        cdef int64_t p
+        if need:
+            self._allocator._take(need, &block_view[0])
+            self._table._append_to_row(row, &block_view[0], need)
+            with nogil:
+                for p in range(n):
+                    slot_view[p] = (<slot_t>block_view[p // self._block_size] * self._block_size
+                                    + p % self._block_size)
+        self._row_tokens[row] = <int32_t>n
+        return AppendResult(slots, _EMPTY_INT32, _EMPTY_INT32)
+
+    def append_tokens(self, seq_ids, num_new_tokens=1):
+        """Grow sequences by ``num_new_tokens`` each: one decode step, or more tokens.
+
+        Parameters
+        ----------
+        seq_ids : 1-D array-like of int
+            Distinct existing sequence ids.
+        num_new_tokens : int or 1-D array-like of int, default 1
+            Tokens to add, one count for all or one per sequence; >= 0.
+
+        Returns
+        -------
+        AppendResult
+            ``slots`` (int64) of every new token, sequence by sequence in input order;
+            ``copy_src`` / ``copy_dst`` (int32), the copy-on-write copies to perform
+            before writing.
+
+        Raises
+        ------
+        OutOfBlocksError
+            The pool cannot cover the whole call; nothing changes.
+        KeyError
+            An unknown sequence id.
+        """
+        ids, rows = self._rows(seq_ids, True)
+        counts = self._counts(num_new_tokens, ids.shape[0])
+        cdef const row_t[::1] row_view = rows
+        cdef const int64_t[::1] count_view = counts
+        cdef int64_t num_copies = 0, num_slots = 0, need
+        with nogil:
+            need = self._plan(row_view, count_view, &num_copies, &num_slots)
+        if need > self._allocator._num_free:
+            raise OutOfBlocksError(need, self._allocator._num_free)
+        cdef Py_ssize_t i, n = row_view.shape[0]
+        cdef row_t row
+        cdef int64_t add
+        # Reserve every row's room first, so a MemoryError here leaves nothing changed
+        # and the appends below cannot fail.
+        for i in range(n):
+            if count_view[i]:
+                row = row_view[i]
+                add = (_blocks_for(self._row_tokens[row] + count_view[i], self._block_size)
+                       - self._table._row_length(row))
+                if add > 0:
+                    self._table._reserve_row(row, self._table._row_length(row) + add)
+        fresh = np.empty(need, dtype=np.int32)
+        slots = np.empty(num_slots, dtype=np.int64)
+        copy_src = np.empty(num_copies, dtype=np.int32)
+        copy_dst = np.empty(num_copies, dtype=np.int32)
+        cdef block_id_t[::1] fresh_view = fresh
+        cdef slot_t[::1] slot_view = slots
+        cdef block_id_t[::1] src_view = copy_src
+        cdef block_id_t[::1] dst_view = copy_dst
+        cdef int32_t[::1] refcount = self._allocator._refcount
+        cdef int64_t taken = 0, copied = 0, written = 0, tokens, count, p
+        cdef int64_t block_size = self._block_size
+        cdef int32_t length
+        cdef block_id_t* data
+        cdef block_id_t last
+        if need:
+            self._allocator._take(need, &fresh_view[0])
+        for i in range(n):
+            count = count_view[i]
+            if count == 0:
+                continue
+            row = row_view[i]
+            tokens = self._row_tokens[row]
+            length = self._table._row_length(row)
+            if tokens % block_size:
+                data = self._table._row_data(row)
+                last = data[length - 1]
+                if refcount[last] > 1:
+                    src_view[copied] = last
+                    dst_view[copied] = fresh_view[taken]
+                    copied += 1
+                    refcount[last] -= 1          # stays >= 1: never frees
+                    data[length - 1] = fresh_view[taken]
+                    taken += 1
+            add = _blocks_for(tokens + count, block_size) - length
+            if add > 0:
+                self._table._append_to_row(row, &fresh_view[taken], add)
+                taken += add
+            data = self._table._row_data(row)
+            for p in range(tokens, tokens + count):
+                slot_view[written] = <slot_t>data[p // block_size] * block_size + p % block_size
+                written += 1
+            self._row_tokens[row] = <int32_t>(tokens + count)
+        return AppendResult(slots, copy_src, copy_dst)
+
+    def can_append(self, seq_ids, num_new_tokens=1):
+        """Whether ``append_tokens(seq_ids, num_new_tokens)`` would find enough blocks."""
+        ids, rows = self._rows(seq_ids, True)
+        counts = self._counts(num_new_tokens, ids.shape[0])
+        cdef const row_t[::1] row_view = rows
+        cdef const int64_t[::1] count_view = counts
+        cdef int64_t num_copies = 0, num_slots = 0, need
+        with nogil:
+            need = self._plan(row_view, count_view, &num_copies, &num_slots)
+        return need <= self._allocator._num_free
+
+    def fork(self, parent_id, child_id):
+        """Make ``child_id`` share every block and the token count of ``parent_id``.
+
+        Raises ``KeyError`` for an unknown parent and ``ValueError`` if the child exists.
+        """
+        cdef int64_t parent = _as_seq_id(parent_id, "parent_id")
+        cdef int64_t child = _as_seq_id(child_id, "child_id")
+        cdef row_t parent_row = self._table._find_row(parent)
+        if parent_row < 0:
+            raise KeyError(f"parent_id = {parent} is not a sequence of this manager")
+        if self._table._find_row(child) >= 0:
+            raise ValueError(f"child_id = {child} already exists")
+        self._table.fork_sequence(parent, child)
+        cdef row_t child_row = self._table._find_row(child)
+        try:
+            self._ensure_rows(child_row)
+        except BaseException:
+            self._table._drop_row(child_row)
+            raise
+        parent_row = self._table._find_row(parent)
+        self._allocator._retain(self._table._row_data(child_row), self._table._row_length(child_row))
+        self._row_tokens[child_row] = self._row_tokens[parent_row]
+
+    def free_sequence(self, seq_ids):
+        """Remove one sequence (an int) or many (an array-like); release their blocks.
+
+        Blocks return to the pool as their counts reach 0, each sequence's blocks in
+        order.  Every id is checked first (``KeyError`` for an unknown one,
+        ``ValueError`` for a repeat): a call that raises changes nothing.
+        """
+        if isinstance(seq_ids, (int, np.integer)) and not isinstance(seq_ids, (bool, np.bool_)):
+            seq_ids = [seq_ids]
+        ids, rows = self._rows(seq_ids, True)
+        cdef const row_t[::1] row_view = rows
+        cdef Py_ssize_t i
+        cdef row_t row
+        for i in range(row_view.shape[0]):
+            row = row_view[i]
+            self._allocator._release(self._table._row_data(row), self._table._row_length(row))
+            self._row_tokens[row] = 0
+            self._table._drop_row(row)
+
+    # -- queries -------------------------------------------------------------------------
+    def seq_lens(self, seq_ids):
+        """Tokens held by each sequence, int32."""
+        ids, rows = self._rows(seq_ids, False)
+        cdef const row_t[::1] row_view = rows
+        out = np.empty(row_view.shape[0], dtype=np.int32)
+        cdef int32_t[::1] out_view = out
+        cdef Py_ssize_t i
+        with nogil:
+            for i in range(row_view.shape[0]):
+                out_view[i] = self._row_tokens[row_view[i]]
+        return out
+
+    def block_table(self, seq_ids):
+        """Dense block table, int32 ``[len(seq_ids), W]`` padded with ``PAD_SLOT_ID``.
+
+        ``W`` is the longest row in the batch.  Pair it with :meth:`seq_lens` for a
+        PagedAttention kernel.
+        """
+        ids, rows = self._rows(seq_ids, False)
+        cdef const row_t[::1] row_view = rows
+        cdef Py_ssize_t i, j, n = row_view.shape[0]
+        cdef int32_t width = 0, length
+        for i in range(n):
+            if self._table._row_length(row_view[i]) > width:
+                width = self._table._row_length(row_view[i])
+        table = np.empty((n, width), dtype=np.int32)
+        cdef block_id_t[:, ::1] view = table
+        cdef const block_id_t* data
+        with nogil:
+            for i in range(n):
+                length = self._table._row_length(row_view[i])
+                data = self._table._row_data(row_view[i])
+                for j in range(length):
+                    view[i, j] = data[j]
+                for j in range(length, width):
+                    view[i, j] = PAD
+        return table
+
+    def flashinfer_layout(self, seq_ids):
+        """FlashInfer's paged-KV inputs for a batch.
+
+        Returns
+        -------
+        kv_indptr : numpy.ndarray of int32, ``[B + 1]``
+            Sequence ``i``'s pages are ``kv_indices[kv_indptr[i]:kv_indptr[i + 1]]``.
+        kv_indices : numpy.ndarray of int32, ``[nnz]``
+            Block ids, sequence by sequence.
+        kv_last_page_len : numpy.ndarray of int32, ``[B]``
+            Tokens in each sequence's last block, ``1 .. block_size``; 0 for a sequence
+            holding no token (it has no page at all).
+        """
+        ids, rows = self._rows(seq_ids, False)
+        cdef const row_t[::1] row_view = rows
+        cdef Py_ssize_t i, j, n = row_view.shape[0]
+        cdef int64_t nnz = 0, tokens
+        for i in range(n):
+            nnz += self._table._row_length(row_view[i])
+        indptr = np.empty(n + 1, dtype=np.int32)
+        indices = np.empty(nnz, dtype=np.int32)
+        last_page_len = np.empty(n, dtype=np.int32)
+        cdef int32_t[::1] indptr_view = indptr
+        cdef block_id_t[::1] indices_view = indices
+        cdef int32_t[::1] last_view = last_page_len
+        cdef int32_t length
+        cdef const block_id_t* data
+        cdef int64_t at = 0
+        with nogil:
+            indptr_view[0] = 0
+            for i in range(n):
+                length = self._table._row_length(row_view[i])
+                data = self._table._row_data(row_view[i])
+                for j in range(length):
+                    indices_view[at + j] = data[j]
+                at += length
+                indptr_view[i + 1] = <int32_t>at
+                tokens = self._row_tokens[row_view[i]]
+                last_view[i] = <int32_t>((tokens - 1) % self._block_size + 1) if tokens else 0
+        return indptr, indices, last_page_len
+
+    def check(self):
+        """Verify every invariant; raise ``AssertionError`` naming the first broken one.
+
+        - each block's reference count equals the number of table entries naming it;
+        - the free stack holds exactly the blocks with count 0, each once;
+        - each sequence's block count is ``ceil(tokens / block_size)``;
+        - every block id in the table is inside the pool.
+        """
+        cdef int64_t num_blocks = self._allocator._num_blocks
+        references = np.zeros(num_blocks, dtype=np.int64)
+        cdef row_t row
+        cdef int64_t tokens, length
+        for seq in self._table:
+            row = self._table._find_row(seq)
+            blocks = self._table.get_sequence_blocks(seq)
+            tokens = self._row_tokens[row]
+            length = blocks.shape[0]
+            if length != _blocks_for(tokens, self._block_size):
+                raise AssertionError(
+                    f"sequence {seq} holds {tokens} tokens in {length} blocks "
+                    f"(block_size {self._block_size} needs {_blocks_for(tokens, self._block_size)})")
+            if length:
+                if blocks.min() < 0 or blocks.max() >= num_blocks:
+                    raise AssertionError(f"sequence {seq} maps a block outside the pool: {blocks}")
+                np.add.at(references, blocks, 1)
+        refcount = self._allocator._refcount_arr
+        wrong = np.flatnonzero(refcount != references)
+        if wrong.size:
+            b = int(wrong[0])
+            raise AssertionError(
+                f"block {b} has refcount {refcount[b]} but {references[b]} table entries name it")
+        free = self._allocator._free_blocks()
+        if free.size and (free.min() < 0 or free.max() >= num_blocks):
+            raise AssertionError("the free stack holds an id outside the pool")
+        on_stack = np.bincount(free, minlength=num_blocks) if free.size else np.zeros(num_blocks, np.int64)
+        twice = np.flatnonzero(on_stack > 1)
+        if twice.size:
+            raise AssertionError(f"block {int(twice[0])} is on the free stack {on_stack[twice[0]]} times")
+        used_and_free = np.flatnonzero((on_stack == 1) & (references > 0))
+        if used_and_free.size:
+            raise AssertionError(f"block {int(used_and_free[0])} is both free and in use")
+        lost = np.flatnonzero((on_stack == 0) & (references == 0))
+        if lost.size:
+            raise AssertionError(f"block {int(lost[0])} is neither free nor in use (leaked)")

@@ -79,6 +79,5 @@ setup(
     ext_modules=cythonize(
         extensions,
         compiler_directives=DIRECTIVES,
-        compile_time_env={"PAGETABLE_DEBUG": DEBUG},
     ),
 )

@@ -1,8 +1,25 @@
 # C-level interface of the PageTable, for other extension modules (the KV-cache
 # manager) that need to read and grow rows without going through Python.
+cimport cython
 from pagetable._types cimport block_id_t, seq_id_t, row_t, int32_t, int64_t
 
 
+# A plain-pointer snapshot of the table for nogil kernels.  Valid until the next
+# call that may grow or compact storage.
+cdef struct TableView:
+    int64_t* index_keys
+    int32_t* index_rows
+    int64_t index_mask
+    int32_t index_shift
+    int64_t* row_start
+    int32_t* row_len
+    int32_t* pool
+    int64_t block_size
+    int32_t block_shift
+    int64_t block_mask
+
+
+@cython.final
 cdef class PageTable:
     cdef:
         int32_t _block_size
@@ -15,6 +32,7 @@ cdef class PageTable:
         int64_t* _index_keys
         int32_t* _index_rows
         int64_t _index_mask        # capacity - 1 (capacity is a power of two)
+        int32_t _index_shift       # 64 - log2(capacity), for Fibonacci hashing
 
         # Per-row metadata, rows indexed 0 .. _rows_used - 1.
         object _row_start_arr      # int64: offset of the row's first block in the pool
@@ -47,9 +65,31 @@ cdef class PageTable:
         return self._pool + self._row_start[row]
     cdef inline int32_t _row_length(self, row_t row) noexcept nogil:
         return self._row_len[row]
+    cdef TableView _view(self) noexcept nogil
 
-    # Mutations (may allocate; raise MemoryError through except -1).
+    # Mutations (may allocate; raise MemoryError through except -1).  Each one may
+    # move rows: re-read _row_data after calling it.
     cdef row_t _get_or_create_row(self, seq_id_t seq_id) except -1
     cdef int _reserve_row(self, row_t row, int64_t min_capacity) except -1
     cdef int _append_to_row(self, row_t row, const block_id_t* blocks, int64_t count) except -1
     cdef int _drop_row(self, row_t row) except -1
+
+    # Internal storage management.
+    cdef int _allocate_index(self, int64_t capacity) except -1
+    cdef void _index_insert(self, seq_id_t seq_id, row_t row) noexcept nogil
+    cdef void _index_remove(self, seq_id_t seq_id) noexcept nogil
+    cdef int _grow_index(self) except -1
+    cdef int _grow_rows(self, int32_t capacity) except -1
+    cdef int _compact_into(self, object target_arr) except -1
+    cdef int _ensure_pool_space(self, int64_t needed) except -1
+    cdef row_t _row_or_raise(self, seq_id_t seq_id) except -1
+    cdef object _row_array(self, row_t row)
+    cdef object _live_rows_in_order(self)
+    cdef int _resolve_or_raise(self, object seq_array, object rows_array) except -1
+    cdef int _raise_bad_seq(self, const int64_t[::1] seqs, int64_t bad) except -1
+    cdef int _raise_unmapped(self, seq_array, pos_array, result) except -1
+    cdef int _slot_mapping_into(self, seq_array, pos_array, result) except -1
+
+    cpdef append_block(self, sequence_id, block_id)
+    cpdef get_block_for_position(self, sequence_id, token_pos)
+    cpdef Py_ssize_t num_sequences(self)

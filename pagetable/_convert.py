@@ -1,0 +1,123 @@
+"""Argument validation and conversion shared by every Python-facing entry point.
+
+Everything here runs before a table is touched, so a bad argument raises before
+anything changes.  Messages name the argument and the offending value.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
+
+_INT64 = np.dtype(np.int64)
+_INT32 = np.dtype(np.int32)
+
+
+def as_index(value: object, name: str) -> int:
+    """Return ``value`` as a Python int, rejecting bools, floats and other non-integers."""
+    if type(value) is int:
+        return value  # type: ignore[return-value]
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an integer, not bool ({value!r})")
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(
+            f"{name} must be an integer, got {type(value).__name__} {value!r}"
+        ) from None
+
+
+def check_range(value: int, low: int, high: int, name: str) -> int:
+    """Raise ``ValueError`` below ``low`` and ``OverflowError`` above ``high``."""
+    if value < low:
+        raise ValueError(f"{name} must be in {low}..{high}, got {value}")
+    if value > high:
+        raise OverflowError(f"{name} must be in {low}..{high}, got {value}")
+    return value
+
+
+def _describe_non_integer(values: object, array: np.ndarray, name: str) -> Exception:
+    """Pick the right exception for an array-like that numpy did not make integer.
+
+    A list such as ``[-1, 2**63]`` becomes float64 and ``[2**64]`` becomes object in
+    numpy although every element is an integer: that is a range problem, not a type one.
+    """
+    if array.dtype.kind in "fcO" and not isinstance(values, np.ndarray):
+        flat = list(np.asarray(values, dtype=object).ravel())
+        if flat and all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+            for v in flat
+        ):
+            worst = next(v for v in flat if not (-(2**63) <= int(v) <= INT64_MAX))
+            return OverflowError(f"{name} holds {worst}, which does not fit in 64 bits")
+    if array.dtype.kind == "b":
+        return TypeError(f"{name} must hold integers, got booleans")
+    return TypeError(f"{name} must hold integers, got dtype {array.dtype}")
+
+
+def as_int_array(values: object, name: str, dtype: np.dtype = _INT64) -> np.ndarray:
+    """Return ``values`` as a 1-D C-contiguous array of ``dtype`` (int64 or int32).
+
+    Accepts lists, tuples and numpy arrays of any integer dtype (non-contiguous views
+    included).  Values that do not fit in ``dtype`` raise ``OverflowError``; nothing is
+    silently truncated.
+    """
+    if type(values) is np.ndarray and values.dtype == dtype and values.ndim == 1:  # type: ignore[union-attr]
+        return np.ascontiguousarray(values)
+    try:
+        array = np.asarray(values)
+    except (ValueError, TypeError) as exc:
+        raise TypeError(f"{name} must be a 1-D array of integers: {exc}") from None
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got an array of shape {array.shape}")
+    kind = array.dtype.kind
+    if kind not in "iu":
+        if array.size == 0 and kind != "b" and kind != "O":
+            return np.empty(0, dtype=dtype)
+        raise _describe_non_integer(values, array, name)
+    if array.dtype == dtype:
+        return np.ascontiguousarray(array)
+    info = np.iinfo(dtype)
+    src = np.iinfo(array.dtype)
+    if array.size and (src.max > info.max or src.min < info.min):
+        high = array.max()
+        low = array.min()
+        if high > info.max:
+            raise OverflowError(f"{name} holds {high}, which does not fit in {dtype}")
+        if low < info.min:
+            raise OverflowError(f"{name} holds {low}, which does not fit in {dtype}")
+    return np.ascontiguousarray(array, dtype=dtype)
+
+
+def as_pair(a: object, b: object, name_a: str, name_b: str) -> tuple[np.ndarray, np.ndarray]:
+    """Convert two int64 arrays that must have the same length."""
+    first = as_int_array(a, name_a)
+    second = as_int_array(b, name_b)
+    if first.shape[0] != second.shape[0]:
+        raise ValueError(
+            f"{name_a} and {name_b} must have the same length, "
+            f"got {first.shape[0]} and {second.shape[0]}"
+        )
+    return first, second
+
+
+def check_output(out: object, shape: tuple[int, ...], dtype: np.dtype, name: str = "out") -> np.ndarray:
+    """Validate a caller-supplied output buffer: ndarray, dtype, shape, C-contiguous, writable."""
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
+    if out.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {np.dtype(dtype)}, got {out.dtype}")
+    if out.ndim != len(shape):
+        raise ValueError(f"{name} must be {len(shape)}-D, got an array of shape {out.shape}")
+    for axis, want in enumerate(shape):
+        if want >= 0 and out.shape[axis] != want:
+            raise ValueError(f"{name} must have shape {tuple(s if s >= 0 else 'W' for s in shape)}, got {out.shape}")
+    if not out.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous")
+    if not out.flags.writeable:
+        raise ValueError(f"{name} must be writeable")
+    return out

@@ -1,0 +1,1227 @@
+# cython: freethreading_compatible = False
+"""The PageTable: sequence id -> ordered physical block ids, in contiguous numpy arrays.
+
+Layout
+------
+* A block **pool**: one int32 array holding every sequence's block ids, each sequence
+  in one contiguous **row** ``pool[start : start + length]`` with some reserved room
+  after it (``capacity``).  A row that outgrows its room moves to the end of the pool;
+  the room it leaves is garbage that a compaction reclaims once it is a sizeable part
+  of the pool.  Memory therefore follows the blocks actually mapped.
+* Per-row metadata arrays (start, length, capacity, sequence id, insertion stamp).
+* An open-addressing hash index (linear probing, Fibonacci hashing) from sequence id
+  to row, in two arrays.  Removal uses backward-shift deletion, so there are no
+  tombstones and lookups never degrade.
+
+Batched kernels resolve a sequence id once per run of equal ids, which makes the
+usual grouped batches (all tokens of a sequence together) cost one hash probe per
+sequence; interleaved batches stay correct and pay one probe per token.
+"""
+
+cimport cython
+from cython.parallel cimport prange
+from libc.stdint cimport int32_t, int64_t, uint64_t
+from libc.string cimport memcpy, memmove, memcmp
+
+import copy as _copy_module
+
+import numpy as np
+cimport numpy as cnp
+
+from pagetable._types cimport block_id_t, seq_id_t, slot_t, row_t, PAD
+from pagetable._convert import (
+    INT32_MAX,
+    INT64_MAX,
+    as_index,
+    as_int_array,
+    as_pair,
+    check_output,
+    check_range,
+)
+
+cnp.import_array()
+
+cdef extern from "Python.h":
+    long long PyLong_AsLongLongAndOverflow(object, int*) except? -1
+
+cdef extern from *:
+    """
+    #ifdef _OPENMP
+    #include <omp.h>
+    #define PAGETABLE_MAX_THREADS() omp_get_max_threads()
+    #else
+    #define PAGETABLE_MAX_THREADS() 1
+    #endif
+    #define PAGETABLE_FIBONACCI 0x9E3779B97F4A7C15ULL
+    """
+    int PAGETABLE_MAX_THREADS() noexcept nogil
+    uint64_t PAGETABLE_FIBONACCI
+
+PAD_SLOT_ID = PAD
+"""The one sentinel for "nothing here": unmapped slots, padding, absent blocks."""
+
+#: Largest block size accepted: block_id * block_size + offset must stay exact in
+#: int64 slot arithmetic and block_size itself must fit the int32 kernels take.
+MAX_BLOCK_SIZE = INT32_MAX
+
+cdef enum:
+    EMPTY_KEY = -1
+    # Batches at least this long are split over OpenMP threads; below it a thread
+    # team costs more than it saves.
+    PARALLEL_THRESHOLD = 65536
+    PARALLEL_CHUNK = 16384
+    MIN_INDEX_CAPACITY = 16
+    MIN_POOL_CAPACITY = 256
+
+_INT32 = np.dtype(np.int32)
+_INT64 = np.dtype(np.int64)
+
+
+cdef inline uint64_t _hash_slot(seq_id_t key, int32_t shift) noexcept nogil:
+    return (<uint64_t>key * PAGETABLE_FIBONACCI) >> shift
+
+
+cdef inline int32_t _shift_for(int64_t capacity) noexcept nogil:
+    cdef int32_t bits = 0
+    while (<int64_t>1 << bits) < capacity:
+        bits += 1
+    return 64 - bits
+
+
+def _check_block_size(block_size):
+    """Validate a block size: a positive integer no larger than ``MAX_BLOCK_SIZE``."""
+    value = as_index(block_size, "block_size")
+    if value <= 0:
+        raise ValueError(f"block_size must be a positive integer, got {value}")
+    if value > MAX_BLOCK_SIZE:
+        raise OverflowError(f"block_size must be at most {MAX_BLOCK_SIZE}, got {value}")
+    return value
+
+
+cdef inline seq_id_t _seq_arg(object value) except? -2:
+    """Convert a sequence id argument, raising for non-integers and ids out of range."""
+    cdef int overflow = 0
+    cdef long long result
+    if type(value) is not int:
+        value = as_index(value, "sequence_id")
+    result = PyLong_AsLongLongAndOverflow(value, &overflow)
+    if overflow != 0 or result < 0:
+        check_range(value, 0, INT64_MAX, "sequence_id")
+    return result
+
+
+cdef inline block_id_t _block_arg(object value) except? -2:
+    cdef int overflow = 0
+    cdef long long result
+    if type(value) is not int:
+        value = as_index(value, "block_id")
+    result = PyLong_AsLongLongAndOverflow(value, &overflow)
+    if overflow != 0 or result < 0 or result > INT32_MAX:
+        check_range(value, 0, INT32_MAX, "block_id")
+    return <block_id_t>result
+
+
+# --------------------------------------------------------------------------- kernels
+# Pure loops over raw table pointers.  Each returns the index of the first entry it
+# could not handle (a negative sequence id), or -1; the caller raises with the GIL.
+
+cdef inline row_t _view_find(const TableView* view, seq_id_t seq_id) noexcept nogil:
+    cdef uint64_t slot = _hash_slot(seq_id, view.index_shift)
+    cdef int64_t key
+    while True:
+        key = view.index_keys[slot]
+        if key == seq_id:
+            return view.index_rows[slot]
+        if key == EMPTY_KEY:
+            return -1
+        slot = (slot + 1) & <uint64_t>view.index_mask
+
+
+cdef int64_t _slot_mapping_range(const TableView* view, const int64_t* seq_ids,
+                                 const int64_t* positions, int64_t* out,
+                                 int64_t begin, int64_t end) noexcept nogil:
+    cdef int64_t i, pos, block_index
+    cdef seq_id_t seq_id, current = -1
+    cdef row_t row = -1
+    cdef int64_t length = 0
+    cdef const int32_t* data = NULL
+    cdef int64_t block_size = view.block_size
+    cdef int32_t shift = view.block_shift
+    cdef int64_t mask = view.block_mask
+    for i in range(begin, end):
+        seq_id = seq_ids[i]
+        if seq_id != current:
+            if seq_id < 0:
+                return i
+            current = seq_id
+            row = _view_find(view, seq_id)
+            if row >= 0:
+                length = view.row_len[row]
+                data = view.pool + view.row_start[row]
+            else:
+                length = 0
+        pos = positions[i]
+        if shift >= 0:
+            block_index = pos >> shift
+            if pos >= 0 and block_index < length:
+                out[i] = (<int64_t>data[block_index] << shift) | (pos & mask)
+            else:
+                out[i] = PAD
+        else:
+            block_index = pos // block_size
+            if pos >= 0 and block_index < length:
+                out[i] = <int64_t>data[block_index] * block_size + (pos - block_index * block_size)
+            else:
+                out[i] = PAD
+    return -1
+
+
+cdef int64_t _lookup_range(const TableView* view, const int64_t* seq_ids,
+                           const int64_t* positions, int32_t* blocks_out,
+                           int32_t* offsets_out, int64_t begin, int64_t end) noexcept nogil:
+    cdef int64_t i, pos, block_index
+    cdef seq_id_t seq_id, current = -1
+    cdef row_t row = -1
+    cdef int64_t length = 0
+    cdef const int32_t* data = NULL
+    cdef int64_t block_size = view.block_size
+    for i in range(begin, end):
+        seq_id = seq_ids[i]
+        if seq_id != current:
+            if seq_id < 0:
+                return i
+            current = seq_id
+            row = _view_find(view, seq_id)
+            if row >= 0:
+                length = view.row_len[row]
+                data = view.pool + view.row_start[row]
+            else:
+                length = 0
+        pos = positions[i]
+        block_index = pos // block_size
+        if pos >= 0 and block_index < length:
+            blocks_out[i] = data[block_index]
+            offsets_out[i] = <int32_t>(pos - block_index * block_size)
+        else:
+            blocks_out[i] = PAD
+            offsets_out[i] = PAD
+    return -1
+
+
+cdef int64_t _resolve_rows(const TableView* view, const int64_t* seq_ids, int32_t* rows,
+                           int64_t count) noexcept nogil:
+    """Fill ``rows`` with each id's row; return the first negative or unknown index, else -1."""
+    cdef int64_t i
+    cdef seq_id_t seq_id, current = -1
+    cdef row_t row = -1
+    for i in range(count):
+        seq_id = seq_ids[i]
+        if seq_id != current:
+            if seq_id < 0:
+                return i
+            current = seq_id
+            row = _view_find(view, seq_id)
+            if row < 0:
+                return i
+        rows[i] = row
+    return -1
+
+
+def _rebuild(block_size, seq_ids, lengths, blocks):
+    """Pickle support: rebuild a table from its rows (see ``PageTable.__reduce__``)."""
+    return PageTable._from_rows(block_size, seq_ids, lengths, blocks)
+
+
+# --------------------------------------------------------------------------- the class
+
+cdef class PageTable:
+    """Map each sequence's logical token positions to (physical block, offset).
+
+    Parameters
+    ----------
+    block_size : int, default 16
+        Tokens per physical block; a positive integer up to ``2**31 - 1``.
+
+    Notes
+    -----
+    Sequence ids are integers in ``0 .. 2**63 - 1``; block ids are integers in
+    ``0 .. 2**31 - 1`` (int32, what attention kernels take).  ``PAD_SLOT_ID`` (-1)
+    marks every unmapped entry in batched outputs.
+
+    Every method validates all of its arguments before changing anything: a call
+    that raises leaves the table exactly as it was.
+
+    Examples
+    --------
+    >>> pt = PageTable()
+    >>> pt.append_block(1, 0)
+    >>> pt.append_block(1, 1)
+    >>> pt.get_block_for_position(1, 0)
+    (0, 0)
+    >>> pt.get_block_for_position(1, 16)
+    (1, 0)
+    >>> pt.get_sequence_blocks(1)
+    array([0, 1], dtype=int32)
+    >>> pt.slot_mapping([1, 1, 1], [0, 15, 17])
+    array([ 0, 15, 17])
+    """
+
+    def __cinit__(self, block_size=16):
+        cdef int64_t size = _check_block_size(block_size)
+        self._block_size = <int32_t>size
+        if size & (size - 1) == 0:
+            self._block_shift = 0
+            while (1 << self._block_shift) < size:
+                self._block_shift += 1
+            self._block_mask = <int32_t>(size - 1)
+        else:
+            self._block_shift = -1
+            self._block_mask = 0
+        self._free_rows = []
+        self._next_order = 0
+        self._num_sequences = 0
+        self._rows_used = 0
+        self._rows_capacity = 0
+        self._total_blocks = 0
+        self._pool_tail = 0
+        self._pool_garbage = 0
+        self._allocate_index(MIN_INDEX_CAPACITY)
+        self._grow_rows(16)
+        self._pool_arr = np.empty(MIN_POOL_CAPACITY, dtype=np.int32)
+        self._pool = <int32_t*>cnp.PyArray_DATA(self._pool_arr)
+        self._pool_capacity = MIN_POOL_CAPACITY
+
+    @classmethod
+    def with_block_size(cls, block_size):
+        """Create an empty table whose blocks hold ``block_size`` tokens.
+
+        Parameters
+        ----------
+        block_size : int
+            Tokens per block, a positive integer up to ``2**31 - 1``.
+
+        Returns
+        -------
+        PageTable
+        """
+        return cls(block_size)
+
+    # ------------------------------------------------------------------ storage
+
+    cdef int _allocate_index(self, int64_t capacity) except -1:
+        self._index_keys_arr = np.full(capacity, EMPTY_KEY, dtype=np.int64)
+        self._index_rows_arr = np.full(capacity, -1, dtype=np.int32)
+        self._index_keys = <int64_t*>cnp.PyArray_DATA(self._index_keys_arr)
+        self._index_rows = <int32_t*>cnp.PyArray_DATA(self._index_rows_arr)
+        self._index_mask = capacity - 1
+        self._index_shift = _shift_for(capacity)
+        return 0
+
+    cdef void _index_insert(self, seq_id_t seq_id, row_t row) noexcept nogil:
+        cdef uint64_t slot = _hash_slot(seq_id, self._index_shift)
+        while self._index_keys[slot] != EMPTY_KEY:
+            slot = (slot + 1) & <uint64_t>self._index_mask
+        self._index_keys[slot] = seq_id
+        self._index_rows[slot] = row
+
+    cdef void _index_remove(self, seq_id_t seq_id) noexcept nogil:
+        # Backward-shift deletion: pull later members of the probe chain into the hole
+        # so that no tombstone is needed and every chain stays unbroken.
+        cdef uint64_t mask = <uint64_t>self._index_mask
+        cdef uint64_t hole = _hash_slot(seq_id, self._index_shift)
+        cdef uint64_t probe, home
+        while self._index_keys[hole] != seq_id:
+            if self._index_keys[hole] == EMPTY_KEY:
+                return
+            hole = (hole + 1) & mask
+        probe = hole
+        while True:
+            probe = (probe + 1) & mask
+            if self._index_keys[probe] == EMPTY_KEY:
+                break
+            home = _hash_slot(self._index_keys[probe], self._index_shift)
+            # The entry at ``probe`` may move into ``hole`` only if its home slot is
+            # not cyclically within (hole, probe].
+            if hole <= probe:
+                if hole < home and home <= probe:
+                    continue
+            else:
+                if hole < home or home <= probe:
+                    continue
+            self._index_keys[hole] = self._index_keys[probe]
+            self._index_rows[hole] = self._index_rows[probe]
+            hole = probe
+        self._index_keys[hole] = EMPTY_KEY
+        self._index_rows[hole] = -1
+
+    cdef int _grow_index(self) except -1:
+        cdef int64_t capacity = (self._index_mask + 1) * 2
+        cdef row_t row
+        self._allocate_index(capacity)
+        for row in range(self._rows_used):
+            if self._row_seq[row] >= 0:
+                self._index_insert(self._row_seq[row], row)
+        return 0
+
+    cdef int _grow_rows(self, int32_t capacity) except -1:
+        cdef int64_t used = self._rows_used
+        start = np.zeros(capacity, dtype=np.int64)
+        length = np.zeros(capacity, dtype=np.int32)
+        cap = np.zeros(capacity, dtype=np.int32)
+        seq = np.full(capacity, -1, dtype=np.int64)
+        order = np.zeros(capacity, dtype=np.int64)
+        if used:
+            start[:used] = self._row_start_arr[:used]
+            length[:used] = self._row_len_arr[:used]
+            cap[:used] = self._row_cap_arr[:used]
+            seq[:used] = self._row_seq_arr[:used]
+            order[:used] = self._row_order_arr[:used]
+        self._row_start_arr = start
+        self._row_len_arr = length
+        self._row_cap_arr = cap
+        self._row_seq_arr = seq
+        self._row_order_arr = order
+        self._row_start = <int64_t*>cnp.PyArray_DATA(start)
+        self._row_len = <int32_t*>cnp.PyArray_DATA(length)
+        self._row_cap = <int32_t*>cnp.PyArray_DATA(cap)
+        self._row_seq = <int64_t*>cnp.PyArray_DATA(seq)
+        self._row_order = <int64_t*>cnp.PyArray_DATA(order)
+        self._rows_capacity = capacity
+        return 0
+
+    cdef row_t _find_row(self, seq_id_t seq_id) noexcept nogil:
+        cdef uint64_t slot
+        cdef int64_t key
+        if seq_id < 0:
+            return -1
+        slot = _hash_slot(seq_id, self._index_shift)
+        while True:
+            key = self._index_keys[slot]
+            if key == seq_id:
+                return self._index_rows[slot]
+            if key == EMPTY_KEY:
+                return -1
+            slot = (slot + 1) & <uint64_t>self._index_mask
+
+    cdef row_t _get_or_create_row(self, seq_id_t seq_id) except -1:
+        cdef row_t row = self._find_row(seq_id)
+        if row >= 0:
+            return row
+        # Reserve everything first, so a MemoryError leaves no half-made row.
+        if (self._num_sequences + 1) * 2 > self._index_mask + 1:
+            self._grow_index()
+        if self._free_rows:
+            row = self._free_rows.pop()
+        else:
+            if self._rows_used == self._rows_capacity:
+                if self._rows_capacity >= INT32_MAX // 2:
+                    raise OverflowError("a PageTable holds at most 2**30 sequences")
+                self._grow_rows(self._rows_capacity * 2)
+            row = self._rows_used
+            self._rows_used += 1
+        self._row_start[row] = self._pool_tail
+        self._row_len[row] = 0
+        self._row_cap[row] = 0
+        self._row_seq[row] = seq_id
+        self._row_order[row] = self._next_order
+        self._next_order += 1
+        self._index_insert(seq_id, row)
+        self._num_sequences += 1
+        return row
+
+    cdef TableView _view(self) noexcept nogil:
+        cdef TableView view
+        view.index_keys = self._index_keys
+        view.index_rows = self._index_rows
+        view.index_mask = self._index_mask
+        view.index_shift = self._index_shift
+        view.row_start = self._row_start
+        view.row_len = self._row_len
+        view.pool = self._pool
+        view.block_size = self._block_size
+        view.block_shift = self._block_shift
+        view.block_mask = self._block_mask
+        return view
+
+    cdef int _compact_into(self, object target_arr) except -1:
+        """Copy every live row, in pool order, to the front of ``target_arr``.
+
+        ``target_arr`` may be the pool itself (in-place compaction: rows only move
+        towards the front, in start order, so ``memmove`` never overwrites data that
+        is still to be read) or a larger fresh array (growth).
+        """
+        cdef int32_t* target = <int32_t*>cnp.PyArray_DATA(target_arr)
+        cdef int64_t write = 0
+        cdef int64_t i, n
+        cdef row_t row
+        starts = self._row_start_arr[:self._rows_used]
+        live = np.flatnonzero(self._row_seq_arr[:self._rows_used] >= 0).astype(np.int32)
+        cdef int32_t[::1] order = live[np.argsort(starts[live], kind="stable")]
+        n = order.shape[0]
+        with nogil:
+            for i in range(n):
+                row = order[i]
+                if self._row_len[row]:
+                    memmove(target + write, self._pool + self._row_start[row],
+                            <size_t>self._row_len[row] * sizeof(int32_t))
+                self._row_start[row] = write
+                write += self._row_cap[row]
+            # Free rows point at the tail so that they look empty and harmless.
+            for i in range(self._rows_used):
+                if self._row_seq[i] < 0:
+                    self._row_start[i] = write
+        self._pool_tail = write
+        self._pool_garbage = 0
+        return 0
+
+    cdef int _ensure_pool_space(self, int64_t needed) except -1:
+        """Make room for ``needed`` more entries at the pool's tail."""
+        cdef int64_t live, capacity
+        if self._pool_tail + needed <= self._pool_capacity:
+            return 0
+        live = self._pool_tail - self._pool_garbage
+        # Compacting in place is free in memory; do it when it reclaims enough.
+        if self._pool_garbage * 4 >= live and live + needed <= self._pool_capacity:
+            self._compact_into(self._pool_arr)
+            if self._pool_tail + needed <= self._pool_capacity:
+                return 0
+        capacity = max(live + needed + ((live + needed) >> 1), <int64_t>MIN_POOL_CAPACITY)
+        fresh = np.empty(capacity, dtype=np.int32)
+        self._compact_into(fresh)
+        self._pool_arr = fresh
+        self._pool = <int32_t*>cnp.PyArray_DATA(fresh)
+        self._pool_capacity = capacity
+        return 0
+
+    cdef int _reserve_row(self, row_t row, int64_t min_capacity) except -1:
+        cdef int64_t capacity = self._row_cap[row]
+        cdef int64_t new_capacity, old_start
+        if min_capacity <= capacity:
+            return 0
+        if min_capacity > INT32_MAX:
+            raise OverflowError("a sequence holds at most 2**31 - 1 blocks")
+        # A row that ends at the pool's tail grows in place.
+        if self._row_start[row] + capacity == self._pool_tail:
+            if self._pool_tail + (min_capacity - capacity) <= self._pool_capacity:
+                self._pool_tail += min_capacity - capacity
+                self._row_cap[row] = <int32_t>min_capacity
+                return 0
+        if capacity == 0:
+            new_capacity = min_capacity
+        else:
+            new_capacity = max(min_capacity, capacity + (capacity >> 2) + 4)
+            new_capacity = min(new_capacity, <int64_t>INT32_MAX)
+        self._ensure_pool_space(new_capacity)   # may move every row
+        old_start = self._row_start[row]
+        if self._row_len[row]:
+            memcpy(self._pool + self._pool_tail, self._pool + old_start,
+                   <size_t>self._row_len[row] * sizeof(int32_t))
+        if old_start + self._row_cap[row] == self._pool_tail:
+            self._pool_tail = old_start    # never happens after a move, kept for safety
+        else:
+            self._pool_garbage += self._row_cap[row]
+        self._row_start[row] = self._pool_tail
+        self._row_cap[row] = <int32_t>new_capacity
+        self._pool_tail += new_capacity
+        return 0
+
+    cdef int _append_to_row(self, row_t row, const block_id_t* blocks, int64_t count) except -1:
+        cdef int64_t length = self._row_len[row]
+        if count <= 0:
+            return 0
+        self._reserve_row(row, length + count)
+        memcpy(self._pool + self._row_start[row] + length, blocks, <size_t>count * sizeof(int32_t))
+        self._row_len[row] = <int32_t>(length + count)
+        self._total_blocks += count
+        return 0
+
+    cdef int _drop_row(self, row_t row) except -1:
+        cdef int64_t start = self._row_start[row]
+        cdef int64_t capacity = self._row_cap[row]
+        self._index_remove(self._row_seq[row])
+        if start + capacity == self._pool_tail:
+            self._pool_tail = start
+        else:
+            self._pool_garbage += capacity
+        self._total_blocks -= self._row_len[row]
+        self._row_len[row] = 0
+        self._row_cap[row] = 0
+        self._row_seq[row] = -1
+        self._row_start[row] = self._pool_tail
+        self._num_sequences -= 1
+        self._free_rows.append(row)
+        if self._num_sequences == 0:
+            # An empty table gives its whole pool back to reuse from the front.
+            self._pool_tail = 0
+            self._pool_garbage = 0
+        return 0
+
+    cdef row_t _row_or_raise(self, seq_id_t seq_id) except -1:
+        cdef row_t row = self._find_row(seq_id)
+        if row < 0:
+            raise KeyError(seq_id)
+        return row
+
+    cdef object _row_array(self, row_t row):
+        cdef int32_t length = self._row_len[row]
+        result = np.empty(length, dtype=np.int32)
+        if length:
+            memcpy(cnp.PyArray_DATA(result), self._row_data(row), <size_t>length * sizeof(int32_t))
+        return result
+
+    cdef object _live_rows_in_order(self):
+        """Live rows as an int32 array, in insertion order (the iteration order)."""
+        seq = self._row_seq_arr[:self._rows_used]
+        live = np.flatnonzero(seq >= 0)
+        order = self._row_order_arr[:self._rows_used][live]
+        return live[np.argsort(order, kind="stable")].astype(np.int32)
+
+    # ------------------------------------------------------------------ seed API
+
+    @property
+    def block_size(self):
+        """Tokens per block (read-only)."""
+        return self._block_size
+
+    @property
+    def total_blocks(self):
+        """Number of block entries mapped across all sequences."""
+        return self._total_blocks
+
+    cpdef append_block(self, sequence_id, block_id):
+        """Append one physical block to a sequence, creating the sequence on first use.
+
+        Parameters
+        ----------
+        sequence_id : int
+            Sequence id in ``0 .. 2**63 - 1``.
+        block_id : int
+            Physical block id in ``0 .. 2**31 - 1``.
+        """
+        cdef seq_id_t seq_id = _seq_arg(sequence_id)
+        cdef block_id_t block = _block_arg(block_id)
+        cdef row_t row = self._find_row(seq_id)
+        cdef int32_t length
+        if row < 0:
+            row = self._get_or_create_row(seq_id)
+        length = self._row_len[row]
+        if length >= self._row_cap[row]:
+            self._reserve_row(row, <int64_t>length + 1)
+        self._pool[self._row_start[row] + length] = block
+        self._row_len[row] = length + 1
+        self._total_blocks += 1
+
+    cpdef get_block_for_position(self, sequence_id, token_pos):
+        """Return ``(block_id, offset)`` for a token position, or ``None``.
+
+        Parameters
+        ----------
+        sequence_id : int
+            Sequence id in ``0 .. 2**63 - 1``.
+        token_pos : int
+            Logical token position, ``>= 0``.
+
+        Returns
+        -------
+        tuple of (int, int) or None
+            ``None`` when the sequence is unknown or the position lies past its
+            mapped blocks.
+
+        Raises
+        ------
+        TypeError
+            If either argument is not an integer.
+        ValueError
+            If ``token_pos`` is negative or ``sequence_id`` out of range.
+        """
+        cdef seq_id_t seq_id = _seq_arg(sequence_id)
+        cdef int overflow = 0
+        cdef long long pos
+        cdef int64_t block_index
+        cdef row_t row
+        if type(token_pos) is not int:
+            token_pos = as_index(token_pos, "token_pos")
+        pos = PyLong_AsLongLongAndOverflow(token_pos, &overflow)
+        if overflow > 0:
+            return None
+        if overflow < 0 or pos < 0:
+            raise ValueError(f"token_pos must be non-negative, got {token_pos}")
+        row = self._find_row(seq_id)
+        if row < 0:
+            return None
+        if self._block_shift >= 0:
+            block_index = pos >> self._block_shift
+        else:
+            block_index = pos // self._block_size
+        if block_index >= self._row_len[row]:
+            return None
+        return (self._pool[self._row_start[row] + block_index],
+                pos - block_index * self._block_size)
+
+    def get_sequence_blocks(self, sequence_id):
+        """Return a sequence's block ids in logical order, or ``None`` if it is unknown.
+
+        Parameters
+        ----------
+        sequence_id : int
+
+        Returns
+        -------
+        numpy.ndarray of int32 or None
+            A fresh copy: index ``i`` holds the block of tokens
+            ``i * block_size .. (i + 1) * block_size - 1``.  Changing it does not
+            change the table, and later changes to the table do not show in it.
+        """
+        cdef row_t row = self._find_row(_seq_arg(sequence_id))
+        if row < 0:
+            return None
+        return self._row_array(row)
+
+    def remove_sequence(self, sequence_id):
+        """Remove a sequence and return its block ids so the caller can free them.
+
+        Parameters
+        ----------
+        sequence_id : int
+
+        Returns
+        -------
+        numpy.ndarray of int32 or None
+            The removed blocks in logical order; ``None`` if the id was absent.
+        """
+        cdef row_t row = self._find_row(_seq_arg(sequence_id))
+        if row < 0:
+            return None
+        blocks = self._row_array(row)
+        self._drop_row(row)
+        return blocks
+
+    cpdef Py_ssize_t num_sequences(self):
+        """Return the number of sequences in the table."""
+        return self._num_sequences
+
+    def __len__(self):
+        return self._num_sequences
+
+    def __contains__(self, sequence_id):
+        cdef int overflow = 0
+        cdef long long value
+        if type(sequence_id) is not int:
+            if isinstance(sequence_id, (bool, np.bool_)):
+                return False
+            try:
+                sequence_id = as_index(sequence_id, "sequence_id")
+            except TypeError:
+                return False
+        value = PyLong_AsLongLongAndOverflow(sequence_id, &overflow)
+        if overflow != 0 or value < 0:
+            return False
+        return self._find_row(value) >= 0
+
+    def __iter__(self):
+        """Iterate over sequence ids in insertion order."""
+        return iter(self.sequence_ids().tolist())
+
+    def sequence_ids(self):
+        """Return every sequence id, in insertion order, as an int64 array."""
+        rows = self._live_rows_in_order()
+        return self._row_seq_arr[rows].copy()
+
+    def __repr__(self):
+        shown = []
+        limit = 8
+        for seq_id in self.sequence_ids()[:limit].tolist():
+            blocks = self.get_sequence_blocks(seq_id).tolist()
+            text = ", ".join(map(str, blocks[:limit]))
+            if len(blocks) > limit:
+                text += f", ... ({len(blocks)} blocks)"
+            shown.append(f"{seq_id}: [{text}]")
+        if self._num_sequences > limit:
+            shown.append(f"... ({self._num_sequences} sequences)")
+        return (f"PageTable(block_size={self._block_size}, num_sequences={self._num_sequences}, "
+                f"total_blocks={self._total_blocks}, sequences={{{', '.join(shown)}}})")
+
+    def __eq__(self, other):
+        cdef PageTable that
+        cdef row_t row, other_row
+        if not isinstance(other, PageTable):
+            return NotImplemented
+        that = <PageTable>other
+        if (self._block_size != that._block_size
+                or self._num_sequences != that._num_sequences
+                or self._total_blocks != that._total_blocks):
+            return False
+        for row in range(self._rows_used):
+            if self._row_seq[row] < 0:
+                continue
+            other_row = that._find_row(self._row_seq[row])
+            if other_row < 0 or that._row_len[other_row] != self._row_len[row]:
+                return False
+            if self._row_len[row] and memcmp(self._row_data(row), that._row_data(other_row),
+                                             <size_t>self._row_len[row] * sizeof(int32_t)) != 0:
+                return False
+        return True
+
+    def __ne__(self, other):
+        result = self.__eq__(other)
+        if result is NotImplemented:
+            return result
+        return not result
+
+    __hash__ = None
+
+    # ------------------------------------------------------------------ copying
+
+    def _rows(self):
+        """Return ``(seq_ids int64, lengths int32, blocks int32)``, rows in insertion order."""
+        rows = self._live_rows_in_order()
+        lengths = self._row_len_arr[rows].copy()
+        blocks = np.empty(int(lengths.sum(dtype=np.int64)), dtype=np.int32)
+        cdef int32_t[::1] row_view = rows
+        cdef int32_t* target = <int32_t*>cnp.PyArray_DATA(blocks)
+        cdef int64_t write = 0, i
+        cdef row_t row
+        for i in range(row_view.shape[0]):
+            row = row_view[i]
+            if self._row_len[row]:
+                memcpy(target + write, self._row_data(row), <size_t>self._row_len[row] * sizeof(int32_t))
+                write += self._row_len[row]
+        return self._row_seq_arr[rows].copy(), lengths, blocks
+
+    @staticmethod
+    def _from_rows(block_size, seq_ids, lengths, blocks):
+        """Build a table from ``_rows()`` output (used by copy and pickle)."""
+        cdef PageTable table = PageTable(block_size)
+        seq_array = as_int_array(seq_ids, "seq_ids")
+        length_array = as_int_array(lengths, "lengths")
+        block_array = as_int_array(blocks, "blocks")
+        if seq_array.shape[0] != length_array.shape[0]:
+            raise ValueError("seq_ids and lengths must have the same length")
+        if length_array.size and length_array.min() < 0:
+            raise ValueError("lengths must be non-negative")
+        if int(length_array.sum()) != block_array.shape[0]:
+            raise ValueError("blocks must hold sum(lengths) entries")
+        if np.unique(seq_array).shape[0] != seq_array.shape[0]:
+            raise ValueError("seq_ids must be distinct")
+        repeated = np.repeat(seq_array, length_array)
+        table.append_blocks(repeated, block_array)
+        # Sequences with no blocks still exist.
+        empty = seq_array[length_array == 0]
+        cdef int64_t i
+        for i in range(empty.shape[0]):
+            table._get_or_create_row(empty[i])
+        if empty.shape[0]:
+            # Restore insertion order, which the empty rows above broke.
+            for i in range(seq_array.shape[0]):
+                table._row_order[table._find_row(seq_array[i])] = i
+            table._next_order = seq_array.shape[0]
+        return table
+
+    def copy(self):
+        """Return an independent copy of the table (the seed's Clone)."""
+        seq_ids, lengths, blocks = self._rows()
+        return PageTable._from_rows(self._block_size, seq_ids, lengths, blocks)
+
+    def __copy__(self):
+        return self.copy()
+
+    def __deepcopy__(self, memo):
+        return self.copy()
+
+    def __reduce__(self):
+        seq_ids, lengths, blocks = self._rows()
+        return (_rebuild, (self._block_size, seq_ids, lengths, blocks))
+
+    # ------------------------------------------------------------------ batched API
+
+    def append_blocks(self, seq_ids, block_ids):
+        """Append many blocks at once, in order; all or nothing.
+
+        Parameters
+        ----------
+        seq_ids : array_like of int, shape (n,)
+            Sequence of each block; ids in ``0 .. 2**63 - 1``.
+        block_ids : array_like of int, shape (n,)
+            Physical block ids in ``0 .. 2**31 - 1``.
+
+        Notes
+        -----
+        Equivalent to ``append_block(s, b)`` for each pair in order, but validated in
+        full before the first block is appended.
+        """
+        seq_array = as_int_array(seq_ids, "seq_ids")
+        block_array = as_int_array(block_ids, "block_ids")
+        if seq_array.shape[0] != block_array.shape[0]:
+            raise ValueError(
+                f"seq_ids and block_ids must have the same length, "
+                f"got {seq_array.shape[0]} and {block_array.shape[0]}")
+        cdef int64_t n = seq_array.shape[0]
+        if n == 0:
+            return
+        if seq_array.min() < 0:
+            raise ValueError(f"seq_ids must be in 0..{INT64_MAX}, got {seq_array.min()}")
+        low = block_array.min()
+        high = block_array.max()
+        if low < 0:
+            raise ValueError(f"block_ids must be in 0..{INT32_MAX}, got {low}")
+        if high > INT32_MAX:
+            raise OverflowError(f"block_ids must be in 0..{INT32_MAX}, got {high}")
+        blocks32 = block_array.astype(np.int32)
+        cdef const int64_t[::1] seqs = seq_array
+        cdef const int32_t[::1] blocks = blocks32
+        cdef int64_t begin = 0, end
+        cdef seq_id_t seq_id
+        cdef row_t row
+        while begin < n:
+            seq_id = seqs[begin]
+            end = begin + 1
+            while end < n and seqs[end] == seq_id:
+                end += 1
+            row = self._get_or_create_row(seq_id)
+            self._append_to_row(row, &blocks[begin], end - begin)
+            begin = end
+
+    def num_blocks(self, seq_ids):
+        """Return the number of blocks mapped for each sequence.
+
+        Parameters
+        ----------
+        seq_ids : array_like of int, shape (B,)
+
+        Returns
+        -------
+        numpy.ndarray of int32, shape (B,)
+
+        Raises
+        ------
+        KeyError
+            If a sequence id is not in the table.
+        """
+        seq_array = as_int_array(seq_ids, "seq_ids")
+        cdef int64_t count = seq_array.shape[0]
+        rows = np.empty(count, dtype=np.int32)
+        self._resolve_or_raise(seq_array, rows)
+        return self._row_len_arr[rows]
+
+    cdef int _resolve_or_raise(self, object seq_array, object rows_array) except -1:
+        cdef const int64_t[::1] seqs = seq_array
+        cdef int32_t[::1] rows = rows_array
+        cdef TableView view = self._view()
+        cdef int64_t bad
+        cdef int64_t count = seqs.shape[0]
+        if count == 0:
+            return 0
+        with nogil:
+            bad = _resolve_rows(&view, &seqs[0], &rows[0], count)
+        if bad >= 0:
+            if seqs[bad] < 0:
+                raise ValueError(f"seq_ids must be in 0..{INT64_MAX}, got {seqs[bad]} at index {bad}")
+            raise KeyError(f"sequence id {seqs[bad]} (seq_ids[{bad}]) is not in the table")
+        return 0
+
+    def lookup(self, seq_ids, positions, strict=False):
+        """Map (sequence, position) pairs to (block id, offset within the block).
+
+        Parameters
+        ----------
+        seq_ids, positions : array_like of int, shape (n,)
+        strict : bool, default False
+            If true, an unmapped pair raises ``IndexError`` instead of padding.
+
+        Returns
+        -------
+        block_ids, offsets : numpy.ndarray of int32, shape (n,)
+            ``PAD_SLOT_ID`` in both where the sequence is unknown, the position is
+            negative, or it lies past the sequence's mapped blocks.
+        """
+        seq_array, pos_array = as_pair(seq_ids, positions, "seq_ids", "positions")
+        cdef int64_t n = seq_array.shape[0]
+        blocks = np.empty(n, dtype=np.int32)
+        offsets = np.empty(n, dtype=np.int32)
+        if n == 0:
+            return blocks, offsets
+        cdef const int64_t[::1] seqs = seq_array
+        cdef const int64_t[::1] pos = pos_array
+        cdef int32_t[::1] block_view = blocks
+        cdef int32_t[::1] offset_view = offsets
+        cdef TableView view = self._view()
+        cdef int64_t bad
+        with nogil:
+            bad = _lookup_range(&view, &seqs[0], &pos[0], &block_view[0], &offset_view[0], 0, n)
+        self._raise_bad_seq(seqs, bad)
+        if strict:
+            self._raise_unmapped(seq_array, pos_array, blocks)
+        return blocks, offsets
+
+    cdef int _raise_bad_seq(self, const int64_t[::1] seqs, int64_t bad) except -1:
+        if bad >= 0:
+            raise ValueError(f"seq_ids must be in 0..{INT64_MAX}, got {seqs[bad]} at index {bad}")
+        return 0
+
+    cdef int _raise_unmapped(self, seq_array, pos_array, result) except -1:
+        unmapped = np.flatnonzero(result == PAD)
+        if unmapped.shape[0]:
+            i = int(unmapped[0])
+            raise IndexError(
+                f"position {int(pos_array[i])} of sequence {int(seq_array[i])} "
+                f"(entry {i}) is not mapped")
+        return 0
+
+    def slot_mapping(self, seq_ids, positions, out=None, strict=False):
+        """Return the cache slot of each (sequence, position) pair.
+
+        ``slot = block_id * block_size + offset``: the flat index into a KV cache laid
+        out as ``[num_blocks * block_size, ...]``, what the kernel that writes new
+        keys and values takes.
+
+        Parameters
+        ----------
+        seq_ids, positions : array_like of int, shape (n,)
+        out : numpy.ndarray of int64, shape (n,), optional
+            Preallocated output buffer (C-contiguous, writeable).
+        strict : bool, default False
+            If true, an unmapped pair raises ``IndexError`` and ``out`` is left as it was.
+
+        Returns
+        -------
+        numpy.ndarray of int64, shape (n,)
+            ``PAD_SLOT_ID`` where a pair is unmapped (unknown sequence, negative
+            position, position past the mapped blocks).
+
+        Notes
+        -----
+        A ``ValueError`` for a negative sequence id may leave ``out`` partly written.
+        Tokens of one sequence placed next to each other cost one hash probe per
+        sequence; interleaved tokens are handled exactly as well, one probe each.
+        Batches of 65,536 tokens or more are split over OpenMP threads where the
+        build has OpenMP (``OMP_NUM_THREADS`` sets the count).
+        """
+        seq_array, pos_array = as_pair(seq_ids, positions, "seq_ids", "positions")
+        cdef int64_t n = seq_array.shape[0]
+        if out is None:
+            result = np.empty(n, dtype=np.int64)
+        else:
+            check_output(out, (n,), _INT64)
+            result = np.empty(n, dtype=np.int64) if strict else out
+        if n == 0:
+            return result
+        self._slot_mapping_into(seq_array, pos_array, result)
+        if strict:
+            self._raise_unmapped(seq_array, pos_array, result)
+            if out is not None:
+                out[...] = result
+                return out
+        return result
+
+    cdef int _slot_mapping_into(self, seq_array, pos_array, result) except -1:
+        cdef const int64_t[::1] seqs = seq_array
+        cdef const int64_t[::1] pos = pos_array
+        cdef int64_t[::1] out = result
+        cdef int64_t n = seqs.shape[0]
+        cdef TableView view = self._view()
+        cdef int64_t bad = -1, chunk, num_chunks, begin, end
+        cdef int64_t[::1] chunk_bad
+        cdef int threads = PAGETABLE_MAX_THREADS()
+        if n < PARALLEL_THRESHOLD or threads <= 1:
+            with nogil:
+                bad = _slot_mapping_range(&view, &seqs[0], &pos[0], &out[0], 0, n)
+        else:
+            num_chunks = (n + PARALLEL_CHUNK - 1) // PARALLEL_CHUNK
+            chunk_bad = np.empty(num_chunks, dtype=np.int64)
+            for chunk in prange(num_chunks, nogil=True, schedule="static"):
+                begin = chunk * PARALLEL_CHUNK
+                end = min(begin + PARALLEL_CHUNK, n)
+                chunk_bad[chunk] = _slot_mapping_range(&view, &seqs[0], &pos[0], &out[0], begin, end)
+            for chunk in range(num_chunks):
+                if chunk_bad[chunk] >= 0:
+                    bad = chunk_bad[chunk]
+                    break
+        self._raise_bad_seq(seqs, bad)
+        return 0
+
+    def block_table(self, seq_ids, out=None):
+        """Return the dense, padded block table of a batch of sequences.
+
+        Parameters
+        ----------
+        seq_ids : array_like of int, shape (B,)
+        out : numpy.ndarray of int32, shape (B, W), optional
+            Preallocated buffer; its width ``W`` must hold the longest row.
+
+        Returns
+        -------
+        table : numpy.ndarray of int32, shape (B, W)
+            Row ``b`` holds sequence ``seq_ids[b]``'s blocks, padded with
+            ``PAD_SLOT_ID``; ``W`` is the longest row (or ``out``'s width).
+        num_blocks : numpy.ndarray of int32, shape (B,)
+
+        Raises
+        ------
+        KeyError
+            If a sequence id is not in the table.
+        """
+        seq_array = as_int_array(seq_ids, "seq_ids")
+        cdef int64_t count = seq_array.shape[0]
+        rows = np.empty(count, dtype=np.int32)
+        self._resolve_or_raise(seq_array, rows)
+        num_blocks = self._row_len_arr[rows]
+        cdef int64_t width = int(num_blocks.max()) if count else 0
+        if out is None:
+            table = np.empty((count, width), dtype=np.int32)
+        else:
+            check_output(out, (count, -1), _INT32)
+            if out.shape[1] < width:
+                raise ValueError(
+                    f"out is {out.shape[1]} blocks wide but the longest sequence in the batch "
+                    f"has {width} blocks")
+            table = out
+            width = out.shape[1]
+        if count == 0 or width == 0:
+            return table, num_blocks
+        cdef int32_t[::1] row_view = rows
+        cdef int32_t* target = <int32_t*>cnp.PyArray_DATA(table)
+        cdef int64_t b, j, length
+        cdef int32_t* dest
+        with nogil:
+            for b in range(count):
+                length = self._row_len[row_view[b]]
+                dest = target + b * width
+                memcpy(dest, self._row_data(row_view[b]), <size_t>length * sizeof(int32_t))
+                for j in range(length, width):
+                    dest[j] = PAD
+        return table, num_blocks
+
+    def to_csr(self, seq_ids):
+        """Return the CSR page list of a batch: FlashInfer's ``kv_indptr`` / ``kv_indices``.
+
+        Parameters
+        ----------
+        seq_ids : array_like of int, shape (B,)
+
+        Returns
+        -------
+        indptr : numpy.ndarray of int32, shape (B + 1,)
+            ``indices[indptr[b]:indptr[b + 1]]`` are sequence ``seq_ids[b]``'s blocks.
+        indices : numpy.ndarray of int32, shape (nnz,)
+
+        Raises
+        ------
+        KeyError
+            If a sequence id is not in the table.
+        OverflowError
+            If the batch maps more than ``2**31 - 1`` blocks.
+        """
+        seq_array = as_int_array(seq_ids, "seq_ids")
+        cdef int64_t count = seq_array.shape[0]
+        rows = np.empty(count, dtype=np.int32)
+        self._resolve_or_raise(seq_array, rows)
+        indptr = np.empty(count + 1, dtype=np.int32)
+        cdef int32_t[::1] row_view = rows
+        cdef int32_t[::1] indptr_view = indptr
+        cdef int64_t b, total = 0
+        for b in range(count):
+            total += self._row_len[row_view[b]]
+        if total > INT32_MAX:
+            raise OverflowError(f"the batch maps {total} blocks, more than int32 indices can address")
+        total = 0
+        for b in range(count):
+            indptr_view[b] = <int32_t>total
+            total += self._row_len[row_view[b]]
+        indptr_view[count] = <int32_t>total
+        indices = np.empty(total, dtype=np.int32)
+        cdef int32_t* target = <int32_t*>cnp.PyArray_DATA(indices)
+        with nogil:
+            for b in range(count):
+                memcpy(target + indptr_view[b], self._row_data(row_view[b]),
+                       <size_t>self._row_len[row_view[b]] * sizeof(int32_t))
+        return indptr, indices
+
+    # ------------------------------------------------------------------ extras
+
+    def fork_sequence(self, parent_id, child_id):
+        """Give a new sequence ``child_id`` a copy of ``parent_id``'s block list.
+
+        Parameters
+        ----------
+        parent_id : int
+            An existing sequence.
+        child_id : int
+            A sequence id not yet in the table.
+
+        Raises
+        ------
+        KeyError
+            If ``parent_id`` is not in the table.
+        ValueError
+            If ``child_id`` is already in the table.
+        """
+        cdef seq_id_t parent = _seq_arg(parent_id)
+        cdef seq_id_t child = _seq_arg(child_id)
+        cdef row_t parent_row = self._row_or_raise(parent)
+        if self._find_row(child) >= 0:
+            raise ValueError(f"child_id {child} is already in the table")
+        blocks = self._row_array(parent_row)
+        cdef row_t child_row = self._get_or_create_row(child)
+        cdef const int32_t[::1] view = blocks
+        if blocks.shape[0]:
+            self._append_to_row(child_row, &view[0], blocks.shape[0])
+
+    def set_block(self, sequence_id, block_index, block_id):
+        """Replace one entry of a sequence's block list and return the old block id.
+
+        Used for copy-on-write: the sequence's ``block_index``-th block becomes
+        ``block_id``.
+
+        Raises
+        ------
+        KeyError
+            If the sequence is not in the table.
+        IndexError
+            If ``block_index`` is not in ``0 .. num_blocks - 1``.
+        """
+        cdef seq_id_t seq_id = _seq_arg(sequence_id)
+        index = as_index(block_index, "block_index")
+        cdef block_id_t block = _block_arg(block_id)
+        cdef row_t row = self._row_or_raise(seq_id)
+        if not 0 <= index < self._row_len[row]:
+            raise IndexError(
+                f"block_index {index} is out of range for sequence {seq_id} "
+                f"with {self._row_len[row]} blocks")
+        cdef int32_t* data = self._row_data(row)
+        old = data[<int64_t>index]
+        data[<int64_t>index] = block
+        return old
+
+    def _memory_stats(self):
+        """Return a dict describing the storage (for tests and memory reports)."""
+        return {
+            "pool_capacity": self._pool_capacity,
+            "pool_tail": self._pool_tail,
+            "pool_garbage": self._pool_garbage,
+            "total_blocks": self._total_blocks,
+            "index_capacity": self._index_mask + 1,
+            "rows_capacity": self._rows_capacity,
+            "nbytes": (self._pool_arr.nbytes + self._index_keys_arr.nbytes
+                       + self._index_rows_arr.nbytes + 28 * self._rows_capacity),
+        }
+
+    def _check_invariants(self):
+        """Verify the internal structure; raise ``AssertionError`` on any inconsistency."""
+        cdef row_t row
+        cdef int64_t live_rows = 0, blocks = 0, reserved = 0
+        for row in range(self._rows_used):
+            if self._row_seq[row] < 0:
+                continue
+            live_rows += 1
+            blocks += self._row_len[row]
+            reserved += self._row_cap[row]
+            assert self._row_len[row] <= self._row_cap[row], "row longer than its room"
+            assert 0 <= self._row_start[row] and self._row_start[row] + self._row_cap[row] <= self._pool_tail, \
+                "row outside the pool"
+            assert self._find_row(self._row_seq[row]) == row, "index does not find row"
+        assert live_rows == self._num_sequences, "sequence count mismatch"
+        assert blocks == self._total_blocks, "block count mismatch"
+        assert self._pool_tail <= self._pool_capacity, "tail past capacity"
+        assert reserved + self._pool_garbage == self._pool_tail, "pool accounting mismatch"
+        keys = self._index_keys_arr
+        assert int((keys != EMPTY_KEY).sum()) == self._num_sequences, "index count mismatch"

@@ -1,0 +1,33 @@
+import numpy as np
+import pytest
+
+from pagetable import PageTable
+from pagetable.reference import ReferencePageTable
+
+BLOCK_SIZES = [1, 3, 16, 17, 32, 256]
+
+
+@pytest.fixture(params=BLOCK_SIZES, ids=lambda b: f"bs{b}")
+def block_size(request):
+    return request.param
+
+
+def build_random(block_size, num_sequences=50, max_blocks=40, seed=0, id_scale=10**15):
+    """Build a fast table and a reference table with the same random contents."""
+    rng = np.random.default_rng(seed)
+    pt = PageTable(block_size)
+    ref = ReferencePageTable(block_size)
+    seq_ids = rng.choice(id_scale, size=num_sequences, replace=False).astype(np.int64)
+    lengths = rng.integers(0, max_blocks + 1, size=num_sequences)
+    for seq_id, length in zip(seq_ids.tolist(), lengths.tolist()):
+        blocks = rng.integers(0, 2**31 - 1, size=length)
+        if length == 0:
+            continue
+        pt.append_blocks(np.full(length, seq_id), blocks)
+        ref.append_blocks([seq_id] * length, blocks.tolist())
+    return pt, ref, seq_ids[lengths > 0], rng
+
+
+def snapshot(pt):
+    """Everything observable about a table, for "unchanged" checks."""
+    return (pt.block_size, [(s, pt.get_sequence_blocks(s).tolist()) for s in pt], len(pt), pt.total_blocks)

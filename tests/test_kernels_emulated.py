@@ -1,0 +1,574 @@
+"""The GPU kernels' logic, run on the CPU and held against the Cython PageTable.
+
+The kernel source is compiled as C++ under ``tests/kernel_emulation/grid_emulation.h``,
+which turns ``blockIdx`` / ``threadIdx`` into globals and loops over them, into a shared
+library called through ctypes.  Arguments are checked against the parameter types parsed
+from the source (the same parse the CuPy launcher uses), every array is surrounded by
+canaries that must survive the launch (so an out-of-bounds write fails the test), and each
+launch runs twice, blocks and threads in forward then reverse order, and must give the same
+result (so a race between threads fails the test).
+
+The device table itself is built the way ``DeviceBlockTable.sync`` builds it: the host
+planner in ``pagetable.gpu`` packs the updates and the emulated scatter kernel applies them.
+"""
+
+import ctypes
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from pagetable import PAD_SLOT_ID, PageTable
+from pagetable import gpu
+
+EMULATION_DIR = os.path.join(os.path.dirname(__file__), "kernel_emulation")
+CANARY = np.int64(0x5A5A5A5A5A5A5A5A)
+CANARY_ENTRIES = 8
+BLOCK_SIZES = [1, 7, 16, 32]
+
+_CTYPES = {np.dtype(np.int32): ctypes.c_int32, np.dtype(np.int64): ctypes.c_int64}
+
+
+def _compiler():
+    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+class EmulatedKernels:
+    """Calls the emulated kernels with checked arguments, in both thread orders."""
+
+    def __init__(self, library):
+        self._library = library
+        self._reverse_order = ctypes.c_int.in_dll(library, "emulation_reverse_order")
+        self._launchers = {}
+        for name, parameters in gpu.kernel_signatures().items():
+            argument_types = [ctypes.c_uint, ctypes.c_uint, ctypes.c_uint]
+            argument_types += [
+                ctypes.c_void_p if parameter.is_pointer else _CTYPES[parameter.dtype]
+                for parameter in parameters
+            ]
+            address = ctypes.c_void_p.in_dll(library, f"launch_{name}").value
+            self._launchers[name] = ctypes.CFUNCTYPE(None, *argument_types)(address)
+
+    def _run_once(self, name, grid, block, arguments, reverse):
+        parameters = gpu.kernel_signatures()[name]
+        guarded = []
+        call_arguments = []
+        for parameter, argument in zip(parameters, arguments):
+            if parameter.is_pointer:
+                assert isinstance(argument, np.ndarray), f"{name}: {parameter.name} must be an array"
+                assert argument.dtype == parameter.dtype, (
+                    f"{name}: {parameter.name} is {parameter.dtype}, got {argument.dtype}"
+                )
+                assert argument.flags.c_contiguous
+                # Canaries on both sides, so a write outside the array is caught.
+                flat = argument.reshape(-1)
+                canary = CANARY.astype(parameter.dtype) if parameter.dtype == np.int64 else np.int32(0x5A5A5A5A)
+                padded = np.full(flat.size + 2 * CANARY_ENTRIES, canary, dtype=parameter.dtype)
+                padded[CANARY_ENTRIES:CANARY_ENTRIES + flat.size] = flat
+                guarded.append((parameter, flat, padded, canary))
+                call_arguments.append(padded.ctypes.data + CANARY_ENTRIES * padded.itemsize)
+            else:
+                info = np.iinfo(parameter.dtype)
+                assert info.min <= int(argument) <= info.max, f"{name}: {parameter.name} overflows"
+                call_arguments.append(int(argument))
+        self._reverse_order.value = int(reverse)
+        self._launchers[name](grid[0], grid[1], block[0], *call_arguments)
+        self._reverse_order.value = 0
+        results = []
+        for parameter, flat, padded, canary in guarded:
+            assert (padded[:CANARY_ENTRIES] == canary).all(), f"{name} wrote before {parameter.name}"
+            assert (padded[-CANARY_ENTRIES:] == canary).all(), f"{name} wrote past {parameter.name}"
+            results.append(padded[CANARY_ENTRIES:-CANARY_ENTRIES].copy())
+        return guarded, results
+
+    def launch(self, name, grid, block, *arguments):
+        """Run the kernel; its writable arrays are updated in place, as on a device."""
+        assert grid[2] == 1 and block[1] == 1 and block[2] == 1
+        parameters = gpu.kernel_signatures()[name]
+        assert len(arguments) == len(parameters), f"{name}: wrong number of arguments"
+        guarded, forward = self._run_once(name, grid, block, arguments, reverse=False)
+        _, backward = self._run_once(name, grid, block, arguments, reverse=True)
+        for (parameter, flat, _, _), first, second in zip(guarded, forward, backward):
+            if parameter.is_const:
+                assert np.array_equal(first, flat), f"{name} wrote to const {parameter.name}"
+            np.testing.assert_array_equal(
+                first, second, err_msg=f"{name}: {parameter.name} depends on thread order"
+            )
+            flat[...] = first
+
+
+@pytest.fixture(scope="session")
+def kernels(tmp_path_factory):
+    compiler = _compiler()
+    if compiler is None:
+        pytest.skip("no C++ compiler (g++, c++ or clang++) to build the kernel emulation")
+    build_dir = tmp_path_factory.mktemp("kernel_emulation")
+    launcher_source = build_dir / "emulated_kernels.cpp"
+    lines = [
+        '#include "grid_emulation.h"',
+        f'#include "{gpu.KERNEL_SOURCE_PATH}"',
+    ]
+    lines += [f"EMULATED_LAUNCHER({name})" for name in gpu.kernel_signatures()]
+    launcher_source.write_text("\n".join(lines) + "\n")
+    library_path = build_dir / "emulated_kernels.so"
+    command = [
+        compiler, "-std=c++17", "-O1", "-g", "-shared", "-fPIC", "-Wall", "-Wextra", "-Werror",
+        "-Wno-unused-parameter", "-I", EMULATION_DIR,
+        str(launcher_source), "-o", str(library_path),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, f"emulation build failed:\n{' '.join(command)}\n{result.stderr}"
+    return EmulatedKernels(ctypes.CDLL(str(library_path)))
+
+
+# ------------------------------------------------------------------ a mirrored table
+
+
+class EmulatedDevice:
+    """A PageTable, its device rows, and the device table built by the sync planner."""
+
+    def __init__(self, kernels, page_table, max_rows, max_blocks):
+        self.kernels = kernels
+        self.page_table = page_table
+        self.mirror = gpu._HostMirror(max_rows, max_blocks, page_table.block_size)
+        self.table = np.full((max_rows, max_blocks), PAD_SLOT_ID, dtype=np.int32)
+        self.row_lengths = np.zeros(max_rows, dtype=np.int32)
+
+    @property
+    def max_rows(self):
+        return self.mirror.max_rows
+
+    @property
+    def max_blocks(self):
+        return self.mirror.max_blocks_per_seq
+
+    def sync(self, full_upload_fraction=0.5):
+        plan = self.mirror.plan(self.page_table, full_upload_fraction)
+        if plan.stats.mode == "incremental":
+            grid, block = gpu.launch_shape_per_item(plan.num_cell_updates + plan.num_length_updates)
+            self.kernels.launch(
+                "pagetable_apply_updates", grid, block,
+                self.table, self.row_lengths, self.max_rows, self.max_blocks,
+                plan.packed_updates, plan.num_cell_updates, plan.num_length_updates,
+            )
+        elif plan.stats.mode == "full":
+            self.table[...] = plan.full_table
+            self.row_lengths[...] = plan.full_lengths
+        self.mirror.commit(self.page_table)
+        return plan.stats
+
+    def table_arguments(self):
+        return (self.table, self.row_lengths, self.max_rows, self.max_blocks)
+
+    def sequence_of_rows(self, rows):
+        """Sequence id each row holds, or an id the page table does not know."""
+        rows = np.asarray(rows, dtype=np.int64)
+        valid = (rows >= 0) & (rows < self.max_rows)
+        sequences = np.full(rows.size, 2**62, dtype=np.int64)
+        sequences[valid] = self.mirror.row_sequence[rows[valid]]
+        sequences[sequences < 0] = 2**62
+        return sequences
+
+    def expected_block_table(self):
+        """What the device table must hold: block_table of each row's sequence, else PAD."""
+        table = np.full((self.max_rows, self.max_blocks), PAD_SLOT_ID, dtype=np.int32)
+        lengths = np.zeros(self.max_rows, dtype=np.int32)
+        rows = np.flatnonzero(self.mirror.row_sequence >= 0)
+        present = [r for r in rows if int(self.mirror.row_sequence[r]) in self.page_table]
+        if present:
+            out = np.empty((len(present), self.max_blocks), dtype=np.int32)
+            dense, counts = self.page_table.block_table(self.mirror.row_sequence[present], out=out)
+            table[present] = dense
+            lengths[present] = counts
+        return table, lengths
+
+
+def random_device(kernels, rng, block_size, num_sequences=40, max_rows=48, max_blocks=24):
+    page_table = PageTable(block_size)
+    seq_ids = rng.choice(10**12, size=num_sequences, replace=False).astype(np.int64)
+    lengths = rng.integers(0, max_blocks + 1, size=num_sequences)
+    lengths[:3] = [0, 1, max_blocks]
+    appended = np.repeat(seq_ids, lengths)
+    order = rng.permutation(appended.size)  # interleaved appends, per-sequence order kept
+    appended = appended[np.sort(order)]
+    page_table.append_blocks(appended, rng.integers(0, 2**31 - 1, size=appended.size))
+    device = EmulatedDevice(kernels, page_table, max_rows, max_blocks)
+    # Some sequences get rows, one of them not yet in the page table; a few rows stay free.
+    device.mirror.assign(seq_ids[: num_sequences - 4])
+    device.mirror.assign([10**13])
+    device.sync()
+    return device
+
+
+def random_queries(rng, device, count):
+    """(rows, positions) with out-of-range rows and positions mixed in."""
+    max_position = device.max_blocks * device.page_table.block_size
+    rows = rng.integers(-2, device.max_rows + 2, size=count).astype(np.int32)
+    rows[:4] = [-1, device.max_rows, np.iinfo(np.int32).max, np.iinfo(np.int32).min]
+    positions = rng.integers(-3, max_position + 5, size=count).astype(np.int64)
+    positions[4:8] = [2**62, -(2**62), np.iinfo(np.int64).max, 0]
+    return rows, positions
+
+
+LAUNCH_SHAPES = ["planned", "one_small_block"]
+
+
+def _shape_per_item(kind, count):
+    if kind == "planned":
+        return gpu.launch_shape_per_item(count)
+    return (1, 1, 1), (3, 1, 1)  # exercises the grid-stride loops
+
+
+def _shape_per_request(kind, num_requests, items):
+    if kind == "planned":
+        return gpu.launch_shape_per_request(num_requests, items)
+    return (2, 2, 1), (3, 1, 1)
+
+
+# ------------------------------------------------------------------ tests
+
+
+def test_signatures_cover_every_kernel():
+    names = set(gpu.kernel_signatures())
+    assert {
+        "pagetable_lookup", "pagetable_slot_mapping", "pagetable_slot_mapping_from_batch",
+        "pagetable_gather_block_table", "pagetable_csr_indptr", "pagetable_csr_indices",
+        "pagetable_apply_updates",
+    } <= names
+    for parameters in gpu.kernel_signatures().values():
+        assert all(p.dtype in (np.int32, np.int64) for p in parameters)
+
+
+def test_pad_sentinel_matches_core():
+    assert gpu.PAD_SLOT_ID == PAD_SLOT_ID == -1
+
+
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+def test_synced_table_matches_block_table(kernels, block_size):
+    rng = np.random.default_rng(block_size)
+    device = random_device(kernels, rng, block_size)
+    table, lengths = device.expected_block_table()
+    np.testing.assert_array_equal(device.table, table)
+    np.testing.assert_array_equal(device.row_lengths, lengths)
+
+
+@pytest.mark.parametrize("shape", LAUNCH_SHAPES)
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+def test_lookup(kernels, block_size, shape):
+    rng = np.random.default_rng(100 + block_size)
+    device = random_device(kernels, rng, block_size)
+    rows, positions = random_queries(rng, device, 500)
+    block_ids = np.empty(rows.size, dtype=np.int32)
+    offsets = np.empty(rows.size, dtype=np.int32)
+    grid, block = _shape_per_item(shape, rows.size)
+    kernels.launch(
+        "pagetable_lookup", grid, block, *device.table_arguments(),
+        block_size, gpu._block_shift(block_size), rows, positions, rows.size, block_ids, offsets,
+    )
+    expected_blocks, expected_offsets = device.page_table.lookup(device.sequence_of_rows(rows), positions)
+    np.testing.assert_array_equal(block_ids, expected_blocks)
+    np.testing.assert_array_equal(offsets, expected_offsets)
+    assert (block_ids[:4] == PAD_SLOT_ID).all()
+
+
+@pytest.mark.parametrize("shape", LAUNCH_SHAPES)
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+def test_slot_mapping(kernels, block_size, shape):
+    rng = np.random.default_rng(200 + block_size)
+    device = random_device(kernels, rng, block_size)
+    rows, positions = random_queries(rng, device, 500)
+    slots = np.empty(rows.size, dtype=np.int64)
+    grid, block = _shape_per_item(shape, rows.size)
+    kernels.launch(
+        "pagetable_slot_mapping", grid, block, *device.table_arguments(),
+        block_size, gpu._block_shift(block_size), rows, positions, rows.size, slots,
+    )
+    expected = device.page_table.slot_mapping(device.sequence_of_rows(rows), positions)
+    np.testing.assert_array_equal(slots, expected)
+
+
+def test_empty_launches(kernels):
+    device = random_device(kernels, np.random.default_rng(0), 16)
+    empty32, empty64 = np.empty(0, np.int32), np.empty(0, np.int64)
+    grid, block = gpu.launch_shape_per_item(0)
+    kernels.launch("pagetable_slot_mapping", grid, block, *device.table_arguments(),
+                   16, 4, empty32, empty64, 0, empty64)
+    indptr = np.full(1, 99, dtype=np.int32)
+    kernels.launch("pagetable_csr_indptr", (1, 1, 1), (1, 1, 1), device.row_lengths,
+                   device.max_rows, device.max_blocks, 16, empty32, 0, 0, empty32, indptr, empty32)
+    assert indptr.tolist() == [0]
+
+
+def _expand_batch(rows, query_start_loc, first_positions):
+    """Per-token (row, position) of a batch description, the host-side way."""
+    query_lengths = np.diff(query_start_loc)
+    token_rows = np.repeat(rows, query_lengths)
+    starts = np.repeat(query_start_loc[:-1], query_lengths)
+    token_positions = np.repeat(first_positions, query_lengths)
+    token_positions = token_positions + np.arange(token_rows.size) + query_start_loc[0] - starts
+    return token_rows, token_positions
+
+
+@pytest.mark.parametrize("shape", LAUNCH_SHAPES)
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("padding", [0, 37])
+def test_slot_mapping_from_batch(kernels, block_size, shape, padding):
+    rng = np.random.default_rng(300 + block_size + padding)
+    device = random_device(kernels, rng, block_size)
+    num_requests = 30
+    rows = rng.integers(-1, device.max_rows + 1, size=num_requests).astype(np.int32)
+    query_lengths = rng.integers(0, 3 * block_size + 2, size=num_requests)
+    query_lengths[::5] = 1  # decode requests
+    query_lengths[1] = 0
+    query_start_loc = np.concatenate([[0], np.cumsum(query_lengths)]).astype(np.int32)
+    max_position = device.max_blocks * block_size
+    first_positions = rng.integers(-2, max_position, size=num_requests).astype(np.int64)
+    total = int(query_start_loc[-1])
+    out_length = total + padding
+    slots = np.full(out_length, 12345, dtype=np.int64)
+    positions = np.full(out_length, 12345, dtype=np.int64)
+    grid, block = _shape_per_request(shape, num_requests, int(query_lengths.max()))
+    kernels.launch(
+        "pagetable_slot_mapping_from_batch", grid, block, *device.table_arguments(),
+        block_size, gpu._block_shift(block_size), rows, query_start_loc, first_positions,
+        num_requests, out_length, slots, 1, positions,
+    )
+    token_rows, token_positions = _expand_batch(rows, query_start_loc, first_positions)
+    expected = device.page_table.slot_mapping(device.sequence_of_rows(token_rows), token_positions)
+    np.testing.assert_array_equal(slots[:total], expected)
+    np.testing.assert_array_equal(positions[:total], token_positions)
+    assert (slots[total:] == PAD_SLOT_ID).all()
+    assert (positions[total:] == PAD_SLOT_ID).all()
+
+
+def test_slot_mapping_from_batch_truncates_and_pads_ends(kernels):
+    """Tokens past out_length are never written; tokens before query_start_loc[0] are padding."""
+    rng = np.random.default_rng(7)
+    device = random_device(kernels, rng, 16)
+    rows = np.array([0, 1, 2], dtype=np.int32)
+    query_start_loc = np.array([5, 20, 21, 60], dtype=np.int32)
+    first_positions = np.array([0, 3, 10], dtype=np.int64)
+    out_length = 40
+    slots = np.full(out_length, 12345, dtype=np.int64)
+    grid, block = gpu.launch_shape_per_request(3, 39)
+    kernels.launch(
+        "pagetable_slot_mapping_from_batch", grid, block, *device.table_arguments(), 16, 4,
+        rows, query_start_loc, first_positions, 3, out_length, slots, 0, np.empty(0, np.int64),
+    )
+    assert (slots[:5] == PAD_SLOT_ID).all()
+    token_rows, token_positions = _expand_batch(rows, query_start_loc, first_positions)
+    expected = device.page_table.slot_mapping(device.sequence_of_rows(token_rows), token_positions)
+    np.testing.assert_array_equal(slots[5:], expected[: out_length - 5])
+
+
+@pytest.mark.parametrize("shape", LAUNCH_SHAPES)
+@pytest.mark.parametrize("block_size", [1, 16])
+def test_gather_block_table(kernels, block_size, shape):
+    rng = np.random.default_rng(400 + block_size)
+    device = random_device(kernels, rng, block_size)
+    assigned = np.flatnonzero(device.mirror.row_sequence >= 0)
+    known = [r for r in assigned if int(device.mirror.row_sequence[r]) in device.page_table]
+    rows = np.array(rng.permutation(known).tolist() + [-1, device.max_rows, 47], dtype=np.int32)
+    width = device.max_blocks
+    table = np.empty((rows.size, width), dtype=np.int32)
+    num_blocks = np.empty(rows.size, dtype=np.int32)
+    grid, block = _shape_per_request(shape, rows.size, width)
+    kernels.launch("pagetable_gather_block_table", grid, block, *device.table_arguments(),
+                   rows, rows.size, width, table, num_blocks)
+    known_count = len(known)
+    out = np.empty((known_count, width), dtype=np.int32)
+    expected, expected_counts = device.page_table.block_table(
+        device.mirror.row_sequence[rows[:known_count]], out=out
+    )
+    np.testing.assert_array_equal(table[:known_count], expected)
+    np.testing.assert_array_equal(num_blocks[:known_count], expected_counts)
+    assert (table[known_count:] == PAD_SLOT_ID).all()
+    assert (num_blocks[known_count:] == 0).all()
+
+
+def _csr(kernels, device, rows, token_counts, shape, capacity=None):
+    num_requests = rows.size
+    indptr = np.empty(num_requests + 1, dtype=np.int32)
+    has_counts = token_counts is not None
+    last_page_len = np.full(max(num_requests, 1), 777, dtype=np.int32)
+    kernels.launch(
+        "pagetable_csr_indptr", (1, 1, 1), (4, 1, 1), device.row_lengths, device.max_rows,
+        device.max_blocks, device.page_table.block_size, rows, num_requests, int(has_counts),
+        token_counts if has_counts else rows, indptr, last_page_len,
+    )
+    capacity = int(indptr[-1]) if capacity is None else capacity
+    indices = np.full(capacity, 12345, dtype=np.int32)
+    grid, block = _shape_per_request(shape, num_requests, device.max_blocks)
+    kernels.launch("pagetable_csr_indices", grid, block, *device.table_arguments(),
+                   rows, num_requests, indptr, capacity, indices)
+    return indptr, indices, last_page_len[:num_requests]
+
+
+@pytest.mark.parametrize("shape", LAUNCH_SHAPES)
+@pytest.mark.parametrize("block_size", [1, 7, 16])
+def test_csr_matches_to_csr(kernels, block_size, shape):
+    rng = np.random.default_rng(500 + block_size)
+    device = random_device(kernels, rng, block_size)
+    assigned = np.flatnonzero(device.mirror.row_sequence >= 0)
+    known = [r for r in assigned if int(device.mirror.row_sequence[r]) in device.page_table]
+    rows = rng.permutation(known).astype(np.int32)
+    indptr, indices, _ = _csr(kernels, device, rows, None, shape)
+    expected_indptr, expected_indices = device.page_table.to_csr(device.mirror.row_sequence[rows])
+    np.testing.assert_array_equal(indptr, expected_indptr)
+    np.testing.assert_array_equal(indices, expected_indices)
+
+
+@pytest.mark.parametrize("shape", LAUNCH_SHAPES)
+@pytest.mark.parametrize("block_size", [1, 7, 16])
+def test_csr_with_token_counts(kernels, block_size, shape):
+    """FlashInfer layout: ceil(tokens / page) pages, last page holding 1..page_size tokens."""
+    rng = np.random.default_rng(600 + block_size)
+    device = random_device(kernels, rng, block_size)
+    rows = rng.integers(-1, device.max_rows + 1, size=40).astype(np.int32)
+    sequences = device.sequence_of_rows(rows)
+    blocks = np.array([device.page_table.num_blocks([s])[0] if int(s) in device.page_table else 0
+                       for s in sequences])
+    token_counts = (blocks * block_size - rng.integers(0, block_size, size=rows.size)).astype(np.int32)
+    token_counts[:3] = [-5, 0, 10**9]
+    indptr, indices, last_page_len = _csr(kernels, device, rows, token_counts, shape)
+
+    tokens = np.clip(token_counts.astype(np.int64), 0, blocks * block_size)
+    pages = -(-tokens // block_size)
+    np.testing.assert_array_equal(indptr, np.concatenate([[0], np.cumsum(pages)]))
+    np.testing.assert_array_equal(last_page_len, np.where(pages > 0, tokens - (pages - 1) * block_size, 0))
+    assert ((last_page_len >= 1) & (last_page_len <= block_size))[pages > 0].all()
+    for request, sequence in enumerate(sequences):
+        if pages[request]:
+            expected = device.page_table.get_sequence_blocks(int(sequence))[: pages[request]]
+            np.testing.assert_array_equal(indices[indptr[request]:indptr[request + 1]], expected)
+
+
+def test_csr_indices_never_overrun_capacity(kernels):
+    device = random_device(kernels, np.random.default_rng(9), 16)
+    rows = np.flatnonzero(device.mirror.row_sequence >= 0).astype(np.int32)
+    _, full, _ = _csr(kernels, device, rows, None, "planned")
+    _, short, _ = _csr(kernels, device, rows, None, "planned", capacity=full.size // 2)
+    np.testing.assert_array_equal(short, full[: full.size // 2])  # canaries check the rest
+
+
+# ------------------------------------------------------------------ incremental upload
+
+
+@pytest.mark.parametrize("block_size", [1, 16])
+def test_incremental_sync_follows_random_edits(kernels, block_size):
+    """Appends, copy-on-write, forks, removals, assign/release/invalidate: after every sync
+    the emulated device table equals the page table's block_table row by row."""
+    rng = np.random.default_rng(700 + block_size)
+    max_rows, max_blocks = 32, 20
+    page_table = PageTable(block_size)
+    device = EmulatedDevice(kernels, page_table, max_rows, max_blocks)
+    live = []
+    next_id = 1
+    modes = set()
+    for step in range(120):
+        action = rng.integers(0, 8)
+        if action <= 2 and len(live) < max_rows:  # a new sequence
+            seq_id = next_id
+            next_id += 1
+            count = int(rng.integers(0, max_blocks // 2))
+            if count:
+                page_table.append_blocks([seq_id] * count, rng.integers(0, 10**6, size=count))
+            device.mirror.assign([seq_id])
+            live.append(seq_id)
+        elif action == 3 and live:  # decode step: some sequences gain a block
+            grow = [s for s in live if rng.random() < 0.3
+                    and (s not in page_table or page_table.num_blocks([s])[0] < max_blocks)]
+            if grow:
+                page_table.append_blocks(grow, rng.integers(0, 10**6, size=len(grow)))
+        elif action == 4 and live:  # copy-on-write of the last block
+            seq_id = live[int(rng.integers(len(live)))]
+            if seq_id in page_table and page_table.num_blocks([seq_id])[0]:
+                last = page_table.num_blocks([seq_id])[0] - 1
+                page_table.set_block(seq_id, int(last), int(rng.integers(10**6, 2 * 10**6)))
+        elif action == 5 and live:  # a block replaced in the middle: needs invalidate()
+            seq_id = live[int(rng.integers(len(live)))]
+            if seq_id in page_table and page_table.num_blocks([seq_id])[0] > 1:
+                page_table.set_block(seq_id, 0, int(rng.integers(2 * 10**6, 3 * 10**6)))
+                device.mirror.invalidate([seq_id])
+        elif action == 6 and live:  # finished: removed and released
+            seq_id = live.pop(int(rng.integers(len(live))))
+            page_table.remove_sequence(seq_id)
+            device.mirror.release([seq_id])
+        elif action == 7 and live and len(live) < max_rows:  # fork (beam search, prefix share)
+            parent = live[int(rng.integers(len(live)))]
+            if parent in page_table:
+                page_table.fork_sequence(parent, next_id)
+                device.mirror.assign([next_id])
+                live.append(next_id)
+                next_id += 1
+        if step % 3 == 0:
+            modes.add(device.sync(full_upload_fraction=0.5 if step % 2 else 1.0).mode)
+            table, lengths = device.expected_block_table()
+            np.testing.assert_array_equal(device.row_lengths, lengths, err_msg=f"step {step}")
+            np.testing.assert_array_equal(device.table, table, err_msg=f"step {step}")
+    assert "incremental" in modes
+
+
+def test_decode_step_sync_moves_under_one_percent(kernels):
+    """1,024 sequences, one in sixteen gains a block: the packed update is <= 1% of the table."""
+    rng = np.random.default_rng(11)
+    num_sequences, max_blocks = 1024, 256
+    page_table = PageTable(16)
+    lengths = rng.integers(1, 200, size=num_sequences)
+    seq_ids = np.arange(num_sequences, dtype=np.int64)
+    page_table.append_blocks(np.repeat(seq_ids, lengths), rng.integers(0, 10**6, size=lengths.sum()))
+    device = EmulatedDevice(kernels, page_table, num_sequences, max_blocks)
+    device.mirror.assign(seq_ids)
+    assert device.sync().mode == "full"
+    growing = seq_ids[::16]
+    page_table.append_blocks(growing, rng.integers(0, 10**6, size=growing.size))
+    stats = device.sync()
+    assert stats.mode == "incremental"
+    assert stats.rows_changed == growing.size
+    assert stats.bytes_uploaded <= 0.01 * stats.table_bytes
+    table, row_lengths = device.expected_block_table()
+    np.testing.assert_array_equal(device.table, table)
+    np.testing.assert_array_equal(device.row_lengths, row_lengths)
+    assert device.sync().mode == "none"
+
+
+def test_sync_rejects_too_long_sequence_without_changes(kernels):
+    page_table = PageTable(16)
+    device = EmulatedDevice(kernels, page_table, 4, 3)
+    page_table.append_blocks([5, 5], [1, 2])
+    device.mirror.assign([5])
+    device.sync()
+    page_table.append_blocks([5, 5], [3, 4])
+    with pytest.raises(ValueError, match="sequence 5 has 4 blocks"):
+        device.sync()
+    assert device.row_lengths.tolist() == [2, 0, 0, 0]
+    assert device.mirror.device_lengths.tolist() == [2, 0, 0, 0]
+
+
+def test_mirror_row_bookkeeping_errors():
+    mirror = gpu._HostMirror(2, 4, 16)
+    assert mirror.assign([7, 8]).tolist() == [0, 1]
+    with pytest.raises(ValueError, match="only 0 of max_rows=2 are free"):
+        mirror.assign([9])
+    with pytest.raises(ValueError, match="already has a device row"):
+        mirror.assign([7])
+    with pytest.raises(KeyError, match="sequence 9 has no device row"):
+        mirror.release([8, 9])
+    assert mirror.rows_for([8, 7]).tolist() == [1, 0]  # the failed release changed nothing
+    mirror.release([7])
+    assert mirror.assign([9]).tolist() == [0]
+    with pytest.raises(TypeError, match="must hold integers"):
+        mirror.assign([1.5])
+
+
+def test_launch_shapes_are_bounded():
+    grid, block = gpu.launch_shape_per_item(16 * 2**20)
+    assert block == (gpu.THREADS_PER_BLOCK, 1, 1) and 1 <= grid[0] <= 2**16
+    grid, _ = gpu.launch_shape_per_request(200_000, 10**7)
+    assert grid[1] == 65535 and grid[0] * grid[1] <= 2**16 or grid[0] == 1
+    assert gpu.launch_shape_per_request(0, 0)[0] == (1, 1, 1)

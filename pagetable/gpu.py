@@ -392,7 +392,11 @@ class _HostMirror:
 
         rows_changed = int(np.count_nonzero(length_changed | last_changed)) + cleared_rows.size
         incremental_bytes = 4 * (3 * total_cells + 2 * length_rows.size)
-        self._pending = (assigned_rows, seq_ids, new_lengths)
+        has_cells = counts > 0
+        self._pending = (
+            assigned_rows, new_lengths, assigned_rows[has_cells],
+            cell_values[np.cumsum(counts)[has_cells] - 1],
+        )
         if rows_changed == 0:
             return _UploadPlan(SyncStats("none", 0, self.table_bytes))
         if incremental_bytes >= full_upload_fraction * self.table_bytes:
@@ -422,22 +426,27 @@ class _HostMirror:
             values = self._blocks_at(page_table, np.repeat(seq_ids, counts), columns)
             table[np.repeat(assigned_rows, counts), columns] = values
             lengths[assigned_rows] = new_lengths
+            has_blocks = counts > 0
+            self._pending = (
+                assigned_rows, new_lengths, assigned_rows[has_blocks],
+                values[np.cumsum(counts)[has_blocks] - 1],
+            )
         stats = SyncStats("full", self.table_bytes, self.table_bytes, rows_changed=rows_changed)
         return _UploadPlan(stats, full_table=table, full_lengths=lengths)
 
-    def commit(self, page_table: Any) -> None:
+    def commit(self) -> None:
         """Record that the planned upload was enqueued: the device now holds it."""
-        assigned_rows, seq_ids, new_lengths = self._pending
-        self.device_lengths[:] = 0
+        assigned_rows, new_lengths, rows_with_cells, last_cell_values = self._pending
+        del self._pending
+        self.device_lengths[self.needs_clear] = 0
+        self.device_last_block[self.needs_clear] = PAD_SLOT_ID
         self.device_lengths[assigned_rows] = new_lengths
-        self.device_last_block[:] = PAD_SLOT_ID
-        nonempty = new_lengths > 0
-        self.device_last_block[assigned_rows[nonempty]] = self._blocks_at(
-            page_table, seq_ids[nonempty], new_lengths[nonempty] - 1
-        )
+        self.device_last_block[assigned_rows[new_lengths == 0]] = PAD_SLOT_ID
+        # A row's cells always run up to its new last block, so the last cell is that block;
+        # rows without cells kept their last block.
+        self.device_last_block[rows_with_cells] = last_cell_values
         self.needs_rewrite[:] = False
         self.needs_clear[:] = False
-        del self._pending
 
 
 # --------------------------------------------------------------------------------------
@@ -797,7 +806,7 @@ class DeviceBlockTable:
         cupy = self._cupy
         plan = self._mirror.plan(self._page_table, self._full_upload_fraction)
         if plan.stats.mode == "none":
-            self._mirror.commit(self._page_table)
+            self._mirror.commit()
             self.last_sync = plan.stats
             return plan.stats
         with self._device:
@@ -811,7 +820,7 @@ class DeviceBlockTable:
             upload_done = cupy.cuda.Event(disable_timing=True)
             upload_done.record(self._stream)
             caller_stream.wait_event(upload_done)
-        self._mirror.commit(self._page_table)
+        self._mirror.commit()
         self.last_sync = plan.stats
         return plan.stats
 

@@ -159,7 +159,7 @@ class EmulatedDevice:
         elif plan.stats.mode == "full":
             self.table[...] = plan.full_table
             self.row_lengths[...] = plan.full_lengths
-        self.mirror.commit(self.page_table)
+        self.mirror.commit()
         return plan.stats
 
     def table_arguments(self):

@@ -88,7 +88,7 @@ cdef class AppendResult:
     cdef readonly object copy_src
     cdef readonly object copy_dst
 
-    def __cinit__(self, slots, copy_src, copy_dst):
+    def __init__(self, slots, copy_src, copy_dst):
         self.slots = slots
         self.copy_src = copy_src
         self.copy_dst = copy_dst
@@ -127,8 +127,12 @@ cdef class BlockAllocator:
         int32_t[::1] _free_stack
         int32_t[::1] _pending
 
-    def __cinit__(self, num_blocks):
-        cdef int32_t i
+    def __init__(self, num_blocks):
+        # Set-up happens in __cinit__, which runs even when __init__ is skipped,
+        # so that no instance ever has unset arrays.
+        pass
+
+    def __cinit__(self, num_blocks, *args, **kwargs):
         num_blocks = check_range(as_index(num_blocks, "num_blocks"), 1, BLOCK_ID_LIMIT, "num_blocks")
         self._num_blocks = num_blocks
         self._refcount_arr = np.zeros(num_blocks, dtype=np.int32)
@@ -300,6 +304,16 @@ cdef inline int64_t _blocks_for(int64_t tokens, int64_t block_size) noexcept nog
     return (tokens + block_size - 1) // block_size
 
 
+cdef inline int32_t _log2_or_minus_one(int64_t value) noexcept nogil:
+    """log2(value) for a power of two, else -1."""
+    cdef int32_t shift = 0
+    if value & (value - 1):
+        return -1
+    while (<int64_t>1 << shift) < value:
+        shift += 1
+    return shift
+
+
 cdef object _as_seq_ids(seq_ids, str name="seq_ids"):
     return as_int_array(seq_ids, name)
 
@@ -330,19 +344,26 @@ cdef class KVCacheManager:
         PageTable _table
         BlockAllocator _allocator
         int64_t _block_size
+        int32_t _block_shift      # log2(block_size) for a power of two, else -1:
+        int64_t _block_mask       # shifts instead of divisions on the hot paths
         object _row_tokens_arr    # int32, token count by PageTable row
         object _row_stamp_arr     # int64, last call that touched the row (duplicate check)
         int32_t[::1] _row_tokens
         int64_t[::1] _row_stamp
         int64_t _stamp
 
-    def __cinit__(self, num_blocks, block_size=16):
+    def __init__(self, num_blocks, block_size=16):
+        pass
+
+    def __cinit__(self, num_blocks, block_size=16, *args, **kwargs):
         block_size = check_range(as_index(block_size, "block_size"), 1, BLOCK_ID_LIMIT, "block_size")
         num_blocks = check_range(as_index(num_blocks, "num_blocks"), 1, BLOCK_ID_LIMIT, "num_blocks")
         if num_blocks * block_size > BLOCK_ID_LIMIT:
             raise ValueError(
                 f"num_blocks * block_size must be below 2**31, got {num_blocks} * {block_size}")
         self._block_size = block_size
+        self._block_shift = _log2_or_minus_one(block_size)
+        self._block_mask = block_size - 1
         self._table = PageTable(block_size)
         self._allocator = BlockAllocator(num_blocks)
         self._row_tokens_arr = np.zeros(64, dtype=np.int32)
@@ -399,6 +420,23 @@ cdef class KVCacheManager:
                 f"sequences={len(self)}, free_blocks={self.num_free_blocks})")
 
     # -- C helpers -----------------------------------------------------------------------
+    cdef inline int64_t _block_index(self, int64_t position) noexcept nogil:
+        if self._block_shift >= 0:
+            return position >> self._block_shift
+        return position // self._block_size
+
+    cdef inline int64_t _block_offset(self, int64_t position) noexcept nogil:
+        if self._block_shift >= 0:
+            return position & self._block_mask
+        return position % self._block_size
+
+    cdef inline int64_t _blocks_needed(self, int64_t tokens) noexcept nogil:
+        return self._block_index(tokens + self._block_size - 1)
+
+    cdef inline slot_t _slot(self, const block_id_t* data, int64_t position) noexcept nogil:
+        return (<slot_t>data[self._block_index(position)] * self._block_size
+                + self._block_offset(position))
+
     cdef int _ensure_rows(self, row_t row) except -1:
         """Grow the per-row arrays so that ``row`` is a valid index."""
         cdef Py_ssize_t size = self._row_tokens.shape[0]
@@ -489,8 +527,8 @@ cdef class KVCacheManager:
         cdef int32_t length
         cdef row_t row
         cdef block_id_t last
-        cdef int32_t[::1] refcount = self._allocator._refcount
-        cdef int32_t[::1] pending = self._allocator._pending
+        cdef int32_t* refcount = &self._allocator._refcount[0]
+        cdef int32_t* pending = &self._allocator._pending[0]
         for i in range(n):
             count = counts[i]
             if count == 0:
@@ -502,13 +540,13 @@ cdef class KVCacheManager:
                 need += self._allocator._num_blocks + 1   # can never fit
                 continue
             slots += count
-            if tokens % self._block_size:
+            if self._block_offset(tokens):
                 last = self._table._row_data(row)[length - 1]
                 if refcount[last] - pending[last] > 1:
                     need += 1
                     copies += 1
                     pending[last] += 1
-            need += _blocks_for(tokens + count, self._block_size) - length
+            need += self._blocks_needed(tokens + count) - length
         if copies:
             for i in range(n):
                 if counts[i]:
@@ -571,8 +609,7 @@ cdef class KVCacheManager:
             self._table._append_to_row(row, &block_view[0], need)
             with nogil:
                 for p in range(n):
-                    slot_view[p] = (<slot_t>block_view[p // self._block_size] * self._block_size
-                                    + p % self._block_size)
+                    slot_view[p] = self._slot(&block_view[0], p)
         self._row_tokens[row] = <int32_t>n
         return AppendResult(slots, _EMPTY_INT32, _EMPTY_INT32)
 
@@ -617,7 +654,7 @@ cdef class KVCacheManager:
         for i in range(n):
             if count_view[i]:
                 row = row_view[i]
-                add = (_blocks_for(self._row_tokens[row] + count_view[i], self._block_size)
+                add = (self._blocks_needed(self._row_tokens[row] + count_view[i])
                        - self._table._row_length(row))
                 if add > 0:
                     self._table._reserve_row(row, self._table._row_length(row) + add)
@@ -644,7 +681,7 @@ cdef class KVCacheManager:
             row = row_view[i]
             tokens = self._row_tokens[row]
             length = self._table._row_length(row)
-            if tokens % block_size:
+            if self._block_offset(tokens):
                 data = self._table._row_data(row)
                 last = data[length - 1]
                 if refcount[last] > 1:
@@ -654,13 +691,13 @@ cdef class KVCacheManager:
                     refcount[last] -= 1          # stays >= 1: never frees
                     data[length - 1] = fresh_view[taken]
                     taken += 1
-            add = _blocks_for(tokens + count, block_size) - length
+            add = self._blocks_needed(tokens + count) - length
             if add > 0:
                 self._table._append_to_row(row, &fresh_view[taken], add)
                 taken += add
             data = self._table._row_data(row)
             for p in range(tokens, tokens + count):
-                slot_view[written] = <slot_t>data[p // block_size] * block_size + p % block_size
+                slot_view[written] = self._slot(data, p)
                 written += 1
             self._row_tokens[row] = <int32_t>(tokens + count)
         return AppendResult(slots, copy_src, copy_dst)
@@ -795,7 +832,7 @@ cdef class KVCacheManager:
                 at += length
                 indptr_view[i + 1] = <int32_t>at
                 tokens = self._row_tokens[row_view[i]]
-                last_view[i] = <int32_t>((tokens - 1) % self._block_size + 1) if tokens else 0
+                last_view[i] = <int32_t>(self._block_offset(tokens - 1) + 1) if tokens else 0
         return indptr, indices, last_page_len
 
     def check(self):

@@ -454,8 +454,18 @@ class _HostMirror:
 # --------------------------------------------------------------------------------------
 
 
+_usable_cupy = None
+
+
 def _import_cupy():
-    """Return the cupy module with a usable device, or raise GPUUnavailableError."""
+    """Return the cupy module with a usable device, or raise GPUUnavailableError.
+
+    The answer is kept once positive, so launches (graph capture included) make no
+    runtime calls for it.
+    """
+    global _usable_cupy
+    if _usable_cupy is not None:
+        return _usable_cupy
     try:
         import cupy
     except ImportError as error:
@@ -471,6 +481,7 @@ def _import_cupy():
         ) from error
     if device_count == 0:
         raise GPUUnavailableError("CuPy is installed but finds no GPU device")
+    _usable_cupy = cupy
     return cupy
 
 
@@ -983,7 +994,7 @@ class DeviceBlockTable:
                     f"and {first_positions.size}"
                 )
             if num_tokens_padded is None:
-                num_tokens_padded = out.size if out is not None else int(query_start_loc[-1].get())
+                num_tokens_padded = out.size if out is not None else int(query_start_loc[-1:].get()[0])
             out = _output(cupy, out, "out", num_tokens_padded, np.int64)
             write_positions = positions_out is not None
             if write_positions:
@@ -1086,7 +1097,7 @@ class DeviceBlockTable:
                  rows, num_requests, int(has_token_counts), token_counts, indptr, last_page_len),
             )
             if indices_out is None:
-                indices_out = cupy.empty(int(indptr[-1].get()), dtype=cupy.int32)
+                indices_out = cupy.empty(int(indptr[-1:].get()[0]), dtype=cupy.int32)
             else:
                 indices_out = _output(cupy, indices_out, "indices_out", None, np.int32)
             grid, block = launch_shape_per_request(num_requests, self.max_blocks_per_seq)

@@ -10,10 +10,17 @@ The device table itself is built the way ``DeviceBlockTable.sync`` builds it: th
 planner in ``pagetable.gpu`` packs the updates and the emulated scatter kernel applies them.
 """
 
+import importlib.util
+import itertools
+import os
+import re
+import sys
+
 import numpy as np
 import pytest
 
 from kernel_emulation.emulation import build_emulated_kernels, find_compiler
+from kernel_emulation.fake_cupy import make_fake_cupy
 from pagetable import PAD_SLOT_ID, PageTable
 from pagetable import gpu
 
@@ -475,3 +482,88 @@ def test_launch_shapes_are_bounded():
     grid, _ = gpu.launch_shape_per_request(200_000, 10**7)
     assert grid[1] == 65535 and grid[0] * grid[1] <= 2**16 or grid[0] == 1
     assert gpu.launch_shape_per_request(0, 0)[0] == (1, 1, 1)
+
+
+# ------------------------------------------------------------------ DeviceBlockTable itself
+#
+# tests/gpu/ runs DeviceBlockTable on a real device.  Here the same test functions run
+# against tests/kernel_emulation/fake_cupy.py, whose "device" is numpy and whose kernels are
+# the emulated ones: every line of the CuPy path (argument conversion, launch shapes, the
+# staging and upload code, output handling) and the GPU tests themselves run in CI.
+
+GPU_TESTS_PATH = os.path.join(os.path.dirname(__file__), "gpu", "test_device_block_table.py")
+GPU_TEST_PARAMETERS = {"block_size": [1, 16], "padding": [0, 100]}
+
+
+def _gpu_test_cases():
+    with open(GPU_TESTS_PATH) as f:
+        source = f.read()
+    cases = []
+    for name, parameters in re.findall(r"^def (test_\w+)\(([^)]*)\)", source, re.MULTILINE):
+        names = [p.strip() for p in parameters.split(",") if p.strip()]
+        for values in itertools.product(*(GPU_TEST_PARAMETERS[n] for n in names)):
+            cases.append(pytest.param(name, dict(zip(names, values)),
+                                      id="-".join([name] + [str(v) for v in values])))
+    return cases
+
+
+@pytest.fixture
+def fake_cupy(kernels, monkeypatch):
+    fake = make_fake_cupy(kernels)
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setattr(gpu, "_usable_cupy", None)
+    gpu._raw_module.cache_clear()
+    yield fake
+    gpu._raw_module.cache_clear()
+
+
+@pytest.mark.parametrize("test_name, arguments", _gpu_test_cases())
+def test_gpu_suite_on_emulated_device(fake_cupy, test_name, arguments):
+    spec = importlib.util.spec_from_file_location("gpu_tests_on_emulated_device", GPU_TESTS_PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.cupy is fake_cupy
+    getattr(module, test_name)(**arguments)
+
+
+def test_device_block_table_reports_what_is_missing(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)  # makes `import cupy` fail
+    monkeypatch.setattr(gpu, "_usable_cupy", None)
+    assert not gpu.is_available()
+    with pytest.raises(gpu.GPUUnavailableError, match="needs CuPy, which is not installed"):
+        gpu.DeviceBlockTable(PageTable(16), 4, 4)
+
+
+def test_device_block_table_argument_errors(fake_cupy):
+    page_table = PageTable(16)
+    with pytest.raises(ValueError, match="max_rows must be in"):
+        gpu.DeviceBlockTable(page_table, 0, 4)
+    with pytest.raises(TypeError, match="max_blocks_per_seq must be an integer"):
+        gpu.DeviceBlockTable(page_table, 4, 2.5)
+    with pytest.raises(ValueError, match="num_staging_buffers"):
+        gpu.DeviceBlockTable(page_table, 4, 4, num_staging_buffers=1)
+    device = gpu.DeviceBlockTable(page_table, 4, 4)
+    with pytest.raises(ValueError, match="query_start_loc must have"):
+        device.slot_mapping_from_batch([0], [0], [0], 4)
+    with pytest.raises(TypeError, match="out must be a device array"):
+        device.slot_mapping([0], [0], out=np.empty(1, np.int64))
+
+
+def test_staging_buffers_rotate_and_grow(fake_cupy):
+    page_table = PageTable(16)
+    device = gpu.DeviceBlockTable(page_table, 64, 256, num_staging_buffers=3)
+    seen = []
+    for step in range(7):
+        page_table.append_blocks(np.arange(step + 1), np.full(step + 1, step))
+        if step == 0:
+            device.assign(np.arange(64))
+        seen.append(id(device._staging[device._next_staging]))
+        device.sync()
+    assert len(set(seen[:3])) == 3 and seen[3] == seen[0]
+    # A big update outgrows the staging buffer and the device buffer: both grow.
+    page_table.append_blocks(np.repeat(np.arange(64), 20), np.arange(64 * 20) % 1000)
+    device._full_upload_fraction = 1.0
+    assert device.sync().mode == "incremental"
+    expected, counts = page_table.block_table(np.arange(64))
+    np.testing.assert_array_equal(device.table.get()[:, : expected.shape[1]], expected)
+    np.testing.assert_array_equal(device.row_lengths.get(), counts)

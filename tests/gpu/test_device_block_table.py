@@ -276,7 +276,8 @@ def test_release_reassign_and_invalidate():
 
 def test_full_upload_when_most_rows_change():
     rng, page_table, device, seq_ids, rows = make_table(16, 10)
-    live = [s for s in seq_ids if page_table.num_blocks([s])[0] < device.max_blocks_per_seq]
+    live = [s for s in seq_ids
+            if s not in page_table or page_table.num_blocks([s])[0] < device.max_blocks_per_seq]
     page_table.append_blocks(live, rng.integers(0, 10**6, size=len(live)))
     device._full_upload_fraction = 0.001
     stats = device.sync()

@@ -52,7 +52,8 @@ cdef class PageTable:
         int64_t _num_sequences
 
         # The block pool: every row's blocks, each row contiguous.
-        object _pool_arr           # int32 [capacity]
+        object _pool_map           # anonymous mmap owning the pool's memory
+        object _pool_arr           # int32 [capacity], a view of _pool_map
         int32_t* _pool
         int64_t _pool_capacity
         int64_t _pool_tail         # first never-used entry
@@ -82,6 +83,10 @@ cdef class PageTable:
     cdef int _grow_rows(self, int32_t capacity) except -1
     cdef int _compact_into(self, object target_arr) except -1
     cdef int _ensure_pool_space(self, int64_t needed) except -1
+    cdef int _set_pool(self, object pool_map, int64_t capacity) except -1
+    cdef int _resize_pool(self, int64_t capacity) except -1
+    cdef int _maybe_shrink(self) except -1
+    cdef int _release_tail_pages(self) except -1
     cdef row_t _row_or_raise(self, seq_id_t seq_id) except -1
     cdef object _row_array(self, row_t row)
     cdef object _live_rows_in_order(self)

@@ -23,7 +23,7 @@ from cython.parallel cimport prange
 from libc.stdint cimport int32_t, int64_t, uint64_t
 from libc.string cimport memcpy, memmove, memcmp
 
-import copy as _copy_module
+import mmap as _mmap
 
 import numpy as np
 cimport numpy as cnp
@@ -86,6 +86,16 @@ cdef inline int32_t _shift_for(int64_t capacity) noexcept nogil:
     while (<int64_t>1 << bits) < capacity:
         bits += 1
     return 64 - bits
+
+
+def _new_pool_map(int64_t capacity):
+    """An anonymous memory map for ``capacity`` int32 entries (pages cost nothing until written)."""
+    # Private, not the default shared mapping: a shared anonymous mapping is a fixed
+    # size memory object, and touching pages past it after an mremap faults.
+    flags = getattr(_mmap, "MAP_PRIVATE", 0) | getattr(_mmap, "MAP_ANONYMOUS", 0)
+    if flags:
+        return _mmap.mmap(-1, <Py_ssize_t>capacity * sizeof(int32_t), flags=flags)
+    return _mmap.mmap(-1, <Py_ssize_t>capacity * sizeof(int32_t))
 
 
 def _check_block_size(block_size):
@@ -266,7 +276,12 @@ cdef class PageTable:
     array([ 0, 15, 17])
     """
 
-    def __cinit__(self, block_size=16):
+    def __init__(self, block_size=16):
+        # All set-up happens in __cinit__, which runs even when __init__ is skipped,
+        # so that no instance ever has dangling storage pointers.
+        pass
+
+    def __cinit__(self, block_size=16, *args, **kwargs):
         cdef int64_t size = _check_block_size(block_size)
         self._block_size = <int32_t>size
         if size & (size - 1) == 0:
@@ -287,9 +302,8 @@ cdef class PageTable:
         self._pool_garbage = 0
         self._allocate_index(MIN_INDEX_CAPACITY)
         self._grow_rows(16)
-        self._pool_arr = np.empty(MIN_POOL_CAPACITY, dtype=np.int32)
-        self._pool = <int32_t*>cnp.PyArray_DATA(self._pool_arr)
-        self._pool_capacity = MIN_POOL_CAPACITY
+        self._pool_map = None
+        self._set_pool(_new_pool_map(MIN_POOL_CAPACITY), MIN_POOL_CAPACITY)
 
     @classmethod
     def with_block_size(cls, block_size):
@@ -307,6 +321,34 @@ cdef class PageTable:
         return cls(block_size)
 
     # ------------------------------------------------------------------ storage
+
+    cdef int _set_pool(self, object pool_map, int64_t capacity) except -1:
+        self._pool_map = pool_map
+        self._pool_arr = np.frombuffer(pool_map, dtype=np.int32, count=capacity)
+        self._pool = <int32_t*>cnp.PyArray_DATA(self._pool_arr)
+        self._pool_capacity = capacity
+        return 0
+
+    cdef int _resize_pool(self, int64_t capacity) except -1:
+        """Give the pool ``capacity`` entries, keeping its first ``_pool_tail``.
+
+        On Linux the anonymous mapping is resized with ``mremap``: no copy, no
+        transient second pool, and pages past the tail cost nothing until written.
+        Elsewhere (or if the resize is refused) a fresh mapping is filled by a copy.
+        """
+        pool_map = self._pool_map
+        self._pool_arr = None           # drop the buffer export so the map may move
+        self._pool = NULL
+        try:
+            pool_map.resize(<Py_ssize_t>capacity * sizeof(int32_t))
+        except (BufferError, OSError, SystemError, ValueError, TypeError):
+            fresh = _new_pool_map(capacity)
+            old = np.frombuffer(pool_map, dtype=np.int32, count=self._pool_tail)
+            np.frombuffer(fresh, dtype=np.int32, count=self._pool_tail)[:] = old
+            del old
+            pool_map = fresh
+        self._set_pool(pool_map, capacity)
+        return 0
 
     cdef int _allocate_index(self, int64_t capacity) except -1:
         self._index_keys_arr = np.full(capacity, EMPTY_KEY, dtype=np.int64)
@@ -408,7 +450,8 @@ cdef class PageTable:
         if row >= 0:
             return row
         # Reserve everything first, so a MemoryError leaves no half-made row.
-        if (self._num_sequences + 1) * 2 > self._index_mask + 1:
+        # Linear probing stays short up to about 70% load with Fibonacci hashing.
+        if (self._num_sequences + 1) * 10 > (self._index_mask + 1) * 7:
             self._grow_index()
         if self._free_rows:
             row = self._free_rows.pop()
@@ -476,21 +519,27 @@ cdef class PageTable:
 
     cdef int _ensure_pool_space(self, int64_t needed) except -1:
         """Make room for ``needed`` more entries at the pool's tail."""
-        cdef int64_t live, capacity
+        cdef int64_t live
         if self._pool_tail + needed <= self._pool_capacity:
             return 0
         live = self._pool_tail - self._pool_garbage
-        # Compacting in place is free in memory; do it when it reclaims enough.
-        if self._pool_garbage * 4 >= live and live + needed <= self._pool_capacity:
+        # Compacting in place costs no memory; do it when it reclaims a fair share.
+        if self._pool_garbage * 4 >= live:
             self._compact_into(self._pool_arr)
             if self._pool_tail + needed <= self._pool_capacity:
                 return 0
-        capacity = max(live + needed + ((live + needed) >> 1), <int64_t>MIN_POOL_CAPACITY)
-        fresh = np.empty(capacity, dtype=np.int32)
-        self._compact_into(fresh)
-        self._pool_arr = fresh
-        self._pool = <int32_t*>cnp.PyArray_DATA(fresh)
-        self._pool_capacity = capacity
+        self._resize_pool(max(live + needed + ((live + needed) >> 1), <int64_t>MIN_POOL_CAPACITY))
+        return 0
+
+    cdef int _maybe_shrink(self) except -1:
+        """After removals, compact and hand memory back once most of the pool is garbage."""
+        cdef int64_t live = self._pool_tail - self._pool_garbage
+        if self._pool_garbage <= live or self._pool_capacity <= 65536:
+            return 0
+        self._compact_into(self._pool_arr)
+        if self._pool_capacity > 2 * (self._pool_tail + MIN_POOL_CAPACITY):
+            self._resize_pool(self._pool_tail + (self._pool_tail >> 1) + MIN_POOL_CAPACITY)
+        self._release_tail_pages()
         return 0
 
     cdef int _reserve_row(self, row_t row, int64_t min_capacity) except -1:
@@ -523,6 +572,25 @@ cdef class PageTable:
         self._row_start[row] = self._pool_tail
         self._row_cap[row] = <int32_t>new_capacity
         self._pool_tail += new_capacity
+        # Abandoned room stays resident until reclaimed: compact once it is a quarter
+        # of the live data, so resident memory tracks the mapped blocks.
+        if self._pool_garbage > 4096 and self._pool_garbage * 4 > self._pool_tail - self._pool_garbage:
+            self._compact_into(self._pool_arr)
+            self._release_tail_pages()
+        return 0
+
+    cdef int _release_tail_pages(self) except -1:
+        """Return the pages past the tail to the OS (they read back as zeros)."""
+        cdef Py_ssize_t page = _mmap.PAGESIZE
+        cdef Py_ssize_t begin = ((<Py_ssize_t>self._pool_tail * sizeof(int32_t) + page - 1) // page) * page
+        cdef Py_ssize_t end = (<Py_ssize_t>self._pool_capacity * sizeof(int32_t) // page) * page
+        advice = getattr(_mmap, "MADV_DONTNEED", None)
+        if advice is None or end <= begin:
+            return 0
+        try:
+            self._pool_map.madvise(advice, begin, end - begin)
+        except (OSError, ValueError, AttributeError):
+            pass
         return 0
 
     cdef int _append_to_row(self, row_t row, const block_id_t* blocks, int64_t count) except -1:
@@ -554,6 +622,7 @@ cdef class PageTable:
             # An empty table gives its whole pool back to reuse from the front.
             self._pool_tail = 0
             self._pool_garbage = 0
+        self._maybe_shrink()
         return 0
 
     cdef row_t _row_or_raise(self, seq_id_t seq_id) except -1:

@@ -667,6 +667,11 @@ class DeviceBlockTable:
                 self._table = cupy.full((max_rows, max_blocks_per_seq), PAD_SLOT_ID, dtype=cupy.int32)
                 self._row_lengths = cupy.zeros(max_rows, dtype=cupy.int32)
                 self._device_updates = cupy.empty(1024, dtype=cupy.int32)
+                # Stand-ins for optional kernel arrays that a flag says are not used; kept
+                # apart from every real argument so no output is ever aliased.
+                self._unused_token_counts = cupy.zeros(1, dtype=cupy.int32)
+                self._unused_last_page_len = cupy.zeros(1, dtype=cupy.int32)
+                self._unused_positions = cupy.zeros(1, dtype=cupy.int64)
             self._stream.synchronize()
         self._staging = [_StagingBuffer(cupy, 1024) for _ in range(num_staging_buffers)]
         self._next_staging = 0
@@ -1000,7 +1005,7 @@ class DeviceBlockTable:
             if write_positions:
                 positions_out = _output(cupy, positions_out, "positions_out", num_tokens_padded, np.int64)
             else:
-                positions_out = out  # never written: write_positions is 0
+                positions_out = self._unused_positions  # write_positions is 0
             longest = num_tokens_padded if max_query_len is None else int(max_query_len)
             grid, block = launch_shape_per_request(num_requests, longest)
             _launch(
@@ -1088,8 +1093,9 @@ class DeviceBlockTable:
                     )
                 last_page_len = cupy.empty(num_requests, dtype=cupy.int32)
             else:
-                token_counts = rows  # never read: has_token_counts is 0
-                last_page_len = cupy.empty(1, dtype=cupy.int32)
+                # has_token_counts is 0: neither is touched.
+                token_counts = self._unused_token_counts
+                last_page_len = self._unused_last_page_len
             indptr = cupy.empty(num_requests + 1, dtype=cupy.int32)
             _launch(
                 "pagetable_csr_indptr", (1, 1, 1), (1, 1, 1),

@@ -49,6 +49,14 @@ class EmulatedKernels:
 
     def _run_once(self, name, grid, block, arguments, reverse):
         parameters = gpu.kernel_signatures()[name]
+        arrays = [(p, a) for p, a in zip(parameters, arguments) if p.is_pointer]
+        for index, (first, first_array) in enumerate(arrays):
+            for second, second_array in arrays[index + 1:]:
+                if not (first.is_const and second.is_const):
+                    # A device would see one buffer; the emulation would see two copies.
+                    assert not np.shares_memory(first_array, second_array), (
+                        f"{name}: {first.name} and {second.name} alias the same memory"
+                    )
         guarded = []
         call_arguments = []
         for parameter, argument in zip(parameters, arguments):

@@ -10,6 +10,7 @@ checks what the code computes, not its concurrency; tests/gpu covers that on a d
 """
 
 import ctypes
+import time
 import types
 
 import numpy as np
@@ -40,6 +41,10 @@ class _DevicePointer:
         assert nbytes <= self._array.nbytes, "copy overruns the device buffer"
         ctypes.memmove(self._array.ctypes.data, int(host_pointer), nbytes)
 
+    def copy_from_device_async(self, source, nbytes, stream=None):
+        assert nbytes <= self._array.nbytes and nbytes <= source._array.nbytes
+        ctypes.memmove(self._array.ctypes.data, source._array.ctypes.data, nbytes)
+
 
 class _PinnedMemory(bytearray):
     """Pinned host memory: a buffer with a stable ``ptr``."""
@@ -64,13 +69,31 @@ def make_fake_cupy(kernels):
     """Build a module object that pagetable.gpu can use in place of ``cupy``."""
     cupy = types.ModuleType("cupy")
     cupy.ndarray = DeviceArray
+    cupy.__version__ = "emulated"
+
+    def numpy_on_the_device(name):
+        # Array functions not spelled out below (arange, searchsorted, minimum...) are
+        # numpy's, with array results kept on the "device".
+        function = getattr(np, name)
+        if not callable(function) or isinstance(function, type):
+            return function  # dtypes and constants as they are
+
+        def wrapped(*arguments, **keywords):
+            result = function(*arguments, **keywords)
+            return _device(result) if isinstance(result, np.ndarray) else result
+
+        return wrapped
+
+    cupy.__getattr__ = numpy_on_the_device
     cupy.int32 = np.int32
     cupy.int64 = np.int64
     cupy.float32 = np.float32
     cupy.full = lambda shape, value, dtype=None: _device(np.full(shape, value, dtype=dtype))
     cupy.zeros = lambda shape, dtype=None: _device(np.zeros(shape, dtype=dtype))
     # Fresh device memory holds garbage, not zeros: make reads of unwritten entries visible.
-    cupy.empty = lambda shape, dtype=None: _device(np.full(shape, -777, dtype=dtype))
+    cupy.empty = lambda shape, dtype=None: _device(
+        np.full(shape, -777 if np.dtype(dtype).kind == "i" else 77, dtype=dtype)
+    )
 
     def asarray(value, dtype=None):
         if isinstance(value, DeviceArray):
@@ -110,9 +133,11 @@ def make_fake_cupy(kernels):
     class Event:
         def __init__(self, block=False, disable_timing=False, interprocess=False):
             self.recorded = False
+            self.disable_timing = disable_timing
 
         def record(self, stream=None):
             self.recorded = True
+            self.time = time.perf_counter()
 
         def synchronize(self):
             assert self.recorded
@@ -126,6 +151,10 @@ def make_fake_cupy(kernels):
 
         def __exit__(self, *exc):
             pass
+
+    def get_elapsed_time(start, end):
+        assert not (start.disable_timing or end.disable_timing), "timing a disable_timing event"
+        return (end.time - start.time) * 1e3
 
     class RawModule:
         def __init__(self, code=None, options=(), backend="nvrtc"):
@@ -145,6 +174,11 @@ def make_fake_cupy(kernels):
         Device=Device,
         get_current_stream=lambda: Stream.current,
         alloc_pinned_memory=_PinnedMemory,
-        runtime=types.SimpleNamespace(getDeviceCount=lambda: 1, is_hip=False),
+        get_elapsed_time=get_elapsed_time,
+        runtime=types.SimpleNamespace(
+            getDeviceCount=lambda: 1,
+            is_hip=False,
+            getDeviceProperties=lambda device: {"name": b"emulated device (numpy + grid emulation)"},
+        ),
     )
     return cupy

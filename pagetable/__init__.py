@@ -3,12 +3,26 @@
 PagedAttention keeps each sequence's keys and values in fixed-size physical blocks.
 :class:`PageTable` maps a sequence's logical token positions to (physical block,
 offset) and turns a batch into what attention kernels consume: a slot mapping, a
-dense block table, or a CSR page list.  ``PAD_SLOT_ID`` (-1) marks every unmapped
-entry.
+dense block table, or a CSR page list.  :class:`BlockAllocator` and
+:class:`KVCacheManager` hand out blocks, share them between forked sequences and
+copy on write.  ``PAD_SLOT_ID`` (-1) marks every unmapped entry.
+
+The GPU path lives in :mod:`pagetable.gpu` and needs CuPy; importing this package
+never imports CuPy.
 """
 
 from pagetable._core import MAX_BLOCK_SIZE, PAD_SLOT_ID, PageTable
+from pagetable._manager import AppendResult, BlockAllocator, KVCacheManager, OutOfBlocksError
 
 __version__ = "0.1.0"
 
-__all__ = ["PAD_SLOT_ID", "MAX_BLOCK_SIZE", "PageTable", "__version__"]
+__all__ = [
+    "PAD_SLOT_ID",
+    "MAX_BLOCK_SIZE",
+    "PageTable",
+    "BlockAllocator",
+    "KVCacheManager",
+    "OutOfBlocksError",
+    "AppendResult",
+    "__version__",
+]

@@ -468,7 +468,7 @@ def _import_cupy():
         return _usable_cupy
     try:
         import cupy
-    except ImportError as error:
+    except Exception as error:  # ImportError, or CuPy failing to load its CUDA/HIP libraries
         raise GPUUnavailableError(
             "pagetable.gpu needs CuPy, which is not installed: pip install "
             "'pagetable[cuda12]', 'pagetable[cuda13]' or 'pagetable[rocm]'"
@@ -543,18 +543,20 @@ def _launch(kernel_name: str, grid, block, arguments: Sequence[Any]) -> None:
 def _as_device_array(cupy, value: Any, argument: str, dtype, clamp_to_int32: bool = False):
     """A 1-D C-contiguous CuPy array of ``dtype`` viewing ``value`` without a copy when it can.
 
-    CuPy arrays are used as they are; objects exposing ``__cuda_array_interface__`` (Numba,
-    PyTorch on CUDA) or DLPack (PyTorch on ROCm and CUDA) are wrapped in place; anything
-    else is taken as host data and copied to the device.  A different integer dtype costs
+    CuPy arrays are used as they are; objects exposing DLPack (PyTorch, JAX) or
+    ``__cuda_array_interface__`` (Numba) are wrapped in place; anything else is taken as
+    host data and copied to the device.  A different integer dtype costs
     one conversion on the device.  With ``clamp_to_int32``, values outside int32 become -1,
     which the kernels treat as out of range, instead of wrapping into a valid row.
     """
     if isinstance(value, cupy.ndarray):
         array = value
+    elif hasattr(value, "__dlpack__") and not isinstance(value, np.ndarray):
+        # DLPack first: PyTorch then orders its stream with ours on the device, where
+        # __cuda_array_interface__ would make CuPy wait for the producer's stream on the host.
+        array = cupy.from_dlpack(value)
     elif hasattr(value, "__cuda_array_interface__"):
         array = cupy.asarray(value)
-    elif hasattr(value, "__dlpack__") and not isinstance(value, np.ndarray):
-        array = cupy.from_dlpack(value)
     else:
         host = np.asarray(value)
         if host.size and host.dtype.kind not in "iu":
@@ -1129,10 +1131,10 @@ def _output(cupy, out: Any, argument: str, length: int | None, dtype):
     # Wrapped, never converted: the kernel must write into the caller's memory.
     if isinstance(out, cupy.ndarray):
         pass
-    elif hasattr(out, "__cuda_array_interface__"):
-        out = cupy.asarray(out)
     elif hasattr(out, "__dlpack__") and not isinstance(out, np.ndarray):
         out = cupy.from_dlpack(out)
+    elif hasattr(out, "__cuda_array_interface__"):
+        out = cupy.asarray(out)
     else:
         raise TypeError(f"{argument} must be a device array, got {type(out).__name__}")
     if out.ndim != 1 or out.dtype != dtype or not out.flags.c_contiguous:

@@ -19,10 +19,13 @@ import sys
 import numpy as np
 import pytest
 
-from kernel_emulation.emulation import build_emulated_kernels, find_compiler
-from kernel_emulation.fake_cupy import make_fake_cupy
-from pagetable import PAD_SLOT_ID, PageTable
-from pagetable import gpu
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # under --import-mode=importlib
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from kernel_emulation.emulation import build_emulated_kernels, find_compiler  # noqa: E402
+from kernel_emulation.fake_cupy import make_fake_cupy  # noqa: E402
+from pagetable import PAD_SLOT_ID, PageTable  # noqa: E402
+from pagetable import gpu  # noqa: E402
 
 
 BLOCK_SIZES = [1, 7, 16, 32]

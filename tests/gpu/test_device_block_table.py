@@ -178,7 +178,8 @@ def test_slot_mapping_from_batch_replays_in_a_graph():
                                        out=out, max_query_len=16)
         graph = stream.end_capture()
     for first in ([0, 5, 17, 2], [1, 0, 3, 4]):
-        first_positions.set(np.asarray(first, dtype=np.int64))
+        with stream:  # the copy and the replay on one stream, in order
+            first_positions.set(np.asarray(first, dtype=np.int64))
         graph.launch(stream)
         stream.synchronize()
         token_positions = np.repeat(first, [3, 1, 5, 1]) + np.array([0, 1, 2, 0, 0, 1, 2, 3, 4, 0])
@@ -230,6 +231,7 @@ def test_incremental_sync_follows_edits_across_streams():
     compute = cupy.cuda.Stream(non_blocking=True)
     snapshots, expected = [], []
     positions = cupy.asarray((page_table.num_blocks(seq_ids).astype(np.int64) - 1) * 16)
+    cupy.cuda.get_current_stream().synchronize()  # compute does not wait for the null stream
     with compute:
         for step in range(40):
             growing = seq_ids[step % 16::16]

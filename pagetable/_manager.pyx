@@ -26,7 +26,9 @@ writes in place.
 """
 
 cimport cython
+cimport numpy as cnp
 from libc.stdint cimport int32_t, int64_t
+from libc.string cimport memcpy
 
 from pagetable._types cimport block_id_t, seq_id_t, slot_t, row_t, PAD
 from pagetable._core cimport PageTable
@@ -36,6 +38,8 @@ import operator
 import numpy as np
 
 from pagetable._convert import INT64_MAX, as_index, as_int_array, check_range
+
+cnp.import_array()
 
 BLOCK_ID_LIMIT = 2**31 - 1   # largest int32: block ids and token counts are int32
 
@@ -314,8 +318,20 @@ cdef inline int32_t _log2_or_minus_one(int64_t value) noexcept nogil:
     return shift
 
 
-cdef object _as_seq_ids(seq_ids, str name="seq_ids"):
-    return as_int_array(seq_ids, name)
+cdef inline object _empty(Py_ssize_t n, int typenum):
+    """A new 1-D array (the C call: no Python-level ``np.empty`` on the hot paths)."""
+    cdef cnp.npy_intp size = n
+    return cnp.PyArray_EMPTY(1, &size, typenum, 0)
+
+
+cdef object _int64_vector(values, str name):
+    """``values`` as a 1-D C-contiguous int64 array; an array that already is one is
+    used as it is, anything else goes through the shared validation."""
+    if (type(values) is np.ndarray and cnp.PyArray_NDIM(values) == 1
+            and cnp.PyArray_TYPE(values) == cnp.NPY_INT64
+            and cnp.PyArray_IS_C_CONTIGUOUS(values)):
+        return values
+    return as_int_array(values, name)
 
 
 cdef int64_t _as_seq_id(value, str name) except -1:
@@ -454,13 +470,13 @@ cdef class KVCacheManager:
         self._row_stamp = stamps
         return 0
 
-    cdef int64_t _find_rows(self, const int64_t[::1] seq_ids, row_t[::1] rows,
+    cdef int64_t _find_rows(self, const int64_t* seq_ids, Py_ssize_t n, row_t* rows,
                             bint distinct, int* error) noexcept nogil:
         """Resolve ids to rows; on a bad entry set ``error`` and return its index."""
         cdef Py_ssize_t i
         cdef row_t row
         self._stamp += 1
-        for i in range(seq_ids.shape[0]):
+        for i in range(n):
             if seq_ids[i] < 0:
                 error[0] = PLAN_NEGATIVE
                 return i
@@ -478,27 +494,32 @@ cdef class KVCacheManager:
         return -1
 
     cdef object _rows(self, seq_ids, bint distinct, str name="seq_ids"):
-        """(ids, rows) for a batch of known sequence ids, raising on a bad entry."""
-        ids = _as_seq_ids(seq_ids, name)
-        rows = np.empty(ids.shape[0], dtype=np.int32)
+        """The rows (int32 array) of a batch of known sequence ids, raising on a bad entry."""
+        ids = _int64_vector(seq_ids, name)
+        cdef Py_ssize_t n = cnp.PyArray_DIM(ids, 0)
+        rows = _empty(n, cnp.NPY_INT32)
         cdef int error = PLAN_OK
         cdef int64_t bad
-        cdef const int64_t[::1] ids_view = ids
-        cdef row_t[::1] rows_view = rows
+        cdef const int64_t* ids_data = <const int64_t*>cnp.PyArray_DATA(ids)
+        cdef row_t* rows_data = <row_t*>cnp.PyArray_DATA(rows)
         with nogil:
-            bad = self._find_rows(ids_view, rows_view, distinct, &error)
+            bad = self._find_rows(ids_data, n, rows_data, distinct, &error)
         if error == PLAN_UNKNOWN:
-            raise KeyError(f"{name}[{bad}] = {ids[bad]} is not a sequence of this manager")
+            raise KeyError(f"{name}[{bad}] = {ids_data[bad]} is not a sequence of this manager")
         if error == PLAN_NEGATIVE:
-            raise ValueError(f"{name}[{bad}] = {ids[bad]} is negative; sequence ids are 0..2**63-1")
+            raise ValueError(f"{name}[{bad}] = {ids_data[bad]} is negative; sequence ids are 0..2**63-1")
         if error == PLAN_DUPLICATE:
-            raise ValueError(f"{name}[{bad}] = {ids[bad]} appears more than once")
-        return ids, rows
+            raise ValueError(f"{name}[{bad}] = {ids_data[bad]} appears more than once")
+        return rows
 
-    cdef object _counts(self, num_new_tokens, Py_ssize_t n):
-        """``num_new_tokens`` as an int64 array of length ``n`` (a scalar is broadcast)."""
+    cdef object _counts(self, num_new_tokens, Py_ssize_t n, int64_t* scalar):
+        """Validate ``num_new_tokens``: an int64 array of length ``n``, or None for a scalar.
+
+        A scalar count is stored in ``scalar`` and read with stride 0, so a decode step
+        allocates no count array.
+        """
         if isinstance(num_new_tokens, (list, tuple, np.ndarray)):
-            counts = as_int_array(num_new_tokens, "num_new_tokens")
+            counts = _int64_vector(num_new_tokens, "num_new_tokens")
             if counts.shape[0] != n:
                 raise ValueError(
                     f"num_new_tokens must have one entry per sequence ({n}), got {counts.shape[0]}")
@@ -511,17 +532,19 @@ cdef class KVCacheManager:
             raise ValueError(f"num_new_tokens[0] = {count} is negative")
         if count > INT64_MAX:
             raise OverflowError(f"num_new_tokens = {count} does not fit in 64 bits")
-        return np.full(n, count, dtype=np.int64)
+        scalar[0] = count
+        return None
 
-    cdef int64_t _plan(self, const row_t[::1] rows, const int64_t[::1] counts,
-                       int64_t* num_copies, int64_t* num_slots) noexcept nogil:
+    cdef int64_t _plan(self, const row_t* rows, Py_ssize_t n, const int64_t* counts,
+                       Py_ssize_t count_stride, int64_t* num_copies,
+                       int64_t* num_slots) noexcept nogil:
         """Blocks a growth call needs (new blocks plus copy-on-write copies).
 
         Mirrors the execution exactly: sequences in input order, and a shared last
         block stops needing a copy once the earlier sharers in the call have moved off
         it (tracked in the allocator's ``_pending`` scratch, reset before returning).
         """
-        cdef Py_ssize_t i, n = rows.shape[0]
+        cdef Py_ssize_t i
         cdef int64_t need = 0, copies = 0, slots = 0, tokens, count
         cdef int64_t limit = <int64_t>self._allocator._num_blocks * self._block_size
         cdef int32_t length
@@ -530,15 +553,15 @@ cdef class KVCacheManager:
         cdef int32_t* refcount = &self._allocator._refcount[0]
         cdef int32_t* pending = &self._allocator._pending[0]
         for i in range(n):
-            count = counts[i]
+            count = counts[i * count_stride]
             if count == 0:
+                continue
+            if count > limit:
+                need += self._allocator._num_blocks + 1   # can never fit
                 continue
             row = rows[i]
             tokens = self._row_tokens[row]
             length = self._table._row_length(row)
-            if count > limit:
-                need += self._allocator._num_blocks + 1   # can never fit
-                continue
             slots += count
             if self._block_offset(tokens):
                 last = self._table._row_data(row)[length - 1]
@@ -549,7 +572,7 @@ cdef class KVCacheManager:
             need += self._blocks_needed(tokens + count) - length
         if copies:
             for i in range(n):
-                if counts[i]:
+                if counts[i * count_stride]:
                     row = rows[i]
                     length = self._table._row_length(row)
                     if length:
@@ -580,7 +603,8 @@ cdef class KVCacheManager:
             Not enough free blocks; nothing changes.
         """
         cdef int64_t seq = _as_seq_id(seq_id, "seq_id")
-        num_tokens = as_index(num_tokens, "num_tokens")
+        if type(num_tokens) is not int:
+            num_tokens = as_index(num_tokens, "num_tokens")
         if num_tokens < 0:
             raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
         if self._table._find_row(seq) >= 0:
@@ -588,7 +612,7 @@ cdef class KVCacheManager:
         if num_tokens > <int64_t>self._allocator._num_blocks * self._block_size:
             raise OutOfBlocksError(-(-num_tokens // self._block_size), self._allocator._num_free)
         cdef int64_t n = num_tokens
-        cdef int64_t need = _blocks_for(n, self._block_size)
+        cdef int64_t need = self._blocks_needed(n)
         if need > self._allocator._num_free:
             raise OutOfBlocksError(need, self._allocator._num_free)
         cdef row_t row = self._table._get_or_create_row(seq)
@@ -599,17 +623,19 @@ cdef class KVCacheManager:
         except BaseException:
             self._table._drop_row(row)
             raise
-        blocks = np.empty(need, dtype=np.int32)
-        slots = np.empty(n, dtype=np.int64)
-        cdef block_id_t[::1] block_view = blocks
-        cdef slot_t[::1] slot_view = slots
+        slots = _empty(n, cnp.NPY_INT64)
+        blocks = _empty(need, cnp.NPY_INT32)
+        cdef slot_t* slot_data = <slot_t*>cnp.PyArray_DATA(slots)
+        cdef block_id_t* block_data = <block_id_t*>cnp.PyArray_DATA(blocks)
+        cdef const block_id_t* data
         cdef int64_t p
         if need:
-            self._allocator._take(need, &block_view[0])
-            self._table._append_to_row(row, &block_view[0], need)
+            self._allocator._take(need, block_data)
+            self._table._append_to_row(row, block_data, need)   # room reserved above
+            data = self._table._row_data(row)
             with nogil:
                 for p in range(n):
-                    slot_view[p] = self._slot(&block_view[0], p)
+                    slot_data[p] = self._slot(data, p)
         self._row_tokens[row] = <int32_t>n
         return AppendResult(slots, _EMPTY_INT32, _EMPTY_INT32)
 
@@ -637,80 +663,92 @@ cdef class KVCacheManager:
         KeyError
             An unknown sequence id.
         """
-        ids, rows = self._rows(seq_ids, True)
-        counts = self._counts(num_new_tokens, ids.shape[0])
-        cdef const row_t[::1] row_view = rows
-        cdef const int64_t[::1] count_view = counts
+        rows = self._rows(seq_ids, True)
+        cdef Py_ssize_t i, n = cnp.PyArray_DIM(rows, 0)
+        cdef int64_t scalar = 0
+        counts_arr = self._counts(num_new_tokens, n, &scalar)
+        cdef const int64_t* counts = &scalar
+        cdef Py_ssize_t stride = 0
+        if counts_arr is not None:
+            counts = <const int64_t*>cnp.PyArray_DATA(counts_arr)
+            stride = 1
+        cdef const row_t* row_data = <const row_t*>cnp.PyArray_DATA(rows)
         cdef int64_t num_copies = 0, num_slots = 0, need
         with nogil:
-            need = self._plan(row_view, count_view, &num_copies, &num_slots)
+            need = self._plan(row_data, n, counts, stride, &num_copies, &num_slots)
         if need > self._allocator._num_free:
             raise OutOfBlocksError(need, self._allocator._num_free)
-        cdef Py_ssize_t i, n = row_view.shape[0]
         cdef row_t row
-        cdef int64_t add
+        cdef int64_t add, count
         # Reserve every row's room first, so a MemoryError here leaves nothing changed
         # and the appends below cannot fail.
         for i in range(n):
-            if count_view[i]:
-                row = row_view[i]
-                add = (self._blocks_needed(self._row_tokens[row] + count_view[i])
-                       - self._table._row_length(row))
+            count = counts[i * stride]
+            if count:
+                row = row_data[i]
+                add = self._blocks_needed(self._row_tokens[row] + count) - self._table._row_length(row)
                 if add > 0:
                     self._table._reserve_row(row, self._table._row_length(row) + add)
-        fresh = np.empty(need, dtype=np.int32)
-        slots = np.empty(num_slots, dtype=np.int64)
-        copy_src = np.empty(num_copies, dtype=np.int32)
-        copy_dst = np.empty(num_copies, dtype=np.int32)
-        cdef block_id_t[::1] fresh_view = fresh
-        cdef slot_t[::1] slot_view = slots
-        cdef block_id_t[::1] src_view = copy_src
-        cdef block_id_t[::1] dst_view = copy_dst
-        cdef int32_t[::1] refcount = self._allocator._refcount
-        cdef int64_t taken = 0, copied = 0, written = 0, tokens, count, p
-        cdef int64_t block_size = self._block_size
+        fresh = _empty(need, cnp.NPY_INT32)
+        slots = _empty(num_slots, cnp.NPY_INT64)
+        copy_src = _empty(num_copies, cnp.NPY_INT32)
+        copy_dst = _empty(num_copies, cnp.NPY_INT32)
+        cdef block_id_t* fresh_data = <block_id_t*>cnp.PyArray_DATA(fresh)
+        cdef slot_t* slot_data = <slot_t*>cnp.PyArray_DATA(slots)
+        cdef block_id_t* src_data = <block_id_t*>cnp.PyArray_DATA(copy_src)
+        cdef block_id_t* dst_data = <block_id_t*>cnp.PyArray_DATA(copy_dst)
+        cdef int32_t* refcount = &self._allocator._refcount[0]
+        cdef int64_t taken = 0, copied = 0, written = 0, tokens, p
         cdef int32_t length
         cdef block_id_t* data
         cdef block_id_t last
-        if need:
-            self._allocator._take(need, &fresh_view[0])
+        self._allocator._take(need, fresh_data)
         for i in range(n):
-            count = count_view[i]
+            count = counts[i * stride]
             if count == 0:
                 continue
-            row = row_view[i]
+            row = row_data[i]
             tokens = self._row_tokens[row]
             length = self._table._row_length(row)
             if self._block_offset(tokens):
                 data = self._table._row_data(row)
                 last = data[length - 1]
                 if refcount[last] > 1:
-                    src_view[copied] = last
-                    dst_view[copied] = fresh_view[taken]
+                    src_data[copied] = last
+                    dst_data[copied] = fresh_data[taken]
                     copied += 1
                     refcount[last] -= 1          # stays >= 1: never frees
-                    data[length - 1] = fresh_view[taken]
+                    data[length - 1] = fresh_data[taken]
                     taken += 1
             add = self._blocks_needed(tokens + count) - length
             if add > 0:
-                self._table._append_to_row(row, &fresh_view[taken], add)
+                self._table._append_to_row(row, fresh_data + taken, add)   # room reserved above
                 taken += add
             data = self._table._row_data(row)
             for p in range(tokens, tokens + count):
-                slot_view[written] = self._slot(data, p)
+                slot_data[written] = self._slot(data, p)
                 written += 1
             self._row_tokens[row] = <int32_t>(tokens + count)
         return AppendResult(slots, copy_src, copy_dst)
 
     def can_append(self, seq_ids, num_new_tokens=1):
-        """Whether ``append_tokens(seq_ids, num_new_tokens)`` would find enough blocks."""
-        ids, rows = self._rows(seq_ids, True)
-        counts = self._counts(num_new_tokens, ids.shape[0])
-        cdef const row_t[::1] row_view = rows
-        cdef const int64_t[::1] count_view = counts
+        """Whether ``append_tokens(seq_ids, num_new_tokens)`` would find enough blocks.
+
+        Checks the arguments exactly as ``append_tokens`` does and changes nothing.
+        """
+        rows = self._rows(seq_ids, True)
+        cdef Py_ssize_t n = cnp.PyArray_DIM(rows, 0)
+        cdef int64_t scalar = 0
+        counts_arr = self._counts(num_new_tokens, n, &scalar)
+        cdef const int64_t* counts = &scalar
+        cdef Py_ssize_t stride = 0
+        if counts_arr is not None:
+            counts = <const int64_t*>cnp.PyArray_DATA(counts_arr)
+            stride = 1
+        cdef const row_t* row_data = <const row_t*>cnp.PyArray_DATA(rows)
         cdef int64_t num_copies = 0, num_slots = 0, need
         with nogil:
-            need = self._plan(row_view, count_view, &num_copies, &num_slots)
+            need = self._plan(row_data, n, counts, stride, &num_copies, &num_slots)
         return need <= self._allocator._num_free
 
     def fork(self, parent_id, child_id):
@@ -720,20 +758,25 @@ cdef class KVCacheManager:
         """
         cdef int64_t parent = _as_seq_id(parent_id, "parent_id")
         cdef int64_t child = _as_seq_id(child_id, "child_id")
-        cdef row_t parent_row = self._table._find_row(parent)
-        if parent_row < 0:
+        if self._table._find_row(parent) < 0:
             raise KeyError(f"parent_id = {parent} is not a sequence of this manager")
         if self._table._find_row(child) >= 0:
             raise ValueError(f"child_id = {child} already exists")
-        self._table.fork_sequence(parent, child)
-        cdef row_t child_row = self._table._find_row(child)
+        cdef row_t child_row = self._table._get_or_create_row(child)
+        cdef row_t parent_row = self._table._find_row(parent)
+        cdef int32_t length = self._table._row_length(parent_row)
         try:
             self._ensure_rows(child_row)
+            if length:
+                self._table._reserve_row(child_row, length)
         except BaseException:
             self._table._drop_row(child_row)
             raise
-        parent_row = self._table._find_row(parent)
-        self._allocator._retain(self._table._row_data(child_row), self._table._row_length(child_row))
+        # Nothing moves once the child's room is reserved, so the parent's row can be
+        # copied straight from the pool.
+        cdef const block_id_t* blocks = self._table._row_data(parent_row)
+        self._table._append_to_row(child_row, blocks, length)
+        self._allocator._retain(blocks, length)
         self._row_tokens[child_row] = self._row_tokens[parent_row]
 
     def free_sequence(self, seq_ids):
@@ -745,12 +788,12 @@ cdef class KVCacheManager:
         """
         if isinstance(seq_ids, (int, np.integer)) and not isinstance(seq_ids, (bool, np.bool_)):
             seq_ids = [seq_ids]
-        ids, rows = self._rows(seq_ids, True)
-        cdef const row_t[::1] row_view = rows
+        rows = self._rows(seq_ids, True)
+        cdef const row_t* row_data = <const row_t*>cnp.PyArray_DATA(rows)
         cdef Py_ssize_t i
         cdef row_t row
-        for i in range(row_view.shape[0]):
-            row = row_view[i]
+        for i in range(cnp.PyArray_DIM(rows, 0)):
+            row = row_data[i]
             self._allocator._release(self._table._row_data(row), self._table._row_length(row))
             self._row_tokens[row] = 0
             self._table._drop_row(row)
@@ -758,14 +801,14 @@ cdef class KVCacheManager:
     # -- queries -------------------------------------------------------------------------
     def seq_lens(self, seq_ids):
         """Tokens held by each sequence, int32."""
-        ids, rows = self._rows(seq_ids, False)
-        cdef const row_t[::1] row_view = rows
-        out = np.empty(row_view.shape[0], dtype=np.int32)
-        cdef int32_t[::1] out_view = out
-        cdef Py_ssize_t i
+        rows = self._rows(seq_ids, False)
+        cdef Py_ssize_t i, n = cnp.PyArray_DIM(rows, 0)
+        cdef const row_t* row_data = <const row_t*>cnp.PyArray_DATA(rows)
+        out = _empty(n, cnp.NPY_INT32)
+        cdef int32_t* out_data = <int32_t*>cnp.PyArray_DATA(out)
         with nogil:
-            for i in range(row_view.shape[0]):
-                out_view[i] = self._row_tokens[row_view[i]]
+            for i in range(n):
+                out_data[i] = self._row_tokens[row_data[i]]
         return out
 
     def block_table(self, seq_ids):
@@ -774,24 +817,25 @@ cdef class KVCacheManager:
         ``W`` is the longest row in the batch.  Pair it with :meth:`seq_lens` for a
         PagedAttention kernel.
         """
-        ids, rows = self._rows(seq_ids, False)
-        cdef const row_t[::1] row_view = rows
-        cdef Py_ssize_t i, j, n = row_view.shape[0]
+        rows = self._rows(seq_ids, False)
+        cdef Py_ssize_t i, j, n = cnp.PyArray_DIM(rows, 0)
+        cdef const row_t* row_data = <const row_t*>cnp.PyArray_DATA(rows)
         cdef int32_t width = 0, length
         for i in range(n):
-            if self._table._row_length(row_view[i]) > width:
-                width = self._table._row_length(row_view[i])
-        table = np.empty((n, width), dtype=np.int32)
-        cdef block_id_t[:, ::1] view = table
-        cdef const block_id_t* data
+            if self._table._row_length(row_data[i]) > width:
+                width = self._table._row_length(row_data[i])
+        cdef cnp.npy_intp shape[2]
+        shape[0] = n
+        shape[1] = width
+        table = cnp.PyArray_EMPTY(2, shape, cnp.NPY_INT32, 0)
+        cdef block_id_t* out = <block_id_t*>cnp.PyArray_DATA(table)
         with nogil:
             for i in range(n):
-                length = self._table._row_length(row_view[i])
-                data = self._table._row_data(row_view[i])
-                for j in range(length):
-                    view[i, j] = data[j]
+                length = self._table._row_length(row_data[i])
+                memcpy(out, self._table._row_data(row_data[i]), <size_t>length * sizeof(block_id_t))
                 for j in range(length, width):
-                    view[i, j] = PAD
+                    out[j] = PAD
+                out += width
         return table
 
     def flashinfer_layout(self, seq_ids):
@@ -807,32 +851,30 @@ cdef class KVCacheManager:
             Tokens in each sequence's last block, ``1 .. block_size``; 0 for a sequence
             holding no token (it has no page at all).
         """
-        ids, rows = self._rows(seq_ids, False)
-        cdef const row_t[::1] row_view = rows
-        cdef Py_ssize_t i, j, n = row_view.shape[0]
+        rows = self._rows(seq_ids, False)
+        cdef Py_ssize_t i, n = cnp.PyArray_DIM(rows, 0)
+        cdef const row_t* row_data = <const row_t*>cnp.PyArray_DATA(rows)
         cdef int64_t nnz = 0, tokens
         for i in range(n):
-            nnz += self._table._row_length(row_view[i])
-        indptr = np.empty(n + 1, dtype=np.int32)
-        indices = np.empty(nnz, dtype=np.int32)
-        last_page_len = np.empty(n, dtype=np.int32)
-        cdef int32_t[::1] indptr_view = indptr
-        cdef block_id_t[::1] indices_view = indices
-        cdef int32_t[::1] last_view = last_page_len
+            nnz += self._table._row_length(row_data[i])
+        indptr = _empty(n + 1, cnp.NPY_INT32)
+        indices = _empty(nnz, cnp.NPY_INT32)
+        last_page_len = _empty(n, cnp.NPY_INT32)
+        cdef int32_t* indptr_data = <int32_t*>cnp.PyArray_DATA(indptr)
+        cdef block_id_t* indices_data = <block_id_t*>cnp.PyArray_DATA(indices)
+        cdef int32_t* last_data = <int32_t*>cnp.PyArray_DATA(last_page_len)
         cdef int32_t length
-        cdef const block_id_t* data
         cdef int64_t at = 0
         with nogil:
-            indptr_view[0] = 0
+            indptr_data[0] = 0
             for i in range(n):
-                length = self._table._row_length(row_view[i])
-                data = self._table._row_data(row_view[i])
-                for j in range(length):
-                    indices_view[at + j] = data[j]
+                length = self._table._row_length(row_data[i])
+                memcpy(indices_data + at, self._table._row_data(row_data[i]),
+                       <size_t>length * sizeof(block_id_t))
                 at += length
-                indptr_view[i + 1] = <int32_t>at
-                tokens = self._row_tokens[row_view[i]]
-                last_view[i] = <int32_t>(self._block_offset(tokens - 1) + 1) if tokens else 0
+                indptr_data[i + 1] = <int32_t>at
+                tokens = self._row_tokens[row_data[i]]
+                last_data[i] = <int32_t>(self._block_offset(tokens - 1) + 1) if tokens else 0
         return indptr, indices, last_page_len
 
     def check(self):

@@ -211,6 +211,11 @@ def test_empty_launches(kernels):
     grid, block = gpu.launch_shape_per_item(0)
     kernels.launch("pagetable_slot_mapping", grid, block, *device.table_arguments(),
                    16, 4, empty32, empty64, 0, empty64)
+    slots = np.full(5, 99, dtype=np.int64)
+    grid, block = gpu.launch_shape_per_request(0, 0)
+    kernels.launch("pagetable_slot_mapping_from_batch", grid, block, *device.table_arguments(),
+                   16, 4, empty32, np.zeros(1, np.int32), empty64, 0, 5, slots, 0, empty64)
+    assert (slots == PAD_SLOT_ID).all()  # an empty batch is all padding
     indptr = np.full(1, 99, dtype=np.int32)
     kernels.launch("pagetable_csr_indptr", (1, 1, 1), (1, 1, 1), device.row_lengths,
                    device.max_rows, device.max_blocks, 16, empty32, 0, 0, empty32, indptr, empty32)

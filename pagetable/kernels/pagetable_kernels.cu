@@ -152,18 +152,28 @@ extern "C" __global__ void pagetable_slot_mapping_from_batch(
         }
     }
 
-    // Padding: every thread of the grid takes a share of the tokens no request owns.
+    // Padding: the whole grid shares the tokens no request owns, before the batch's first
+    // token and after its last, walking only those ranges.
     long long thread_index =
         ((long long)blockIdx.y * gridDim.x + blockIdx.x) * blockDim.x + threadIdx.x;
     long long num_threads = (long long)gridDim.x * gridDim.y * blockDim.x;
-    long long batch_start = num_requests > 0 ? (long long)query_start_loc[0] : 0;
-    long long batch_end = num_requests > 0 ? (long long)query_start_loc[num_requests] : 0;
-    for (long long token = thread_index; token < out_length; token += num_threads) {
-        if (token < batch_start || token >= batch_end) {
-            slot_mapping_out[token] = PAD_SLOT_ID;
-            if (write_positions) {
-                positions_out[token] = PAD_SLOT_ID;
-            }
+    long long batch_start = query_start_loc[0];
+    long long batch_end = query_start_loc[num_requests];
+    if (batch_end < batch_start) {
+        batch_end = batch_start;
+    }
+    long long head_end = batch_start < out_length ? batch_start : out_length;
+    long long tail_start = batch_end > 0 ? batch_end : 0;
+    for (long long token = thread_index; token < head_end; token += num_threads) {
+        slot_mapping_out[token] = PAD_SLOT_ID;
+        if (write_positions) {
+            positions_out[token] = PAD_SLOT_ID;
+        }
+    }
+    for (long long token = tail_start + thread_index; token < out_length; token += num_threads) {
+        slot_mapping_out[token] = PAD_SLOT_ID;
+        if (write_positions) {
+            positions_out[token] = PAD_SLOT_ID;
         }
     }
 }

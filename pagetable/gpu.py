@@ -510,6 +510,12 @@ def _raw_module():
     return cupy.RawModule(code=kernel_source())
 
 
+@functools.lru_cache(maxsize=None)
+def _kernel(kernel_name: str, device_id: int):
+    """A kernel of the module on one device, looked up once."""
+    return _raw_module().get_function(kernel_name)
+
+
 def _launch(kernel_name: str, grid, block, arguments: Sequence[Any]) -> None:
     """Launch a kernel on the current stream, checking each argument against its declaration.
 
@@ -537,7 +543,7 @@ def _launch(kernel_name: str, grid, block, arguments: Sequence[Any]) -> None:
             if not info.min <= value <= info.max:
                 raise OverflowError(f"{kernel_name}: {parameter.name}={value} does not fit {parameter.dtype}")
             converted.append(parameter.dtype.type(value))
-    _raw_module().get_function(kernel_name)(grid, block, tuple(converted))
+    _kernel(kernel_name, cupy.cuda.runtime.getDevice())(grid, block, tuple(converted))
 
 
 def _as_device_array(cupy, value: Any, argument: str, dtype, clamp_to_int32: bool = False):

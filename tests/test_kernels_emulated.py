@@ -521,8 +521,10 @@ def fake_cupy(kernels, monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", fake)
     monkeypatch.setattr(gpu, "_usable_cupy", None)
     gpu._raw_module.cache_clear()
+    gpu._kernel.cache_clear()
     yield fake
     gpu._raw_module.cache_clear()
+    gpu._kernel.cache_clear()
 
 
 @pytest.mark.parametrize("test_name, arguments", _gpu_test_cases())

@@ -177,6 +177,7 @@ def make_fake_cupy(kernels):
         get_elapsed_time=get_elapsed_time,
         runtime=types.SimpleNamespace(
             getDeviceCount=lambda: 1,
+            getDevice=lambda: 0,
             is_hip=False,
             getDeviceProperties=lambda device: {"name": b"emulated device (numpy + grid emulation)"},
         ),

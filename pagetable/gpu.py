@@ -92,7 +92,7 @@ class KernelParameter:
     is_const: bool
 
 
-_C_TYPES = {"int": np.dtype(np.int32), "long long": np.dtype(np.int64)}
+_C_TYPES: dict[str, np.dtype] = {"int": np.dtype(np.int32), "long long": np.dtype(np.int64)}
 _KERNEL_PATTERN = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(([^)]*)\)')
 
 
@@ -589,7 +589,7 @@ class _StagingBuffer:
         self.capacity = max(int(num_int32), 1024)
         self.memory = cupy.cuda.alloc_pinned_memory(self.capacity * 4)
         self.array = np.frombuffer(self.memory, dtype=np.int32, count=self.capacity)
-        self.copy_done = None
+        self.copy_done: Any = None  # a cupy.cuda.Event once a copy from here is queued
 
 
 class DeviceBlockTable:
@@ -850,9 +850,11 @@ class DeviceBlockTable:
 
     def _upload_incremental(self, plan: _UploadPlan, caller_done) -> None:
         cupy = self._cupy
-        count = plan.packed_updates.size
+        packed_updates = plan.packed_updates
+        assert packed_updates is not None
+        count = packed_updates.size
         staging = self._staging_buffer(count)
-        staging.array[:count] = plan.packed_updates
+        staging.array[:count] = packed_updates
         with self._stream:
             if self._device_updates.size < count:
                 # Allocated on the upload stream, so the pool reuses the old buffer only
@@ -873,16 +875,18 @@ class DeviceBlockTable:
 
     def _upload_full(self, plan: _UploadPlan, caller_done) -> None:
         cupy = self._cupy
-        table_count = plan.full_table.size
-        count = table_count + plan.full_lengths.size
+        full_table, full_lengths = plan.full_table, plan.full_lengths
+        assert full_table is not None and full_lengths is not None
+        table_count = full_table.size
+        count = table_count + full_lengths.size
         staging = self._staging_buffer(count)
-        staging.array[:table_count] = plan.full_table.ravel()
-        staging.array[table_count:count] = plan.full_lengths
+        staging.array[:table_count] = full_table.ravel()
+        staging.array[table_count:count] = full_lengths
         with self._stream:
             self._stream.wait_event(caller_done)
             self._table.data.copy_from_host_async(staging.memory.ptr, table_count * 4, self._stream)
             self._row_lengths.data.copy_from_host_async(
-                staging.memory.ptr + table_count * 4, plan.full_lengths.size * 4, self._stream
+                staging.memory.ptr + table_count * 4, full_lengths.size * 4, self._stream
             )
             staging.copy_done = cupy.cuda.Event(disable_timing=True)
             staging.copy_done.record(self._stream)

@@ -353,7 +353,9 @@ cdef class KVCacheManager:
     Notes
     -----
     Treat ``page_table`` as read-only: changing it behind the manager's back breaks
-    the invariants that :meth:`check` verifies.
+    the invariants that :meth:`check` verifies.  Like a dict, a manager is not meant
+    to be mutated from several threads at once; read-only queries (``seq_lens``,
+    ``block_table``, ``flashinfer_layout``) release the GIL.
     """
 
     cdef:
@@ -475,7 +477,8 @@ cdef class KVCacheManager:
         """Resolve ids to rows; on a bad entry set ``error`` and return its index."""
         cdef Py_ssize_t i
         cdef row_t row
-        self._stamp += 1
+        if distinct:
+            self._stamp += 1
         for i in range(n):
             if seq_ids[i] < 0:
                 error[0] = PLAN_NEGATIVE
@@ -502,8 +505,13 @@ cdef class KVCacheManager:
         cdef int64_t bad
         cdef const int64_t* ids_data = <const int64_t*>cnp.PyArray_DATA(ids)
         cdef row_t* rows_data = <row_t*>cnp.PyArray_DATA(rows)
-        with nogil:
+        if distinct:
+            # Marks rows in shared scratch (the stamps): keep the GIL so that a query
+            # from another thread cannot interleave.  Read-only lookups release it.
             bad = self._find_rows(ids_data, n, rows_data, distinct, &error)
+        else:
+            with nogil:
+                bad = self._find_rows(ids_data, n, rows_data, distinct, &error)
         if error == PLAN_UNKNOWN:
             raise KeyError(f"{name}[{bad}] = {ids_data[bad]} is not a sequence of this manager")
         if error == PLAN_NEGATIVE:
@@ -543,6 +551,7 @@ cdef class KVCacheManager:
         Mirrors the execution exactly: sequences in input order, and a shared last
         block stops needing a copy once the earlier sharers in the call have moved off
         it (tracked in the allocator's ``_pending`` scratch, reset before returning).
+        Runs with the GIL held because of that shared scratch.
         """
         cdef Py_ssize_t i
         cdef int64_t need = 0, copies = 0, slots = 0, tokens, count
@@ -674,8 +683,7 @@ cdef class KVCacheManager:
             stride = 1
         cdef const row_t* row_data = <const row_t*>cnp.PyArray_DATA(rows)
         cdef int64_t num_copies = 0, num_slots = 0, need
-        with nogil:
-            need = self._plan(row_data, n, counts, stride, &num_copies, &num_slots)
+        need = self._plan(row_data, n, counts, stride, &num_copies, &num_slots)
         if need > self._allocator._num_free:
             raise OutOfBlocksError(need, self._allocator._num_free)
         cdef row_t row
@@ -747,8 +755,7 @@ cdef class KVCacheManager:
             stride = 1
         cdef const row_t* row_data = <const row_t*>cnp.PyArray_DATA(rows)
         cdef int64_t num_copies = 0, num_slots = 0, need
-        with nogil:
-            need = self._plan(row_data, n, counts, stride, &num_copies, &num_slots)
+        need = self._plan(row_data, n, counts, stride, &num_copies, &num_slots)
         return need <= self._allocator._num_free
 
     def fork(self, parent_id, child_id):

@@ -331,3 +331,28 @@ def test_random_workload_matches_reference(block_size, seed):
         ref.check()
     fast.free_sequence(live)
     assert fast.num_free_blocks == 120
+
+
+@pytest.mark.parametrize("extra", [[], ["--n", "3", "--workload", "alpaca", "--num-blocks", "300"]])
+def test_simulate_runs_checked_against_the_reference(tmp_path, capsys, extra):
+    import json
+
+    from pagetable.simulate import main
+
+    out = tmp_path / "figures.json"
+    assert main(["simulate", "--steps", "60", "--rate", "2", "--quiet", "--json", str(out)] + extra) == 0
+    figures = json.loads(out.read_text())
+    assert figures["checked_equal"] and figures["steps"] == 60 and figures["tokens"] > 0
+    assert 0.5 < figures["kv_utilisation_mean"] <= 1.0
+    printed = capsys.readouterr().out
+    assert "table work / step" in printed and "no leak" in printed
+    if extra:
+        assert figures["blocks_saved_by_sharing_max"] > 0 and figures["copies"] > 0
+
+
+def test_simulate_rejects_bad_options(capsys):
+    from pagetable.simulate import main
+
+    with pytest.raises(SystemExit):
+        main(["--block-size", "0"])
+    assert "--block-size" in capsys.readouterr().err

@@ -1,0 +1,1 @@
+"""asv benchmark suites for pagetable (see docs/PERFORMANCE.md); run with ``asv run``."""

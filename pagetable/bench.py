@@ -1,0 +1,450 @@
+"""``python -m pagetable bench``: pagetable side by side with its baselines, goal by goal.
+
+Every speed goal is a ratio of two timings taken in this process, interleaved
+(ours, baseline, ours, baseline, ...) so that load from other processes hits both
+alike; each figure is the minimum over the repeats.  The workloads and the
+baselines live in :mod:`pagetable._bench_baselines` (benchmark-only code).
+
+Usage::
+
+    python -m pagetable bench [--quick] [--plot FILE.png] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from pagetable import _bench_baselines as bl
+
+
+@dataclass
+class Row:
+    """One line of the table: ours against one baseline, and the goal it is held to."""
+
+    goal: str              # which speed goal ("1", "2", ...), "" for information only
+    operation: str
+    size: str
+    ours: float            # seconds per call (bytes per block for memory)
+    baseline_name: str
+    baseline: float
+    ratio: float           # baseline / ours: above 1 means ours is faster (smaller)
+    target: float | None   # the ratio the goal asks for, None for information only
+    target_text: str
+    unit: str = "s"
+
+    @property
+    def met(self):
+        if self.target is None:
+            return None
+        if self.unit == "B":     # memory: an upper bound on our bytes per block
+            return self.ours < self.target
+        return self.ratio >= self.target
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def _calibrate(function, min_sample):
+    """Calls per sample so that one sample lasts at least ``min_sample`` seconds."""
+    function()                                   # warm-up: caches, lazy allocations
+    number = 1
+    while True:
+        start = time.perf_counter()
+        for _ in range(number):
+            function()
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_sample or number >= 1 << 20:
+            return number
+        number = max(number * 2, int(number * min_sample / max(elapsed, 1e-9)) + 1)
+
+
+def compare(candidates, repeats, min_sample):
+    """Seconds per call of each candidate: the minimum over interleaved repeats.
+
+    Parameters
+    ----------
+    candidates : dict of str to callable
+        Zero-argument callables, timed in turn within each repeat.
+    repeats : int
+        Samples per candidate.
+    min_sample : float
+        Seconds one sample should last at least (calls are batched to reach it).
+    """
+    numbers = {name: _calibrate(function, min_sample) for name, function in candidates.items()}
+    best = {name: float("inf") for name in candidates}
+    for _ in range(repeats):
+        for name, function in candidates.items():
+            number = numbers[name]
+            start = time.perf_counter()
+            for _ in range(number):
+                function()
+            best[name] = min(best[name], (time.perf_counter() - start) / number)
+    return best
+
+
+def _check_equal(name, ours, theirs):
+    for mine, other in zip(ours if isinstance(ours, tuple) else (ours,),
+                           theirs if isinstance(theirs, tuple) else (theirs,)):
+        if not np.array_equal(np.asarray(mine), np.asarray(other)):
+            raise AssertionError(f"{name}: pagetable and its baseline disagree")
+
+
+# --------------------------------------------------------------------------- goals
+
+
+def _slot_mapping_rows(PageTable, settings):
+    rows = []
+    workloads = {}
+
+    def setup(block_size):
+        if block_size not in workloads:
+            workload = bl.TableWorkload.slot_mapping_table(block_size)
+            workloads[block_size] = (workload, workload.build_pagetable(PageTable),
+                                     workload.build_dense_table())
+        return workloads[block_size]
+
+    cases = [  # goal, block size, tokens, interleaved, formula target, floor target
+        ("1", 16, 1 << 20, False, 8.0, 1 / 1.6),
+        ("1", 24, 1 << 20, False, 2.5, None),
+        ("", 16, 1 << 20, True, None, None),
+        ("2", 16, 8192, False, 3.0, None),
+        ("2", 16, 8192, True, 3.0, None),
+        ("", 24, 8192, False, None, None),
+    ]
+    for goal, block_size, tokens, interleaved, formula_target, floor_target in cases:
+        workload, table, dense = setup(block_size)
+        batch = bl.token_batch(workload, tokens, interleaved)
+        expected = bl.formula_slot_mapping(dense, batch.rows, batch.positions, block_size,
+                                           np.empty(tokens, dtype=np.int64))
+        ours_out = np.empty(tokens, dtype=np.int64)
+        floor_out = np.empty(tokens, dtype=np.int64)
+        _check_equal("slot_mapping", table.slot_mapping(batch.seq_ids, batch.positions), expected)
+        times = compare({
+            "ours": lambda: table.slot_mapping(batch.seq_ids, batch.positions, out=ours_out),
+            "formula": lambda: bl.formula_slot_mapping(dense, batch.rows, batch.positions,
+                                                       block_size, batch.out),
+            "floor": lambda: bl.memcpy_floor(batch.positions, floor_out),
+        }, settings["repeats"], settings["min_sample"])
+        size = f"{tokens:,} tok, bs {block_size}, {'interleaved' if interleaved else 'grouped'}"
+        rows.append(Row(goal, "slot_mapping", size, times["ours"], "vLLM formula",
+                        times["formula"], times["formula"] / times["ours"], formula_target,
+                        f">= {formula_target:g}x" if formula_target else "-"))
+        if tokens == 1 << 20 and block_size == 16 and not interleaved:
+            rows.append(Row(goal, "slot_mapping", size, times["ours"], "memcpy floor",
+                            times["floor"], times["floor"] / times["ours"], floor_target,
+                            "within 1.6x (>= 0.625)"))
+    # lookup returns (block, offset): shown beside the same formula, for information.
+    workload, table, dense = setup(16)
+    batch = bl.token_batch(workload, 1 << 20, False)
+    _check_equal("lookup", table.lookup(batch.seq_ids, batch.positions),
+                 bl.formula_lookup(dense, batch.rows, batch.positions, 16))
+    times = compare({
+        "ours": lambda: table.lookup(batch.seq_ids, batch.positions),
+        "formula": lambda: bl.formula_lookup(dense, batch.rows, batch.positions, 16),
+    }, settings["repeats"], settings["min_sample"])
+    rows.append(Row("", "lookup", "1,048,576 tok, bs 16, grouped", times["ours"],
+                    "vLLM formula", times["formula"], times["formula"] / times["ours"], None, "-"))
+    return rows
+
+
+def _get_block_rows(PageTable, settings):
+    workload = bl.TableWorkload.slot_mapping_table(16)
+    table = workload.build_pagetable(PageTable)
+    seed_table = workload.build_dict_of_lists()
+    count = settings["queries"]
+    seq_ids, positions = bl.random_queries(workload, count)
+    for seq_id, position in zip(seq_ids[:1000], positions[:1000]):
+        if table.get_block_for_position(seq_id, position) != seed_table.get_block_for_position(seq_id, position):
+            raise AssertionError("get_block_for_position: pagetable and the seed disagree")
+
+    def ours():
+        get = table.get_block_for_position
+        for seq_id, position in zip(seq_ids, positions):
+            get(seq_id, position)
+
+    times = compare({"ours": ours,
+                     "seed": lambda: bl.dict_get_block_loop(seed_table, seq_ids, positions)},
+                    settings["repeats"], settings["min_sample"])
+    return [Row("3", "get_block_for_position", f"{count:,} calls, Python loop",
+                times["ours"] / count, "seed dict of lists", times["seed"] / count,
+                times["seed"] / times["ours"], 2.5, ">= 2.5x")]
+
+
+def _append_rows(PageTable, settings):
+    per_sequence = settings["append_blocks_per_sequence"]
+    owners, blocks = bl.append_stream(1024, per_sequence)
+    owner_list, block_list = owners.tolist(), blocks.tolist()
+    count = len(block_list)
+
+    def batched():
+        PageTable(16).append_blocks(owners, blocks)
+
+    def one_by_one():
+        table = PageTable(16)
+        for seq_id, block_id in zip(owner_list, block_list):
+            table.append_block(seq_id, block_id)
+
+    batched_table = PageTable(16)
+    batched_table.append_blocks(owners, blocks)
+    looped_table = PageTable(16)
+    for seq_id, block_id in zip(owner_list, block_list):
+        looped_table.append_block(seq_id, block_id)
+    seed = bl.setdefault_append_loop(owner_list, block_list)
+    for seq_id in owner_list[:1024]:
+        _check_equal("append_blocks", batched_table.get_sequence_blocks(seq_id),
+                     np.array(seed[seq_id], dtype=np.int32))
+        _check_equal("append_block", looped_table.get_sequence_blocks(seq_id),
+                     np.array(seed[seq_id], dtype=np.int32))
+
+    times = compare({
+        "batched": batched,
+        "loop": one_by_one,
+        "setdefault": lambda: bl.setdefault_append_loop(owner_list, block_list),
+    }, settings["repeats"], settings["min_sample"])
+    size = f"{count:,} blocks, 1,024 seqs"
+    return [
+        Row("4", "append_blocks (per block)", size, times["batched"] / count,
+            "append_block loop", times["loop"] / count, times["loop"] / times["batched"],
+            10.0, ">= 10x"),
+        Row("4", "append_block loop (per block)", size, times["loop"] / count,
+            "dict.setdefault loop", times["setdefault"] / count,
+            times["setdefault"] / times["loop"], 1.0, "no slower (>= 1x)"),
+    ]
+
+
+def _table_rows(PageTable, settings):
+    workload = bl.TableWorkload.block_table_batch(256)
+    table = workload.build_pagetable(PageTable)
+    seed_table = workload.build_dict_of_lists()
+    seq_ids = workload.seq_ids
+    seq_list = seq_ids.tolist()
+    _check_equal("block_table", table.block_table(seq_ids), seed_table.block_table(seq_list))
+    _check_equal("to_csr", table.to_csr(seq_ids), seed_table.to_csr(seq_list))
+    times = compare({
+        "block_table": lambda: table.block_table(seq_ids),
+        "block_table_seed": lambda: seed_table.block_table(seq_list),
+        "to_csr": lambda: table.to_csr(seq_ids),
+        "to_csr_seed": lambda: seed_table.to_csr(seq_list),
+    }, settings["repeats"], settings["min_sample"])
+    size = f"256 seqs <= 2,048 blocks ({workload.total_blocks:,})"
+    return [
+        Row("5", name, size, times[name], "numpy rows from lists", times[name + "_seed"],
+            times[name + "_seed"] / times[name], 5.0, ">= 5x")
+        for name in ("block_table", "to_csr")
+    ]
+
+
+def _memory_rows(settings):
+    rows = []
+    seed_traced = bl.measure_memory("dict_of_lists", "grow", use_tracemalloc=True)
+    seed = bl.measure_memory("dict_of_lists", "grow")
+    size = f"10,000 seqs lognormal ({seed['blocks']:,} blocks)"
+    for build in ("grow", "bulk"):
+        ours = bl.measure_memory("pagetable", build)
+        # The goal counts transients, so the peak is what is held to 10 B/block.
+        rows.append(Row("6", f"memory, peak RSS ({build})", size, ours["peak_rss_per_block"],
+                        "seed dict of lists, grow", seed["peak_rss_per_block"],
+                        seed["peak_rss_per_block"] / max(ours["peak_rss_per_block"], 1e-9),
+                        10.0, "< 10 B/block", unit="B"))
+        rows.append(Row("", f"memory, RSS after ({build})", size, ours["rss_per_block"],
+                        f"seed dict ({seed_traced['traced_per_block']:.1f} B/blk traced)",
+                        seed["rss_per_block"],
+                        seed["rss_per_block"] / max(ours["rss_per_block"], 1e-9), None, "-",
+                        unit="B"))
+    return rows
+
+
+# --------------------------------------------------------------------------- sweep / plot
+
+
+def sweep(PageTable, settings):
+    """Throughput against batch size, for the plot (and the JSON)."""
+    workload = bl.TableWorkload.slot_mapping_table(16)
+    table = workload.build_pagetable(PageTable)
+    dense = workload.build_dense_table()
+    result = {"slot_mapping": {"tokens": [], "pagetable grouped": [], "pagetable interleaved": [],
+                               "vLLM formula": [], "memcpy floor": []},
+              "block_table": {"sequences": [], "pagetable block_table": [],
+                              "pagetable to_csr": [], "numpy rows from lists": [],
+                              "numpy CSR from lists": []}}
+    for tokens in settings["sweep_tokens"]:
+        grouped = bl.token_batch(workload, tokens, False)
+        mixed = bl.token_batch(workload, tokens, True)
+        out = np.empty(tokens, dtype=np.int64)
+        times = compare({
+            "pagetable grouped": lambda: table.slot_mapping(grouped.seq_ids, grouped.positions, out=out),
+            "pagetable interleaved": lambda: table.slot_mapping(mixed.seq_ids, mixed.positions, out=out),
+            "vLLM formula": lambda: bl.formula_slot_mapping(dense, grouped.rows, grouped.positions, 16, grouped.out),
+            "memcpy floor": lambda: bl.memcpy_floor(grouped.positions, out),
+        }, settings["sweep_repeats"], settings["min_sample"])
+        result["slot_mapping"]["tokens"].append(tokens)
+        for name, seconds in times.items():
+            result["slot_mapping"][name].append(tokens / seconds)
+    big = bl.TableWorkload.block_table_batch(256)
+    big_table = big.build_pagetable(PageTable)
+    seed_table = big.build_dict_of_lists()
+    for count in settings["sweep_sequences"]:
+        seq_ids = big.seq_ids[:count]
+        seq_list = seq_ids.tolist()
+        blocks = int(big.lengths[:count].sum())
+        times = compare({
+            "pagetable block_table": lambda: big_table.block_table(seq_ids),
+            "pagetable to_csr": lambda: big_table.to_csr(seq_ids),
+            "numpy rows from lists": lambda: seed_table.block_table(seq_list),
+            "numpy CSR from lists": lambda: seed_table.to_csr(seq_list),
+        }, settings["sweep_repeats"], settings["min_sample"])
+        result["block_table"]["sequences"].append(count)
+        for name, seconds in times.items():
+            result["block_table"][name].append(blocks / seconds)
+    return result
+
+
+def plot(result, path):
+    """Draw throughput against batch size; returns False (with a message) without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("--plot needs matplotlib: pip install 'pagetable[plot]' (or pip install matplotlib)",
+              file=sys.stderr)
+        return False
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    slot = result["slot_mapping"]
+    for name, values in slot.items():
+        if name != "tokens":
+            left.plot(slot["tokens"], values, marker="o", label=name)
+    left.set(xscale="log", yscale="log", xlabel="tokens per call",
+             ylabel="tokens per second", title="slot_mapping, block size 16")
+    table = result["block_table"]
+    for name, values in table.items():
+        if name != "sequences":
+            right.plot(table["sequences"], values, marker="o", label=name)
+    right.set(xscale="log", yscale="log", xlabel="sequences per call (<= 2,048 blocks each)",
+              ylabel="blocks per second", title="block_table / to_csr")
+    for axes in (left, right):
+        axes.grid(True, which="both", alpha=0.3)
+        axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    return True
+
+
+# --------------------------------------------------------------------------- report
+
+
+def machine():
+    """What the figures came from."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    import pagetable
+    return {"cpu": model, "cpus": os.cpu_count(), "python": platform.python_version(),
+            "numpy": np.__version__, "pagetable": getattr(pagetable, "__version__", "?"),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "(unset)"),
+            "platform": platform.platform()}
+
+
+def _format(value, unit):
+    if unit == "B":
+        return f"{value:.1f} B/blk"
+    for scale, suffix in ((1, "s"), (1e-3, "ms"), (1e-6, "us"), (1e-9, "ns")):
+        if value >= scale:
+            return f"{value / scale:.3g} {suffix}"
+    return f"{value / 1e-9:.3g} ns"
+
+
+def format_table(rows):
+    """The table as text (also the form docs/PERFORMANCE.md quotes)."""
+    header = ("goal", "operation", "size", "pagetable", "baseline", "baseline time",
+              "ratio", "goal", "met?")
+    lines = []
+    for row in rows:
+        met = row.met
+        lines.append((row.goal, row.operation, row.size, _format(row.ours, row.unit),
+                      row.baseline_name, _format(row.baseline, row.unit),
+                      f"{row.ratio:.2f}x", row.target_text,
+                      "-" if met is None else ("yes" if met else "NO")))
+    widths = [max(len(str(line[i])) for line in [header] + lines) for i in range(len(header))]
+    rule = "  ".join("-" * width for width in widths)
+    out = ["  ".join(str(cell).ljust(width) for cell, width in zip(header, widths)), rule]
+    out += ["  ".join(str(cell).ljust(width) for cell, width in zip(line, widths)) for line in lines]
+    return "\n".join(out)
+
+
+QUICK = {"repeats": 5, "min_sample": 0.005, "queries": 10_000, "append_blocks_per_sequence": 32,
+         "sweep_tokens": [1 << 10, 1 << 13, 1 << 16, 1 << 20], "sweep_sequences": [4, 16, 64, 256],
+         "sweep_repeats": 3}
+FULL = {"repeats": 15, "min_sample": 0.02, "queries": 100_000, "append_blocks_per_sequence": 64,
+        "sweep_tokens": [1 << k for k in range(8, 21, 2)], "sweep_sequences": [1, 4, 16, 64, 256],
+        "sweep_repeats": 7}
+
+
+def main(argv=None):
+    """Run the comparison; returns the process exit status (0 even when a goal is missed)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m pagetable bench",
+        description="Time pagetable against its baselines (vLLM's slot-mapping formula, the "
+                    "memcpy floor, the seed's dict of lists) and report each speed goal as a ratio.")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats; under a minute")
+    parser.add_argument("--plot", metavar="FILE.png", help="draw throughput against batch size")
+    parser.add_argument("--json", metavar="FILE", help="write every figure as JSON")
+    parser.add_argument("--no-memory", action="store_true",
+                        help="skip the memory goal (it runs fresh subprocesses)")
+    args = parser.parse_args(argv)
+    settings = QUICK if args.quick else FULL
+
+    if args.plot:   # fail before minutes of timing, not after
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("--plot needs matplotlib: pip install 'pagetable[plot]' (or pip install matplotlib)",
+                  file=sys.stderr)
+            return 2
+
+    from pagetable import PageTable
+
+    info = machine()
+    print(f"pagetable {info['pagetable']} on {info['cpu']} ({info['cpus']} CPUs), "
+          f"Python {info['python']}, numpy {info['numpy']}, OMP_NUM_THREADS={info['OMP_NUM_THREADS']}")
+    print("ratio = baseline time / pagetable time (memory: baseline bytes / ours); "
+          f"minimum of {settings['repeats']} interleaved repeats\n", flush=True)
+
+    started = time.perf_counter()
+    rows = []
+    for section in (_slot_mapping_rows, _get_block_rows, _append_rows, _table_rows):
+        rows += section(PageTable, settings)
+    if not args.no_memory:
+        rows += _memory_rows(settings)
+    print(format_table(rows))
+
+    result = {"machine": info, "quick": args.quick, "settings": settings,
+              "rows": [dict(asdict(row), met=row.met) for row in rows]}
+    if args.plot or args.json:
+        result["sweep"] = sweep(PageTable, settings)
+    if args.plot and plot(result["sweep"], args.plot):
+        print(f"\nplot written to {args.plot}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(result, handle, indent=2)
+        print(f"figures written to {args.json}")
+    print(f"\n({time.perf_counter() - started:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -91,7 +91,7 @@ cdef class PageTable:
     cdef object _row_array(self, row_t row)
     cdef object _live_rows_in_order(self)
     cdef int _resolve_or_raise(self, object seq_array, object rows_array) except -1
-    cdef int _raise_bad_seq(self, const int64_t[::1] seqs, int64_t bad) except -1
+    cdef int _raise_bad_seq(self, object seq_array, int64_t bad) except -1
     cdef int _raise_unmapped(self, seq_array, pos_array, result) except -1
     cdef int _slot_mapping_into(self, seq_array, pos_array, result) except -1
 

@@ -73,6 +73,12 @@ cdef enum:
     MIN_INDEX_CAPACITY = 16
     MIN_POOL_CAPACITY = 256
 
+cdef extern from *:
+    """
+    #define PAGETABLE_EXACT_DOUBLE_LIMIT (1LL << 52)
+    """
+    int64_t DEF_EXACT_DOUBLE_LIMIT "PAGETABLE_EXACT_DOUBLE_LIMIT"
+
 _INT32 = np.dtype(np.int32)
 _INT64 = np.dtype(np.int64)
 
@@ -131,6 +137,52 @@ cdef inline block_id_t _block_arg(object value) except? -2:
     return <block_id_t>result
 
 
+cdef inline object _int64_ids(object values, str name):
+    """``values`` as a 1-D C-contiguous int64 array; a C-level check for the common case."""
+    if (cnp.PyArray_CheckExact(values)
+            and cnp.PyArray_TYPE(<cnp.ndarray>values) == cnp.NPY_INT64
+            and cnp.PyArray_NDIM(<cnp.ndarray>values) == 1
+            and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>values)):
+        return values
+    return as_int_array(values, name)
+
+
+cdef inline object _empty(Py_ssize_t n, int typenum):
+    cdef cnp.npy_intp size = n
+    return cnp.PyArray_EMPTY(1, &size, typenum, 0)
+
+
+cdef inline int _check_out_1d(object out, Py_ssize_t n) except -1:
+    """Accept a writeable C-contiguous int64 buffer of length ``n``; else raise precisely."""
+    if (cnp.PyArray_CheckExact(out)
+            and cnp.PyArray_TYPE(<cnp.ndarray>out) == cnp.NPY_INT64
+            and cnp.PyArray_NDIM(<cnp.ndarray>out) == 1
+            and cnp.PyArray_DIM(<cnp.ndarray>out, 0) == n
+            and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>out)
+            and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>out)):
+        return 0
+    check_output(out, (n,), _INT64)   # raises with the precise reason, or accepts a subclass
+    return 0
+
+
+cdef inline int64_t* _i64(object array) noexcept:
+    return <int64_t*>cnp.PyArray_DATA(<cnp.ndarray>array)
+
+
+cdef inline int32_t* _i32(object array) noexcept:
+    return <int32_t*>cnp.PyArray_DATA(<cnp.ndarray>array)
+
+
+def _pair(seq_ids, positions):
+    seq_array = _int64_ids(seq_ids, "seq_ids")
+    pos_array = _int64_ids(positions, "positions")
+    if cnp.PyArray_DIM(<cnp.ndarray>seq_array, 0) != cnp.PyArray_DIM(<cnp.ndarray>pos_array, 0):
+        raise ValueError(
+            f"seq_ids and positions must have the same length, "
+            f"got {seq_array.shape[0]} and {pos_array.shape[0]}")
+    return seq_array, pos_array
+
+
 # --------------------------------------------------------------------------- kernels
 # Pure loops over raw table pointers.  Each returns the index of the first entry it
 # could not handle (a negative sequence id), or -1; the caller raises with the GIL.
@@ -147,74 +199,134 @@ cdef inline row_t _view_find(const TableView* view, seq_id_t seq_id) noexcept no
         slot = (slot + 1) & <uint64_t>view.index_mask
 
 
-cdef int64_t _slot_mapping_range(const TableView* view, const int64_t* seq_ids,
-                                 const int64_t* positions, int64_t* out,
-                                 int64_t begin, int64_t end) noexcept nogil:
-    cdef int64_t i, pos, block_index
-    cdef seq_id_t seq_id, current = -1
-    cdef row_t row = -1
-    cdef int64_t length = 0
-    cdef const int32_t* data = NULL
+# Exact quotient by a block size that is not a power of two, for 0 <= pos < 2**52:
+# a double-precision reciprocal is off by at most one there, and one correction step
+# fixes it.  Hardware 64-bit division would cost tens of cycles per token.
+
+cdef inline int64_t _quotient(int64_t pos, int64_t block_size, double reciprocal) noexcept nogil:
+    cdef int64_t quotient = <int64_t>(<double>pos * reciprocal)
+    cdef int64_t remainder = pos - quotient * block_size
+    if remainder < 0:
+        quotient -= 1
+    elif remainder >= block_size:
+        quotient += 1
+    return quotient
+
+
+cdef inline int64_t _run_end(const int64_t* seq_ids, int64_t begin, int64_t end) noexcept nogil:
+    """End of the run of equal ids starting at ``begin``."""
+    cdef seq_id_t seq_id = seq_ids[begin]
+    cdef int64_t i = begin + 1
+    while i < end and seq_ids[i] == seq_id:
+        i += 1
+    return i
+
+
+cdef inline void _run_slots(const TableView* view, row_t row, const int64_t* positions,
+                            int64_t* out, int64_t count) noexcept nogil:
+    """Slots of ``count`` positions of one sequence (``row``, or -1 if unknown)."""
+    cdef int64_t k, pos, block_index
+    cdef int64_t length = view.row_len[row] if row >= 0 else 0
+    cdef const int32_t* data
     cdef int64_t block_size = view.block_size
     cdef int32_t shift = view.block_shift
     cdef int64_t mask = view.block_mask
-    for i in range(begin, end):
-        seq_id = seq_ids[i]
-        if seq_id != current:
-            if seq_id < 0:
-                return i
-            current = seq_id
-            row = _view_find(view, seq_id)
-            if row >= 0:
-                length = view.row_len[row]
-                data = view.pool + view.row_start[row]
+    cdef int64_t limit = length * block_size      # positions 0 .. limit - 1 are mapped
+    cdef double reciprocal
+    if length == 0:
+        for k in range(count):
+            out[k] = PAD
+        return
+    data = view.pool + view.row_start[row]
+    if shift >= 0:
+        for k in range(count):
+            pos = positions[k]
+            # One unsigned compare rejects negative and past-the-end positions alike.
+            if <uint64_t>pos < <uint64_t>limit:
+                out[k] = (<int64_t>data[pos >> shift] << shift) | (pos & mask)
             else:
-                length = 0
-        pos = positions[i]
-        if shift >= 0:
-            block_index = pos >> shift
-            if pos >= 0 and block_index < length:
-                out[i] = (<int64_t>data[block_index] << shift) | (pos & mask)
+                out[k] = PAD
+    elif limit <= DEF_EXACT_DOUBLE_LIMIT:
+        reciprocal = 1.0 / <double>block_size
+        for k in range(count):
+            pos = positions[k]
+            if <uint64_t>pos < <uint64_t>limit:
+                block_index = _quotient(pos, block_size, reciprocal)
+                out[k] = <int64_t>data[block_index] * block_size + (pos - block_index * block_size)
             else:
-                out[i] = PAD
+                out[k] = PAD
+    else:
+        for k in range(count):
+            pos = positions[k]
+            if <uint64_t>pos < <uint64_t>limit:
+                block_index = pos // block_size
+                out[k] = <int64_t>data[block_index] * block_size + (pos - block_index * block_size)
+            else:
+                out[k] = PAD
+
+
+cdef inline void _run_lookup(const TableView* view, row_t row, const int64_t* positions,
+                             int32_t* blocks_out, int32_t* offsets_out, int64_t count) noexcept nogil:
+    """Block ids and offsets of ``count`` positions of one sequence."""
+    cdef int64_t k, pos, block_index
+    cdef int64_t length = view.row_len[row] if row >= 0 else 0
+    cdef const int32_t* data
+    cdef int64_t block_size = view.block_size
+    cdef int32_t shift = view.block_shift
+    cdef int64_t mask = view.block_mask
+    cdef int64_t limit = length * block_size
+    cdef double reciprocal = 1.0 / <double>block_size
+    if length == 0:
+        for k in range(count):
+            blocks_out[k] = PAD
+            offsets_out[k] = PAD
+        return
+    data = view.pool + view.row_start[row]
+    for k in range(count):
+        pos = positions[k]
+        if <uint64_t>pos < <uint64_t>limit:
+            if shift >= 0:
+                block_index = pos >> shift
+            elif limit <= DEF_EXACT_DOUBLE_LIMIT:
+                block_index = _quotient(pos, block_size, reciprocal)
+            else:
+                block_index = pos // block_size
+            blocks_out[k] = data[block_index]
+            offsets_out[k] = <int32_t>(pos - block_index * block_size)
         else:
-            block_index = pos // block_size
-            if pos >= 0 and block_index < length:
-                out[i] = <int64_t>data[block_index] * block_size + (pos - block_index * block_size)
-            else:
-                out[i] = PAD
+            blocks_out[k] = PAD
+            offsets_out[k] = PAD
+
+
+cdef int64_t _slot_mapping_range(const TableView* view, const int64_t* seq_ids,
+                                 const int64_t* positions, int64_t* out,
+                                 int64_t begin, int64_t end) noexcept nogil:
+    """Slots for entries ``begin .. end - 1``, one hash probe per run of equal ids.
+
+    Returns the index of the first negative sequence id, or -1.
+    """
+    cdef int64_t i = begin, run_end
+    while i < end:
+        if seq_ids[i] < 0:
+            return i
+        run_end = _run_end(seq_ids, i, end)
+        _run_slots(view, _view_find(view, seq_ids[i]), positions + i, out + i, run_end - i)
+        i = run_end
     return -1
 
 
 cdef int64_t _lookup_range(const TableView* view, const int64_t* seq_ids,
                            const int64_t* positions, int32_t* blocks_out,
                            int32_t* offsets_out, int64_t begin, int64_t end) noexcept nogil:
-    cdef int64_t i, pos, block_index
-    cdef seq_id_t seq_id, current = -1
-    cdef row_t row = -1
-    cdef int64_t length = 0
-    cdef const int32_t* data = NULL
-    cdef int64_t block_size = view.block_size
-    for i in range(begin, end):
-        seq_id = seq_ids[i]
-        if seq_id != current:
-            if seq_id < 0:
-                return i
-            current = seq_id
-            row = _view_find(view, seq_id)
-            if row >= 0:
-                length = view.row_len[row]
-                data = view.pool + view.row_start[row]
-            else:
-                length = 0
-        pos = positions[i]
-        block_index = pos // block_size
-        if pos >= 0 and block_index < length:
-            blocks_out[i] = data[block_index]
-            offsets_out[i] = <int32_t>(pos - block_index * block_size)
-        else:
-            blocks_out[i] = PAD
-            offsets_out[i] = PAD
+    """Block ids and offsets for entries ``begin .. end - 1``; see ``_slot_mapping_range``."""
+    cdef int64_t i = begin, run_end
+    while i < end:
+        if seq_ids[i] < 0:
+            return i
+        run_end = _run_end(seq_ids, i, end)
+        _run_lookup(view, _view_find(view, seq_ids[i]), positions + i,
+                    blocks_out + i, offsets_out + i, run_end - i)
+        i = run_end
     return -1
 
 
@@ -966,22 +1078,22 @@ cdef class PageTable:
         KeyError
             If a sequence id is not in the table.
         """
-        seq_array = as_int_array(seq_ids, "seq_ids")
-        cdef int64_t count = seq_array.shape[0]
-        rows = np.empty(count, dtype=np.int32)
+        seq_array = _int64_ids(seq_ids, "seq_ids")
+        cdef int64_t count = cnp.PyArray_DIM(<cnp.ndarray>seq_array, 0)
+        rows = _empty(count, cnp.NPY_INT32)
         self._resolve_or_raise(seq_array, rows)
         return self._row_len_arr[rows]
 
     cdef int _resolve_or_raise(self, object seq_array, object rows_array) except -1:
-        cdef const int64_t[::1] seqs = seq_array
-        cdef int32_t[::1] rows = rows_array
+        cdef const int64_t* seqs = _i64(seq_array)
+        cdef int32_t* rows = _i32(rows_array)
         cdef TableView view = self._view()
         cdef int64_t bad
-        cdef int64_t count = seqs.shape[0]
+        cdef int64_t count = cnp.PyArray_DIM(<cnp.ndarray>seq_array, 0)
         if count == 0:
             return 0
         with nogil:
-            bad = _resolve_rows(&view, &seqs[0], &rows[0], count)
+            bad = _resolve_rows(&view, seqs, rows, count)
         if bad >= 0:
             if seqs[bad] < 0:
                 raise ValueError(f"seq_ids must be in 0..{INT64_MAX}, got {seqs[bad]} at index {bad}")
@@ -1003,28 +1115,28 @@ cdef class PageTable:
             ``PAD_SLOT_ID`` in both where the sequence is unknown, the position is
             negative, or it lies past the sequence's mapped blocks.
         """
-        seq_array, pos_array = as_pair(seq_ids, positions, "seq_ids", "positions")
-        cdef int64_t n = seq_array.shape[0]
-        blocks = np.empty(n, dtype=np.int32)
-        offsets = np.empty(n, dtype=np.int32)
+        seq_array, pos_array = _pair(seq_ids, positions)
+        cdef int64_t n = cnp.PyArray_DIM(<cnp.ndarray>seq_array, 0)
+        blocks = _empty(n, cnp.NPY_INT32)
+        offsets = _empty(n, cnp.NPY_INT32)
         if n == 0:
             return blocks, offsets
-        cdef const int64_t[::1] seqs = seq_array
-        cdef const int64_t[::1] pos = pos_array
-        cdef int32_t[::1] block_view = blocks
-        cdef int32_t[::1] offset_view = offsets
+        cdef const int64_t* seqs = _i64(seq_array)
+        cdef const int64_t* pos = _i64(pos_array)
+        cdef int32_t* block_out = _i32(blocks)
+        cdef int32_t* offset_out = _i32(offsets)
         cdef TableView view = self._view()
         cdef int64_t bad
         with nogil:
-            bad = _lookup_range(&view, &seqs[0], &pos[0], &block_view[0], &offset_view[0], 0, n)
-        self._raise_bad_seq(seqs, bad)
+            bad = _lookup_range(&view, seqs, pos, block_out, offset_out, 0, n)
+        self._raise_bad_seq(seq_array, bad)
         if strict:
             self._raise_unmapped(seq_array, pos_array, blocks)
         return blocks, offsets
 
-    cdef int _raise_bad_seq(self, const int64_t[::1] seqs, int64_t bad) except -1:
+    cdef int _raise_bad_seq(self, object seq_array, int64_t bad) except -1:
         if bad >= 0:
-            raise ValueError(f"seq_ids must be in 0..{INT64_MAX}, got {seqs[bad]} at index {bad}")
+            raise ValueError(f"seq_ids must be in 0..{INT64_MAX}, got {seq_array[bad]} at index {bad}")
         return 0
 
     cdef int _raise_unmapped(self, seq_array, pos_array, result) except -1:
@@ -1065,13 +1177,13 @@ cdef class PageTable:
         Batches of 65,536 tokens or more are split over OpenMP threads where the
         build has OpenMP (``OMP_NUM_THREADS`` sets the count).
         """
-        seq_array, pos_array = as_pair(seq_ids, positions, "seq_ids", "positions")
-        cdef int64_t n = seq_array.shape[0]
+        seq_array, pos_array = _pair(seq_ids, positions)
+        cdef int64_t n = cnp.PyArray_DIM(<cnp.ndarray>seq_array, 0)
         if out is None:
-            result = np.empty(n, dtype=np.int64)
+            result = _empty(n, cnp.NPY_INT64)
         else:
-            check_output(out, (n,), _INT64)
-            result = np.empty(n, dtype=np.int64) if strict else out
+            _check_out_1d(out, n)
+            result = _empty(n, cnp.NPY_INT64) if strict else out
         if n == 0:
             return result
         self._slot_mapping_into(seq_array, pos_array, result)
@@ -1083,29 +1195,30 @@ cdef class PageTable:
         return result
 
     cdef int _slot_mapping_into(self, seq_array, pos_array, result) except -1:
-        cdef const int64_t[::1] seqs = seq_array
-        cdef const int64_t[::1] pos = pos_array
-        cdef int64_t[::1] out = result
-        cdef int64_t n = seqs.shape[0]
+        cdef const int64_t* seqs = _i64(seq_array)
+        cdef const int64_t* pos = _i64(pos_array)
+        cdef int64_t* out = _i64(result)
+        cdef int64_t n = cnp.PyArray_DIM(<cnp.ndarray>seq_array, 0)
         cdef TableView view = self._view()
         cdef int64_t bad = -1, chunk, num_chunks, begin, end
-        cdef int64_t[::1] chunk_bad
+        cdef int64_t* chunk_bad
         cdef int threads = PAGETABLE_MAX_THREADS()
         if n < PARALLEL_THRESHOLD or threads <= 1:
             with nogil:
-                bad = _slot_mapping_range(&view, &seqs[0], &pos[0], &out[0], 0, n)
+                bad = _slot_mapping_range(&view, seqs, pos, out, 0, n)
         else:
             num_chunks = (n + PARALLEL_CHUNK - 1) // PARALLEL_CHUNK
-            chunk_bad = np.empty(num_chunks, dtype=np.int64)
+            chunk_results = _empty(num_chunks, cnp.NPY_INT64)
+            chunk_bad = _i64(chunk_results)
             for chunk in prange(num_chunks, nogil=True, schedule="static"):
                 begin = chunk * PARALLEL_CHUNK
                 end = min(begin + PARALLEL_CHUNK, n)
-                chunk_bad[chunk] = _slot_mapping_range(&view, &seqs[0], &pos[0], &out[0], begin, end)
+                chunk_bad[chunk] = _slot_mapping_range(&view, seqs, pos, out, begin, end)
             for chunk in range(num_chunks):
                 if chunk_bad[chunk] >= 0:
                     bad = chunk_bad[chunk]
                     break
-        self._raise_bad_seq(seqs, bad)
+        self._raise_bad_seq(seq_array, bad)
         return 0
 
     def block_table(self, seq_ids, out=None):
@@ -1129,9 +1242,9 @@ cdef class PageTable:
         KeyError
             If a sequence id is not in the table.
         """
-        seq_array = as_int_array(seq_ids, "seq_ids")
-        cdef int64_t count = seq_array.shape[0]
-        rows = np.empty(count, dtype=np.int32)
+        seq_array = _int64_ids(seq_ids, "seq_ids")
+        cdef int64_t count = cnp.PyArray_DIM(<cnp.ndarray>seq_array, 0)
+        rows = _empty(count, cnp.NPY_INT32)
         self._resolve_or_raise(seq_array, rows)
         num_blocks = self._row_len_arr[rows]
         cdef int64_t width = int(num_blocks.max()) if count else 0
@@ -1180,9 +1293,9 @@ cdef class PageTable:
         OverflowError
             If the batch maps more than ``2**31 - 1`` blocks.
         """
-        seq_array = as_int_array(seq_ids, "seq_ids")
-        cdef int64_t count = seq_array.shape[0]
-        rows = np.empty(count, dtype=np.int32)
+        seq_array = _int64_ids(seq_ids, "seq_ids")
+        cdef int64_t count = cnp.PyArray_DIM(<cnp.ndarray>seq_array, 0)
+        rows = _empty(count, cnp.NPY_INT32)
         self._resolve_or_raise(seq_array, rows)
         indptr = np.empty(count + 1, dtype=np.int32)
         cdef int32_t[::1] row_view = rows

@@ -315,3 +315,38 @@ def test_many_sequences_hash_index():
                                   np.arange(1, 20000, 2) * 16)
     assert (pt.slot_mapping(ids[::2], np.zeros(10000, dtype=np.int64)) == PAD_SLOT_ID).all()
     pt._check_invariants()
+
+
+@pytest.mark.parametrize("length", [2**21 - 5, 2**21 + 5], ids=["double-reciprocal", "integer-division"])
+def test_non_power_of_two_division_is_exact_at_large_positions(length):
+    # limit = length * block_size straddles 2**52, where the kernels switch from a
+    # double-precision reciprocal to integer division.
+    size = 2**31 - 1
+    pt = PageTable(size)
+    pt.append_blocks(np.zeros(length, dtype=np.int64), np.arange(length) % 1000)
+    rng = np.random.default_rng(11)
+    limit = length * size
+    positions = np.concatenate([
+        rng.integers(0, limit, size=5000),
+        np.array([0, size - 1, size, limit - 1, limit, limit + 1, 2**52 - 1, 2**52, 2**52 + 1]),
+        (np.arange(1, 200) * size)[:, None].ravel() + np.array([-1, 0, 1]).repeat(199)[:199],
+    ]).astype(np.int64)
+    seqs = np.zeros_like(positions)
+    index = positions // size
+    mapped = positions < limit
+    expected = np.where(mapped, (np.where(mapped, index, 0) % 1000) * size + positions % size, PAD_SLOT_ID)
+    np.testing.assert_array_equal(pt.slot_mapping(seqs, positions), expected)
+    blocks, offsets = pt.lookup(seqs, positions)
+    np.testing.assert_array_equal(blocks, np.where(mapped, index % 1000, PAD_SLOT_ID))
+    np.testing.assert_array_equal(offsets, np.where(mapped, positions % size, PAD_SLOT_ID))
+
+
+@pytest.mark.parametrize("block_size", [3, 7, 17, 1000, 65537])
+def test_non_power_of_two_quotient_at_every_block_edge(block_size):
+    pt = PageTable(block_size)
+    pt.append_blocks(np.zeros(3000, dtype=np.int64), np.arange(3000))
+    edges = (np.arange(1, 3001) * block_size)[:, None] + np.array([-1, 0, 1])
+    positions = edges.ravel().astype(np.int64)
+    slots = pt.slot_mapping(np.zeros_like(positions), positions)
+    expected = np.where(positions < 3000 * block_size, positions, PAD_SLOT_ID)
+    np.testing.assert_array_equal(slots, expected)

@@ -298,6 +298,44 @@ cdef inline void _run_lookup(const TableView* view, row_t row, const int64_t* po
             offsets_out[k] = PAD
 
 
+cdef enum:
+    # Interleaved tokens are handled in batches this long: all hash probes first,
+    # then all slot computations, so that independent cache misses overlap instead
+    # of forming one long dependency chain per token.
+    INTERLEAVED_BATCH = 64
+
+
+cdef inline void _interleaved_slots(const TableView* view, const int64_t* seq_ids,
+                                    const int64_t* positions, int64_t* out,
+                                    int64_t count) noexcept nogil:
+    """Slots of ``count`` (<= INTERLEAVED_BATCH) tokens of non-negative, mixed ids."""
+    cdef row_t rows[INTERLEAVED_BATCH]
+    cdef int64_t k, pos, block_index, length, limit
+    cdef int64_t block_size = view.block_size
+    cdef int32_t shift = view.block_shift
+    cdef int64_t mask = view.block_mask
+    cdef double reciprocal = 1.0 / <double>block_size
+    cdef row_t row
+    for k in range(count):
+        rows[k] = _view_find(view, seq_ids[k])
+    for k in range(count):
+        row = rows[k]
+        pos = positions[k]
+        length = view.row_len[row] if row >= 0 else 0
+        limit = length * block_size
+        if <uint64_t>pos >= <uint64_t>limit:
+            out[k] = PAD
+        elif shift >= 0:
+            out[k] = (<int64_t>view.pool[view.row_start[row] + (pos >> shift)] << shift) | (pos & mask)
+        else:
+            if limit <= DEF_EXACT_DOUBLE_LIMIT:
+                block_index = _quotient(pos, block_size, reciprocal)
+            else:
+                block_index = pos // block_size
+            out[k] = (<int64_t>view.pool[view.row_start[row] + block_index] * block_size
+                      + (pos - block_index * block_size))
+
+
 cdef int64_t _slot_mapping_range(const TableView* view, const int64_t* seq_ids,
                                  const int64_t* positions, int64_t* out,
                                  int64_t begin, int64_t end) noexcept nogil:
@@ -305,13 +343,26 @@ cdef int64_t _slot_mapping_range(const TableView* view, const int64_t* seq_ids,
 
     Returns the index of the first negative sequence id, or -1.
     """
-    cdef int64_t i = begin, run_end
+    cdef int64_t i = begin, run_end, k, batch_end
     while i < end:
         if seq_ids[i] < 0:
             return i
         run_end = _run_end(seq_ids, i, end)
-        _run_slots(view, _view_find(view, seq_ids[i]), positions + i, out + i, run_end - i)
-        i = run_end
+        if run_end - i >= 4:
+            _run_slots(view, _view_find(view, seq_ids[i]), positions + i, out + i, run_end - i)
+            i = run_end
+            continue
+        # Short runs: the batch is interleaved here.  Take a batch of tokens up to
+        # the next long run (or a negative id) and probe them together.
+        batch_end = min(i + INTERLEAVED_BATCH, end)
+        for k in range(i, batch_end):
+            if seq_ids[k] < 0:
+                batch_end = k
+                break
+        if batch_end == i:
+            continue
+        _interleaved_slots(view, seq_ids + i, positions + i, out + i, batch_end - i)
+        i = batch_end
     return -1
 
 

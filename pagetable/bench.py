@@ -66,7 +66,7 @@ def _calibrate(function, min_sample):
         number = max(number * 2, int(number * min_sample / max(elapsed, 1e-9)) + 1)
 
 
-def compare(candidates, repeats, min_sample):
+def compare(candidates, repeats, min_sample, medians=None):
     """Seconds per call of each candidate: the minimum over interleaved repeats.
 
     Parameters
@@ -77,17 +77,23 @@ def compare(candidates, repeats, min_sample):
         Samples per candidate.
     min_sample : float
         Seconds one sample should last at least (calls are batched to reach it).
+        Short samples and many repeats give the minimum more chances to miss the
+        other processes on a shared machine.
+    medians : dict, optional
+        Filled with the median seconds per call of each candidate, for the JSON.
     """
     numbers = {name: _calibrate(function, min_sample) for name, function in candidates.items()}
-    best = {name: float("inf") for name in candidates}
+    samples = {name: [] for name in candidates}
     for _ in range(repeats):
         for name, function in candidates.items():
             number = numbers[name]
             start = time.perf_counter()
             for _ in range(number):
                 function()
-            best[name] = min(best[name], (time.perf_counter() - start) / number)
-    return best
+            samples[name].append((time.perf_counter() - start) / number)
+    if medians is not None:
+        medians.update({name: float(np.median(values)) for name, values in samples.items()})
+    return {name: min(values) for name, values in samples.items()}
 
 
 def _check_equal(name, ours, theirs):
@@ -386,10 +392,10 @@ def format_table(rows):
     return "\n".join(out)
 
 
-QUICK = {"repeats": 5, "min_sample": 0.005, "queries": 10_000, "append_blocks_per_sequence": 32,
+QUICK = {"repeats": 15, "min_sample": 0.002, "queries": 10_000, "append_blocks_per_sequence": 32,
          "sweep_tokens": [1 << 10, 1 << 13, 1 << 16, 1 << 20], "sweep_sequences": [4, 16, 64, 256],
          "sweep_repeats": 3}
-FULL = {"repeats": 15, "min_sample": 0.02, "queries": 100_000, "append_blocks_per_sequence": 64,
+FULL = {"repeats": 41, "min_sample": 0.005, "queries": 100_000, "append_blocks_per_sequence": 64,
         "sweep_tokens": [1 << k for k in range(8, 21, 2)], "sweep_sequences": [1, 4, 16, 64, 256],
         "sweep_repeats": 7}
 

@@ -79,3 +79,18 @@ def test_nvcc_compiles_to_ptx(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     entries = set(re.findall(r"\.entry\s+(\w+)", ptx.read_text()))
     assert entries == set(KERNEL_NAMES), "every kernel keeps its unmangled extern \"C\" name"
+
+
+def test_hiprtc_check_fails_on_a_warning(tmp_path):
+    """The hiprtc check is only worth having if a warning in the log fails it."""
+    if not _has_hiprtc():
+        pytest.skip("hiprtc (libamdhip64) not installed: apt-get install -y hipcc")
+    source = tmp_path / "warns.cu"
+    source.write_text(
+        '__device__ int maybe(int a) { if (a) return 1; }\n'
+        'extern "C" __global__ void k(int* x) { x[0] = maybe(x[1]); }\n'
+    )
+    result = subprocess.run([sys.executable, HIPRTC_SCRIPT, str(source), "gfx90a"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "warning" in result.stdout

@@ -100,38 +100,39 @@ class GetBlockForPosition:
 class Append:
     """Growing a fresh table by ``append_blocks`` / ``append_block`` (speed goal 4).
 
-    Blocks arrive round-robin over up to 1,024 sequences.  The table is created inside
-    the timed call (an empty PageTable costs well under a microsecond) so every call
-    starts from the same state.
+    Blocks arrive over up to 1,024 sequences, round-robin ("interleaved", one block per
+    sequence per step, as decoding appends) or "grouped" (as a prefill appends).  The
+    table is created inside the timed call (an empty PageTable costs well under a
+    microsecond) so every call starts from the same state.
     """
 
-    params = [1_024, 16_384, 131_072]
-    param_names = ["blocks"]
+    params = ([1_024, 16_384, 131_072], ORDERS)
+    param_names = ["blocks", "order"]
 
-    def setup(self, num_blocks):
-        self.owners, self.blocks, self.owner_list, self.block_list = append_stream(num_blocks)
+    def setup(self, num_blocks, order):
+        self.owners, self.blocks, self.owner_list, self.block_list = append_stream(num_blocks, order)
         self.PageTable = page_table_class()
 
-    def time_pagetable_append_blocks(self, num_blocks):
+    def time_pagetable_append_blocks(self, num_blocks, order):
         self.PageTable(16).append_blocks(self.owners, self.blocks)
 
-    def time_pagetable_append_block_loop(self, num_blocks):
+    def time_pagetable_append_block_loop(self, num_blocks, order):
         table = self.PageTable(16)
         for seq_id, block_id in zip(self.owner_list, self.block_list):
             table.append_block(seq_id, block_id)
 
-    def time_dict_setdefault_loop(self, num_blocks):
+    def time_dict_setdefault_loop(self, num_blocks, order):
         baselines.setdefault_append_loop(self.owner_list, self.block_list)
 
-    def peakmem_pagetable_append_blocks(self, num_blocks):
+    def peakmem_pagetable_append_blocks(self, num_blocks, order):
         self.PageTable(16).append_blocks(self.owners, self.blocks)
 
-    def peakmem_pagetable_append_block_loop(self, num_blocks):
+    def peakmem_pagetable_append_block_loop(self, num_blocks, order):
         table = self.PageTable(16)
         for seq_id, block_id in zip(self.owner_list, self.block_list):
             table.append_block(seq_id, block_id)
 
-    def peakmem_dict_setdefault_loop(self, num_blocks):
+    def peakmem_dict_setdefault_loop(self, num_blocks, order):
         baselines.setdefault_append_loop(self.owner_list, self.block_list)
 
 

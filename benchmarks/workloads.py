@@ -72,8 +72,13 @@ def lognormal_workload(num_sequences):
 
 
 @functools.lru_cache(maxsize=None)
-def append_stream(num_blocks):
-    """(owners, blocks) as arrays and as Python lists: blocks round-robin over 1,024 sequences."""
+def append_stream(num_blocks, order="interleaved"):
+    """(owners, blocks) as arrays and as Python lists, over up to 1,024 sequences.
+
+    "interleaved": round-robin, one block per sequence per step (decode);
+    "grouped": each sequence's blocks together (prefill).
+    """
     per_sequence = max(num_blocks // 1024, 1)
-    owners, blocks = baselines.append_stream(min(num_blocks, 1024), per_sequence)
+    owners, blocks = baselines.append_stream(min(num_blocks, 1024), per_sequence,
+                                             grouped=order == "grouped")
     return owners, blocks, owners.tolist(), blocks.tolist()

@@ -192,10 +192,17 @@ def random_queries(workload, count, seed=0):
     return workload.seq_ids[rows].tolist(), positions.tolist()
 
 
-def append_stream(num_sequences, blocks_per_sequence, seed=0):
-    """Blocks arriving one per sequence per step, round-robin (int64 seq ids, int32 blocks)."""
+def append_stream(num_sequences, blocks_per_sequence, grouped=False, seed=0):
+    """Blocks to append (int64 seq ids, int32 block ids).
+
+    Round-robin (default): one block per sequence per step, as decoding appends them.
+    Grouped: each sequence's blocks together, as a prefill appends them.
+    """
     seq_ids = sequence_ids(num_sequences, seed)
-    owners = np.tile(seq_ids, blocks_per_sequence)
+    if grouped:
+        owners = np.repeat(seq_ids, blocks_per_sequence)
+    else:
+        owners = np.tile(seq_ids, blocks_per_sequence)
     blocks = np.random.default_rng(seed + 6).permutation(len(owners)).astype(np.int32)
     return owners, blocks
 

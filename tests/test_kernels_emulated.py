@@ -587,9 +587,10 @@ def test_gpu_bench_runs_on_emulated_device(fake_cupy, tmp_path, capsys):
     spec.loader.exec_module(bench)
     status = bench.main([
         "--tokens", "2051", "--requests", "4", "--sync-sequences", "64", "--max-blocks", "64",
-        "--repeats", "1", "--sync-steps", "4", "--no-triton", "--out", str(tmp_path),
+        "--repeats", "1", "--sync-steps", "4", "--out", str(tmp_path),
     ])
     assert status == 0
     report = capsys.readouterr().out
     assert "slot_mapping_from_batch (ours)" in report and "sync()" in report
+    assert "Triton, one program per request" in report
     assert (tmp_path / "gpu_bench.md").exists() and (tmp_path / "gpu_bench.json").exists()

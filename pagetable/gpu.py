@@ -589,7 +589,8 @@ class _StagingBuffer:
         self.capacity = max(int(num_int32), 1024)
         self.memory = cupy.cuda.alloc_pinned_memory(self.capacity * 4)
         self.array = np.frombuffer(self.memory, dtype=np.int32, count=self.capacity)
-        self.copy_done: Any = None  # a cupy.cuda.Event once a copy from here is queued
+        self.copy_done = cupy.cuda.Event(disable_timing=True)
+        self.copy_queued = False
 
 
 class DeviceBlockTable:
@@ -681,7 +682,9 @@ class DeviceBlockTable:
                 self._unused_last_page_len = cupy.zeros(1, dtype=cupy.int32)
                 self._unused_positions = cupy.zeros(1, dtype=cupy.int64)
             self._stream.synchronize()
-        self._staging = [_StagingBuffer(cupy, 1024) for _ in range(num_staging_buffers)]
+            self._caller_done = cupy.cuda.Event(disable_timing=True)
+            self._upload_done = cupy.cuda.Event(disable_timing=True)
+            self._staging = [_StagingBuffer(cupy, 1024) for _ in range(num_staging_buffers)]
         self._next_staging = 0
         self.last_sync: SyncStats = SyncStats("none", 0, self._mirror.table_bytes)
         """Statistics of the most recent :meth:`sync`."""
@@ -805,9 +808,9 @@ class DeviceBlockTable:
     def _staging_buffer(self, num_int32: int) -> _StagingBuffer:
         """The next staging buffer in rotation, once its previous copy has finished."""
         buffer = self._staging[self._next_staging]
-        if buffer.copy_done is not None:
+        if buffer.copy_queued:
             buffer.copy_done.synchronize()
-            buffer.copy_done = None
+            buffer.copy_queued = False
         if buffer.capacity < num_int32:
             buffer = _StagingBuffer(self._cupy, max(num_int32, 2 * buffer.capacity))
             self._staging[self._next_staging] = buffer
@@ -835,13 +838,15 @@ class DeviceBlockTable:
             return plan.stats
         with self._device:
             caller_stream = cupy.cuda.get_current_stream()
-            caller_done = cupy.cuda.Event(disable_timing=True)
+            # Events are reused: a wait is bound to the record before it, so recording
+            # again at the next sync cannot disturb this sync's waits.
+            caller_done = self._caller_done
             caller_done.record(caller_stream)
             if plan.stats.mode == "incremental":
                 self._upload_incremental(plan, caller_done)
             else:
                 self._upload_full(plan, caller_done)
-            upload_done = cupy.cuda.Event(disable_timing=True)
+            upload_done = self._upload_done
             upload_done.record(self._stream)
             caller_stream.wait_event(upload_done)
         self._mirror.commit()
@@ -863,8 +868,8 @@ class DeviceBlockTable:
             # The copy needs nothing from the caller's stream, so it overlaps its work;
             # only the scatter waits for it.
             self._device_updates.data.copy_from_host_async(staging.memory.ptr, count * 4, self._stream)
-            staging.copy_done = cupy.cuda.Event(disable_timing=True)
             staging.copy_done.record(self._stream)
+            staging.copy_queued = True
             self._stream.wait_event(caller_done)
             grid, block = launch_shape_per_item(plan.num_cell_updates + plan.num_length_updates)
             _launch(
@@ -874,7 +879,6 @@ class DeviceBlockTable:
             )
 
     def _upload_full(self, plan: _UploadPlan, caller_done) -> None:
-        cupy = self._cupy
         full_table, full_lengths = plan.full_table, plan.full_lengths
         assert full_table is not None and full_lengths is not None
         table_count = full_table.size
@@ -888,8 +892,8 @@ class DeviceBlockTable:
             self._row_lengths.data.copy_from_host_async(
                 staging.memory.ptr + table_count * 4, full_lengths.size * 4, self._stream
             )
-            staging.copy_done = cupy.cuda.Event(disable_timing=True)
             staging.copy_done.record(self._stream)
+            staging.copy_queued = True
 
     # ---------------------------------------------------------------- device queries
 

@@ -31,7 +31,7 @@ class ManagerMachine(RuleBasedStateMachine):
         super().__init__()
         self.live = []
 
-    @initialize(block_size=st.sampled_from([1, 2, 3, 4, 16]), num_blocks=st.integers(1, 48))
+    @initialize(block_size=st.sampled_from([1, 2, 3, 4, 16]), num_blocks=st.integers(1, 40))
     def make(self, block_size, num_blocks):
         self.fast = KVCacheManager(num_blocks, block_size)
         self.ref = ReferenceKVCacheManager(num_blocks, block_size)
@@ -66,6 +66,26 @@ class ManagerMachine(RuleBasedStateMachine):
         can = self.fast.can_append(ids, counts)
         assert can == self.ref.can_append(ids, counts)
         result = self.both(lambda m: m.append_tokens(ids, counts))
+        assert (result != "OutOfBlocksError") == can
+
+    @precondition(lambda self: self.live)
+    @rule()
+    def decode_step(self):
+        # One token for every live sequence, as an engine's decode step.
+        self.both(lambda m: m.append_tokens(self.live, 1))
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data(), count=st.integers(1, 4))
+    def fork_and_append_together(self, data, count):
+        # Parent and child write into their shared last block in the same call:
+        # the first copies, the second then owns the block.
+        parent = data.draw(st.sampled_from(self.live))
+        child = self.fresh_id()
+        self.both(lambda m: m.fork(parent, child))
+        self.live.append(child)
+        order = data.draw(st.permutations([parent, child]))
+        can = self.fast.can_append(order, count)
+        result = self.both(lambda m: m.append_tokens(order, count))
         assert (result != "OutOfBlocksError") == can
 
     @precondition(lambda self: self.live)
@@ -118,5 +138,5 @@ class ManagerMachine(RuleBasedStateMachine):
             self.fast.check()
 
 
-ManagerMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
+ManagerMachine.TestCase.settings = settings(max_examples=100, stateful_step_count=50, deadline=None)
 TestManagerMachine = ManagerMachine.TestCase

@@ -14,32 +14,20 @@ from typing import Iterable
 import numpy as np
 
 from pagetable._convert import INT64_MAX, as_index, as_int_array, check_range
+# The exception and the result container are shared with the Cython manager, so that
+# callers catch one OutOfBlocksError; every decision below is plain Python.
+from pagetable._manager import AppendResult, OutOfBlocksError
 
 PAD_SLOT_ID = -1
 BLOCK_ID_MAX = 2**31 - 1
 
 
-class OutOfBlocksError(RuntimeError):
-    """The pool has fewer free blocks than a call needs (the call changed nothing)."""
-
-    def __init__(self, requested: int, available: int) -> None:
-        super().__init__(f"need {requested} free blocks, only {available} available")
-        self.requested = requested
-        self.available = available
-
-
-class AppendResult:
-    """What an engine needs after a growth call: slots to write, blocks to copy."""
-
-    __slots__ = ("slots", "copy_src", "copy_dst")
-
-    def __init__(self, slots: list[int], copy_src: list[int], copy_dst: list[int]) -> None:
-        self.slots = np.array(slots, dtype=np.int64)
-        self.copy_src = np.array(copy_src, dtype=np.int32)
-        self.copy_dst = np.array(copy_dst, dtype=np.int32)
-
-    def __repr__(self) -> str:
-        return f"AppendResult(slots={self.slots!r}, copy_src={self.copy_src!r}, copy_dst={self.copy_dst!r})"
+def _result(slots: list[int], copy_src: list[int], copy_dst: list[int]) -> AppendResult:
+    return AppendResult(
+        np.array(slots, dtype=np.int64),
+        np.array(copy_src, dtype=np.int32),
+        np.array(copy_dst, dtype=np.int32),
+    )
 
 
 class ReferenceBlockAllocator:
@@ -217,7 +205,7 @@ class ReferenceKVCacheManager:
         self._blocks[seq] = [int(b) for b in self._allocator.allocate(need)]
         self._tokens[seq] = n
         slots = [self._slot(seq, p) for p in range(n)]
-        return AppendResult(slots, [], [])
+        return _result(slots, [], [])
 
     def _slot(self, seq: int, position: int) -> int:
         block = self._blocks[seq][position // self._block_size]
@@ -251,7 +239,7 @@ class ReferenceKVCacheManager:
             for p in range(tokens, tokens + k):
                 slots.append(self._slot(s, p))
             self._tokens[s] = tokens + k
-        return AppendResult(slots, copy_src, copy_dst)
+        return _result(slots, copy_src, copy_dst)
 
     def can_append(self, seq_ids: object, num_new_tokens: object = 1) -> bool:
         ids = self._known(seq_ids)

@@ -41,7 +41,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pagetable._manager import KVCacheManager, OutOfBlocksError
-from pagetable.reference_manager import OutOfBlocksError as ReferenceOutOfBlocksError
 from pagetable.reference_manager import ReferenceKVCacheManager
 
 # (mean, sigma, low, high) of the lognormal length distributions, clipped to [low, high].
@@ -122,7 +121,7 @@ class TableWork:
             start = clock()
             try:
                 expected = getattr(self.reference, name)(*args)
-            except ReferenceOutOfBlocksError:
+            except OutOfBlocksError:
                 expected = OutOfBlocksError
             self.reference_ns += clock() - start
             if not _same(result, expected):

@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 
 from pagetable._manager import AppendResult, KVCacheManager, OutOfBlocksError
-from pagetable.reference_manager import OutOfBlocksError as ReferenceOutOfBlocksError
 from pagetable.reference_manager import ReferenceKVCacheManager
 
 BLOCK_SIZES = [1, 3, 16]
-OUT_OF_BLOCKS = (OutOfBlocksError, ReferenceOutOfBlocksError)
+OUT_OF_BLOCKS = OutOfBlocksError
 
 
 @pytest.fixture(params=[KVCacheManager, ReferenceKVCacheManager], ids=["cython", "reference"])
@@ -356,3 +355,10 @@ def test_simulate_rejects_bad_options(capsys):
     with pytest.raises(SystemExit):
         main(["--block-size", "0"])
     assert "--block-size" in capsys.readouterr().err
+
+
+def test_reference_shares_the_exception_and_result_types():
+    reference = ReferenceKVCacheManager(2, 4)
+    assert isinstance(reference.add_sequence(0, 3), AppendResult)
+    with pytest.raises(OutOfBlocksError):
+        reference.add_sequence(1, 9)

@@ -7,10 +7,9 @@ from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from pagetable._manager import KVCacheManager, OutOfBlocksError
-from pagetable.reference_manager import OutOfBlocksError as ReferenceOutOfBlocksError
 from pagetable.reference_manager import ReferenceKVCacheManager
 
-OUT_OF_BLOCKS = (OutOfBlocksError, ReferenceOutOfBlocksError)
+OUT_OF_BLOCKS = OutOfBlocksError
 
 
 def outcome(call):

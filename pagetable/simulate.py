@@ -12,9 +12,9 @@ Alpaca about 19 / 58.  ``--n`` samples per request share the prompt through ``fo
 
 Each step, as an engine would:
 
-1. decode: every running sequence gets one token (``append_tokens``); while the pool
-   cannot cover that, the newest running request is preempted by recompute (freed, put
-   back at the head of the queue with its progress);
+1. decode: every running sequence gets one token (``append_tokens``, all-or-nothing);
+   while it raises ``OutOfBlocksError`` the newest running request is preempted by
+   recompute (freed, put back at the head of the queue with its progress);
 2. admission: waiting requests are admitted in order while the batch has room and the
    pool keeps a 1% watermark free: ``add_sequence`` for the prompt, ``fork`` for the
    other samples, and for a recomputed request ``append_tokens`` of each sample's
@@ -269,16 +269,21 @@ def simulate(args: argparse.Namespace) -> dict:
 
         # 1. Decode: one token for every running sequence, preempting while the pool is short.
         # The scheduler hands the manager arrays, as an engine's would.
-        decode_ids = np.array([s for r in running for s in r.seq_ids if s >= 0], dtype=np.int64)
-        while decode_ids.size and not table("can_append", decode_ids, 1):
-            preempt(running[-1])
-            decode_ids = np.array([s for r in running for s in r.seq_ids if s >= 0], dtype=np.int64)
+        # append_tokens is all-or-nothing, so the scheduler just tries it.
         decode_slots = []
-        if decode_ids.size:
-            result = table("append_tokens", decode_ids, 1)
+        while running:
+            decode_ids = np.array([s for r in running for s in r.seq_ids if s >= 0], dtype=np.int64)
+            try:
+                result = table("append_tokens", decode_ids, 1)
+            except OutOfBlocksError:
+                preempt(running[-1])
+                continue
             decode_slots.append(result.slots)
             totals["copies"] += len(result.copy_src)
             totals["decode_tokens"] += len(decode_ids)
+            break
+        else:
+            decode_ids = np.empty(0, dtype=np.int64)
 
         # 2. Admission, in arrival order (preempted requests first).
         prefill_ids: list[int] = []

@@ -526,6 +526,8 @@ cdef class KVCacheManager:
         A scalar count is stored in ``scalar`` and read with stride 0, so a decode step
         allocates no count array.
         """
+        if isinstance(num_new_tokens, np.ndarray) and num_new_tokens.ndim == 0:
+            num_new_tokens = num_new_tokens.item()     # a 0-d array is a scalar count
         if isinstance(num_new_tokens, (list, tuple, np.ndarray)):
             counts = _int64_vector(num_new_tokens, "num_new_tokens")
             if counts.shape[0] != n:

@@ -161,6 +161,8 @@ class ReferenceKVCacheManager:
             seen.add(s)
 
     def _counts(self, num_new_tokens: object, n: int) -> list[int]:
+        if isinstance(num_new_tokens, np.ndarray) and num_new_tokens.ndim == 0:
+            num_new_tokens = num_new_tokens.item()
         if isinstance(num_new_tokens, (list, tuple, np.ndarray)):
             counts = [int(c) for c in as_int_array(num_new_tokens, "num_new_tokens")]
             if len(counts) != n:

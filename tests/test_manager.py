@@ -75,9 +75,12 @@ def test_append_many_tokens_per_sequence(make, block_size):
     manager = make(64, block_size)
     manager.add_sequence(1, 0)
     manager.add_sequence(2, 2)
-    result = manager.append_tokens(np.array([2, 1], dtype=np.uint16), [block_size + 2, 0])
+    result = manager.append_tokens(np.array([2, 1], dtype=np.uint16), np.array([block_size + 2, 0])[::1])
     assert result.slots.tolist() == expected_slots(manager, 2, 2, block_size + 4)
     assert manager.seq_lens([1, 2]).tolist() == [0, block_size + 4]
+    manager.append_tokens(np.array([1, 2])[::-1], np.int32(2))       # a view, a numpy scalar
+    manager.append_tokens((1,), np.array(1))                          # a 0-d array is a scalar
+    assert manager.seq_lens([1, 2]).tolist() == [3, block_size + 6]
     manager.check()
 
 
@@ -251,6 +254,9 @@ def bad_calls():
         ("negative scalar append", lambda m: m.append_tokens([1], -2), ValueError, "num_new_tokens"),
         ("float append", lambda m: m.append_tokens([1], 1.5), TypeError, "num_new_tokens"),
         ("float counts", lambda m: m.append_tokens([1], [1.5]), TypeError, "num_new_tokens"),
+        ("0-d float count", lambda m: m.append_tokens([1], np.array(1.0)), TypeError, "num_new_tokens"),
+        ("bool count", lambda m: m.append_tokens([1], True), TypeError, "num_new_tokens"),
+        ("2-D counts", lambda m: m.append_tokens([1], [[1]]), ValueError, "num_new_tokens"),
         ("length mismatch", lambda m: m.append_tokens([1, 2], [1]), ValueError, "num_new_tokens"),
         ("duplicate append", lambda m: m.append_tokens([1, 2, 1]), ValueError, "seq_ids"),
         ("duplicate free", lambda m: m.free_sequence([2, 2]), ValueError, "seq_ids"),

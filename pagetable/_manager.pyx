@@ -329,7 +329,8 @@ cdef object _int64_vector(values, str name):
     used as it is, anything else goes through the shared validation."""
     if (type(values) is np.ndarray and cnp.PyArray_NDIM(values) == 1
             and cnp.PyArray_TYPE(values) == cnp.NPY_INT64
-            and cnp.PyArray_IS_C_CONTIGUOUS(values)):
+            and cnp.PyArray_IS_C_CONTIGUOUS(values)
+            and cnp.PyArray_ISBEHAVED_RO(values)):      # aligned, native byte order
         return values
     return as_int_array(values, name)
 

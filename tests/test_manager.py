@@ -80,6 +80,7 @@ def test_append_many_tokens_per_sequence(make, block_size):
     assert manager.seq_lens([1, 2]).tolist() == [0, block_size + 4]
     manager.append_tokens(np.array([1, 2])[::-1], np.int32(2))       # a view, a numpy scalar
     manager.append_tokens((1,), np.array(1))                          # a 0-d array is a scalar
+    assert manager.seq_lens(np.array([1, 2], dtype=">i8")).tolist() == manager.seq_lens([1, 2]).tolist()
     assert manager.seq_lens([1, 2]).tolist() == [3, block_size + 6]
     manager.check()
 

@@ -40,11 +40,18 @@ cdef class PageTable:
         object _row_cap_arr        # int32: blocks reserved in the pool
         object _row_seq_arr        # int64: sequence id, -1 for a free row
         object _row_order_arr      # int64: insertion stamp, for iteration order
+        object _row_pending_arr    # int32: scratch for append_blocks, all zero between calls
+        object _row_version_arr    # int64: stamp of the row's last change (see versions())
+        object _row_rewrite_arr    # int64: stamp of its last change other than an append
         int64_t* _row_start
         int32_t* _row_len
         int32_t* _row_cap
         int64_t* _row_seq
         int64_t* _row_order
+        int32_t* _row_pending
+        int64_t* _row_version
+        int64_t* _row_rewrite
+        int64_t _next_version
         int32_t _rows_used         # high-water mark of rows handed out
         int32_t _rows_capacity
         object _free_rows          # list of recycled row indices
@@ -74,6 +81,8 @@ cdef class PageTable:
     cdef int _reserve_row(self, row_t row, int64_t min_capacity) except -1
     cdef int _append_to_row(self, row_t row, const block_id_t* blocks, int64_t count) except -1
     cdef int _drop_row(self, row_t row) except -1
+    # Replace one block (copy-on-write) and record the change for device mirrors.
+    cdef void _set_block_at(self, row_t row, int64_t index, block_id_t block) noexcept nogil
 
     # Internal storage management.
     cdef int _allocate_index(self, int64_t capacity) except -1
@@ -82,6 +91,8 @@ cdef class PageTable:
     cdef int _grow_index(self) except -1
     cdef int _grow_rows(self, int32_t capacity) except -1
     cdef int _compact_into(self, object target_arr) except -1
+    cdef int _append_many(self, object seq_array, object block_array) except -1
+    cdef int _undo_pending(self, int32_t* touched, int64_t num_touched, int64_t first_new_order) except -1
     cdef int _ensure_pool_space(self, int64_t needed) except -1
     cdef int _set_pool(self, object pool_map, int64_t capacity) except -1
     cdef int _resize_pool(self, int64_t capacity) except -1

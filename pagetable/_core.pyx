@@ -457,6 +457,7 @@ cdef class PageTable:
             self._block_mask = 0
         self._free_rows = []
         self._next_order = 0
+        self._next_version = 0
         self._num_sequences = 0
         self._rows_used = 0
         self._rows_capacity = 0
@@ -575,12 +576,18 @@ cdef class PageTable:
         cap = np.zeros(capacity, dtype=np.int32)
         seq = np.full(capacity, -1, dtype=np.int64)
         order = np.zeros(capacity, dtype=np.int64)
+        pending = np.zeros(capacity, dtype=np.int32)
+        version = np.zeros(capacity, dtype=np.int64)
+        rewrite = np.zeros(capacity, dtype=np.int64)
         if used:
             start[:used] = self._row_start_arr[:used]
             length[:used] = self._row_len_arr[:used]
             cap[:used] = self._row_cap_arr[:used]
             seq[:used] = self._row_seq_arr[:used]
             order[:used] = self._row_order_arr[:used]
+            pending[:used] = self._row_pending_arr[:used]
+            version[:used] = self._row_version_arr[:used]
+            rewrite[:used] = self._row_rewrite_arr[:used]
         self._row_start_arr = start
         self._row_len_arr = length
         self._row_cap_arr = cap
@@ -591,6 +598,12 @@ cdef class PageTable:
         self._row_cap = <int32_t*>cnp.PyArray_DATA(cap)
         self._row_seq = <int64_t*>cnp.PyArray_DATA(seq)
         self._row_order = <int64_t*>cnp.PyArray_DATA(order)
+        self._row_pending_arr = pending
+        self._row_pending = <int32_t*>cnp.PyArray_DATA(pending)
+        self._row_version_arr = version
+        self._row_version = <int64_t*>cnp.PyArray_DATA(version)
+        self._row_rewrite_arr = rewrite
+        self._row_rewrite = <int64_t*>cnp.PyArray_DATA(rewrite)
         self._rows_capacity = capacity
         return 0
 
@@ -630,6 +643,9 @@ cdef class PageTable:
         self._row_cap[row] = 0
         self._row_seq[row] = seq_id
         self._row_order[row] = self._next_order
+        self._next_version += 1
+        self._row_version[row] = self._next_version
+        self._row_rewrite[row] = self._next_version
         self._next_order += 1
         self._index_insert(seq_id, row)
         self._num_sequences += 1
@@ -763,6 +779,8 @@ cdef class PageTable:
         self._reserve_row(row, length + count)
         memcpy(self._pool + self._row_start[row] + length, blocks, <size_t>count * sizeof(int32_t))
         self._row_len[row] = <int32_t>(length + count)
+        self._next_version += 1
+        self._row_version[row] = self._next_version
         self._total_blocks += count
         return 0
 
@@ -838,9 +856,12 @@ cdef class PageTable:
             row = self._get_or_create_row(seq_id)
         length = self._row_len[row]
         if length >= self._row_cap[row]:
-            self._reserve_row(row, <int64_t>length + 1)
+            # A sequence grown one block at a time starts with room for four.
+            self._reserve_row(row, <int64_t>length + 1 if length else 4)
         self._pool[self._row_start[row] + length] = block
         self._row_len[row] = length + 1
+        self._next_version += 1
+        self._row_version[row] = self._next_version
         self._total_blocks += 1
 
     cpdef get_block_for_position(self, sequence_id, token_pos):
@@ -1099,19 +1120,70 @@ cdef class PageTable:
         if high > INT32_MAX:
             raise OverflowError(f"block_ids must be in 0..{INT32_MAX}, got {high}")
         blocks32 = block_array.astype(np.int32)
-        cdef const int64_t[::1] seqs = seq_array
-        cdef const int32_t[::1] blocks = blocks32
-        cdef int64_t begin = 0, end
-        cdef seq_id_t seq_id
+        self._append_many(seq_array, blocks32)
+
+    cdef int _append_many(self, object seq_array, object block_array) except -1:
+        """Append validated blocks: count per row, grow each row once, then scatter.
+
+        Interleaved input would otherwise grow (and move) a row once per block.
+        ``_row_pending`` is all zeros between calls; it counts each row's new blocks.
+        """
+        cdef int64_t n = cnp.PyArray_DIM(<cnp.ndarray>seq_array, 0)
+        cdef const int64_t* seqs = _i64(seq_array)
+        cdef const int32_t* blocks = _i32(block_array)
+        rows_array = _empty(n, cnp.NPY_INT32)
+        touched_array = _empty(n, cnp.NPY_INT32)
+        cdef int32_t* rows = _i32(rows_array)
+        cdef int32_t* touched = _i32(touched_array)
+        cdef int64_t i, num_touched = 0, first_new_order = self._next_order
+        cdef seq_id_t previous = -1
+        cdef row_t row = -1
+        cdef int64_t slot
+        for i in range(n):
+            if seqs[i] != previous:
+                previous = seqs[i]
+                row = self._find_row(previous)
+                if row < 0:
+                    try:
+                        row = self._get_or_create_row(previous)
+                    except BaseException:
+                        self._undo_pending(touched, num_touched, first_new_order)
+                        raise
+            rows[i] = row
+            if self._row_pending[row] == 0:
+                touched[num_touched] = row
+                num_touched += 1
+            self._row_pending[row] += 1
+        try:
+            for i in range(num_touched):
+                row = touched[i]
+                self._reserve_row(row, <int64_t>self._row_len[row] + self._row_pending[row])
+        except BaseException:
+            self._undo_pending(touched, num_touched, first_new_order)
+            raise
+        with nogil:
+            for i in range(n):
+                row = rows[i]
+                slot = self._row_start[row] + self._row_len[row]
+                self._pool[slot] = blocks[i]
+                self._row_len[row] += 1
+            for i in range(num_touched):
+                self._row_pending[touched[i]] = 0
+                self._next_version += 1
+                self._row_version[touched[i]] = self._next_version
+        self._total_blocks += n
+        return 0
+
+    cdef int _undo_pending(self, int32_t* touched, int64_t num_touched, int64_t first_new_order) except -1:
+        """Roll back a failed ``_append_many``: clear counts, drop the rows it created."""
+        cdef int64_t i
         cdef row_t row
-        while begin < n:
-            seq_id = seqs[begin]
-            end = begin + 1
-            while end < n and seqs[end] == seq_id:
-                end += 1
-            row = self._get_or_create_row(seq_id)
-            self._append_to_row(row, &blocks[begin], end - begin)
-            begin = end
+        for i in range(num_touched):
+            row = touched[i]
+            self._row_pending[row] = 0
+            if self._row_order[row] >= first_new_order and self._row_seq[row] >= 0:
+                self._drop_row(row)
+        return 0
 
     def num_blocks(self, seq_ids):
         """Return the number of blocks mapped for each sequence.
@@ -1420,10 +1492,55 @@ cdef class PageTable:
             raise IndexError(
                 f"block_index {index} is out of range for sequence {seq_id} "
                 f"with {self._row_len[row]} blocks")
-        cdef int32_t* data = self._row_data(row)
-        old = data[<int64_t>index]
-        data[<int64_t>index] = block
+        old = self._row_data(row)[<int64_t>index]
+        self._set_block_at(row, index, block)
         return old
+
+    cdef void _set_block_at(self, row_t row, int64_t index, block_id_t block) noexcept nogil:
+        self._row_data(row)[index] = block
+        self._next_version += 1
+        self._row_version[row] = self._next_version
+        if index < self._row_len[row] - 1:
+            # Only appends and a new last block keep a mirror's copy of the row's
+            # prefix valid; an edit further in asks mirrors to rewrite the row.
+            self._row_rewrite[row] = self._next_version
+
+    def versions(self, seq_ids):
+        """Return change stamps of sequences, for mirrors that upload only what changed.
+
+        Parameters
+        ----------
+        seq_ids : array_like of int, shape (B,)
+
+        Returns
+        -------
+        version : numpy.ndarray of int64, shape (B,)
+            Changes whenever the sequence's block list changes in any way; -1 for a
+            sequence not in the table.  Stamps come from one counter per table, so
+            a removed and re-created sequence never repeats an earlier stamp.
+        rewrite_version : numpy.ndarray of int64, shape (B,)
+            Changes when the sequence is created and when a block other than its
+            current last one is replaced; -1 for a sequence not in the table.  If it
+            is unchanged, every change since was an append or a new last block, so
+            a copy of the row's earlier blocks is still valid.
+        """
+        seq_array = _int64_ids(seq_ids, "seq_ids")
+        cdef int64_t count = cnp.PyArray_DIM(<cnp.ndarray>seq_array, 0), i
+        cdef const int64_t* seqs = _i64(seq_array)
+        version = _empty(count, cnp.NPY_INT64)
+        rewrite = _empty(count, cnp.NPY_INT64)
+        cdef int64_t* version_out = _i64(version)
+        cdef int64_t* rewrite_out = _i64(rewrite)
+        cdef row_t row
+        for i in range(count):
+            if seqs[i] < 0:
+                raise ValueError(f"seq_ids must be in 0..{INT64_MAX}, got {seqs[i]} at index {i}")
+        with nogil:
+            for i in range(count):
+                row = self._find_row(seqs[i])
+                version_out[i] = self._row_version[row] if row >= 0 else -1
+                rewrite_out[i] = self._row_rewrite[row] if row >= 0 else -1
+        return version, rewrite
 
     def _memory_stats(self):
         """Return a dict describing the storage (for tests and memory reports)."""

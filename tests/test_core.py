@@ -350,3 +350,25 @@ def test_non_power_of_two_quotient_at_every_block_edge(block_size):
     slots = pt.slot_mapping(np.zeros_like(positions), positions)
     expected = np.where(positions < 3000 * block_size, positions, PAD_SLOT_ID)
     np.testing.assert_array_equal(slots, expected)
+
+
+def test_versions_track_changes():
+    pt = PageTable()
+    pt.append_blocks([1, 1, 2], [10, 11, 20])
+    v0, r0 = pt.versions([1, 2, 3])
+    assert v0[2] == -1 and r0[2] == -1 and v0.dtype == np.int64
+    pt.append_block(1, 12)
+    v1, r1 = pt.versions([1, 2])
+    assert v1[0] != v0[0] and v1[1] == v0[1] and r1[0] == r0[0]
+    pt.set_block(1, 2, 99)              # the last block: an append-compatible change
+    v2, r2 = pt.versions([1])
+    assert v2[0] != v1[0] and r2[0] == r1[0]
+    pt.set_block(1, 0, 98)              # further in: a mirror must rewrite the row
+    v3, r3 = pt.versions([1])
+    assert v3[0] != v2[0] and r3[0] != r2[0]
+    pt.remove_sequence(2)
+    pt.append_block(2, 20)
+    v4, r4 = pt.versions([2])
+    assert v4[0] != v0[1] and r4[0] != r0[1]
+    with pytest.raises(ValueError, match="seq_ids"):
+        pt.versions([-1])

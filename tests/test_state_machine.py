@@ -19,6 +19,7 @@ class PageTableMachine(RuleBasedStateMachine):
         self.block_size = None
         self.pt = None
         self.ref = None
+        self.seen = {}   # seq -> (version, rewrite_version, blocks) at the last check
 
     @precondition(lambda self: self.pt is None)
     @rule(block_size=st.sampled_from([1, 2, 3, 16, 17, 64]))
@@ -94,6 +95,7 @@ class PageTableMachine(RuleBasedStateMachine):
         clone = self.pt.copy()
         assert clone == self.pt
         self.pt = clone
+        self.seen = {}   # stamps belong to a table; a copy starts its own
 
     @precondition(lambda self: self.pt is not None)
     @rule(data=st.data(), n=st.integers(0, 60), grouped=st.booleans())
@@ -138,6 +140,27 @@ class PageTableMachine(RuleBasedStateMachine):
             assert seq in self.pt
             assert self.pt.get_sequence_blocks(seq).tolist() == blocks
         assert self.pt.get_block_for_position(14, 0) is None or 14 in self.ref.sequences
+        self.check_versions()
+
+    def check_versions(self):
+        """Stamps change exactly when a row changes; the rewrite stamp whenever a
+        mirror's copy of the row's earlier blocks would be stale."""
+        ids = list(self.ref.sequences)
+        version, rewrite = self.pt.versions(ids + [2**62 + 5])
+        assert version[-1] == -1 and rewrite[-1] == -1
+        current = {}
+        for seq, v, r in zip(ids, version.tolist(), rewrite.tolist()):
+            blocks = list(self.ref.sequences[seq])
+            current[seq] = (v, r, blocks)
+            if seq not in self.seen:
+                continue
+            old_v, old_r, old_blocks = self.seen[seq]
+            if blocks != old_blocks:
+                assert v != old_v
+            prefix_kept = blocks[: max(len(old_blocks) - 1, 0)] == old_blocks[:-1] and len(blocks) >= len(old_blocks)
+            if not prefix_kept:
+                assert r != old_r, (seq, old_blocks, blocks)
+        self.seen = current
         assert PAD_SLOT_ID == -1
 
 

@@ -121,6 +121,7 @@ def _slot_mapping_rows(PageTable, settings):
         ("1", 16, 1 << 20, False, 8.0, 1 / 1.6),
         ("1", 24, 1 << 20, False, 2.5, None),
         ("", 16, 1 << 20, True, None, None),
+        ("", 16, 1 << 16, False, None, None),   # where a parallel path may start to pay
         ("2", 16, 8192, False, 3.0, None),
         ("2", 16, 8192, True, 3.0, None),
         ("", 24, 8192, False, None, None),

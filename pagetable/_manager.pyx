@@ -353,6 +353,24 @@ cdef class KVCacheManager:
 
     Notes
     -----
+    Examples
+    --------
+    >>> from pagetable import KVCacheManager
+    >>> kv = KVCacheManager(num_blocks=8, block_size=4)
+    >>> kv.add_sequence(0, 6).slots                 # a 6-token prompt: blocks 0 and 1
+    array([0, 1, 2, 3, 4, 5])
+    >>> kv.fork(0, 1)                               # a second sample shares both blocks
+    >>> step = kv.append_tokens([0, 1])             # one decode step for both
+    >>> step.slots, step.copy_src, step.copy_dst    # 0 copies the shared partial block
+    (array([10,  6]), array([1], dtype=int32), array([2], dtype=int32))
+    >>> kv.block_table([0, 1])
+    array([[0, 2],
+           [0, 1]], dtype=int32)
+    >>> kv.flashinfer_layout([0, 1])
+    (array([0, 2, 4], dtype=int32), array([0, 2, 0, 1], dtype=int32), array([3, 3], dtype=int32))
+    >>> kv.free_sequence([0, 1]); kv.num_free_blocks
+    8
+
     Treat ``page_table`` as read-only: changing it behind the manager's back breaks
     the invariants that :meth:`check` verifies.  Like a dict, a manager is not meant
     to be mutated from several threads at once; read-only queries (``seq_lens``,

@@ -369,3 +369,12 @@ def test_reference_shares_the_exception_and_result_types():
     assert isinstance(reference.add_sequence(0, 3), AppendResult)
     with pytest.raises(OutOfBlocksError):
         reference.add_sequence(1, 9)
+
+
+def test_docstring_examples():
+    import doctest
+
+    import pagetable._manager
+
+    failures, attempted = doctest.testmod(pagetable._manager, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert attempted > 0 and failures == 0

@@ -336,6 +336,8 @@ cdef object _int64_vector(values, str name):
 
 
 cdef int64_t _as_seq_id(value, str name) except -1:
+    if type(value) is int and 0 <= value <= INT64_MAX:     # the common case, no calls
+        return value
     return check_range(as_index(value, name), 0, INT64_MAX, name)
 
 

@@ -6,6 +6,8 @@ the same inputs, so asv's graphs and ``asv compare`` show them side by side:
 - ``vllm_formula``: vLLM's host slot mapping over its persistent dense table, with the
   row indices given for free;
 - ``memcpy_floor``: ``np.copyto(out, positions)``, the least a slot mapping can cost;
+- ``input_stream_floor``: ``np.add(seq_ids, positions, out=out)``, the bytes
+  ``slot_mapping`` itself must stream (two inputs, one output);
 - ``dict_of_lists``: the seed's layout, called from a Python loop; for block_table /
   to_csr it fills a numpy array row by row from the Python lists.
 
@@ -43,6 +45,9 @@ class SlotMapping:
 
     def time_memcpy_floor(self, num_tokens, block_size, order):
         baselines.memcpy_floor(self.batch.positions, self.out)
+
+    def time_input_stream_floor(self, num_tokens, block_size, order):
+        baselines.input_stream_floor(self.batch.seq_ids, self.batch.positions, self.out)
 
     def peakmem_pagetable(self, num_tokens, block_size, order):
         self.table.slot_mapping(self.batch.seq_ids, self.batch.positions)

@@ -18,6 +18,9 @@ Baselines
 ``memcpy_floor``
     ``np.copyto(out, positions)``: read 8 bytes and write 8 bytes per token, the
     least any slot mapping over int64 arrays can cost.
+``input_stream_floor``
+    ``np.add(seq_ids, positions, out=out)``: the traffic ``slot_mapping`` itself must
+    move (two int64 inputs, one output), for information beside the memcpy floor.
 """
 
 from __future__ import annotations
@@ -279,6 +282,17 @@ def formula_lookup(dense_table, rows, positions, block_size):
 def memcpy_floor(positions, out):
     """The memory floor of a slot mapping: stream the int64 input into the int64 output."""
     np.copyto(out, positions)
+    return out
+
+
+def input_stream_floor(seq_ids, positions, out):
+    """The floor for a slot mapping that reads its sequence ids too: 16 bytes in, 8 out.
+
+    ``np.add(seq_ids, positions, out=out)`` streams exactly what ``slot_mapping`` must
+    touch per token (two int64 inputs, one int64 output), so ours can approach this,
+    never ``memcpy_floor`` (which reads one input).
+    """
+    np.add(seq_ids, positions, out=out)
     return out
 
 

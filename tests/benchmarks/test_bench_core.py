@@ -62,6 +62,12 @@ class TestSlotMapping:
                            workload.block_size, batch.out)
         np.testing.assert_array_equal(result, table.slot_mapping(batch.seq_ids, batch.positions))
 
+    def test_input_stream_floor(self, benchmark, slot_case, tokens, order):
+        workload, table, dense, batch = self._batch(slot_case, tokens, order)
+        benchmark.group = self._group(slot_case, tokens, order)
+        result = benchmark(bl.input_stream_floor, batch.seq_ids, batch.positions, batch.out)
+        np.testing.assert_array_equal(result, batch.seq_ids + batch.positions)
+
     def test_memcpy_floor(self, benchmark, slot_case, tokens, order):
         workload, table, dense, batch = self._batch(slot_case, tokens, order)
         benchmark.group = self._group(slot_case, tokens, order)

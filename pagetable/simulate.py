@@ -206,7 +206,7 @@ def simulate(args: argparse.Namespace) -> dict:
     sample_every = max(1, args.steps // 250)
     utilisation_steps, utilisation, shared_saved = [], [], []
     totals = dict(prefill_tokens=0, decode_tokens=0, recomputed_tokens=0, preemptions=0,
-                  finished_requests=0, copies=0, admitted=0)
+                  finished_requests=0, copies=0, admitted=0, rejected=0)
     progress = Progress(args.steps, not args.quiet)
 
     def live_ids(request: Request) -> list[int]:
@@ -267,9 +267,8 @@ def simulate(args: argparse.Namespace) -> dict:
             waiting.append(pending.popleft())
         table.fast_ns = table.reference_ns = 0
 
-        # 1. Decode: one token for every running sequence, preempting while the pool is short.
-        # The scheduler hands the manager arrays, as an engine's would.
-        # append_tokens is all-or-nothing, so the scheduler just tries it.
+        # 1. Decode: one token for every running sequence.  append_tokens is
+        # all-or-nothing, so the scheduler tries it and preempts while the pool is short.
         decode_slots = []
         while running:
             decode_ids = np.array([s for r in running for s in r.seq_ids if s >= 0], dtype=np.int64)
@@ -291,6 +290,12 @@ def simulate(args: argparse.Namespace) -> dict:
         while waiting and num_running_seqs + sum(1 for s in waiting[0].seq_ids if s != -2) <= args.max_batch:
             slots = admit(waiting[0])
             if slots is None:
+                if not running:
+                    # Even an otherwise empty pool cannot hold it: reject, as an engine
+                    # rejects a prompt longer than its KV cache.
+                    waiting.popleft()
+                    totals["rejected"] += 1
+                    continue
                 break
             request = waiting.popleft()
             running.append(request)
@@ -429,7 +434,8 @@ def _summary(figures: dict) -> str:
         f"block size {c['block_size']}, {c['num_blocks']} blocks, max batch {c['max_batch']}, seed {c['seed']}",
         f"  steps              {figures['steps']}  ({figures['wall_s']:.1f} s wall)",
         f"  requests           {figures['requests_arrived']} arrived, {figures['admitted']} admitted "
-        f"(incl. re-admissions), {figures['requests_finished']} finished, {figures['preemptions']} preemptions",
+        f"(incl. re-admissions), {figures['requests_finished']} finished, {figures['preemptions']} preemptions"
+        + (f", {figures['rejected']} rejected (larger than the pool)" if figures["rejected"] else ""),
         f"  tokens             {figures['tokens']} ({figures['prefill_tokens']} prefill incl. "
         f"{figures['recomputed_tokens']} recomputed, {figures['decode_tokens']} decode), "
         f"{figures['copies']} copy-on-write copies",

@@ -111,10 +111,11 @@ class TableWork:
     def __call__(self, name: str, *args):
         clock = time.perf_counter_ns
         start = clock()
+        error = None
         try:
             result = getattr(self.fast, name)(*args)
-        except OutOfBlocksError:
-            result = OutOfBlocksError
+        except OutOfBlocksError as exc:
+            result, error = OutOfBlocksError, exc
         self.fast_ns += clock() - start
         self.calls += 1
         if self.reference is not None:
@@ -126,8 +127,8 @@ class TableWork:
             self.reference_ns += clock() - start
             if not _same(result, expected):
                 raise AssertionError(f"{name}{args!r}: pagetable gave {result!r}, the reference {expected!r}")
-        if result is OutOfBlocksError:
-            raise OutOfBlocksError(0, self.fast.num_free_blocks)
+        if error is not None:
+            raise error
         return result
 
     def query(self, name: str):

@@ -760,7 +760,8 @@ cdef class KVCacheManager:
                     dst_data[copied] = fresh_data[taken]
                     copied += 1
                     refcount[last] -= 1          # stays >= 1: never frees
-                    data[length - 1] = fresh_data[taken]
+                    # Through the table, so that device mirrors see the new last block.
+                    self._table._set_block_at(row, length - 1, fresh_data[taken])
                     taken += 1
             add = self._blocks_needed(tokens + count) - length
             if add > 0:

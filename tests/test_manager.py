@@ -217,6 +217,17 @@ def test_page_table_property_mirrors_the_manager():
     assert manager.allocator.num_free == manager.num_free_blocks == 29
 
 
+def test_copy_on_write_is_recorded_in_the_table_versions():
+    manager = KVCacheManager(16, 4)
+    manager.add_sequence(1, 5)
+    manager.fork(1, 2)
+    before = manager.page_table.versions([1, 2])[0].tolist()
+    result = manager.append_tokens([2])
+    assert result.copy_src.size == 1
+    after = manager.page_table.versions([1, 2])[0].tolist()
+    assert after[0] == before[0] and after[1] != before[1]
+
+
 def test_check_catches_corruption():
     manager = KVCacheManager(16, 4)
     manager.add_sequence(1, 5)

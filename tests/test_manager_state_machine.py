@@ -29,6 +29,7 @@ class ManagerMachine(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
         self.live = []
+        self.last_seen = {}
 
     @initialize(block_size=st.sampled_from([1, 2, 3, 4, 16]), num_blocks=st.integers(1, 40))
     def make(self, block_size, num_blocks):
@@ -127,6 +128,18 @@ class ManagerMachine(RuleBasedStateMachine):
             assert a.tolist() == b.tolist()
         fast.check()
         ref.check()
+        # Every change to a sequence's blocks goes through the table, so its change
+        # stamp moves with it (what device mirrors rely on).
+        versions = fast.page_table.versions(live)[0].tolist() if live else []
+        table = fast.block_table(live).tolist()
+        seen = {}
+        for seq, version, row in zip(live, versions, table):
+            blocks = tuple(b for b in row if b >= 0)
+            old = self.last_seen.get(seq)
+            if old is not None and old[0] != blocks:
+                assert version != old[1], f"sequence {seq} changed without a new version"
+            seen[seq] = (blocks, version)
+        self.last_seen = seen
 
     def teardown(self):
         if hasattr(self, "fast") and self.live:

@@ -1,5 +1,10 @@
+import os
+import pathlib
+
 import numpy as np
 import pytest
+
+import pagetable
 
 from pagetable import PageTable
 from pagetable.reference import ReferencePageTable
@@ -31,3 +36,15 @@ def build_random(block_size, num_sequences=50, max_blocks=40, seed=0, id_scale=1
 def snapshot(pt):
     """Everything observable about a table, for "unchanged" checks."""
     return (pt.block_size, [(s, pt.get_sequence_blocks(s).tolist()) for s in pt], len(pt), pt.total_blocks)
+
+
+def child_env():
+    """Environment for a child Python that must import the very package under test.
+
+    Children run outside the source tree (an uncompiled checkout there would shadow an
+    installed build); PYTHONPATH points them at wherever this process found pagetable.
+    """
+    env = dict(os.environ)
+    root = str(pathlib.Path(pagetable.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    return env

@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from conftest import child_env
+
 pytest.importorskip("mypy")
 
 PACKAGE = pathlib.Path(__import__("pagetable").__file__).parent
@@ -22,6 +24,6 @@ def test_stubtest(module, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "mypy.stubtest", module, "--ignore-missing-stub"],
         capture_output=True, text=True, timeout=600,
-        cwd=tmp_path,  # check the installed package, not a source tree in the cwd
+        cwd=tmp_path, env=child_env(),
     )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -265,6 +265,10 @@ class _HostMirror:
         self.device_last_block = np.full(max_rows, PAD_SLOT_ID, dtype=np.int32)
         self.needs_rewrite = np.zeros(max_rows, dtype=bool)
         self.needs_clear = np.zeros(max_rows, dtype=bool)
+        # The page table's change stamps (PageTable.versions) as of the last upload:
+        # a row whose stamp is unchanged needs nothing, whatever else happened.
+        self.device_version = np.full(max_rows, -2, dtype=np.int64)
+        self.device_rewrite = np.full(max_rows, -2, dtype=np.int64)
 
     @property
     def table_bytes(self) -> int:
@@ -351,6 +355,14 @@ class _HostMirror:
         """Work out what the device needs; commits nothing (see :meth:`commit`)."""
         assigned_rows = np.flatnonzero(self.row_sequence >= 0).astype(np.int32)
         seq_ids = self.row_sequence[assigned_rows]
+        versions, rewrite_versions = page_table.versions(seq_ids)
+        # Only rows whose stamps moved (or that were assigned or invalidated) can differ
+        # from the device; the rest of the plan looks at those alone.
+        moved = (versions != self.device_version[assigned_rows]) | self.needs_rewrite[assigned_rows]
+        assigned_rows = assigned_rows[moved]
+        seq_ids = seq_ids[moved]
+        versions = versions[moved]
+        rewrite_versions = rewrite_versions[moved]
         new_lengths = self._current_lengths(page_table, seq_ids)
         too_long = np.flatnonzero(new_lengths > self.max_blocks_per_seq)
         if too_long.size:
@@ -360,8 +372,10 @@ class _HostMirror:
                 f"than max_blocks_per_seq={self.max_blocks_per_seq}"
             )
         old_lengths = self.device_lengths[assigned_rows]
-        # A shrunk row may have changed anywhere below its new length; rewrite it whole.
-        rewrite = self.needs_rewrite[assigned_rows] | (new_lengths < old_lengths)
+        # A shrunk row may have changed anywhere below its new length, and a row whose
+        # rewrite stamp moved had a block other than its last replaced: rewrite it whole.
+        rewrite = (self.needs_rewrite[assigned_rows] | (new_lengths < old_lengths)
+                   | (rewrite_versions != self.device_rewrite[assigned_rows]))
 
         # Copy-on-write replaces a row's last block; compare it with what the device holds.
         kept = ~rewrite & (old_lengths > 0)
@@ -395,12 +409,12 @@ class _HostMirror:
         has_cells = counts > 0
         self._pending = (
             assigned_rows, new_lengths, assigned_rows[has_cells],
-            cell_values[np.cumsum(counts)[has_cells] - 1],
+            cell_values[np.cumsum(counts)[has_cells] - 1], versions, rewrite_versions,
         )
         if rows_changed == 0:
             return _UploadPlan(SyncStats("none", 0, self.table_bytes))
         if incremental_bytes >= full_upload_fraction * self.table_bytes:
-            return self._plan_full(page_table, assigned_rows, seq_ids, new_lengths, rows_changed)
+            return self._plan_full(page_table, rows_changed)
 
         packed = np.empty(3 * total_cells + 2 * length_rows.size, dtype=np.int32)
         cells = packed[: 3 * total_cells].reshape(total_cells, 3)
@@ -416,9 +430,16 @@ class _HostMirror:
         )
         return _UploadPlan(stats, packed, total_cells, int(length_rows.size))
 
-    def _plan_full(self, page_table, assigned_rows, seq_ids, new_lengths, rows_changed):
+    def _plan_full(self, page_table, rows_changed):
+        # A full upload rebuilds every assigned row, changed or not.
+        assigned_rows = np.flatnonzero(self.row_sequence >= 0).astype(np.int32)
+        seq_ids = self.row_sequence[assigned_rows]
+        versions, rewrite_versions = page_table.versions(seq_ids)
+        new_lengths = self._current_lengths(page_table, seq_ids)
         table = np.full((self.max_rows, self.max_blocks_per_seq), PAD_SLOT_ID, dtype=np.int32)
         lengths = np.zeros(self.max_rows, dtype=np.int32)
+        self._pending = (assigned_rows, new_lengths, assigned_rows[:0], new_lengths[:0],
+                         versions, rewrite_versions)
         if assigned_rows.size:
             counts = new_lengths.astype(np.int64)
             columns = np.arange(int(counts.sum()), dtype=np.int64)
@@ -429,15 +450,20 @@ class _HostMirror:
             has_blocks = counts > 0
             self._pending = (
                 assigned_rows, new_lengths, assigned_rows[has_blocks],
-                values[np.cumsum(counts)[has_blocks] - 1],
+                values[np.cumsum(counts)[has_blocks] - 1], versions, rewrite_versions,
             )
         stats = SyncStats("full", self.table_bytes, self.table_bytes, rows_changed=rows_changed)
         return _UploadPlan(stats, full_table=table, full_lengths=lengths)
 
     def commit(self) -> None:
         """Record that the planned upload was enqueued: the device now holds it."""
-        assigned_rows, new_lengths, rows_with_cells, last_cell_values = self._pending
+        (assigned_rows, new_lengths, rows_with_cells, last_cell_values,
+         versions, rewrite_versions) = self._pending
         del self._pending
+        self.device_version[assigned_rows] = versions
+        self.device_rewrite[assigned_rows] = rewrite_versions
+        self.device_version[self.needs_clear] = -2
+        self.device_rewrite[self.needs_clear] = -2
         self.device_lengths[self.needs_clear] = 0
         self.device_last_block[self.needs_clear] = PAD_SLOT_ID
         self.device_lengths[assigned_rows] = new_lengths
@@ -602,11 +628,12 @@ class DeviceBlockTable:
     rows with :meth:`assign` and give them back with :meth:`release`; the device kernels take
     row indices (see :meth:`rows_for`).
 
-    :meth:`sync` uploads what changed since the last call: blocks appended (found by
-    comparing ``page_table.num_blocks``), a last block replaced by copy-on-write (found by
-    comparing each row's last block), rows assigned or released, and rows named in
-    :meth:`invalidate` (use it after any other edit, e.g. ``set_block`` below the last
-    block).  Updates are packed into pinned host staging buffers, copied on a non-blocking
+    :meth:`sync` uploads what changed since the last call.  The page table's change
+    stamps (``PageTable.versions``) pick the rows that changed at all; of those, a row
+    whose rewrite stamp moved (a block other than its last was replaced) is rewritten
+    whole, and the others send only their appended blocks and, after copy-on-write, their
+    new last block.  Rows assigned or released, and rows named in :meth:`invalidate`, are
+    handled too (``invalidate`` is never required for edits made through the page table).  Updates are packed into pinned host staging buffers, copied on a non-blocking
     stream and applied by one scatter kernel; when the packed updates would be at least
     ``full_upload_fraction`` of the table's bytes, the whole table is uploaded instead.
 

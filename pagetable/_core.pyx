@@ -104,6 +104,19 @@ def _new_pool_map(int64_t capacity):
     return _mmap.mmap(-1, <Py_ssize_t>capacity * sizeof(int32_t))
 
 
+def _zeros(Py_ssize_t count, dtype):
+    """A zeroed array; a large one in its own anonymous mapping.
+
+    Metadata arrays are replaced (not resized) as a table grows.  From the heap, the
+    arrays left behind fragment it and stay resident; a mapping of its own goes back to
+    the OS the moment it is dropped, and its untouched pages never count at all.
+    """
+    cdef Py_ssize_t nbytes = count * np.dtype(dtype).itemsize
+    if nbytes < 65536:
+        return np.zeros(count, dtype=dtype)
+    return np.frombuffer(_new_pool_map((nbytes + 3) // 4), dtype=dtype, count=count)
+
+
 def _check_block_size(block_size):
     """Validate a block size: a positive integer no larger than ``MAX_BLOCK_SIZE``."""
     value = as_index(block_size, "block_size")
@@ -515,8 +528,9 @@ cdef class PageTable:
         return 0
 
     cdef int _allocate_index(self, int64_t capacity) except -1:
-        self._index_keys_arr = np.full(capacity, EMPTY_KEY, dtype=np.int64)
-        self._index_rows_arr = np.full(capacity, -1, dtype=np.int32)
+        self._index_keys_arr = _zeros(capacity, _INT64)
+        self._index_keys_arr.fill(EMPTY_KEY)
+        self._index_rows_arr = _zeros(capacity, _INT32)
         self._index_keys = <int64_t*>cnp.PyArray_DATA(self._index_keys_arr)
         self._index_rows = <int32_t*>cnp.PyArray_DATA(self._index_rows_arr)
         self._index_mask = capacity - 1
@@ -571,14 +585,15 @@ cdef class PageTable:
 
     cdef int _grow_rows(self, int32_t capacity) except -1:
         cdef int64_t used = self._rows_used
-        start = np.zeros(capacity, dtype=np.int64)
-        length = np.zeros(capacity, dtype=np.int32)
-        cap = np.zeros(capacity, dtype=np.int32)
-        seq = np.full(capacity, -1, dtype=np.int64)
-        order = np.zeros(capacity, dtype=np.int64)
-        pending = np.zeros(capacity, dtype=np.int32)
-        version = np.zeros(capacity, dtype=np.int64)
-        rewrite = np.zeros(capacity, dtype=np.int64)
+        # Rows past _rows_used are never read, so zeros (untouched pages) will do.
+        start = _zeros(capacity, _INT64)
+        length = _zeros(capacity, _INT32)
+        cap = _zeros(capacity, _INT32)
+        seq = _zeros(capacity, _INT64)
+        order = _zeros(capacity, _INT64)
+        pending = _zeros(capacity, _INT32)
+        version = _zeros(capacity, _INT64)
+        rewrite = _zeros(capacity, _INT64)
         if used:
             start[:used] = self._row_start_arr[:used]
             length[:used] = self._row_len_arr[:used]

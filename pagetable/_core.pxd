@@ -54,7 +54,9 @@ cdef class PageTable:
         int64_t _next_version
         int32_t _rows_used         # high-water mark of rows handed out
         int32_t _rows_capacity
-        object _free_rows          # list of recycled row indices
+        object _free_stack_arr     # int32: recycled rows, a stack of _num_free_rows
+        int32_t* _free_stack
+        int32_t _num_free_rows
         int64_t _next_order
         int64_t _num_sequences
 
@@ -78,6 +80,7 @@ cdef class PageTable:
     # Mutations (may allocate; raise MemoryError through except -1).  Each one may
     # move rows: re-read _row_data after calling it.
     cdef row_t _get_or_create_row(self, seq_id_t seq_id) except -1
+    cdef row_t _create_row(self, seq_id_t seq_id) except -1
     cdef int _reserve_row(self, row_t row, int64_t min_capacity) except -1
     cdef int _append_to_row(self, row_t row, const block_id_t* blocks, int64_t count) except -1
     cdef int _drop_row(self, row_t row) except -1
@@ -89,6 +92,8 @@ cdef class PageTable:
     cdef void _index_insert(self, seq_id_t seq_id, row_t row) noexcept nogil
     cdef void _index_remove(self, seq_id_t seq_id) noexcept nogil
     cdef int _grow_index(self) except -1
+    cdef int _reserve_sequences(self, int64_t extra) except -1
+    cdef int _rebuild_index(self, int64_t capacity) except -1
     cdef int _grow_rows(self, int32_t capacity) except -1
     cdef int _compact_into(self, object target_arr) except -1
     cdef int _append_many(self, object seq_array, object block_array) except -1

@@ -53,9 +53,15 @@ cdef extern from *:
     #define PAGETABLE_MAX_THREADS() 1
     #endif
     #define PAGETABLE_FIBONACCI 0x9E3779B97F4A7C15ULL
+    #if defined(__GNUC__) || defined(__clang__)
+    #define PAGETABLE_PREFETCH(address) __builtin_prefetch((const void*)(address))
+    #else
+    #define PAGETABLE_PREFETCH(address) ((void)0)
+    #endif
     """
     int PAGETABLE_MAX_THREADS() noexcept nogil
     uint64_t PAGETABLE_FIBONACCI
+    void PAGETABLE_PREFETCH(const void* address) noexcept nogil
 
 PAD_SLOT_ID = PAD
 """The one sentinel for "nothing here": unmapped slots, padding, absent blocks."""
@@ -67,9 +73,10 @@ MAX_BLOCK_SIZE = INT32_MAX
 cdef enum:
     EMPTY_KEY = -1
     # Batches at least this long are split over OpenMP threads; below it a thread
-    # team costs more than it saves.
-    PARALLEL_THRESHOLD = 65536
-    PARALLEL_CHUNK = 16384
+    # team costs more than it saves, and on a busy machine a descheduled thread
+    # holds the whole call up.  Chunks are handed out dynamically for that reason.
+    PARALLEL_THRESHOLD = 131072
+    PARALLEL_CHUNK = 8192
     MIN_INDEX_CAPACITY = 16
     MIN_POOL_CAPACITY = 256
 
@@ -201,15 +208,30 @@ def _pair(seq_ids, positions):
 # could not handle (a negative sequence id), or -1; the caller raises with the GIL.
 
 cdef inline row_t _view_find(const TableView* view, seq_id_t seq_id) noexcept nogil:
+    """Row of ``seq_id``, or -1.
+
+    The home slot and the next one are read and chosen between without a branch:
+    whether an id sits in its home slot or one further is a coin toss at the load
+    factors used, and a mispredicted branch per token cost more than the two reads.
+    """
+    cdef uint64_t mask = <uint64_t>view.index_mask
     cdef uint64_t slot = _hash_slot(seq_id, view.index_shift)
-    cdef int64_t key
+    cdef uint64_t next_slot = (slot + 1) & mask
+    cdef int64_t key = view.index_keys[slot]
+    cdef int64_t next_key = view.index_keys[next_slot]
+    cdef row_t row = view.index_rows[slot] if key == seq_id else view.index_rows[next_slot]
+    if key == seq_id or (next_key == seq_id and key != EMPTY_KEY):
+        return row
+    if key == EMPTY_KEY or next_key == EMPTY_KEY:
+        return -1
+    slot = (next_slot + 1) & mask
     while True:
         key = view.index_keys[slot]
         if key == seq_id:
             return view.index_rows[slot]
         if key == EMPTY_KEY:
             return -1
-        slot = (slot + 1) & <uint64_t>view.index_mask
+        slot = (slot + 1) & mask
 
 
 # Exact quotient by a block size that is not a power of two, for 0 <= pos < 2**52:
@@ -468,7 +490,7 @@ cdef class PageTable:
         else:
             self._block_shift = -1
             self._block_mask = 0
-        self._free_rows = []
+        self._num_free_rows = 0
         self._next_order = 0
         self._next_version = 0
         self._num_sequences = 0
@@ -575,7 +597,24 @@ cdef class PageTable:
         self._index_rows[hole] = -1
 
     cdef int _grow_index(self) except -1:
-        cdef int64_t capacity = (self._index_mask + 1) * 2
+        return self._rebuild_index((self._index_mask + 1) * 2)
+
+    cdef int _reserve_sequences(self, int64_t extra) except -1:
+        """Grow the index and the row arrays once for ``extra`` more sequences."""
+        cdef int64_t capacity = self._index_mask + 1
+        cdef int64_t needed = self._num_sequences + extra
+        cdef int64_t new_rows = extra - self._num_free_rows
+        while needed * 10 > capacity * 7:
+            capacity *= 2
+        if capacity != self._index_mask + 1:
+            self._rebuild_index(capacity)
+        if new_rows > 0 and self._rows_used + new_rows > self._rows_capacity:
+            if self._rows_used + new_rows >= INT32_MAX // 2:
+                raise OverflowError("a PageTable holds at most 2**30 sequences")
+            self._grow_rows(<int32_t>max(2 * <int64_t>self._rows_capacity, self._rows_used + new_rows))
+        return 0
+
+    cdef int _rebuild_index(self, int64_t capacity) except -1:
         cdef row_t row
         self._allocate_index(capacity)
         for row in range(self._rows_used):
@@ -594,6 +633,7 @@ cdef class PageTable:
         pending = _zeros(capacity, _INT32)
         version = _zeros(capacity, _INT64)
         rewrite = _zeros(capacity, _INT64)
+        free_stack = _zeros(capacity, _INT32)
         if used:
             start[:used] = self._row_start_arr[:used]
             length[:used] = self._row_len_arr[:used]
@@ -603,6 +643,7 @@ cdef class PageTable:
             pending[:used] = self._row_pending_arr[:used]
             version[:used] = self._row_version_arr[:used]
             rewrite[:used] = self._row_rewrite_arr[:used]
+            free_stack[:self._num_free_rows] = self._free_stack_arr[:self._num_free_rows]
         self._row_start_arr = start
         self._row_len_arr = length
         self._row_cap_arr = cap
@@ -619,6 +660,8 @@ cdef class PageTable:
         self._row_version = <int64_t*>cnp.PyArray_DATA(version)
         self._row_rewrite_arr = rewrite
         self._row_rewrite = <int64_t*>cnp.PyArray_DATA(rewrite)
+        self._free_stack_arr = free_stack
+        self._free_stack = <int32_t*>cnp.PyArray_DATA(free_stack)
         self._rows_capacity = capacity
         return 0
 
@@ -640,12 +683,18 @@ cdef class PageTable:
         cdef row_t row = self._find_row(seq_id)
         if row >= 0:
             return row
+        return self._create_row(seq_id)
+
+    cdef row_t _create_row(self, seq_id_t seq_id) except -1:
+        """Add a sequence known to be absent; return its (empty) row."""
+        cdef row_t row
         # Reserve everything first, so a MemoryError leaves no half-made row.
         # Linear probing stays short up to about 70% load with Fibonacci hashing.
         if (self._num_sequences + 1) * 10 > (self._index_mask + 1) * 7:
             self._grow_index()
-        if self._free_rows:
-            row = self._free_rows.pop()
+        if self._num_free_rows:
+            self._num_free_rows -= 1
+            row = self._free_stack[self._num_free_rows]
         else:
             if self._rows_used == self._rows_capacity:
                 if self._rows_capacity >= INT32_MAX // 2:
@@ -813,7 +862,8 @@ cdef class PageTable:
         self._row_seq[row] = -1
         self._row_start[row] = self._pool_tail
         self._num_sequences -= 1
-        self._free_rows.append(row)
+        self._free_stack[self._num_free_rows] = row
+        self._num_free_rows += 1
         if self._num_sequences == 0:
             # An empty table gives its whole pool back to reuse from the front.
             self._pool_tail = 0
@@ -1117,8 +1167,14 @@ cdef class PageTable:
         Equivalent to ``append_block(s, b)`` for each pair in order, but validated in
         full before the first block is appended.
         """
-        seq_array = as_int_array(seq_ids, "seq_ids")
-        block_array = as_int_array(block_ids, "block_ids")
+        seq_array = _int64_ids(seq_ids, "seq_ids")
+        if (cnp.PyArray_CheckExact(block_ids)
+                and cnp.PyArray_TYPE(<cnp.ndarray>block_ids) == cnp.NPY_INT32
+                and cnp.PyArray_NDIM(<cnp.ndarray>block_ids) == 1
+                and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>block_ids)):
+            block_array = block_ids       # already what the pool holds
+        else:
+            block_array = as_int_array(block_ids, "block_ids")
         if seq_array.shape[0] != block_array.shape[0]:
             raise ValueError(
                 f"seq_ids and block_ids must have the same length, "
@@ -1126,66 +1182,102 @@ cdef class PageTable:
         cdef int64_t n = seq_array.shape[0]
         if n == 0:
             return
-        if seq_array.min() < 0:
-            raise ValueError(f"seq_ids must be in 0..{INT64_MAX}, got {seq_array.min()}")
+        low = seq_array.min()
+        if low < 0:
+            raise ValueError(f"seq_ids must be in 0..{INT64_MAX}, got {low}")
         low = block_array.min()
-        high = block_array.max()
         if low < 0:
             raise ValueError(f"block_ids must be in 0..{INT32_MAX}, got {low}")
-        if high > INT32_MAX:
-            raise OverflowError(f"block_ids must be in 0..{INT32_MAX}, got {high}")
-        blocks32 = block_array.astype(np.int32)
-        self._append_many(seq_array, blocks32)
+        if cnp.PyArray_TYPE(<cnp.ndarray>block_array) != cnp.NPY_INT32:
+            high = block_array.max()
+            if high > INT32_MAX:
+                raise OverflowError(f"block_ids must be in 0..{INT32_MAX}, got {high}")
+        self._append_many(seq_array, block_array)
 
     cdef int _append_many(self, object seq_array, object block_array) except -1:
-        """Append validated blocks: count per row, grow each row once, then scatter.
+        """Append validated blocks: grow each touched row once, then copy run by run.
 
-        Interleaved input would otherwise grow (and move) a row once per block.
-        ``_row_pending`` is all zeros between calls; it counts each row's new blocks.
+        ``block_array`` is int32 or int64 (values already checked to fit int32); an
+        int64 one is narrowed while copying, so no converted copy of the input is made.
+        Temporary memory is per run of equal ids, not per block, so a bulk load of
+        grouped blocks needs almost none.  ``_row_pending`` is all zeros between calls;
+        it counts each row's new blocks so that interleaved input grows (and moves) a
+        row once per call instead of once per block.
         """
         cdef int64_t n = cnp.PyArray_DIM(<cnp.ndarray>seq_array, 0)
         cdef const int64_t* seqs = _i64(seq_array)
-        cdef const int32_t* blocks = _i32(block_array)
-        rows_array = _empty(n, cnp.NPY_INT32)
-        touched_array = _empty(n, cnp.NPY_INT32)
-        cdef int32_t* rows = _i32(rows_array)
+        cdef bint narrow = cnp.PyArray_TYPE(<cnp.ndarray>block_array) == cnp.NPY_INT32
+        cdef const int32_t* blocks32 = _i32(block_array)
+        cdef const int64_t* blocks64 = _i64(block_array)
+        cdef int64_t i, k, r, num_runs = 1, num_touched = 0, first_new_order = self._next_order
+        cdef int64_t begin, count, slot
+        cdef row_t row
+        with nogil:
+            for i in range(1, n):
+                if seqs[i] != seqs[i - 1]:
+                    num_runs += 1
+        run_starts_array = _empty(num_runs + 1, cnp.NPY_INT64)
+        run_rows_array = _empty(num_runs, cnp.NPY_INT32)
+        touched_array = _empty(num_runs, cnp.NPY_INT32)
+        cdef int64_t* run_starts = _i64(run_starts_array)
+        cdef int32_t* run_rows = _i32(run_rows_array)
         cdef int32_t* touched = _i32(touched_array)
-        cdef int64_t i, num_touched = 0, first_new_order = self._next_order
-        cdef seq_id_t previous = -1
-        cdef row_t row = -1
-        cdef int64_t slot
+        r = 0
         for i in range(n):
-            if seqs[i] != previous:
-                previous = seqs[i]
-                row = self._find_row(previous)
-                if row < 0:
-                    try:
-                        row = self._get_or_create_row(previous)
-                    except BaseException:
-                        self._undo_pending(touched, num_touched, first_new_order)
-                        raise
-            rows[i] = row
+            if i == 0 or seqs[i] != seqs[i - 1]:
+                run_starts[r] = i
+                r += 1
+        run_starts[num_runs] = n
+        # Size the index, the row arrays and the pool once for everything this call
+        # may add, instead of growing them step by step as rows appear.
+        cdef int64_t missing = 0
+        for r in range(num_runs):
+            run_rows[r] = self._find_row(seqs[run_starts[r]])
+            if run_rows[r] < 0:
+                missing += 1
+        if missing:
+            # Runs overcount new ids when input is interleaved (one id, many runs);
+            # reserving for all of them would inflate the index.  Growing past this
+            # bound is left to the usual doubling.
+            self._reserve_sequences(min(missing, max(self._num_sequences, 1024)))
+        self._ensure_pool_space(n)
+        for r in range(num_runs):
+            row = run_rows[r]
+            if row < 0:
+                try:
+                    # A new id seen in an earlier run of this call exists by now.
+                    row = self._get_or_create_row(seqs[run_starts[r]])
+                except BaseException:
+                    self._undo_pending(touched, num_touched, first_new_order)
+                    raise
+            run_rows[r] = row
             if self._row_pending[row] == 0:
                 touched[num_touched] = row
                 num_touched += 1
-            self._row_pending[row] += 1
+            self._row_pending[row] += <int32_t>(run_starts[r + 1] - run_starts[r])
         try:
-            for i in range(num_touched):
-                row = touched[i]
+            for k in range(num_touched):
+                row = touched[k]
                 self._reserve_row(row, <int64_t>self._row_len[row] + self._row_pending[row])
         except BaseException:
             self._undo_pending(touched, num_touched, first_new_order)
             raise
         with nogil:
-            for i in range(n):
-                row = rows[i]
+            for r in range(num_runs):
+                row = run_rows[r]
+                begin = run_starts[r]
+                count = run_starts[r + 1] - begin
                 slot = self._row_start[row] + self._row_len[row]
-                self._pool[slot] = blocks[i]
-                self._row_len[row] += 1
-            for i in range(num_touched):
-                self._row_pending[touched[i]] = 0
+                if narrow:
+                    memcpy(self._pool + slot, blocks32 + begin, <size_t>count * sizeof(int32_t))
+                else:
+                    for i in range(count):
+                        self._pool[slot + i] = <int32_t>blocks64[begin + i]
+                self._row_len[row] += <int32_t>count
+            for k in range(num_touched):
+                self._row_pending[touched[k]] = 0
                 self._next_version += 1
-                self._row_version[touched[i]] = self._next_version
+                self._row_version[touched[k]] = self._next_version
         self._total_blocks += n
         return 0
 
@@ -1312,7 +1404,7 @@ cdef class PageTable:
         A ``ValueError`` for a negative sequence id may leave ``out`` partly written.
         Tokens of one sequence placed next to each other cost one hash probe per
         sequence; interleaved tokens are handled exactly as well, one probe each.
-        Batches of 65,536 tokens or more are split over OpenMP threads where the
+        Batches of 131,072 tokens or more are split over OpenMP threads where the
         build has OpenMP (``OMP_NUM_THREADS`` sets the count).
         """
         seq_array, pos_array = _pair(seq_ids, positions)
@@ -1348,7 +1440,7 @@ cdef class PageTable:
             num_chunks = (n + PARALLEL_CHUNK - 1) // PARALLEL_CHUNK
             chunk_results = _empty(num_chunks, cnp.NPY_INT64)
             chunk_bad = _i64(chunk_results)
-            for chunk in prange(num_chunks, nogil=True, schedule="static"):
+            for chunk in prange(num_chunks, nogil=True, schedule="dynamic"):
                 begin = chunk * PARALLEL_CHUNK
                 end = min(begin + PARALLEL_CHUNK, n)
                 chunk_bad[chunk] = _slot_mapping_range(&view, seqs, pos, out, begin, end)

@@ -29,6 +29,7 @@ import numpy as np
 cimport numpy as cnp
 
 from pagetable._types cimport block_id_t, seq_id_t, slot_t, row_t, PAD
+from libc.stdint cimport INT32_MAX as C_INT32_MAX
 from pagetable._convert import (
     INT32_MAX,
     INT64_MAX,
@@ -152,7 +153,7 @@ cdef inline block_id_t _block_arg(object value) except? -2:
     if type(value) is not int:
         value = as_index(value, "block_id")
     result = PyLong_AsLongLongAndOverflow(value, &overflow)
-    if overflow != 0 or result < 0 or result > INT32_MAX:
+    if overflow != 0 or result < 0 or result > C_INT32_MAX:
         check_range(value, 0, INT32_MAX, "block_id")
     return <block_id_t>result
 
@@ -600,7 +601,7 @@ cdef class PageTable:
         return self._rebuild_index((self._index_mask + 1) * 2)
 
     cdef int _reserve_sequences(self, int64_t extra) except -1:
-        """Grow the index and the row arrays once for ``extra`` more sequences."""
+        """Grow the index and the row arrays once for up to ``extra`` more sequences."""
         cdef int64_t capacity = self._index_mask + 1
         cdef int64_t needed = self._num_sequences + extra
         cdef int64_t new_rows = extra - self._num_free_rows
@@ -609,7 +610,7 @@ cdef class PageTable:
         if capacity != self._index_mask + 1:
             self._rebuild_index(capacity)
         if new_rows > 0 and self._rows_used + new_rows > self._rows_capacity:
-            if self._rows_used + new_rows >= INT32_MAX // 2:
+            if self._rows_used + new_rows >= C_INT32_MAX // 2:
                 raise OverflowError("a PageTable holds at most 2**30 sequences")
             self._grow_rows(<int32_t>max(2 * <int64_t>self._rows_capacity, self._rows_used + new_rows))
         return 0
@@ -697,7 +698,7 @@ cdef class PageTable:
             row = self._free_stack[self._num_free_rows]
         else:
             if self._rows_used == self._rows_capacity:
-                if self._rows_capacity >= INT32_MAX // 2:
+                if self._rows_capacity >= C_INT32_MAX // 2:
                     raise OverflowError("a PageTable holds at most 2**30 sequences")
                 self._grow_rows(self._rows_capacity * 2)
             row = self._rows_used
@@ -790,7 +791,7 @@ cdef class PageTable:
         cdef int64_t new_capacity, old_start
         if min_capacity <= capacity:
             return 0
-        if min_capacity > INT32_MAX:
+        if min_capacity > C_INT32_MAX:
             raise OverflowError("a sequence holds at most 2**31 - 1 blocks")
         # A row that ends at the pool's tail grows in place.
         if self._row_start[row] + capacity == self._pool_tail:
@@ -802,7 +803,7 @@ cdef class PageTable:
             new_capacity = min_capacity
         else:
             new_capacity = max(min_capacity, capacity + (capacity >> 2) + 4)
-            new_capacity = min(new_capacity, <int64_t>INT32_MAX)
+            new_capacity = min(new_capacity, <int64_t>C_INT32_MAX)
         self._ensure_pool_space(new_capacity)   # may move every row
         old_start = self._row_start[row]
         if self._row_len[row]:
@@ -1228,25 +1229,23 @@ cdef class PageTable:
                 run_starts[r] = i
                 r += 1
         run_starts[num_runs] = n
-        # Size the index, the row arrays and the pool once for everything this call
-        # may add, instead of growing them step by step as rows appear.
-        cdef int64_t missing = 0
-        for r in range(num_runs):
-            run_rows[r] = self._find_row(seqs[run_starts[r]])
-            if run_rows[r] < 0:
-                missing += 1
-        if missing:
-            # Runs overcount new ids when input is interleaved (one id, many runs);
-            # reserving for all of them would inflate the index.  Growing past this
-            # bound is left to the usual doubling.
-            self._reserve_sequences(min(missing, max(self._num_sequences, 1024)))
+        # One pool reservation covers every new row (each gets its exact room at the
+        # tail).  When runs are long (grouped input, where runs are sequences), count
+        # the new ids first and size the index and row arrays once; interleaved input
+        # would pay a second probe per block for that, so there they grow by doubling.
         self._ensure_pool_space(n)
+        cdef int64_t missing = 0
+        if num_runs * 4 <= n:
+            for r in range(num_runs):
+                if self._find_row(seqs[run_starts[r]]) < 0:
+                    missing += 1
+            if missing:
+                self._reserve_sequences(missing)
         for r in range(num_runs):
-            row = run_rows[r]
+            row = self._find_row(seqs[run_starts[r]])
             if row < 0:
                 try:
-                    # A new id seen in an earlier run of this call exists by now.
-                    row = self._get_or_create_row(seqs[run_starts[r]])
+                    row = self._create_row(seqs[run_starts[r]])
                 except BaseException:
                     self._undo_pending(touched, num_touched, first_new_order)
                     raise
@@ -1268,7 +1267,9 @@ cdef class PageTable:
                 begin = run_starts[r]
                 count = run_starts[r + 1] - begin
                 slot = self._row_start[row] + self._row_len[row]
-                if narrow:
+                if count == 1:          # interleaved input: skip the memcpy call
+                    self._pool[slot] = blocks32[begin] if narrow else <int32_t>blocks64[begin]
+                elif narrow:
                     memcpy(self._pool + slot, blocks32 + begin, <size_t>count * sizeof(int32_t))
                 else:
                     for i in range(count):
@@ -1533,7 +1534,7 @@ cdef class PageTable:
         cdef int64_t b, total = 0
         for b in range(count):
             total += self._row_len[row_view[b]]
-        if total > INT32_MAX:
+        if total > C_INT32_MAX:
             raise OverflowError(f"the batch maps {total} blocks, more than int32 indices can address")
         total = 0
         for b in range(count):

@@ -796,8 +796,8 @@ class DeviceBlockTable:
     def invalidate(self, seq_ids: Any) -> None:
         """Mark sequences for a whole-row upload at the next :meth:`sync`.
 
-        Needed after edits :meth:`sync` cannot see by itself: a block replaced anywhere but
-        at the end of a sequence.
+        Never needed for edits made through the page table (its change stamps show them
+        all); useful if the device table itself was written to by other code.
 
         Parameters
         ----------

@@ -68,6 +68,9 @@ cdef class PageTable:
         int64_t _pool_tail         # first never-used entry
         int64_t _pool_garbage      # entries abandoned by relocated or removed rows
         int64_t _total_blocks      # sum of row lengths
+        # Batched calls in flight without the GIL (other threads may run meanwhile).
+        # Storage is never reallocated or compacted while this is non-zero.
+        int32_t _busy
 
     # Lookups (no Python objects touched; safe without the GIL).
     cdef row_t _find_row(self, seq_id_t seq_id) noexcept nogil
@@ -88,7 +91,7 @@ cdef class PageTable:
     cdef void _set_block_at(self, row_t row, int64_t index, block_id_t block) noexcept nogil
 
     # Internal storage management.
-    cdef int _allocate_index(self, int64_t capacity) except -1
+    cdef object _allocate_index(self, int64_t capacity)
     cdef void _index_insert(self, seq_id_t seq_id, row_t row) noexcept nogil
     cdef void _index_remove(self, seq_id_t seq_id) noexcept nogil
     cdef int _grow_index(self) except -1
@@ -99,6 +102,7 @@ cdef class PageTable:
     cdef int _append_many(self, object seq_array, object block_array) except -1
     cdef int _undo_pending(self, int32_t* touched, int64_t num_touched, int64_t first_new_order) except -1
     cdef int _ensure_pool_space(self, int64_t needed) except -1
+    cdef int _check_not_busy(self) except -1
     cdef int _set_pool(self, object pool_map, int64_t capacity) except -1
     cdef int _resize_pool(self, int64_t capacity) except -1
     cdef int _maybe_shrink(self) except -1

@@ -492,6 +492,7 @@ cdef class PageTable:
             self._block_shift = -1
             self._block_mask = 0
         self._num_free_rows = 0
+        self._busy = 0
         self._next_order = 0
         self._next_version = 0
         self._num_sequences = 0
@@ -500,7 +501,7 @@ cdef class PageTable:
         self._total_blocks = 0
         self._pool_tail = 0
         self._pool_garbage = 0
-        self._allocate_index(MIN_INDEX_CAPACITY)
+        self._rebuild_index(MIN_INDEX_CAPACITY)
         self._grow_rows(16)
         self._pool_map = None
         self._set_pool(_new_pool_map(MIN_POOL_CAPACITY), MIN_POOL_CAPACITY)
@@ -529,6 +530,14 @@ cdef class PageTable:
         self._pool_capacity = capacity
         return 0
 
+    cdef int _check_not_busy(self) except -1:
+        """Refuse to move storage while another thread reads it without the GIL."""
+        if self._busy:
+            raise RuntimeError(
+                "this PageTable is being read by a batched call in another thread; "
+                "a change that must reallocate its storage has to wait for that call")
+        return 0
+
     cdef int _resize_pool(self, int64_t capacity) except -1:
         """Give the pool ``capacity`` entries, keeping its first ``_pool_tail``.
 
@@ -537,28 +546,46 @@ cdef class PageTable:
         Elsewhere (or if the resize is refused) a fresh mapping is filled by a copy.
         """
         pool_map = self._pool_map
+        cdef int64_t old_capacity = self._pool_capacity
+        self._check_not_busy()
+        # From here to the end of the resize nothing releases the GIL or runs Python
+        # code, so no other thread can see the pool without its buffer.
         self._pool_arr = None           # drop the buffer export so the map may move
-        self._pool = NULL
         try:
             pool_map.resize(<Py_ssize_t>capacity * sizeof(int32_t))
         except (BufferError, OSError, SystemError, ValueError, TypeError):
-            fresh = _new_pool_map(capacity)
-            old = np.frombuffer(pool_map, dtype=np.int32, count=self._pool_tail)
-            np.frombuffer(fresh, dtype=np.int32, count=self._pool_tail)[:] = old
-            del old
+            self._set_pool(pool_map, old_capacity)    # the map is as it was
+            fresh = _new_pool_map(capacity)            # may let another thread run
+            np.frombuffer(fresh, dtype=np.int32, count=self._pool_tail)[:] = \
+                self._pool_arr[:self._pool_tail]
+            self._check_not_busy()
             pool_map = fresh
+        except BaseException:
+            self._set_pool(pool_map, old_capacity)
+            raise
         self._set_pool(pool_map, capacity)
         return 0
 
-    cdef int _allocate_index(self, int64_t capacity) except -1:
-        self._index_keys_arr = _zeros(capacity, _INT64)
-        self._index_keys_arr.fill(EMPTY_KEY)
-        self._index_rows_arr = _zeros(capacity, _INT32)
+    cdef object _allocate_index(self, int64_t capacity):
+        """Install an empty index of ``capacity`` slots; return the old arrays.
+
+        The caller reinserts the rows, then drops what this returns.
+        """
+        keys = _zeros(capacity, _INT64)
+        keys.fill(EMPTY_KEY)
+        rows = _zeros(capacity, _INT32)
+        # Allocation above may let another thread run; the swap below may not.  The
+        # old arrays stay referenced until every pointer is switched: freeing a mapped
+        # array releases the GIL (munmap), and no thread may see a stale pointer then.
+        self._check_not_busy()
+        retired = (self._index_keys_arr, self._index_rows_arr)
+        self._index_keys_arr = keys
+        self._index_rows_arr = rows
         self._index_keys = <int64_t*>cnp.PyArray_DATA(self._index_keys_arr)
         self._index_rows = <int32_t*>cnp.PyArray_DATA(self._index_rows_arr)
         self._index_mask = capacity - 1
         self._index_shift = _shift_for(capacity)
-        return 0
+        return retired
 
     cdef void _index_insert(self, seq_id_t seq_id, row_t row) noexcept nogil:
         cdef uint64_t slot = _hash_slot(seq_id, self._index_shift)
@@ -617,10 +644,11 @@ cdef class PageTable:
 
     cdef int _rebuild_index(self, int64_t capacity) except -1:
         cdef row_t row
-        self._allocate_index(capacity)
+        retired = self._allocate_index(capacity)
         for row in range(self._rows_used):
             if self._row_seq[row] >= 0:
                 self._index_insert(self._row_seq[row], row)
+        del retired     # only now may freeing the old index let another thread run
         return 0
 
     cdef int _grow_rows(self, int32_t capacity) except -1:
@@ -645,6 +673,13 @@ cdef class PageTable:
             version[:used] = self._row_version_arr[:used]
             rewrite[:used] = self._row_rewrite_arr[:used]
             free_stack[:self._num_free_rows] = self._free_stack_arr[:self._num_free_rows]
+        # Allocation above may let another thread run; the swap below may not.  The
+        # old arrays stay referenced until every pointer is switched: freeing a mapped
+        # array releases the GIL (munmap), and no thread may see a stale pointer then.
+        self._check_not_busy()
+        retired = (self._row_start_arr, self._row_len_arr, self._row_cap_arr, self._row_seq_arr,
+                   self._row_order_arr, self._row_pending_arr, self._row_version_arr,
+                   self._row_rewrite_arr, self._free_stack_arr)
         self._row_start_arr = start
         self._row_len_arr = length
         self._row_cap_arr = cap
@@ -737,6 +772,7 @@ cdef class PageTable:
         towards the front, in start order, so ``memmove`` never overwrites data that
         is still to be read) or a larger fresh array (growth).
         """
+        self._check_not_busy()
         cdef int32_t* target = <int32_t*>cnp.PyArray_DATA(target_arr)
         cdef int64_t write = 0
         cdef int64_t i, n
@@ -745,18 +781,20 @@ cdef class PageTable:
         live = np.flatnonzero(self._row_seq_arr[:self._rows_used] >= 0).astype(np.int32)
         cdef int32_t[::1] order = live[np.argsort(starts[live], kind="stable")]
         n = order.shape[0]
-        with nogil:
-            for i in range(n):
-                row = order[i]
-                if self._row_len[row]:
-                    memmove(target + write, self._pool + self._row_start[row],
-                            <size_t>self._row_len[row] * sizeof(int32_t))
-                self._row_start[row] = write
-                write += self._row_cap[row]
-            # Free rows point at the tail so that they look empty and harmless.
-            for i in range(self._rows_used):
-                if self._row_seq[i] < 0:
-                    self._row_start[i] = write
+        # numpy above may have let another thread start a read; check just before moving.
+        self._check_not_busy()
+        # Rows move: the GIL stays held so that no other thread reads or writes meanwhile.
+        for i in range(n):
+            row = order[i]
+            if self._row_len[row]:
+                memmove(target + write, self._pool + self._row_start[row],
+                        <size_t>self._row_len[row] * sizeof(int32_t))
+            self._row_start[row] = write
+            write += self._row_cap[row]
+        # Free rows point at the tail so that they look empty and harmless.
+        for i in range(self._rows_used):
+            if self._row_seq[i] < 0:
+                self._row_start[i] = write
         self._pool_tail = write
         self._pool_garbage = 0
         return 0
@@ -778,7 +816,7 @@ cdef class PageTable:
     cdef int _maybe_shrink(self) except -1:
         """After removals, compact and hand memory back once most of the pool is garbage."""
         cdef int64_t live = self._pool_tail - self._pool_garbage
-        if self._pool_garbage <= live or self._pool_capacity <= 65536:
+        if self._pool_garbage <= live or self._pool_capacity <= 65536 or self._busy:
             return 0
         self._compact_into(self._pool_arr)
         if self._pool_capacity > 2 * (self._pool_tail + MIN_POOL_CAPACITY):
@@ -818,7 +856,8 @@ cdef class PageTable:
         self._pool_tail += new_capacity
         # Abandoned room stays resident until reclaimed: compact once it is a quarter
         # of the live data, so resident memory tracks the mapped blocks.
-        if self._pool_garbage > 4096 and self._pool_garbage * 4 > self._pool_tail - self._pool_garbage:
+        if (self._pool_garbage > 4096 and self._busy == 0
+                and self._pool_garbage * 4 > self._pool_tail - self._pool_garbage):
             self._compact_into(self._pool_arr)
             self._release_tail_pages()
         return 0
@@ -1213,7 +1252,7 @@ cdef class PageTable:
         cdef int64_t i, k, r, num_runs = 1, num_touched = 0, first_new_order = self._next_order
         cdef int64_t begin, count, slot
         cdef row_t row
-        with nogil:
+        with nogil:    # reads only the caller's array
             for i in range(1, n):
                 if seqs[i] != seqs[i - 1]:
                     num_runs += 1
@@ -1261,24 +1300,24 @@ cdef class PageTable:
         except BaseException:
             self._undo_pending(touched, num_touched, first_new_order)
             raise
-        with nogil:
-            for r in range(num_runs):
-                row = run_rows[r]
-                begin = run_starts[r]
-                count = run_starts[r + 1] - begin
-                slot = self._row_start[row] + self._row_len[row]
-                if count == 1:          # interleaved input: skip the memcpy call
-                    self._pool[slot] = blocks32[begin] if narrow else <int32_t>blocks64[begin]
-                elif narrow:
-                    memcpy(self._pool + slot, blocks32 + begin, <size_t>count * sizeof(int32_t))
-                else:
-                    for i in range(count):
-                        self._pool[slot + i] = <int32_t>blocks64[begin + i]
-                self._row_len[row] += <int32_t>count
-            for k in range(num_touched):
-                self._row_pending[touched[k]] = 0
-                self._next_version += 1
-                self._row_version[touched[k]] = self._next_version
+        # Writing the table: the GIL stays held, so two writers never interleave.
+        for r in range(num_runs):
+            row = run_rows[r]
+            begin = run_starts[r]
+            count = run_starts[r + 1] - begin
+            slot = self._row_start[row] + self._row_len[row]
+            if count == 1:          # interleaved input: skip the memcpy call
+                self._pool[slot] = blocks32[begin] if narrow else <int32_t>blocks64[begin]
+            elif narrow:
+                memcpy(self._pool + slot, blocks32 + begin, <size_t>count * sizeof(int32_t))
+            else:
+                for i in range(count):
+                    self._pool[slot + i] = <int32_t>blocks64[begin + i]
+            self._row_len[row] += <int32_t>count
+        for k in range(num_touched):
+            self._row_pending[touched[k]] = 0
+            self._next_version += 1
+            self._row_version[touched[k]] = self._next_version
         self._total_blocks += n
         return 0
 
@@ -1323,8 +1362,12 @@ cdef class PageTable:
         cdef int64_t count = cnp.PyArray_DIM(<cnp.ndarray>seq_array, 0)
         if count == 0:
             return 0
-        with nogil:
-            bad = _resolve_rows(&view, seqs, rows, count)
+        self._busy += 1   # storage must not move while the GIL is released
+        try:
+            with nogil:
+                bad = _resolve_rows(&view, seqs, rows, count)
+        finally:
+            self._busy -= 1
         if bad >= 0:
             if seqs[bad] < 0:
                 raise ValueError(f"seq_ids must be in 0..{INT64_MAX}, got {seqs[bad]} at index {bad}")
@@ -1358,8 +1401,12 @@ cdef class PageTable:
         cdef int32_t* offset_out = _i32(offsets)
         cdef TableView view = self._view()
         cdef int64_t bad
-        with nogil:
-            bad = _lookup_range(&view, seqs, pos, block_out, offset_out, 0, n)
+        self._busy += 1   # storage must not move while the GIL is released
+        try:
+            with nogil:
+                bad = _lookup_range(&view, seqs, pos, block_out, offset_out, 0, n)
+        finally:
+            self._busy -= 1
         self._raise_bad_seq(seq_array, bad)
         if strict:
             self._raise_unmapped(seq_array, pos_array, blocks)
@@ -1435,16 +1482,24 @@ cdef class PageTable:
         cdef int64_t* chunk_bad
         cdef int threads = PAGETABLE_MAX_THREADS()
         if n < PARALLEL_THRESHOLD or threads <= 1:
-            with nogil:
-                bad = _slot_mapping_range(&view, seqs, pos, out, 0, n)
+            self._busy += 1   # storage must not move while the GIL is released
+            try:
+                with nogil:
+                    bad = _slot_mapping_range(&view, seqs, pos, out, 0, n)
+            finally:
+                self._busy -= 1
         else:
             num_chunks = (n + PARALLEL_CHUNK - 1) // PARALLEL_CHUNK
             chunk_results = _empty(num_chunks, cnp.NPY_INT64)
             chunk_bad = _i64(chunk_results)
-            for chunk in prange(num_chunks, nogil=True, schedule="dynamic"):
-                begin = chunk * PARALLEL_CHUNK
-                end = min(begin + PARALLEL_CHUNK, n)
-                chunk_bad[chunk] = _slot_mapping_range(&view, seqs, pos, out, begin, end)
+            self._busy += 1   # storage must not move while the GIL is released
+            try:
+                for chunk in prange(num_chunks, nogil=True, schedule="dynamic"):
+                    begin = chunk * PARALLEL_CHUNK
+                    end = min(begin + PARALLEL_CHUNK, n)
+                    chunk_bad[chunk] = _slot_mapping_range(&view, seqs, pos, out, begin, end)
+            finally:
+                self._busy -= 1
             for chunk in range(num_chunks):
                 if chunk_bad[chunk] >= 0:
                     bad = chunk_bad[chunk]
@@ -1495,13 +1550,17 @@ cdef class PageTable:
         cdef int32_t* target = <int32_t*>cnp.PyArray_DATA(table)
         cdef int64_t b, j, length
         cdef int32_t* dest
-        with nogil:
-            for b in range(count):
-                length = self._row_len[row_view[b]]
-                dest = target + b * width
-                memcpy(dest, self._row_data(row_view[b]), <size_t>length * sizeof(int32_t))
-                for j in range(length, width):
-                    dest[j] = PAD
+        self._busy += 1   # storage must not move while the GIL is released
+        try:
+            with nogil:
+                for b in range(count):
+                    length = self._row_len[row_view[b]]
+                    dest = target + b * width
+                    memcpy(dest, self._row_data(row_view[b]), <size_t>length * sizeof(int32_t))
+                    for j in range(length, width):
+                        dest[j] = PAD
+        finally:
+            self._busy -= 1
         return table, num_blocks
 
     def to_csr(self, seq_ids):
@@ -1543,10 +1602,14 @@ cdef class PageTable:
         indptr_view[count] = <int32_t>total
         indices = np.empty(total, dtype=np.int32)
         cdef int32_t* target = <int32_t*>cnp.PyArray_DATA(indices)
-        with nogil:
-            for b in range(count):
-                memcpy(target + indptr_view[b], self._row_data(row_view[b]),
-                       <size_t>self._row_len[row_view[b]] * sizeof(int32_t))
+        self._busy += 1   # storage must not move while the GIL is released
+        try:
+            with nogil:
+                for b in range(count):
+                    memcpy(target + indptr_view[b], self._row_data(row_view[b]),
+                           <size_t>self._row_len[row_view[b]] * sizeof(int32_t))
+        finally:
+            self._busy -= 1
         return indptr, indices
 
     # ------------------------------------------------------------------ extras
@@ -1643,11 +1706,15 @@ cdef class PageTable:
         for i in range(count):
             if seqs[i] < 0:
                 raise ValueError(f"seq_ids must be in 0..{INT64_MAX}, got {seqs[i]} at index {i}")
-        with nogil:
-            for i in range(count):
-                row = self._find_row(seqs[i])
-                version_out[i] = self._row_version[row] if row >= 0 else -1
-                rewrite_out[i] = self._row_rewrite[row] if row >= 0 else -1
+        self._busy += 1   # storage must not move while the GIL is released
+        try:
+            with nogil:
+                for i in range(count):
+                    row = self._find_row(seqs[i])
+                    version_out[i] = self._row_version[row] if row >= 0 else -1
+                    rewrite_out[i] = self._row_rewrite[row] if row >= 0 else -1
+        finally:
+            self._busy -= 1
         return version, rewrite
 
     def _memory_stats(self):

@@ -538,13 +538,9 @@ cdef class KVCacheManager:
         cdef int64_t bad
         cdef const int64_t* ids_data = <const int64_t*>cnp.PyArray_DATA(ids)
         cdef row_t* rows_data = <row_t*>cnp.PyArray_DATA(rows)
-        if distinct:
-            # Marks rows in shared scratch (the stamps): keep the GIL so that a query
-            # from another thread cannot interleave.  Read-only lookups release it.
-            bad = self._find_rows(ids_data, n, rows_data, distinct, &error)
-        else:
-            with nogil:
-                bad = self._find_rows(ids_data, n, rows_data, distinct, &error)
+        # The GIL stays held: marking rows touches shared scratch (the stamps), and
+        # another thread's call may grow the table, which this lookup reads.
+        bad = self._find_rows(ids_data, n, rows_data, distinct, &error)
         if error == PLAN_UNKNOWN:
             raise KeyError(f"{name}[{bad}] = {ids_data[bad]} is not a sequence of this manager")
         if error == PLAN_NEGATIVE:
@@ -676,9 +672,10 @@ cdef class KVCacheManager:
             self._allocator._take(need, block_data)
             self._table._append_to_row(row, block_data, need)   # room reserved above
             data = self._table._row_data(row)
-            with nogil:
-                for p in range(n):
-                    slot_data[p] = self._slot(data, p)
+            # The GIL stays held: another thread's call may grow the table or the
+            # token array, and must not do so while this loop reads them.
+            for p in range(n):
+                slot_data[p] = self._slot(data, p)
         self._row_tokens[row] = <int32_t>n
         return AppendResult(slots, _EMPTY_INT32, _EMPTY_INT32)
 
@@ -847,9 +844,10 @@ cdef class KVCacheManager:
         cdef const row_t* row_data = <const row_t*>cnp.PyArray_DATA(rows)
         out = _empty(n, cnp.NPY_INT32)
         cdef int32_t* out_data = <int32_t*>cnp.PyArray_DATA(out)
-        with nogil:
-            for i in range(n):
-                out_data[i] = self._row_tokens[row_data[i]]
+        # The GIL stays held: another thread's call may grow the table or the
+        # token array, and must not do so while this loop reads them.
+        for i in range(n):
+            out_data[i] = self._row_tokens[row_data[i]]
         return out
 
     def block_table(self, seq_ids):
@@ -870,13 +868,14 @@ cdef class KVCacheManager:
         shape[1] = width
         table = cnp.PyArray_EMPTY(2, shape, cnp.NPY_INT32, 0)
         cdef block_id_t* out = <block_id_t*>cnp.PyArray_DATA(table)
-        with nogil:
-            for i in range(n):
-                length = self._table._row_length(row_data[i])
-                memcpy(out, self._table._row_data(row_data[i]), <size_t>length * sizeof(block_id_t))
-                for j in range(length, width):
-                    out[j] = PAD
-                out += width
+        # The GIL stays held: another thread's call may grow the table or the
+        # token array, and must not do so while this loop reads them.
+        for i in range(n):
+            length = self._table._row_length(row_data[i])
+            memcpy(out, self._table._row_data(row_data[i]), <size_t>length * sizeof(block_id_t))
+            for j in range(length, width):
+                out[j] = PAD
+            out += width
         return table
 
     def flashinfer_layout(self, seq_ids):
@@ -906,16 +905,17 @@ cdef class KVCacheManager:
         cdef int32_t* last_data = <int32_t*>cnp.PyArray_DATA(last_page_len)
         cdef int32_t length
         cdef int64_t at = 0
-        with nogil:
-            indptr_data[0] = 0
-            for i in range(n):
-                length = self._table._row_length(row_data[i])
-                memcpy(indices_data + at, self._table._row_data(row_data[i]),
-                       <size_t>length * sizeof(block_id_t))
-                at += length
-                indptr_data[i + 1] = <int32_t>at
-                tokens = self._row_tokens[row_data[i]]
-                last_data[i] = <int32_t>(self._block_offset(tokens - 1) + 1) if tokens else 0
+        # The GIL stays held: another thread's call may grow the table or the
+        # token array, and must not do so while this loop reads them.
+        indptr_data[0] = 0
+        for i in range(n):
+            length = self._table._row_length(row_data[i])
+            memcpy(indices_data + at, self._table._row_data(row_data[i]),
+                   <size_t>length * sizeof(block_id_t))
+            at += length
+            indptr_data[i + 1] = <int32_t>at
+            tokens = self._row_tokens[row_data[i]]
+            last_data[i] = <int32_t>(self._block_offset(tokens - 1) + 1) if tokens else 0
         return indptr, indices, last_page_len
 
     def check(self):

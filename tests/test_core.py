@@ -372,3 +372,40 @@ def test_versions_track_changes():
     assert v4[0] != v0[1] and r4[0] != r0[1]
     with pytest.raises(ValueError, match="seq_ids"):
         pt.versions([-1])
+
+
+def test_concurrent_reads_and_growth_never_crash():
+    """Batched reads release the GIL; a writer in another thread must not move the
+    storage under them (it gets RuntimeError instead), and nothing crashes."""
+    import threading
+
+    pt = PageTable(16)
+    pt.append_blocks(np.repeat(np.arange(64), 64), np.arange(64 * 64))
+    seqs = np.repeat(np.arange(64, dtype=np.int64), 4096)
+    positions = np.tile(np.arange(4096, dtype=np.int64) % 1024, 64)
+    expected = pt.slot_mapping(seqs, positions)
+    stop = threading.Event()
+    refused = []
+
+    def writer():
+        next_id = 1000
+        while not stop.is_set():
+            try:
+                # New sequences grow the index, the row arrays and the pool.
+                pt.append_blocks(np.full(300, next_id), np.arange(300))
+                next_id += 1
+            except RuntimeError as error:
+                refused.append(str(error))
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        for _ in range(20):
+            np.testing.assert_array_equal(pt.slot_mapping(seqs, positions), expected)
+            pt.block_table(np.arange(64))
+            pt.to_csr(np.arange(64))
+    finally:
+        stop.set()
+        thread.join()
+    pt._check_invariants()
+    assert all("another thread" in message for message in refused)

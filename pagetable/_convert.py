@@ -93,18 +93,6 @@ def as_int_array(values: object, name: str, dtype: np.dtype = _INT64) -> np.ndar
     return np.ascontiguousarray(array, dtype=dtype)
 
 
-def as_pair(a: object, b: object, name_a: str, name_b: str) -> tuple[np.ndarray, np.ndarray]:
-    """Convert two int64 arrays that must have the same length."""
-    first = as_int_array(a, name_a)
-    second = as_int_array(b, name_b)
-    if first.shape[0] != second.shape[0]:
-        raise ValueError(
-            f"{name_a} and {name_b} must have the same length, "
-            f"got {first.shape[0]} and {second.shape[0]}"
-        )
-    return first, second
-
-
 def check_output(out: object, shape: tuple[int, ...], dtype: np.dtype, name: str = "out") -> np.ndarray:
     """Validate a caller-supplied output buffer: ndarray, dtype, shape, C-contiguous, writable."""
     if not isinstance(out, np.ndarray):

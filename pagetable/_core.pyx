@@ -35,7 +35,6 @@ from pagetable._convert import (
     INT64_MAX,
     as_index,
     as_int_array,
-    as_pair,
     check_output,
     check_range,
 )

@@ -29,7 +29,7 @@ import numpy as np
 cimport numpy as cnp
 
 from pagetable._types cimport block_id_t, seq_id_t, slot_t, row_t, PAD
-from libc.stdint cimport INT32_MAX as C_INT32_MAX
+from libc.stdint cimport INT32_MAX as C_INT32_MAX, INT64_MAX as C_INT64_MAX
 from pagetable._convert import (
     INT32_MAX,
     INT64_MAX,
@@ -134,27 +134,27 @@ def _check_block_size(block_size):
     return value
 
 
-cdef inline seq_id_t _seq_arg(object value) except? -2:
-    """Convert a sequence id argument, raising for non-integers and ids out of range."""
+cdef inline int64_t _int_arg(object value, str name, int64_t high) except? -2:
+    """An integer argument in ``0 .. high``; raises naming ``name`` otherwise.
+
+    All comparisons are on C values: boxing a bound here cost every call.
+    """
     cdef int overflow = 0
     cdef long long result
     if type(value) is not int:
-        value = as_index(value, "sequence_id")
+        value = as_index(value, name)
     result = PyLong_AsLongLongAndOverflow(value, &overflow)
-    if overflow != 0 or result < 0:
-        check_range(value, 0, INT64_MAX, "sequence_id")
+    if overflow != 0 or result < 0 or result > high:
+        check_range(value, 0, high, name)
     return result
 
 
+cdef inline seq_id_t _seq_arg(object value) except? -2:
+    return _int_arg(value, "sequence_id", C_INT64_MAX)
+
+
 cdef inline block_id_t _block_arg(object value) except? -2:
-    cdef int overflow = 0
-    cdef long long result
-    if type(value) is not int:
-        value = as_index(value, "block_id")
-    result = PyLong_AsLongLongAndOverflow(value, &overflow)
-    if overflow != 0 or result < 0 or result > C_INT32_MAX:
-        check_range(value, 0, INT32_MAX, "block_id")
-    return <block_id_t>result
+    return <block_id_t>_int_arg(value, "block_id", C_INT32_MAX)
 
 
 cdef inline object _int64_ids(object values, str name):
@@ -248,6 +248,16 @@ cdef inline int64_t _quotient(int64_t pos, int64_t block_size, double reciprocal
     return quotient
 
 
+cdef inline int64_t _block_of(int64_t pos, const TableView* view, int64_t limit,
+                              double reciprocal) noexcept nogil:
+    """Logical block index of a mapped position ``0 <= pos < limit``."""
+    if view.block_shift >= 0:
+        return pos >> view.block_shift
+    if limit <= DEF_EXACT_DOUBLE_LIMIT:
+        return _quotient(pos, view.block_size, reciprocal)
+    return pos // view.block_size
+
+
 cdef inline int64_t _run_end(const int64_t* seq_ids, int64_t begin, int64_t end) noexcept nogil:
     """End of the run of equal ids starting at ``begin``."""
     cdef seq_id_t seq_id = seq_ids[begin]
@@ -307,8 +317,6 @@ cdef inline void _run_lookup(const TableView* view, row_t row, const int64_t* po
     cdef int64_t length = view.row_len[row] if row >= 0 else 0
     cdef const int32_t* data
     cdef int64_t block_size = view.block_size
-    cdef int32_t shift = view.block_shift
-    cdef int64_t mask = view.block_mask
     cdef int64_t limit = length * block_size
     cdef double reciprocal = 1.0 / <double>block_size
     if length == 0:
@@ -320,12 +328,7 @@ cdef inline void _run_lookup(const TableView* view, row_t row, const int64_t* po
     for k in range(count):
         pos = positions[k]
         if <uint64_t>pos < <uint64_t>limit:
-            if shift >= 0:
-                block_index = pos >> shift
-            elif limit <= DEF_EXACT_DOUBLE_LIMIT:
-                block_index = _quotient(pos, block_size, reciprocal)
-            else:
-                block_index = pos // block_size
+            block_index = _block_of(pos, view, limit, reciprocal)
             blocks_out[k] = data[block_index]
             offsets_out[k] = <int32_t>(pos - block_index * block_size)
         else:
@@ -363,10 +366,7 @@ cdef inline void _interleaved_slots(const TableView* view, const int64_t* seq_id
         elif shift >= 0:
             out[k] = (<int64_t>view.pool[view.row_start[row] + (pos >> shift)] << shift) | (pos & mask)
         else:
-            if limit <= DEF_EXACT_DOUBLE_LIMIT:
-                block_index = _quotient(pos, block_size, reciprocal)
-            else:
-                block_index = pos // block_size
+            block_index = _block_of(pos, view, limit, reciprocal)
             out[k] = (<int64_t>view.pool[view.row_start[row] + block_index] * block_size
                       + (pos - block_index * block_size))
 
@@ -771,7 +771,6 @@ cdef class PageTable:
         towards the front, in start order, so ``memmove`` never overwrites data that
         is still to be read) or a larger fresh array (growth).
         """
-        self._check_not_busy()
         cdef int32_t* target = <int32_t*>cnp.PyArray_DATA(target_arr)
         cdef int64_t write = 0
         cdef int64_t i, n
@@ -1725,8 +1724,11 @@ cdef class PageTable:
             "total_blocks": self._total_blocks,
             "index_capacity": self._index_mask + 1,
             "rows_capacity": self._rows_capacity,
-            "nbytes": (self._pool_arr.nbytes + self._index_keys_arr.nbytes
-                       + self._index_rows_arr.nbytes + 28 * self._rows_capacity),
+            "nbytes": sum(array.nbytes for array in (
+                self._pool_arr, self._index_keys_arr, self._index_rows_arr,
+                self._row_start_arr, self._row_len_arr, self._row_cap_arr, self._row_seq_arr,
+                self._row_order_arr, self._row_pending_arr, self._row_version_arr,
+                self._row_rewrite_arr, self._free_stack_arr)),
         }
 
     def _check_invariants(self):

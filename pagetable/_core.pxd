@@ -106,6 +106,7 @@ cdef class PageTable:
     cdef int _set_pool(self, object pool_map, int64_t capacity) except -1
     cdef int _resize_pool(self, int64_t capacity) except -1
     cdef int _maybe_shrink(self) except -1
+    cdef int _populate(self, int64_t begin) except -1
     cdef int _release_tail_pages(self) except -1
     cdef row_t _row_or_raise(self, seq_id_t seq_id) except -1
     cdef object _row_array(self, row_t row)

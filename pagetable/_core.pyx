@@ -21,7 +21,7 @@ sequence; interleaved batches stay correct and pay one probe per token.
 cimport cython
 from cython.parallel cimport prange
 from libc.stdint cimport int32_t, int64_t, uint64_t
-from libc.string cimport memcpy, memmove, memcmp
+from libc.string cimport memcpy, memmove, memcmp, memset
 
 import mmap as _mmap
 
@@ -78,7 +78,18 @@ cdef enum:
     PARALLEL_THRESHOLD = 131072
     PARALLEL_CHUNK = 8192
     MIN_INDEX_CAPACITY = 16
+    # The index grows past INDEX_LOAD_NUM / INDEX_LOAD_DEN full.  Sparse on purpose:
+    # a lookup's branch bets that the id sits in its home slot, and a lost bet costs
+    # a pipeline flush.  At 0.7 about a quarter of the bets were lost and an
+    # interleaved slot mapping of 8,192 tokens ran 1.6x slower than at this load;
+    # the memory it costs is 12 bytes a slot, about 0.2 bytes per mapped block.
+    INDEX_LOAD_NUM = 3
+    INDEX_LOAD_DEN = 8
     MIN_POOL_CAPACITY = 256
+    # Linux's madvise advice that maps a range writable now (see PageTable._populate),
+    # used once a batch's fresh stretch of the pool is at least this many bytes.
+    MADV_POPULATE_WRITE = 23
+    POPULATE_MIN_BYTES = 65536
 
 cdef extern from *:
     """
@@ -111,17 +122,28 @@ def _new_pool_map(int64_t capacity):
     return _mmap.mmap(-1, <Py_ssize_t>capacity * sizeof(int32_t))
 
 
-def _zeros(Py_ssize_t count, dtype):
-    """A zeroed array; a large one in its own anonymous mapping.
+cdef object _zeros(Py_ssize_t count, int typenum):
+    """A zeroed 1-D array of ``typenum``; a large one in its own anonymous mapping.
 
     Metadata arrays are replaced (not resized) as a table grows.  From the heap, the
     arrays left behind fragment it and stay resident; a mapping of its own goes back to
     the OS the moment it is dropped, and its untouched pages never count at all.
+    Small ones come straight from numpy's C API: a table grows its arrays a dozen
+    times on its way to a thousand sequences, and each growth should cost little.
     """
-    cdef Py_ssize_t nbytes = count * np.dtype(dtype).itemsize
+    cdef cnp.npy_intp size = count
+    cdef Py_ssize_t nbytes = count * (8 if typenum == cnp.NPY_INT64 else 4)
     if nbytes < 65536:
-        return np.zeros(count, dtype=dtype)
-    return np.frombuffer(_new_pool_map((nbytes + 3) // 4), dtype=dtype, count=count)
+        return cnp.PyArray_ZEROS(1, &size, typenum, 0)
+    return np.frombuffer(_new_pool_map((nbytes + 3) // 4),
+                         dtype=_INT64 if typenum == cnp.NPY_INT64 else _INT32, count=count)
+
+
+cdef inline void _copy_prefix(object target, object source, Py_ssize_t count) noexcept:
+    """Copy the first ``count`` entries of one 1-D array into another of the same type."""
+    if count > 0:
+        memcpy(cnp.PyArray_DATA(<cnp.ndarray>target), cnp.PyArray_DATA(<cnp.ndarray>source),
+               <size_t>count * <size_t>cnp.PyArray_ITEMSIZE(<cnp.ndarray>source))
 
 
 def _check_block_size(block_size):
@@ -210,21 +232,13 @@ def _pair(seq_ids, positions):
 cdef inline row_t _view_find(const TableView* view, seq_id_t seq_id) noexcept nogil:
     """Row of ``seq_id``, or -1.
 
-    The home slot and the next one are read and chosen between without a branch:
-    whether an id sits in its home slot or one further is a coin toss at the load
-    factors used, and a mispredicted branch per token cost more than the two reads.
+    A plain probe loop: the branch that finds an id in its home slot is predicted,
+    so the row load issues before the key compare resolves.  The index is kept
+    sparse (see ``INDEX_LOAD_*``) to make that prediction right nearly every time.
     """
     cdef uint64_t mask = <uint64_t>view.index_mask
     cdef uint64_t slot = _hash_slot(seq_id, view.index_shift)
-    cdef uint64_t next_slot = (slot + 1) & mask
-    cdef int64_t key = view.index_keys[slot]
-    cdef int64_t next_key = view.index_keys[next_slot]
-    cdef row_t row = view.index_rows[slot] if key == seq_id else view.index_rows[next_slot]
-    if key == seq_id or (next_key == seq_id and key != EMPTY_KEY):
-        return row
-    if key == EMPTY_KEY or next_key == EMPTY_KEY:
-        return -1
-    slot = (next_slot + 1) & mask
+    cdef int64_t key
     while True:
         key = view.index_keys[slot]
         if key == seq_id:
@@ -256,6 +270,28 @@ cdef inline int64_t _block_of(int64_t pos, const TableView* view, int64_t limit,
     if limit <= DEF_EXACT_DOUBLE_LIMIT:
         return _quotient(pos, view.block_size, reciprocal)
     return pos // view.block_size
+
+
+cdef inline int64_t _min_i64(const int64_t* values, int64_t n) noexcept nogil:
+    cdef int64_t i, low = values[0]
+    for i in range(1, n):
+        low = values[i] if values[i] < low else low
+    return low
+
+
+cdef inline int64_t _max_i64(const int64_t* values, int64_t n) noexcept nogil:
+    cdef int64_t i, high = values[0]
+    for i in range(1, n):
+        high = values[i] if values[i] > high else high
+    return high
+
+
+cdef inline int64_t _min_i32(const int32_t* values, int64_t n) noexcept nogil:
+    cdef int64_t i
+    cdef int32_t low = values[0]
+    for i in range(1, n):
+        low = values[i] if values[i] < low else low
+    return low
 
 
 cdef inline int64_t _run_end(const int64_t* seq_ids, int64_t begin, int64_t end) noexcept nogil:
@@ -337,30 +373,32 @@ cdef inline void _run_lookup(const TableView* view, row_t row, const int64_t* po
 
 
 cdef enum:
-    # Interleaved tokens are handled in batches this long: all hash probes first,
-    # then all slot computations, so that independent cache misses overlap instead
-    # of forming one long dependency chain per token.
+    # Tokens outside long runs are mapped one by one, in stretches this long; after
+    # each stretch the scan looks for a long run again.
     INTERLEAVED_BATCH = 64
 
 
-cdef inline void _interleaved_slots(const TableView* view, const int64_t* seq_ids,
-                                    const int64_t* positions, int64_t* out,
-                                    int64_t count) noexcept nogil:
-    """Slots of ``count`` (<= INTERLEAVED_BATCH) tokens of non-negative, mixed ids."""
-    cdef row_t rows[INTERLEAVED_BATCH]
-    cdef int64_t k, pos, block_index, length, limit
+cdef inline int64_t _interleaved_slots(const TableView* view, const int64_t* seq_ids,
+                                       const int64_t* positions, int64_t* out,
+                                       int64_t count) noexcept nogil:
+    """Slots of ``count`` tokens of mixed ids, one probe each.
+
+    Returns the index of the first negative id, or -1.
+    """
+    cdef int64_t k, pos, block_index, limit
     cdef int64_t block_size = view.block_size
     cdef int32_t shift = view.block_shift
     cdef int64_t mask = view.block_mask
     cdef double reciprocal = 1.0 / <double>block_size
+    cdef seq_id_t seq_id
     cdef row_t row
     for k in range(count):
-        rows[k] = _view_find(view, seq_ids[k])
-    for k in range(count):
-        row = rows[k]
+        seq_id = seq_ids[k]
+        if seq_id < 0:
+            return k
+        row = _view_find(view, seq_id)
         pos = positions[k]
-        length = view.row_len[row] if row >= 0 else 0
-        limit = length * block_size
+        limit = (view.row_len[row] if row >= 0 else 0) * block_size
         if <uint64_t>pos >= <uint64_t>limit:
             out[k] = PAD
         elif shift >= 0:
@@ -369,6 +407,7 @@ cdef inline void _interleaved_slots(const TableView* view, const int64_t* seq_id
             block_index = _block_of(pos, view, limit, reciprocal)
             out[k] = (<int64_t>view.pool[view.row_start[row] + block_index] * block_size
                       + (pos - block_index * block_size))
+    return -1
 
 
 cdef int64_t _slot_mapping_range(const TableView* view, const int64_t* seq_ids,
@@ -378,7 +417,7 @@ cdef int64_t _slot_mapping_range(const TableView* view, const int64_t* seq_ids,
 
     Returns the index of the first negative sequence id, or -1.
     """
-    cdef int64_t i = begin, run_end, k, batch_end
+    cdef int64_t i = begin, run_end, batch_end, bad
     while i < end:
         if seq_ids[i] < 0:
             return i
@@ -387,16 +426,11 @@ cdef int64_t _slot_mapping_range(const TableView* view, const int64_t* seq_ids,
             _run_slots(view, _view_find(view, seq_ids[i]), positions + i, out + i, run_end - i)
             i = run_end
             continue
-        # Short runs: the batch is interleaved here.  Take a batch of tokens up to
-        # the next long run (or a negative id) and probe them together.
+        # Short runs: the batch is interleaved here.
         batch_end = min(i + INTERLEAVED_BATCH, end)
-        for k in range(i, batch_end):
-            if seq_ids[k] < 0:
-                batch_end = k
-                break
-        if batch_end == i:
-            continue
-        _interleaved_slots(view, seq_ids + i, positions + i, out + i, batch_end - i)
+        bad = _interleaved_slots(view, seq_ids + i, positions + i, out + i, batch_end - i)
+        if bad >= 0:
+            return i + bad
         i = batch_end
     return -1
 
@@ -433,6 +467,39 @@ cdef int64_t _resolve_rows(const TableView* view, const int64_t* seq_ids, int32_
                 return i
         rows[i] = row
     return -1
+
+
+# --------------------------------------------------------------------------- scratch
+# Batched appends need one int32 per run of their input.  A fresh array for each call
+# would come from a fresh mapping once it is large, and faulting its pages in costs
+# more than the appending itself, so one buffer is kept and reused.  Writers hold the
+# GIL, but growing a table may release it (mmap, munmap), so a second writer that
+# finds the buffer taken allocates its own.
+
+cdef enum:
+    # The largest scratch buffer kept between calls, in int32 entries (1 MiB).
+    SCRATCH_KEEP = 1 << 18
+
+cdef object _scratch = None
+cdef bint _scratch_taken = False
+
+
+cdef object _take_scratch(Py_ssize_t count):
+    """An int32 buffer of at least ``count`` entries; hand it back with ``_give_scratch``."""
+    global _scratch, _scratch_taken
+    if _scratch_taken or count > SCRATCH_KEEP:
+        return _empty(count, cnp.NPY_INT32)
+    if _scratch is None or cnp.PyArray_DIM(<cnp.ndarray>_scratch, 0) < count:
+        _scratch = None
+        _scratch = _empty(max(count, 4096), cnp.NPY_INT32)
+    _scratch_taken = True
+    return _scratch
+
+
+cdef void _give_scratch(object buffer):
+    global _scratch_taken
+    if buffer is _scratch:
+        _scratch_taken = False
 
 
 def _rebuild(block_size, seq_ids, lengths, blocks):
@@ -570,9 +637,10 @@ cdef class PageTable:
 
         The caller reinserts the rows, then drops what this returns.
         """
-        keys = _zeros(capacity, _INT64)
-        keys.fill(EMPTY_KEY)
-        rows = _zeros(capacity, _INT32)
+        keys = _zeros(capacity, cnp.NPY_INT64)
+        # Every byte 0xFF: each key reads as EMPTY_KEY (-1).
+        memset(cnp.PyArray_DATA(<cnp.ndarray>keys), 0xFF, <size_t>capacity * sizeof(int64_t))
+        rows = _zeros(capacity, cnp.NPY_INT32)
         # Allocation above may let another thread run; the swap below may not.  The
         # old arrays stay referenced until every pointer is switched: freeing a mapped
         # array releases the GIL (munmap), and no thread may see a stale pointer then.
@@ -631,7 +699,7 @@ cdef class PageTable:
         cdef int64_t capacity = self._index_mask + 1
         cdef int64_t needed = self._num_sequences + extra
         cdef int64_t new_rows = extra - self._num_free_rows
-        while needed * 10 > capacity * 7:
+        while needed * INDEX_LOAD_DEN > capacity * INDEX_LOAD_NUM:
             capacity *= 2
         if capacity != self._index_mask + 1:
             self._rebuild_index(capacity)
@@ -653,25 +721,25 @@ cdef class PageTable:
     cdef int _grow_rows(self, int32_t capacity) except -1:
         cdef int64_t used = self._rows_used
         # Rows past _rows_used are never read, so zeros (untouched pages) will do.
-        start = _zeros(capacity, _INT64)
-        length = _zeros(capacity, _INT32)
-        cap = _zeros(capacity, _INT32)
-        seq = _zeros(capacity, _INT64)
-        order = _zeros(capacity, _INT64)
-        pending = _zeros(capacity, _INT32)
-        version = _zeros(capacity, _INT64)
-        rewrite = _zeros(capacity, _INT64)
-        free_stack = _zeros(capacity, _INT32)
+        start = _zeros(capacity, cnp.NPY_INT64)
+        length = _zeros(capacity, cnp.NPY_INT32)
+        cap = _zeros(capacity, cnp.NPY_INT32)
+        seq = _zeros(capacity, cnp.NPY_INT64)
+        order = _zeros(capacity, cnp.NPY_INT64)
+        pending = _zeros(capacity, cnp.NPY_INT32)
+        version = _zeros(capacity, cnp.NPY_INT64)
+        rewrite = _zeros(capacity, cnp.NPY_INT64)
+        free_stack = _zeros(capacity, cnp.NPY_INT32)
         if used:
-            start[:used] = self._row_start_arr[:used]
-            length[:used] = self._row_len_arr[:used]
-            cap[:used] = self._row_cap_arr[:used]
-            seq[:used] = self._row_seq_arr[:used]
-            order[:used] = self._row_order_arr[:used]
-            pending[:used] = self._row_pending_arr[:used]
-            version[:used] = self._row_version_arr[:used]
-            rewrite[:used] = self._row_rewrite_arr[:used]
-            free_stack[:self._num_free_rows] = self._free_stack_arr[:self._num_free_rows]
+            _copy_prefix(start, self._row_start_arr, used)
+            _copy_prefix(length, self._row_len_arr, used)
+            _copy_prefix(cap, self._row_cap_arr, used)
+            _copy_prefix(seq, self._row_seq_arr, used)
+            _copy_prefix(order, self._row_order_arr, used)
+            _copy_prefix(pending, self._row_pending_arr, used)
+            _copy_prefix(version, self._row_version_arr, used)
+            _copy_prefix(rewrite, self._row_rewrite_arr, used)
+            _copy_prefix(free_stack, self._free_stack_arr, self._num_free_rows)
         # Allocation above may let another thread run; the swap below may not.  The
         # old arrays stay referenced until every pointer is switched: freeing a mapped
         # array releases the GIL (munmap), and no thread may see a stale pointer then.
@@ -724,8 +792,7 @@ cdef class PageTable:
         """Add a sequence known to be absent; return its (empty) row."""
         cdef row_t row
         # Reserve everything first, so a MemoryError leaves no half-made row.
-        # Linear probing stays short up to about 70% load with Fibonacci hashing.
-        if (self._num_sequences + 1) * 10 > (self._index_mask + 1) * 7:
+        if (self._num_sequences + 1) * INDEX_LOAD_DEN > (self._index_mask + 1) * INDEX_LOAD_NUM:
             self._grow_index()
         if self._num_free_rows:
             self._num_free_rows -= 1
@@ -804,7 +871,7 @@ cdef class PageTable:
             return 0
         live = self._pool_tail - self._pool_garbage
         # Compacting in place costs no memory; do it when it reclaims a fair share.
-        if self._pool_garbage * 4 >= live:
+        if self._pool_garbage and self._pool_garbage * 4 >= live:
             self._compact_into(self._pool_arr)
             if self._pool_tail + needed <= self._pool_capacity:
                 return 0
@@ -858,6 +925,24 @@ cdef class PageTable:
                 and self._pool_garbage * 4 > self._pool_tail - self._pool_garbage):
             self._compact_into(self._pool_arr)
             self._release_tail_pages()
+        return 0
+
+    cdef int _populate(self, int64_t begin) except -1:
+        """Fault in the pool's pages from entry ``begin`` to the tail in one call.
+
+        A batch about to write a large fresh stretch of the pool would otherwise take
+        one page fault per 4 KiB as it goes; ``MADV_POPULATE_WRITE`` (Linux 5.14+)
+        maps them all at once.  Where the kernel lacks it, the faults happen as before.
+        """
+        cdef Py_ssize_t page = _mmap.PAGESIZE
+        cdef Py_ssize_t first = (<Py_ssize_t>begin * sizeof(int32_t) // page) * page
+        cdef Py_ssize_t last = <Py_ssize_t>self._pool_tail * sizeof(int32_t)
+        if last - first < POPULATE_MIN_BYTES:
+            return 0
+        try:
+            self._pool_map.madvise(MADV_POPULATE_WRITE, first, last - first)
+        except (OSError, ValueError, AttributeError):
+            pass
         return 0
 
     cdef int _release_tail_pages(self) except -1:
@@ -1220,16 +1305,26 @@ cdef class PageTable:
         cdef int64_t n = seq_array.shape[0]
         if n == 0:
             return
-        low = seq_array.min()
+        cdef int64_t low, high
+        cdef bint narrow = cnp.PyArray_TYPE(<cnp.ndarray>block_array) == cnp.NPY_INT32
+        cdef const int64_t* seqs = _i64(seq_array)
+        cdef const int64_t* blocks64 = _i64(block_array)
+        cdef const int32_t* blocks32 = _i32(block_array)
+        with nogil:    # C loops: numpy's reductions cost more than the scan on small batches
+            low = _min_i64(seqs, n)
         if low < 0:
             raise ValueError(f"seq_ids must be in 0..{INT64_MAX}, got {low}")
-        low = block_array.min()
+        with nogil:
+            if narrow:
+                low = _min_i32(blocks32, n)
+                high = 0
+            else:
+                low = _min_i64(blocks64, n)
+                high = _max_i64(blocks64, n)
         if low < 0:
             raise ValueError(f"block_ids must be in 0..{INT32_MAX}, got {low}")
-        if cnp.PyArray_TYPE(<cnp.ndarray>block_array) != cnp.NPY_INT32:
-            high = block_array.max()
-            if high > INT32_MAX:
-                raise OverflowError(f"block_ids must be in 0..{INT32_MAX}, got {high}")
+        if high > INT32_MAX:
+            raise OverflowError(f"block_ids must be in 0..{INT32_MAX}, got {high}")
         self._append_many(seq_array, block_array)
 
     cdef int _append_many(self, object seq_array, object block_array) except -1:
@@ -1237,86 +1332,112 @@ cdef class PageTable:
 
         ``block_array`` is int32 or int64 (values already checked to fit int32); an
         int64 one is narrowed while copying, so no converted copy of the input is made.
-        Temporary memory is per run of equal ids, not per block, so a bulk load of
-        grouped blocks needs almost none.  ``_row_pending`` is all zeros between calls;
-        it counts each row's new blocks so that interleaved input grows (and moves) a
-        row once per call instead of once per block.
+        Temporary memory is one int32 per run of equal ids (its row) and one per
+        touched row, from the module's reused scratch buffer, so a bulk load of
+        grouped blocks needs almost none and interleaved input faults in no fresh
+        pages.  ``_row_pending`` is all zeros between calls; it counts each row's new
+        blocks so that interleaved input grows (and moves) a row once per call
+        instead of once per block.
         """
         cdef int64_t n = cnp.PyArray_DIM(<cnp.ndarray>seq_array, 0)
         cdef const int64_t* seqs = _i64(seq_array)
         cdef bint narrow = cnp.PyArray_TYPE(<cnp.ndarray>block_array) == cnp.NPY_INT32
         cdef const int32_t* blocks32 = _i32(block_array)
         cdef const int64_t* blocks64 = _i64(block_array)
-        cdef int64_t i, k, r, num_runs = 1, num_touched = 0, first_new_order = self._next_order
-        cdef int64_t begin, count, slot
+        cdef int64_t i, k, r, end, num_runs = 1, num_touched = 0, first_new_order = self._next_order
+        cdef int64_t count, slot, missing = 0, old_tail = self._pool_tail
         cdef row_t row
+        cdef TableView view
+        cdef int32_t* pending
+        cdef int32_t* pool
+        cdef int32_t* row_len
+        cdef int64_t* row_start
         with nogil:    # reads only the caller's array
             for i in range(1, n):
                 if seqs[i] != seqs[i - 1]:
                     num_runs += 1
-        run_starts_array = _empty(num_runs + 1, cnp.NPY_INT64)
-        run_rows_array = _empty(num_runs, cnp.NPY_INT32)
-        touched_array = _empty(num_runs, cnp.NPY_INT32)
-        cdef int64_t* run_starts = _i64(run_starts_array)
-        cdef int32_t* run_rows = _i32(run_rows_array)
-        cdef int32_t* touched = _i32(touched_array)
-        r = 0
-        for i in range(n):
-            if i == 0 or seqs[i] != seqs[i - 1]:
-                run_starts[r] = i
-                r += 1
-        run_starts[num_runs] = n
-        # One pool reservation covers every new row (each gets its exact room at the
-        # tail).  When runs are long (grouped input, where runs are sequences), count
-        # the new ids first and size the index and row arrays once; interleaved input
-        # would pay a second probe per block for that, so there they grow by doubling.
-        self._ensure_pool_space(n)
-        cdef int64_t missing = 0
-        if num_runs * 4 <= n:
-            for r in range(num_runs):
-                if self._find_row(seqs[run_starts[r]]) < 0:
-                    missing += 1
-            if missing:
-                self._reserve_sequences(missing)
-        for r in range(num_runs):
-            row = self._find_row(seqs[run_starts[r]])
-            if row < 0:
-                try:
-                    row = self._create_row(seqs[run_starts[r]])
-                except BaseException:
-                    self._undo_pending(touched, num_touched, first_new_order)
-                    raise
-            run_rows[r] = row
-            if self._row_pending[row] == 0:
-                touched[num_touched] = row
-                num_touched += 1
-            self._row_pending[row] += <int32_t>(run_starts[r + 1] - run_starts[r])
+        scratch = _take_scratch(2 * num_runs)
+        cdef int32_t* run_rows = _i32(scratch)
+        cdef int32_t* touched = run_rows + num_runs
         try:
+            # One pool reservation covers every new row (each gets its exact room at
+            # the tail).  When runs are long (grouped input, where runs are
+            # sequences), count the new ids first and size the index and row arrays
+            # once; interleaved input would pay a second probe per block for that, so
+            # there they grow by doubling.
+            self._ensure_pool_space(n)
+            if num_runs * 4 <= n:
+                i = 0
+                while i < n:
+                    if self._find_row(seqs[i]) < 0:
+                        missing += 1
+                    i = _run_end(seqs, i, n)
+                if missing:
+                    self._reserve_sequences(missing)
+            i = 0
+            r = 0
+            # Local copies of the table's pointers: the compiler would reload them
+            # after every store otherwise.  Creating a row may move the arrays, so
+            # they are refreshed after each creation.
+            view = self._view()
+            pending = self._row_pending
+            while i < n:
+                end = _run_end(seqs, i, n)
+                row = _view_find(&view, seqs[i])
+                if row < 0:
+                    try:
+                        row = self._create_row(seqs[i])
+                    except BaseException:
+                        self._undo_pending(touched, num_touched, first_new_order)
+                        raise
+                    view = self._view()
+                    pending = self._row_pending
+                run_rows[r] = row
+                r += 1
+                if pending[row] == 0:
+                    touched[num_touched] = row
+                    num_touched += 1
+                pending[row] += <int32_t>(end - i)
+                i = end
+            try:
+                for k in range(num_touched):
+                    row = touched[k]
+                    self._reserve_row(row, <int64_t>self._row_len[row] + self._row_pending[row])
+            except BaseException:
+                self._undo_pending(touched, num_touched, first_new_order)
+                raise
+            self._populate(old_tail)
+            # Writing the table: the GIL stays held, so two writers never interleave.
+            pool = self._pool
+            row_start = self._row_start
+            row_len = self._row_len
+            i = 0
+            r = 0
+            while i < n:
+                row = run_rows[r]
+                r += 1
+                slot = row_start[row] + row_len[row]
+                if i + 1 == n or seqs[i + 1] != seqs[i]:    # interleaved input: one block
+                    pool[slot] = blocks32[i] if narrow else <int32_t>blocks64[i]
+                    row_len[row] += 1
+                    i += 1
+                    continue
+                end = _run_end(seqs, i, n)
+                count = end - i
+                if narrow:
+                    memcpy(pool + slot, blocks32 + i, <size_t>count * sizeof(int32_t))
+                else:
+                    for k in range(count):
+                        pool[slot + k] = <int32_t>blocks64[i + k]
+                row_len[row] += <int32_t>count
+                i = end
             for k in range(num_touched):
-                row = touched[k]
-                self._reserve_row(row, <int64_t>self._row_len[row] + self._row_pending[row])
-        except BaseException:
-            self._undo_pending(touched, num_touched, first_new_order)
-            raise
-        # Writing the table: the GIL stays held, so two writers never interleave.
-        for r in range(num_runs):
-            row = run_rows[r]
-            begin = run_starts[r]
-            count = run_starts[r + 1] - begin
-            slot = self._row_start[row] + self._row_len[row]
-            if count == 1:          # interleaved input: skip the memcpy call
-                self._pool[slot] = blocks32[begin] if narrow else <int32_t>blocks64[begin]
-            elif narrow:
-                memcpy(self._pool + slot, blocks32 + begin, <size_t>count * sizeof(int32_t))
-            else:
-                for i in range(count):
-                    self._pool[slot + i] = <int32_t>blocks64[begin + i]
-            self._row_len[row] += <int32_t>count
-        for k in range(num_touched):
-            self._row_pending[touched[k]] = 0
-            self._next_version += 1
-            self._row_version[touched[k]] = self._next_version
-        self._total_blocks += n
+                self._row_pending[touched[k]] = 0
+                self._next_version += 1
+                self._row_version[touched[k]] = self._next_version
+            self._total_blocks += n
+        finally:
+            _give_scratch(scratch)
         return 0
 
     cdef int _undo_pending(self, int32_t* touched, int64_t num_touched, int64_t first_new_order) except -1:

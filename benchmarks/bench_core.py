@@ -1,7 +1,9 @@
 """asv suites for every public PageTable operation, each beside its baselines.
 
 Within a class, ``time_pagetable*`` is ours and every other ``time_*`` is a baseline on
-the same inputs, so asv's graphs and ``asv compare`` show them side by side:
+the same inputs, so asv's graphs and ``asv compare`` show them side by side
+(``time_pagetable_row_hints`` is ours given per-token row hints, as the formula is
+given its rows):
 
 - ``vllm_formula``: vLLM's host slot mapping over its persistent dense table, with the
   row indices given for free;
@@ -35,9 +37,15 @@ class SlotMapping:
         self.workload, self.table, self.dense = slot_table(block_size)
         self.batch = tokens(block_size, num_tokens, order)
         self.out = np.empty(num_tokens, dtype=np.int64)
+        # Row hints per token, kept by an engine as the formula keeps its rows.
+        self.hints = np.ascontiguousarray(self.table.rows(self.workload.seq_ids)[self.batch.rows])
 
     def time_pagetable(self, num_tokens, block_size, order):
         self.table.slot_mapping(self.batch.seq_ids, self.batch.positions, out=self.out)
+
+    def time_pagetable_row_hints(self, num_tokens, block_size, order):
+        self.table.slot_mapping(self.batch.seq_ids, self.batch.positions, out=self.out,
+                                rows=self.hints)
 
     def time_vllm_formula(self, num_tokens, block_size, order):
         baselines.formula_slot_mapping(self.dense, self.batch.rows, self.batch.positions,

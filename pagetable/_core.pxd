@@ -13,6 +13,8 @@ cdef struct TableView:
     int32_t index_shift
     int64_t* row_start
     int32_t* row_len
+    int64_t* row_seq             # sequence id of each row, -1 for a free row
+    int64_t rows_used            # rows 0 .. rows_used - 1 exist (some may be free)
     int32_t* pool
     int64_t block_size
     int32_t block_shift
@@ -114,7 +116,7 @@ cdef class PageTable:
     cdef int _resolve_or_raise(self, object seq_array, object rows_array) except -1
     cdef int _raise_bad_seq(self, object seq_array, int64_t bad) except -1
     cdef int _raise_unmapped(self, seq_array, pos_array, result) except -1
-    cdef int _slot_mapping_into(self, seq_array, pos_array, result) except -1
+    cdef int _slot_mapping_into(self, seq_array, pos_array, result, hint_array=*) except -1
 
     cpdef append_block(self, sequence_id, block_id)
     cpdef get_block_for_position(self, sequence_id, token_pos)

@@ -44,8 +44,13 @@ class PageTable:
     def __reduce__(self) -> tuple[object, tuple[int, npt.NDArray[np.int64], npt.NDArray[np.int32], npt.NDArray[np.int32]]]: ...
     def append_blocks(self, seq_ids: _IntArray, block_ids: _IntArray) -> None: ...
     def num_blocks(self, seq_ids: _IntArray) -> npt.NDArray[np.int32]: ...
+    def rows(self, seq_ids: _IntArray) -> npt.NDArray[np.int32]: ...
     def lookup(
-        self, seq_ids: _IntArray, positions: _IntArray, strict: bool = False
+        self,
+        seq_ids: _IntArray,
+        positions: _IntArray,
+        strict: bool = False,
+        rows: _IntArray | None = None,
     ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int32]]: ...
     def slot_mapping(
         self,
@@ -53,6 +58,7 @@ class PageTable:
         positions: _IntArray,
         out: npt.NDArray[np.int64] | None = None,
         strict: bool = False,
+        rows: _IntArray | None = None,
     ) -> npt.NDArray[np.int64]: ...
     def block_table(
         self, seq_ids: _IntArray, out: npt.NDArray[np.int32] | None = None

@@ -225,6 +225,20 @@ def _pair(seq_ids, positions):
     return seq_array, pos_array
 
 
+cdef object _row_hints(object rows, int64_t n):
+    """Validate optional per-pair row hints: None, or ``n`` integers that fit int32."""
+    if rows is None:
+        return None
+    if not (cnp.PyArray_CheckExact(rows)
+            and cnp.PyArray_TYPE(<cnp.ndarray>rows) == cnp.NPY_INT32
+            and cnp.PyArray_NDIM(<cnp.ndarray>rows) == 1
+            and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>rows)):
+        rows = as_int_array(rows, "rows", _INT32)
+    if cnp.PyArray_DIM(<cnp.ndarray>rows, 0) != n:
+        raise ValueError(f"rows must hold one hint per pair ({n}), got {rows.shape[0]}")
+    return rows
+
+
 # --------------------------------------------------------------------------- kernels
 # Pure loops over raw table pointers.  Each returns the index of the first entry it
 # could not handle (a negative sequence id), or -1; the caller raises with the GIL.
@@ -246,6 +260,21 @@ cdef inline row_t _view_find(const TableView* view, seq_id_t seq_id) noexcept no
         if key == EMPTY_KEY:
             return -1
         slot = (slot + 1) & mask
+
+
+cdef inline row_t _hinted_find(const TableView* view, const int32_t* hints, int64_t k,
+                               seq_id_t seq_id) noexcept nogil:
+    """Row of ``seq_id`` (>= 0), trying the caller's row hint ``hints[k]`` first.
+
+    A hint is used only if that row holds ``seq_id`` now, so a stale or wrong hint
+    costs a probe and nothing else.  ``hints`` may be NULL.
+    """
+    cdef row_t row
+    if hints != NULL:
+        row = hints[k]
+        if <uint64_t><int64_t>row < <uint64_t>view.rows_used and view.row_seq[row] == seq_id:
+            return row
+    return _view_find(view, seq_id)
 
 
 # Exact quotient by a block size that is not a power of two, for 0 <= pos < 2**52:
@@ -379,9 +408,9 @@ cdef enum:
 
 
 cdef inline int64_t _interleaved_slots(const TableView* view, const int64_t* seq_ids,
-                                       const int64_t* positions, int64_t* out,
-                                       int64_t count) noexcept nogil:
-    """Slots of ``count`` tokens of mixed ids, one probe each.
+                                       const int32_t* hints, const int64_t* positions,
+                                       int64_t* out, int64_t count) noexcept nogil:
+    """Slots of ``count`` tokens of mixed ids, one probe (or row hint) each.
 
     Returns the index of the first negative id, or -1.
     """
@@ -396,7 +425,7 @@ cdef inline int64_t _interleaved_slots(const TableView* view, const int64_t* seq
         seq_id = seq_ids[k]
         if seq_id < 0:
             return k
-        row = _view_find(view, seq_id)
+        row = _hinted_find(view, hints, k, seq_id)
         pos = positions[k]
         limit = (view.row_len[row] if row >= 0 else 0) * block_size
         if <uint64_t>pos >= <uint64_t>limit:
@@ -411,10 +440,11 @@ cdef inline int64_t _interleaved_slots(const TableView* view, const int64_t* seq
 
 
 cdef int64_t _slot_mapping_range(const TableView* view, const int64_t* seq_ids,
-                                 const int64_t* positions, int64_t* out,
-                                 int64_t begin, int64_t end) noexcept nogil:
+                                 const int32_t* hints, const int64_t* positions,
+                                 int64_t* out, int64_t begin, int64_t end) noexcept nogil:
     """Slots for entries ``begin .. end - 1``, one hash probe per run of equal ids.
 
+    ``hints`` (NULL, or one row hint per entry) replaces probes whose hint is right.
     Returns the index of the first negative sequence id, or -1.
     """
     cdef int64_t i = begin, run_end, batch_end, bad
@@ -423,12 +453,14 @@ cdef int64_t _slot_mapping_range(const TableView* view, const int64_t* seq_ids,
             return i
         run_end = _run_end(seq_ids, i, end)
         if run_end - i >= 4:
-            _run_slots(view, _view_find(view, seq_ids[i]), positions + i, out + i, run_end - i)
+            _run_slots(view, _hinted_find(view, hints, i, seq_ids[i]), positions + i,
+                       out + i, run_end - i)
             i = run_end
             continue
         # Short runs: the batch is interleaved here.
         batch_end = min(i + INTERLEAVED_BATCH, end)
-        bad = _interleaved_slots(view, seq_ids + i, positions + i, out + i, batch_end - i)
+        bad = _interleaved_slots(view, seq_ids + i, hints + i if hints != NULL else NULL,
+                                 positions + i, out + i, batch_end - i)
         if bad >= 0:
             return i + bad
         i = batch_end
@@ -436,15 +468,16 @@ cdef int64_t _slot_mapping_range(const TableView* view, const int64_t* seq_ids,
 
 
 cdef int64_t _lookup_range(const TableView* view, const int64_t* seq_ids,
-                           const int64_t* positions, int32_t* blocks_out,
-                           int32_t* offsets_out, int64_t begin, int64_t end) noexcept nogil:
+                           const int32_t* hints, const int64_t* positions,
+                           int32_t* blocks_out, int32_t* offsets_out,
+                           int64_t begin, int64_t end) noexcept nogil:
     """Block ids and offsets for entries ``begin .. end - 1``; see ``_slot_mapping_range``."""
     cdef int64_t i = begin, run_end
     while i < end:
         if seq_ids[i] < 0:
             return i
         run_end = _run_end(seq_ids, i, end)
-        _run_lookup(view, _view_find(view, seq_ids[i]), positions + i,
+        _run_lookup(view, _hinted_find(view, hints, i, seq_ids[i]), positions + i,
                     blocks_out + i, offsets_out + i, run_end - i)
         i = run_end
     return -1
@@ -825,6 +858,8 @@ cdef class PageTable:
         view.index_shift = self._index_shift
         view.row_start = self._row_start
         view.row_len = self._row_len
+        view.row_seq = self._row_seq
+        view.rows_used = self._rows_used
         view.pool = self._pool
         view.block_size = self._block_size
         view.block_shift = self._block_shift
@@ -1473,6 +1508,34 @@ cdef class PageTable:
         self._resolve_or_raise(seq_array, rows)
         return self._row_len_arr[rows]
 
+    def rows(self, seq_ids):
+        """Return each sequence's row in this table, as hints for batched reads.
+
+        A row is the sequence's slot in the table's metadata: it stays the same
+        while the sequence is in the table, however its blocks move.  Hand them
+        back as ``rows=`` to :meth:`slot_mapping` or :meth:`lookup`, one per token,
+        to skip the hash probe that maps each token's sequence id to its row.
+        Hints are checked before use, so keeping them across removals is safe.
+
+        Parameters
+        ----------
+        seq_ids : array_like of int, shape (B,)
+
+        Returns
+        -------
+        numpy.ndarray of int32, shape (B,)
+
+        Raises
+        ------
+        KeyError
+            If a sequence id is not in the table.
+        """
+        seq_array = _int64_ids(seq_ids, "seq_ids")
+        cdef int64_t count = cnp.PyArray_DIM(<cnp.ndarray>seq_array, 0)
+        rows = _empty(count, cnp.NPY_INT32)
+        self._resolve_or_raise(seq_array, rows)
+        return rows
+
     cdef int _resolve_or_raise(self, object seq_array, object rows_array) except -1:
         cdef const int64_t* seqs = _i64(seq_array)
         cdef int32_t* rows = _i32(rows_array)
@@ -1493,7 +1556,7 @@ cdef class PageTable:
             raise KeyError(f"sequence id {seqs[bad]} (seq_ids[{bad}]) is not in the table")
         return 0
 
-    def lookup(self, seq_ids, positions, strict=False):
+    def lookup(self, seq_ids, positions, strict=False, rows=None):
         """Map (sequence, position) pairs to (block id, offset within the block).
 
         Parameters
@@ -1501,6 +1564,8 @@ cdef class PageTable:
         seq_ids, positions : array_like of int, shape (n,)
         strict : bool, default False
             If true, an unmapped pair raises ``IndexError`` instead of padding.
+        rows : array_like of int, shape (n,), optional
+            Row hints from :meth:`rows`, one per pair; see :meth:`slot_mapping`.
 
         Returns
         -------
@@ -1510,11 +1575,13 @@ cdef class PageTable:
         """
         seq_array, pos_array = _pair(seq_ids, positions)
         cdef int64_t n = cnp.PyArray_DIM(<cnp.ndarray>seq_array, 0)
+        hint_array = _row_hints(rows, n)
         blocks = _empty(n, cnp.NPY_INT32)
         offsets = _empty(n, cnp.NPY_INT32)
         if n == 0:
             return blocks, offsets
         cdef const int64_t* seqs = _i64(seq_array)
+        cdef const int32_t* hints = _i32(hint_array) if hint_array is not None else NULL
         cdef const int64_t* pos = _i64(pos_array)
         cdef int32_t* block_out = _i32(blocks)
         cdef int32_t* offset_out = _i32(offsets)
@@ -1523,7 +1590,7 @@ cdef class PageTable:
         self._busy += 1   # storage must not move while the GIL is released
         try:
             with nogil:
-                bad = _lookup_range(&view, seqs, pos, block_out, offset_out, 0, n)
+                bad = _lookup_range(&view, seqs, hints, pos, block_out, offset_out, 0, n)
         finally:
             self._busy -= 1
         self._raise_bad_seq(seq_array, bad)
@@ -1545,7 +1612,7 @@ cdef class PageTable:
                 f"(entry {i}) is not mapped")
         return 0
 
-    def slot_mapping(self, seq_ids, positions, out=None, strict=False):
+    def slot_mapping(self, seq_ids, positions, out=None, strict=False, rows=None):
         """Return the cache slot of each (sequence, position) pair.
 
         ``slot = block_id * block_size + offset``: the flat index into a KV cache laid
@@ -1559,6 +1626,12 @@ cdef class PageTable:
             Preallocated output buffer (C-contiguous, writeable).
         strict : bool, default False
             If true, an unmapped pair raises ``IndexError`` and ``out`` is left as it was.
+        rows : array_like of int, shape (n,), optional
+            Row hints, one per pair: ``table.rows(batch_seq_ids)[token_request]``,
+            kept by the engine the way it keeps a persistent batch's row indices.
+            A hint is checked against the row's sequence id before use, so a stale
+            or wrong hint (a removed sequence, a reused row, -1) only costs a hash
+            probe; the result never depends on the hints.
 
         Returns
         -------
@@ -1570,12 +1643,14 @@ cdef class PageTable:
         -----
         A ``ValueError`` for a negative sequence id may leave ``out`` partly written.
         Tokens of one sequence placed next to each other cost one hash probe per
-        sequence; interleaved tokens are handled exactly as well, one probe each.
+        sequence; interleaved tokens are handled exactly as well, one probe each,
+        or one check of their row hint when ``rows`` is given.
         Batches of 131,072 tokens or more are split over OpenMP threads where the
         build has OpenMP (``OMP_NUM_THREADS`` sets the count).
         """
         seq_array, pos_array = _pair(seq_ids, positions)
         cdef int64_t n = cnp.PyArray_DIM(<cnp.ndarray>seq_array, 0)
+        hint_array = _row_hints(rows, n)
         if out is None:
             result = _empty(n, cnp.NPY_INT64)
         else:
@@ -1583,7 +1658,7 @@ cdef class PageTable:
             result = _empty(n, cnp.NPY_INT64) if strict else out
         if n == 0:
             return result
-        self._slot_mapping_into(seq_array, pos_array, result)
+        self._slot_mapping_into(seq_array, pos_array, result, hint_array)
         if strict:
             self._raise_unmapped(seq_array, pos_array, result)
             if out is not None:
@@ -1591,8 +1666,9 @@ cdef class PageTable:
                 return out
         return result
 
-    cdef int _slot_mapping_into(self, seq_array, pos_array, result) except -1:
+    cdef int _slot_mapping_into(self, seq_array, pos_array, result, hint_array=None) except -1:
         cdef const int64_t* seqs = _i64(seq_array)
+        cdef const int32_t* hints = _i32(hint_array) if hint_array is not None else NULL
         cdef const int64_t* pos = _i64(pos_array)
         cdef int64_t* out = _i64(result)
         cdef int64_t n = cnp.PyArray_DIM(<cnp.ndarray>seq_array, 0)
@@ -1604,7 +1680,7 @@ cdef class PageTable:
             self._busy += 1   # storage must not move while the GIL is released
             try:
                 with nogil:
-                    bad = _slot_mapping_range(&view, seqs, pos, out, 0, n)
+                    bad = _slot_mapping_range(&view, seqs, hints, pos, out, 0, n)
             finally:
                 self._busy -= 1
         else:
@@ -1616,7 +1692,8 @@ cdef class PageTable:
                 for chunk in prange(num_chunks, nogil=True, schedule="dynamic"):
                     begin = chunk * PARALLEL_CHUNK
                     end = min(begin + PARALLEL_CHUNK, n)
-                    chunk_bad[chunk] = _slot_mapping_range(&view, seqs, pos, out, begin, end)
+                    chunk_bad[chunk] = _slot_mapping_range(&view, seqs, hints, pos, out,
+                                                           begin, end)
             finally:
                 self._busy -= 1
             for chunk in range(num_chunks):

@@ -167,11 +167,30 @@ def test_block_table_rejects_bad_out(table, out, exc):
     np.testing.assert_array_equal(out, before)
 
 
-@pytest.mark.parametrize("method", ["block_table", "to_csr", "num_blocks"])
+@pytest.mark.parametrize("method", ["block_table", "to_csr", "num_blocks", "rows"])
 @pytest.mark.parametrize("bad, exc", BAD_ARRAYS)
 def test_batch_queries_reject_bad_ids(table, method, bad, exc):
     with pytest.raises(exc, match="seq_ids"):
         getattr(table, method)(bad)
+
+
+@pytest.mark.parametrize("method", ["block_table", "to_csr", "num_blocks", "rows"])
+def test_batch_queries_reject_unknown_ids(table, method):
+    with pytest.raises(KeyError, match="7"):
+        getattr(table, method)([1, 7])
+
+
+@pytest.mark.parametrize("method", ["lookup", "slot_mapping"])
+@pytest.mark.parametrize(
+    "bad, exc",
+    BAD_ARRAYS + [([0, 2**31], OverflowError), ([0], ValueError), ([0, 0, 0], ValueError)],
+)
+def test_queries_reject_bad_row_hints(table, method, bad, exc):
+    out = np.full(2, 7, dtype=np.int64)
+    kwargs = {"out": out} if method == "slot_mapping" else {}
+    with pytest.raises(exc, match="rows"):
+        getattr(table, method)([1, 2], [0, 0], rows=bad, **kwargs)
+    assert out.tolist() == [7, 7]
 
 
 def test_fork_and_set_block_reject(table):

@@ -71,6 +71,36 @@ def test_large_batch_parallel_path_matches_reference():
     np.testing.assert_array_equal(pt.slot_mapping(queries[perm], positions[perm]), got[perm])
 
 
+def test_row_hints_give_the_same_results_right_stale_or_wrong(block_size):
+    pt, ref, seq_ids, rng = build_random(block_size, seed=11)
+    rows = pt.rows(seq_ids)
+    assert rows.dtype == np.int32 and len(set(rows.tolist())) == len(seq_ids)
+    batch = rng.choice(seq_ids, size=400)
+    positions = rng.integers(-2, 40 * block_size, size=400)
+    hints = pt.rows(batch)
+    expected = ref.slot_mapping(batch, positions)
+    np.testing.assert_array_equal(pt.slot_mapping(batch, positions, rows=hints), expected)
+    np.testing.assert_array_equal(pt.lookup(batch, positions, rows=hints)[0], ref.lookup(batch, positions)[0])
+    # Wrong hints (another row, out of range, negative) are looked up instead.
+    for wrong in (np.roll(hints, 1), hints + 10_000, np.full_like(hints, -1), hints[::-1].copy()):
+        np.testing.assert_array_equal(pt.slot_mapping(batch, positions, rows=wrong), expected)
+    # Stale hints: remove sequences, reuse their rows for new ones.
+    gone = seq_ids[: len(seq_ids) // 2]
+    for seq in gone.tolist():
+        pt.remove_sequence(seq)
+        ref.remove_sequence(seq)
+    for i, seq in enumerate(gone.tolist()):
+        pt.append_block(seq + 10**12, 1000 + i)
+        ref.append_block(seq + 10**12, 1000 + i)
+    np.testing.assert_array_equal(pt.slot_mapping(batch, positions, rows=hints),
+                                  ref.slot_mapping(batch, positions))
+    moved = batch + 10**12
+    np.testing.assert_array_equal(pt.slot_mapping(moved, positions, rows=hints),
+                                  ref.slot_mapping(moved, positions))
+    # Hints survive growth and compaction of the pool (rows stay put).
+    assert (pt.rows(seq_ids[len(seq_ids) // 2:]) == rows[len(seq_ids) // 2:]).all()
+
+
 def test_slot_mapping_out_buffer():
     pt, ref, seq_ids, rng = build_random(16, seed=4)
     queries, positions = random_queries(rng, seq_ids, 16, n=300)

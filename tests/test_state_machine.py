@@ -20,6 +20,7 @@ class PageTableMachine(RuleBasedStateMachine):
         self.pt = None
         self.ref = None
         self.seen = {}   # seq -> (version, rewrite_version, blocks) at the last check
+        self.hints = {}  # seq -> row, as rows() gave it once; goes stale on purpose
 
     @precondition(lambda self: self.pt is None)
     @rule(block_size=st.sampled_from([1, 2, 3, 16, 17, 64]))
@@ -106,14 +107,32 @@ class PageTableMachine(RuleBasedStateMachine):
             seqs.sort()
         limit = 50 * self.block_size
         positions = data.draw(st.lists(st.integers(-3, limit), min_size=n, max_size=n))
-        np.testing.assert_array_equal(self.pt.slot_mapping(seqs, positions), self.ref.slot_mapping(seqs, positions))
-        blocks, offsets = self.pt.lookup(seqs, positions)
+        # Row hints never change a result: none, remembered ones (stale after
+        # removals, reuse and copies), or arbitrary integers.
+        mode = data.draw(st.sampled_from(["none", "remembered", "arbitrary"]))
+        if mode == "none":
+            rows = None
+        elif mode == "remembered":
+            rows = [self.hints.get(s, -1) for s in seqs]
+        else:
+            rows = data.draw(st.lists(st.integers(-(2**31), 40), min_size=n, max_size=n))
+        expected = self.ref.slot_mapping(seqs, positions)
+        np.testing.assert_array_equal(self.pt.slot_mapping(seqs, positions, rows=rows), expected)
+        blocks, offsets = self.pt.lookup(seqs, positions, rows=rows)
         ref_blocks, ref_offsets = self.ref.lookup(seqs, positions)
         np.testing.assert_array_equal(blocks, ref_blocks)
         np.testing.assert_array_equal(offsets, ref_offsets)
         for s, p in zip(seqs[:5], positions[:5]):
             if p >= 0:
                 assert self.pt.get_block_for_position(s, p) == self.ref.get_block_for_position(s, p)
+
+    @precondition(lambda self: self.pt is not None and len(self.ref.sequences) > 0)
+    @rule()
+    def remember_rows(self):
+        known = self.known()
+        rows = self.pt.rows(known)
+        assert rows.dtype == np.int32 and len(set(rows.tolist())) == len(known)
+        self.hints.update(zip(known, rows.tolist()))
 
     @precondition(lambda self: self.pt is not None and len(self.ref.sequences) > 0)
     @rule(data=st.data())

@@ -55,6 +55,16 @@ class TestSlotMapping:
                                            workload.block_size, batch.out)
         np.testing.assert_array_equal(result, expected)
 
+    def test_pagetable_row_hints(self, benchmark, slot_case, tokens, order):
+        workload, table, dense, batch = self._batch(slot_case, tokens, order)
+        benchmark.group = self._group(slot_case, tokens, order)
+        out = np.empty(tokens, dtype=np.int64)
+        hints = np.ascontiguousarray(table.rows(workload.seq_ids)[batch.rows])
+        result = benchmark(table.slot_mapping, batch.seq_ids, batch.positions, out=out, rows=hints)
+        expected = bl.formula_slot_mapping(dense, batch.rows, batch.positions,
+                                           workload.block_size, batch.out)
+        np.testing.assert_array_equal(result, expected)
+
     def test_vllm_formula(self, benchmark, slot_case, tokens, order):
         workload, table, dense, batch = self._batch(slot_case, tokens, order)
         benchmark.group = self._group(slot_case, tokens, order)

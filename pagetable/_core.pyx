@@ -1387,6 +1387,7 @@ cdef class PageTable:
         cdef int32_t* pool
         cdef int32_t* row_len
         cdef int64_t* row_start
+        cdef int32_t length
         with nogil:    # reads only the caller's array
             for i in range(1, n):
                 if seqs[i] != seqs[i - 1]:
@@ -1446,26 +1447,34 @@ cdef class PageTable:
             pool = self._pool
             row_start = self._row_start
             row_len = self._row_len
-            i = 0
-            r = 0
-            while i < n:
-                row = run_rows[r]
-                r += 1
-                slot = row_start[row] + row_len[row]
-                if i + 1 == n or seqs[i + 1] != seqs[i]:    # interleaved input: one block
-                    pool[slot] = blocks32[i] if narrow else <int32_t>blocks64[i]
-                    row_len[row] += 1
-                    i += 1
-                    continue
-                end = _run_end(seqs, i, n)
-                count = end - i
-                if narrow:
-                    memcpy(pool + slot, blocks32 + i, <size_t>count * sizeof(int32_t))
-                else:
-                    for k in range(count):
-                        pool[slot + k] = <int32_t>blocks64[i + k]
-                row_len[row] += <int32_t>count
-                i = end
+            if num_runs == n and narrow:
+                # Every run is one block (interleaved input): a plain scatter.
+                for i in range(n):
+                    row = run_rows[i]
+                    length = row_len[row]
+                    pool[row_start[row] + length] = blocks32[i]
+                    row_len[row] = length + 1
+            else:
+                i = 0
+                r = 0
+                while i < n:
+                    row = run_rows[r]
+                    r += 1
+                    slot = row_start[row] + row_len[row]
+                    if i + 1 == n or seqs[i + 1] != seqs[i]:    # a run of one block
+                        pool[slot] = blocks32[i] if narrow else <int32_t>blocks64[i]
+                        row_len[row] += 1
+                        i += 1
+                        continue
+                    end = _run_end(seqs, i, n)
+                    count = end - i
+                    if narrow:
+                        memcpy(pool + slot, blocks32 + i, <size_t>count * sizeof(int32_t))
+                    else:
+                        for k in range(count):
+                            pool[slot + k] = <int32_t>blocks64[i + k]
+                    row_len[row] += <int32_t>count
+                    i = end
             for k in range(num_touched):
                 self._row_pending[touched[k]] = 0
                 self._next_version += 1

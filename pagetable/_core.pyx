@@ -1418,7 +1418,8 @@ cdef class PageTable:
             view = self._view()
             pending = self._row_pending
             while i < n:
-                end = _run_end(seqs, i, n)
+                # When every run is one block (interleaved input), skip the run scan.
+                end = i + 1 if num_runs == n else _run_end(seqs, i, n)
                 row = _view_find(&view, seqs[i])
                 if row < 0:
                     try:

@@ -101,7 +101,7 @@ cdef class PageTable:
     cdef int _rebuild_index(self, int64_t capacity) except -1
     cdef int _grow_rows(self, int32_t capacity) except -1
     cdef int _compact_into(self, object target_arr) except -1
-    cdef int _append_many(self, object seq_array, object block_array) except -1
+    cdef int _append_many(self, object seq_array, object block_array, int64_t num_runs) except -1
     cdef int _undo_pending(self, int32_t* touched, int64_t num_touched, int64_t first_new_order) except -1
     cdef int _ensure_pool_space(self, int64_t needed) except -1
     cdef int _check_not_busy(self) except -1

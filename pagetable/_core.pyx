@@ -308,6 +308,16 @@ cdef inline int64_t _min_i64(const int64_t* values, int64_t n) noexcept nogil:
     return low
 
 
+cdef inline int64_t _min_and_runs(const int64_t* values, int64_t n, int64_t* num_runs) noexcept nogil:
+    """Smallest of ``n >= 1`` values; ``num_runs`` gets the number of runs of equal values."""
+    cdef int64_t i, low = values[0], runs = 1
+    for i in range(1, n):
+        low = values[i] if values[i] < low else low
+        runs += values[i] != values[i - 1]
+    num_runs[0] = runs
+    return low
+
+
 cdef inline int64_t _max_i64(const int64_t* values, int64_t n) noexcept nogil:
     cdef int64_t i, high = values[0]
     for i in range(1, n):
@@ -1345,8 +1355,9 @@ cdef class PageTable:
         cdef const int64_t* seqs = _i64(seq_array)
         cdef const int64_t* blocks64 = _i64(block_array)
         cdef const int32_t* blocks32 = _i32(block_array)
+        cdef int64_t num_runs
         with nogil:    # C loops: numpy's reductions cost more than the scan on small batches
-            low = _min_i64(seqs, n)
+            low = _min_and_runs(seqs, n, &num_runs)
         if low < 0:
             raise ValueError(f"seq_ids must be in 0..{INT64_MAX}, got {low}")
         with nogil:
@@ -1360,12 +1371,13 @@ cdef class PageTable:
             raise ValueError(f"block_ids must be in 0..{INT32_MAX}, got {low}")
         if high > INT32_MAX:
             raise OverflowError(f"block_ids must be in 0..{INT32_MAX}, got {high}")
-        self._append_many(seq_array, block_array)
+        self._append_many(seq_array, block_array, num_runs)
 
-    cdef int _append_many(self, object seq_array, object block_array) except -1:
+    cdef int _append_many(self, object seq_array, object block_array, int64_t num_runs) except -1:
         """Append validated blocks: grow each touched row once, then copy run by run.
 
-        ``block_array`` is int32 or int64 (values already checked to fit int32); an
+        ``num_runs`` is the number of runs of equal ids in ``seq_array`` (counted
+        while validating it).  ``block_array`` is int32 or int64 (values already checked to fit int32); an
         int64 one is narrowed while copying, so no converted copy of the input is made.
         Temporary memory is one int32 per run of equal ids (its row) and one per
         touched row, from the module's reused scratch buffer, so a bulk load of
@@ -1379,7 +1391,7 @@ cdef class PageTable:
         cdef bint narrow = cnp.PyArray_TYPE(<cnp.ndarray>block_array) == cnp.NPY_INT32
         cdef const int32_t* blocks32 = _i32(block_array)
         cdef const int64_t* blocks64 = _i64(block_array)
-        cdef int64_t i, k, r, end, num_runs = 1, num_touched = 0, first_new_order = self._next_order
+        cdef int64_t i, k, r, end, num_touched = 0, first_new_order = self._next_order
         cdef int64_t count, slot, missing = 0, old_tail = self._pool_tail
         cdef row_t row
         cdef TableView view
@@ -1388,10 +1400,6 @@ cdef class PageTable:
         cdef int32_t* row_len
         cdef int64_t* row_start
         cdef int32_t length
-        with nogil:    # reads only the caller's array
-            for i in range(1, n):
-                if seqs[i] != seqs[i - 1]:
-                    num_runs += 1
         scratch = _take_scratch(2 * num_runs)
         cdef int32_t* run_rows = _i32(scratch)
         cdef int32_t* touched = run_rows + num_runs

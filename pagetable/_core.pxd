@@ -73,6 +73,9 @@ cdef class PageTable:
         # Batched calls in flight without the GIL (other threads may run meanwhile).
         # Storage is never reallocated or compacted while this is non-zero.
         int32_t _busy
+        # A change in progress that may let other threads run (allocating or freeing
+        # mapped memory releases the GIL).  Another change meanwhile raises.
+        int32_t _writing
 
     # Lookups (no Python objects touched; safe without the GIL).
     cdef row_t _find_row(self, seq_id_t seq_id) noexcept nogil
@@ -105,6 +108,7 @@ cdef class PageTable:
     cdef int _undo_pending(self, int32_t* touched, int64_t num_touched, int64_t first_new_order) except -1
     cdef int _ensure_pool_space(self, int64_t needed) except -1
     cdef int _check_not_busy(self) except -1
+    cdef int _begin_write(self) except -1
     cdef int _set_pool(self, object pool_map, int64_t capacity) except -1
     cdef int _resize_pool(self, int64_t capacity) except -1
     cdef int _maybe_shrink(self) except -1

@@ -64,6 +64,10 @@ cdef extern from *:
     void PAGETABLE_PREFETCH(const void* address) noexcept nogil
 
 PAD_SLOT_ID = PAD
+
+_CONCURRENT_WRITE = (
+    "another thread is changing this PageTable right now; changes from several "
+    "threads must take turns (hold a lock around them)")
 """The one sentinel for "nothing here": unmapped slots, padding, absent blocks."""
 
 #: Largest block size accepted: block_id * block_size + offset must stay exact in
@@ -602,6 +606,7 @@ cdef class PageTable:
             self._block_mask = 0
         self._num_free_rows = 0
         self._busy = 0
+        self._writing = 0
         self._next_order = 0
         self._next_version = 0
         self._num_sequences = 0
@@ -645,6 +650,18 @@ cdef class PageTable:
             raise RuntimeError(
                 "this PageTable is being read by a batched call in another thread; "
                 "a change that must reallocate its storage has to wait for that call")
+        return 0
+
+    cdef int _begin_write(self) except -1:
+        """Refuse a change while another thread's change is in progress; else start one.
+
+        Changes hold the GIL, but allocating or freeing mapped memory lets other
+        threads run in the middle of one, and a second change interleaved there
+        would break the first.  The caller resets ``_writing`` when it is done.
+        """
+        if self._writing:
+            raise RuntimeError(_CONCURRENT_WRITE)
+        self._writing = 1
         return 0
 
     cdef int _resize_pool(self, int64_t capacity) except -1:
@@ -1083,14 +1100,20 @@ cdef class PageTable:
         """
         cdef seq_id_t seq_id = _seq_arg(sequence_id)
         cdef block_id_t block = _block_arg(block_id)
+        if self._writing:
+            raise RuntimeError(_CONCURRENT_WRITE)
         cdef row_t row = self._find_row(seq_id)
-        cdef int32_t length
-        if row < 0:
-            row = self._get_or_create_row(seq_id)
-        length = self._row_len[row]
-        if length >= self._row_cap[row]:
-            # A sequence grown one block at a time starts with room for four.
-            self._reserve_row(row, <int64_t>length + 1 if length else 4)
+        cdef int32_t length = self._row_len[row] if row >= 0 else 0
+        if row < 0 or length >= self._row_cap[row]:
+            # The slow path may allocate, and so let other threads run.
+            self._writing = 1
+            try:
+                if row < 0:
+                    row = self._create_row(seq_id)
+                # A sequence grown one block at a time starts with room for four.
+                self._reserve_row(row, <int64_t>length + 1 if length else 4)
+            finally:
+                self._writing = 0
         self._pool[self._row_start[row] + length] = block
         self._row_len[row] = length + 1
         self._next_version += 1
@@ -1175,12 +1198,18 @@ cdef class PageTable:
         numpy.ndarray of int32 or None
             The removed blocks in logical order; ``None`` if the id was absent.
         """
-        cdef row_t row = self._find_row(_seq_arg(sequence_id))
-        if row < 0:
-            return None
-        blocks = self._row_array(row)
-        self._drop_row(row)
-        return blocks
+        cdef seq_id_t seq_id = _seq_arg(sequence_id)
+        cdef row_t row
+        self._begin_write()
+        try:
+            row = self._find_row(seq_id)
+            if row < 0:
+                return None
+            blocks = self._row_array(row)
+            self._drop_row(row)
+            return blocks
+        finally:
+            self._writing = 0
 
     cpdef Py_ssize_t num_sequences(self):
         """Return the number of sequences in the table."""
@@ -1371,7 +1400,11 @@ cdef class PageTable:
             raise ValueError(f"block_ids must be in 0..{INT32_MAX}, got {low}")
         if high > INT32_MAX:
             raise OverflowError(f"block_ids must be in 0..{INT32_MAX}, got {high}")
-        self._append_many(seq_array, block_array, num_runs)
+        self._begin_write()
+        try:
+            self._append_many(seq_array, block_array, num_runs)
+        finally:
+            self._writing = 0
 
     cdef int _append_many(self, object seq_array, object block_array, int64_t num_runs) except -1:
         """Append validated blocks: grow each touched row once, then copy run by run.
@@ -1452,7 +1485,7 @@ cdef class PageTable:
                 self._undo_pending(touched, num_touched, first_new_order)
                 raise
             self._populate(old_tail)
-            # Writing the table: the GIL stays held, so two writers never interleave.
+            # Writing the table: nothing below lets another thread run.
             pool = self._pool
             row_start = self._row_start
             row_len = self._row_len
@@ -1848,13 +1881,23 @@ cdef class PageTable:
         cdef seq_id_t parent = _seq_arg(parent_id)
         cdef seq_id_t child = _seq_arg(child_id)
         cdef row_t parent_row = self._row_or_raise(parent)
+        cdef row_t child_row
+        cdef const int32_t[::1] view
         if self._find_row(child) >= 0:
             raise ValueError(f"child_id {child} is already in the table")
         blocks = self._row_array(parent_row)
-        cdef row_t child_row = self._get_or_create_row(child)
-        cdef const int32_t[::1] view = blocks
-        if blocks.shape[0]:
-            self._append_to_row(child_row, &view[0], blocks.shape[0])
+        view = blocks
+        self._begin_write()
+        try:
+            child_row = self._create_row(child)
+            if blocks.shape[0]:
+                try:
+                    self._append_to_row(child_row, &view[0], blocks.shape[0])
+                except BaseException:
+                    self._drop_row(child_row)    # a failed call changes nothing
+                    raise
+        finally:
+            self._writing = 0
 
     def set_block(self, sequence_id, block_index, block_id):
         """Replace one entry of a sequence's block list and return the old block id.
@@ -1873,6 +1916,8 @@ cdef class PageTable:
         index = as_index(block_index, "block_index")
         cdef block_id_t block = _block_arg(block_id)
         cdef row_t row = self._row_or_raise(seq_id)
+        if self._writing:    # nothing below lets another thread run
+            raise RuntimeError(_CONCURRENT_WRITE)
         if not 0 <= index < self._row_len[row]:
             raise IndexError(
                 f"block_index {index} is out of range for sequence {seq_id} "

@@ -39,6 +39,10 @@ import numpy as np
 
 from pagetable._convert import INT64_MAX, as_index, as_int_array, check_range
 
+_CONCURRENT_WRITE = (
+    "another thread is changing this KVCacheManager (or its table or allocator) right "
+    "now; changes from several threads must take turns (hold a lock around them)")
+
 cnp.import_array()
 
 BLOCK_ID_LIMIT = 2**31 - 1   # largest int32: block ids and token counts are int32
@@ -130,6 +134,7 @@ cdef class BlockAllocator:
         int32_t[::1] _refcount
         int32_t[::1] _free_stack
         int32_t[::1] _pending
+        int32_t _writing          # set while a KVCacheManager change is in progress
 
     def __init__(self, num_blocks):
         # Set-up happens in __cinit__, which runs even when __init__ is skipped,
@@ -226,6 +231,8 @@ cdef class BlockAllocator:
         n = as_index(n, "n")
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
+        if self._writing:
+            raise RuntimeError(_CONCURRENT_WRITE)
         if n > self._num_free:
             raise OutOfBlocksError(n, self._num_free)
         out = np.empty(n, dtype=np.int32)
@@ -246,22 +253,23 @@ cdef class BlockAllocator:
         cdef int32_t saved_free = self._num_free
         cdef block_id_t block
         cdef int64_t bad = -1
-        with nogil:
-            for i in range(n):
-                block = <block_id_t>ids[i]
-                if self._refcount[block] == 0:
-                    bad = i
-                    break
-                self._refcount[block] -= 1
-                if self._refcount[block] == 0:
-                    self._free_stack[self._num_free] = block
-                    self._num_free += 1
-            if bad >= 0:
-                # Undo: restore the counts and forget the blocks pushed so far.
-                for j in range(bad):
-                    self._refcount[<block_id_t>ids[j]] += 1
-                self._num_free = saved_free
+        if self._writing:
+            raise RuntimeError(_CONCURRENT_WRITE)
+        # The GIL stays held: two threads' frees must not interleave.
+        for i in range(n):
+            block = <block_id_t>ids[i]
+            if self._refcount[block] == 0:
+                bad = i
+                break
+            self._refcount[block] -= 1
+            if self._refcount[block] == 0:
+                self._free_stack[self._num_free] = block
+                self._num_free += 1
         if bad >= 0:
+            # Undo: restore the counts and forget the blocks pushed so far.
+            for j in range(bad):
+                self._refcount[<block_id_t>ids[j]] += 1
+            self._num_free = saved_free
             raise ValueError(f"block_ids[{bad}] = {ids[bad]} is already free")
 
     def incref(self, block_ids):
@@ -272,14 +280,16 @@ cdef class BlockAllocator:
         cdef const int64_t[::1] ids = self._block_ids(block_ids)
         cdef Py_ssize_t i, n = ids.shape[0]
         cdef int64_t bad = -1
-        with nogil:
+        if self._writing:
+            raise RuntimeError(_CONCURRENT_WRITE)
+        # The GIL stays held: two threads' changes must not interleave.
+        for i in range(n):
+            if self._refcount[<block_id_t>ids[i]] == 0:
+                bad = i
+                break
+        if bad < 0:
             for i in range(n):
-                if self._refcount[<block_id_t>ids[i]] == 0:
-                    bad = i
-                    break
-            if bad < 0:
-                for i in range(n):
-                    self._refcount[<block_id_t>ids[i]] += 1
+                self._refcount[<block_id_t>ids[i]] += 1
         if bad >= 0:
             raise ValueError(
                 f"block_ids[{bad}] = {ids[bad]} is free; only allocated blocks can be shared")
@@ -387,8 +397,9 @@ cdef class KVCacheManager:
 
     Treat ``page_table`` as read-only: changing it behind the manager's back breaks
     the invariants that :meth:`check` verifies.  Like a dict, a manager is not meant
-    to be mutated from several threads at once; read-only queries (``seq_lens``,
-    ``block_table``, ``flashinfer_layout``) release the GIL.
+    to be changed from several threads at once: a change that starts while another
+    thread's change is in progress (one may let other threads run while its table
+    allocates memory) raises ``RuntimeError`` and changes nothing.
     """
 
     cdef:
@@ -402,6 +413,7 @@ cdef class KVCacheManager:
         int32_t[::1] _row_tokens
         int64_t[::1] _row_stamp
         int64_t _stamp
+        int32_t _writing          # a change in progress (see _begin_write)
 
     def __init__(self, num_blocks, block_size=16):
         pass
@@ -422,6 +434,25 @@ cdef class KVCacheManager:
         self._row_tokens = self._row_tokens_arr
         self._row_stamp = self._row_stamp_arr
         self._stamp = 0
+
+    cdef int _begin_write(self) except -1:
+        """Start a change, or refuse it while another thread's change is in progress.
+
+        A change may let other threads run in its middle (the table allocates and
+        frees mapped memory), so the manager, its table and its allocator are all
+        marked busy for its duration; their changing calls raise meanwhile.
+        """
+        if self._writing or self._table._writing or self._allocator._writing:
+            raise RuntimeError(_CONCURRENT_WRITE)
+        self._writing = 1
+        self._table._writing = 1
+        self._allocator._writing = 1
+        return 0
+
+    cdef void _end_write(self) noexcept:
+        self._writing = 0
+        self._table._writing = 0
+        self._allocator._writing = 0
 
     # -- properties ----------------------------------------------------------------------
     @property
@@ -642,6 +673,13 @@ cdef class KVCacheManager:
         OutOfBlocksError
             Not enough free blocks; nothing changes.
         """
+        self._begin_write()
+        try:
+            return self._add_sequence(seq_id, num_tokens)
+        finally:
+            self._end_write()
+
+    cdef object _add_sequence(self, seq_id, num_tokens):
         cdef int64_t seq = _as_seq_id(seq_id, "seq_id")
         if type(num_tokens) is not int:
             num_tokens = as_index(num_tokens, "num_tokens")
@@ -703,6 +741,13 @@ cdef class KVCacheManager:
         KeyError
             An unknown sequence id.
         """
+        self._begin_write()
+        try:
+            return self._append_tokens(seq_ids, num_new_tokens)
+        finally:
+            self._end_write()
+
+    cdef object _append_tokens(self, seq_ids, num_new_tokens):
         rows = self._rows(seq_ids, True)
         cdef Py_ssize_t i, n = cnp.PyArray_DIM(rows, 0)
         cdef int64_t scalar = 0
@@ -795,6 +840,13 @@ cdef class KVCacheManager:
 
         Raises ``KeyError`` for an unknown parent and ``ValueError`` if the child exists.
         """
+        self._begin_write()
+        try:
+            return self._fork(parent_id, child_id)
+        finally:
+            self._end_write()
+
+    cdef object _fork(self, parent_id, child_id):
         cdef int64_t parent = _as_seq_id(parent_id, "parent_id")
         cdef int64_t child = _as_seq_id(child_id, "child_id")
         if self._table._find_row(parent) < 0:
@@ -824,6 +876,13 @@ cdef class KVCacheManager:
         order.  Every id is checked first (``KeyError`` for an unknown one,
         ``ValueError`` for a repeat): a call that raises changes nothing.
         """
+        self._begin_write()
+        try:
+            return self._free_sequence(seq_ids)
+        finally:
+            self._end_write()
+
+    cdef object _free_sequence(self, seq_ids):
         if isinstance(seq_ids, (int, np.integer)) and not isinstance(seq_ids, (bool, np.bool_)):
             seq_ids = [seq_ids]
         rows = self._rows(seq_ids, True)

@@ -439,3 +439,54 @@ def test_concurrent_reads_and_growth_never_crash():
         thread.join()
     pt._check_invariants()
     assert all("another thread" in message for message in refused)
+
+
+def test_concurrent_writers_take_turns_or_raise():
+    """A change may let other threads run in its middle (allocating or freeing mapped
+    memory releases the GIL).  A second change from another thread then raises
+    RuntimeError and changes nothing; it never interleaves (this used to crash)."""
+    import sys
+    import threading
+
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    pt = PageTable(16)
+    ref = ReferencePageTable(16)
+    lock = threading.Lock()   # guards the reference only
+    refused = []
+
+    def writer(seed):
+        rng = np.random.default_rng(seed)
+        for step in range(12):
+            # Many new ids: the index and row arrays grow into mapped memory.  Each
+            # thread has ids of its own, so the order between threads cannot matter.
+            seqs = rng.integers(0, 40_000, size=8_000) + seed * 100_000
+            blocks = rng.integers(0, 2**31 - 1, size=8_000)
+            try:
+                if step % 4 == 3:
+                    victim = int(seqs[0])
+                    removed = pt.remove_sequence(victim)
+                    with lock:
+                        expected = ref.remove_sequence(victim)
+                        assert (removed is None) == (expected is None)
+                    continue
+                pt.append_blocks(seqs, blocks)
+            except RuntimeError as error:
+                refused.append(str(error))
+                continue
+            with lock:
+                ref.append_blocks(seqs, blocks)
+
+    threads = [threading.Thread(target=writer, args=(seed,)) for seed in range(3)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(old_interval)
+    pt._check_invariants()
+    assert all("another thread" in message for message in refused)
+    assert pt.num_sequences() == len(ref.sequences)
+    for seq in list(ref.sequences)[:2000]:
+        np.testing.assert_array_equal(pt.get_sequence_blocks(seq), ref.get_sequence_blocks(seq))

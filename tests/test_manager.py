@@ -389,3 +389,54 @@ def test_docstring_examples():
 
     failures, attempted = doctest.testmod(pagetable._manager, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert attempted > 0 and failures == 0
+
+
+def test_concurrent_changes_take_turns_or_raise():
+    """A manager change may let other threads run in its middle (its table allocates
+    and frees mapped memory).  A change from another thread then raises RuntimeError
+    and changes nothing; nothing interleaves and nothing crashes."""
+    import sys
+    import threading
+
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    kv = KVCacheManager(num_blocks=200_000, block_size=16)
+    refused = []
+
+    def worker(seed):
+        rng = np.random.default_rng(seed)
+        live = []
+        next_id = seed * 1_000_000
+        for _ in range(150):
+            try:
+                action = rng.integers(0, 4)
+                if action == 0 or not live:
+                    for _ in range(40):   # many sequences: the table grows into mapped memory
+                        kv.add_sequence(next_id, int(rng.integers(1, 200)))
+                        live.append(next_id)
+                        next_id += 1
+                elif action == 1:
+                    kv.append_tokens(live, 1)
+                elif action == 2:
+                    victims = live[: len(live) // 3]
+                    kv.free_sequence(victims)
+                    live = live[len(live) // 3:]
+                else:
+                    kv.fork(live[0], next_id)
+                    live.append(next_id)
+                    next_id += 1
+            except OutOfBlocksError:    # a RuntimeError too: catch it first
+                pass
+            except RuntimeError as error:
+                refused.append(str(error))
+
+    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(3)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(old_interval)
+    kv.check()
+    assert all("another thread" in message for message in refused)

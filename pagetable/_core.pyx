@@ -63,6 +63,47 @@ cdef extern from *:
     uint64_t PAGETABLE_FIBONACCI
     void PAGETABLE_PREFETCH(const void* address) noexcept nogil
 
+# Input scans of append_blocks.  With GCC on x86-64 Linux each is compiled twice, for
+# AVX2 and for the baseline, and the loader picks one (an ifunc): the baseline has no
+# 64-bit vector compare, and these scans were a tenth of a round-robin append.
+cdef extern from *:
+    """
+    #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+    #define PAGETABLE_CLONES __attribute__((target_clones("avx2", "default")))
+    #else
+    #define PAGETABLE_CLONES
+    #endif
+    /* Smallest of n >= 1 values; *runs gets the number of runs of equal values. */
+    static PAGETABLE_CLONES int64_t pagetable_min_and_runs(const int64_t* v, int64_t n, int64_t* runs) {
+        int64_t low = v[0], count = 1;
+        for (int64_t i = 1; i < n; i++) {
+            low = v[i] < low ? v[i] : low;
+            count += v[i] != v[i - 1];
+        }
+        *runs = count;
+        return low;
+    }
+    static PAGETABLE_CLONES int64_t pagetable_min_i64(const int64_t* v, int64_t n) {
+        int64_t low = v[0];
+        for (int64_t i = 1; i < n; i++) low = v[i] < low ? v[i] : low;
+        return low;
+    }
+    static PAGETABLE_CLONES int64_t pagetable_max_i64(const int64_t* v, int64_t n) {
+        int64_t high = v[0];
+        for (int64_t i = 1; i < n; i++) high = v[i] > high ? v[i] : high;
+        return high;
+    }
+    static PAGETABLE_CLONES int32_t pagetable_min_i32(const int32_t* v, int64_t n) {
+        int32_t low = v[0];
+        for (int64_t i = 1; i < n; i++) low = v[i] < low ? v[i] : low;
+        return low;
+    }
+    """
+    int64_t _min_and_runs "pagetable_min_and_runs" (const int64_t* values, int64_t n, int64_t* runs) noexcept nogil
+    int64_t _min_i64 "pagetable_min_i64" (const int64_t* values, int64_t n) noexcept nogil
+    int64_t _max_i64 "pagetable_max_i64" (const int64_t* values, int64_t n) noexcept nogil
+    int32_t _min_i32 "pagetable_min_i32" (const int32_t* values, int64_t n) noexcept nogil
+
 PAD_SLOT_ID = PAD
 
 _CONCURRENT_WRITE = (
@@ -303,38 +344,6 @@ cdef inline int64_t _block_of(int64_t pos, const TableView* view, int64_t limit,
     if limit <= DEF_EXACT_DOUBLE_LIMIT:
         return _quotient(pos, view.block_size, reciprocal)
     return pos // view.block_size
-
-
-cdef inline int64_t _min_i64(const int64_t* values, int64_t n) noexcept nogil:
-    cdef int64_t i, low = values[0]
-    for i in range(1, n):
-        low = values[i] if values[i] < low else low
-    return low
-
-
-cdef inline int64_t _min_and_runs(const int64_t* values, int64_t n, int64_t* num_runs) noexcept nogil:
-    """Smallest of ``n >= 1`` values; ``num_runs`` gets the number of runs of equal values."""
-    cdef int64_t i, low = values[0], runs = 1
-    for i in range(1, n):
-        low = values[i] if values[i] < low else low
-        runs += values[i] != values[i - 1]
-    num_runs[0] = runs
-    return low
-
-
-cdef inline int64_t _max_i64(const int64_t* values, int64_t n) noexcept nogil:
-    cdef int64_t i, high = values[0]
-    for i in range(1, n):
-        high = values[i] if values[i] > high else high
-    return high
-
-
-cdef inline int64_t _min_i32(const int32_t* values, int64_t n) noexcept nogil:
-    cdef int64_t i
-    cdef int32_t low = values[0]
-    for i in range(1, n):
-        low = values[i] if values[i] < low else low
-    return low
 
 
 cdef inline int64_t _run_end(const int64_t* seq_ids, int64_t begin, int64_t end) noexcept nogil:

@@ -1562,11 +1562,7 @@ cdef class PageTable:
         KeyError
             If a sequence id is not in the table.
         """
-        seq_array = _int64_ids(seq_ids, "seq_ids")
-        cdef int64_t count = cnp.PyArray_DIM(<cnp.ndarray>seq_array, 0)
-        rows = _empty(count, cnp.NPY_INT32)
-        self._resolve_or_raise(seq_array, rows)
-        return self._row_len_arr[rows]
+        return self._row_len_arr[self.rows(seq_ids)]
 
     def rows(self, seq_ids):
         """Return each sequence's row in this table, as hints for batched reads.

@@ -48,3 +48,25 @@ def child_env():
     root = str(pathlib.Path(pagetable.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     return env
+
+
+def run_racing(worker, count=3):
+    """Run ``worker(seed)`` for seeds ``0 .. count - 1`` in threads, all at once.
+
+    The interpreter's switch interval is cut to a microsecond meanwhile, so that
+    threads change hands wherever the GIL is released.
+    """
+    import sys
+    import threading
+
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(count)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(old_interval)
+

@@ -6,7 +6,7 @@ import pickle
 import numpy as np
 import pytest
 
-from conftest import build_random, snapshot
+from conftest import build_random, run_racing, snapshot
 from pagetable import PAD_SLOT_ID, PageTable
 from pagetable.reference import ReferencePageTable
 
@@ -445,11 +445,8 @@ def test_concurrent_writers_take_turns_or_raise():
     """A change may let other threads run in its middle (allocating or freeing mapped
     memory releases the GIL).  A second change from another thread then raises
     RuntimeError and changes nothing; it never interleaves (this used to crash)."""
-    import sys
     import threading
 
-    old_interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
     pt = PageTable(16)
     ref = ReferencePageTable(16)
     lock = threading.Lock()   # guards the reference only
@@ -477,14 +474,7 @@ def test_concurrent_writers_take_turns_or_raise():
             with lock:
                 ref.append_blocks(seqs, blocks)
 
-    threads = [threading.Thread(target=writer, args=(seed,)) for seed in range(3)]
-    try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    finally:
-        sys.setswitchinterval(old_interval)
+    run_racing(writer)
     pt._check_invariants()
     assert all("another thread" in message for message in refused)
     assert pt.num_sequences() == len(ref.sequences)

@@ -7,6 +7,7 @@ hold the two against each other on random workloads.
 import numpy as np
 import pytest
 
+from conftest import run_racing
 from pagetable._manager import AppendResult, KVCacheManager, OutOfBlocksError
 from pagetable.reference_manager import ReferenceKVCacheManager
 
@@ -395,11 +396,6 @@ def test_concurrent_changes_take_turns_or_raise():
     """A manager change may let other threads run in its middle (its table allocates
     and frees mapped memory).  A change from another thread then raises RuntimeError
     and changes nothing; nothing interleaves and nothing crashes."""
-    import sys
-    import threading
-
-    old_interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
     kv = KVCacheManager(num_blocks=200_000, block_size=16)
     refused = []
 
@@ -430,13 +426,6 @@ def test_concurrent_changes_take_turns_or_raise():
             except RuntimeError as error:
                 refused.append(str(error))
 
-    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(3)]
-    try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    finally:
-        sys.setswitchinterval(old_interval)
+    run_racing(worker)
     kv.check()
     assert all("another thread" in message for message in refused)

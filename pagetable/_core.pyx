@@ -24,6 +24,7 @@ from libc.stdint cimport int32_t, int64_t, uint64_t
 from libc.string cimport memcpy, memmove, memcmp, memset
 
 import mmap as _mmap
+import sys
 
 import numpy as np
 cimport numpy as cnp
@@ -142,6 +143,7 @@ cdef extern from *:
     """
     int64_t DEF_EXACT_DOUBLE_LIMIT "PAGETABLE_EXACT_DOUBLE_LIMIT"
 
+cdef bint _LINUX = sys.platform.startswith("linux")
 _INT32 = np.dtype(np.int32)
 _INT64 = np.dtype(np.int64)
 
@@ -1008,7 +1010,7 @@ cdef class PageTable:
         cdef Py_ssize_t page = _mmap.PAGESIZE
         cdef Py_ssize_t first = (<Py_ssize_t>begin * sizeof(int32_t) // page) * page
         cdef Py_ssize_t last = <Py_ssize_t>self._pool_tail * sizeof(int32_t)
-        if last - first < POPULATE_MIN_BYTES:
+        if last - first < POPULATE_MIN_BYTES or not _LINUX:    # the advice is Linux's own
             return 0
         try:
             self._pool_map.madvise(MADV_POPULATE_WRITE, first, last - first)

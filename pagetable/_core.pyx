@@ -124,6 +124,11 @@ cdef enum:
     PARALLEL_THRESHOLD = 131072
     PARALLEL_CHUNK = 8192
     MIN_INDEX_CAPACITY = 16
+    # Row metadata grows fourfold: each growth copies nine arrays, and a batch that
+    # creates a thousand sequences should not pay that seven times.  Arrays of 64 KiB
+    # and more are mappings of their own whose untouched pages cost no memory, and
+    # rows past the used ones are never touched.
+    ROWS_GROWTH = 4
     # The index grows past INDEX_LOAD_NUM / INDEX_LOAD_DEN full.  Sparse on purpose:
     # a lookup's branch bets that the id sits in its home slot, and a lost bet costs
     # a pipeline flush.  At 0.7 about a quarter of the bets were lost and an
@@ -777,7 +782,8 @@ cdef class PageTable:
         if new_rows > 0 and self._rows_used + new_rows > self._rows_capacity:
             if self._rows_used + new_rows >= C_INT32_MAX // 2:
                 raise OverflowError("a PageTable holds at most 2**30 sequences")
-            self._grow_rows(<int32_t>max(2 * <int64_t>self._rows_capacity, self._rows_used + new_rows))
+            self._grow_rows(<int32_t>max(ROWS_GROWTH * <int64_t>self._rows_capacity,
+                                         self._rows_used + new_rows))
         return 0
 
     cdef int _rebuild_index(self, int64_t capacity) except -1:
@@ -872,7 +878,8 @@ cdef class PageTable:
             if self._rows_used == self._rows_capacity:
                 if self._rows_capacity >= C_INT32_MAX // 2:
                     raise OverflowError("a PageTable holds at most 2**30 sequences")
-                self._grow_rows(self._rows_capacity * 2)
+                self._grow_rows(<int32_t>min(ROWS_GROWTH * <int64_t>self._rows_capacity,
+                                             C_INT32_MAX // 2))
             row = self._rows_used
             self._rows_used += 1
         self._row_start[row] = self._pool_tail

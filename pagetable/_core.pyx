@@ -1498,7 +1498,16 @@ cdef class PageTable:
             try:
                 for k in range(num_touched):
                     row = touched[k]
-                    self._reserve_row(row, <int64_t>self._row_len[row] + self._row_pending[row])
+                    count = <int64_t>self._row_len[row] + self._row_pending[row]
+                    if (self._row_cap[row] == 0 and self._pool_tail + count <= self._pool_capacity
+                            and count <= C_INT32_MAX):
+                        # A new row (no room yet, nothing to move): its exact room at
+                        # the tail, which the reservation above has made.
+                        self._row_start[row] = self._pool_tail
+                        self._row_cap[row] = <int32_t>count
+                        self._pool_tail += count
+                    else:
+                        self._reserve_row(row, count)
             except BaseException:
                 self._undo_pending(touched, num_touched, first_new_order)
                 raise

@@ -124,6 +124,7 @@ cdef enum:
     PARALLEL_THRESHOLD = 131072
     PARALLEL_CHUNK = 8192
     MIN_INDEX_CAPACITY = 16
+    SMALL_INDEX = 4096
     # Row metadata grows fourfold: each growth copies nine arrays, and a batch that
     # creates a thousand sequences should not pay that seven times.  Arrays of 64 KiB
     # and more are mappings of their own whose untouched pages cost no memory, and
@@ -768,7 +769,11 @@ cdef class PageTable:
         self._index_rows[hole] = -1
 
     cdef int _grow_index(self) except -1:
-        return self._rebuild_index((self._index_mask + 1) * 2)
+        # Small indexes grow fourfold: a batch creating a thousand sequences would
+        # otherwise rebuild one eight times.  From SMALL_INDEX slots on, every slot
+        # is resident memory (keys are filled with EMPTY_KEY), so growth halves.
+        cdef int64_t capacity = self._index_mask + 1
+        return self._rebuild_index(capacity * (4 if capacity < SMALL_INDEX else 2))
 
     cdef int _reserve_sequences(self, int64_t extra) except -1:
         """Grow the index and the row arrays once for up to ``extra`` more sequences."""

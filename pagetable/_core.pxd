@@ -117,7 +117,7 @@ cdef class PageTable:
     cdef row_t _row_or_raise(self, seq_id_t seq_id) except -1
     cdef object _row_array(self, row_t row)
     cdef object _live_rows_in_order(self)
-    cdef int _resolve_or_raise(self, object seq_array, object rows_array) except -1
+    cdef object _rows_or_raise(self, object seq_ids)
     cdef int _raise_bad_seq(self, object seq_array, int64_t bad) except -1
     cdef int _raise_unmapped(self, seq_array, pos_array, result) except -1
     cdef int _slot_mapping_into(self, seq_array, pos_array, result, hint_array=*) except -1

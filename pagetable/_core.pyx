@@ -1585,7 +1585,7 @@ cdef class PageTable:
         KeyError
             If a sequence id is not in the table.
         """
-        return self._row_len_arr[self.rows(seq_ids)]
+        return self._row_len_arr[self._rows_or_raise(seq_ids)]
 
     def rows(self, seq_ids):
         """Return each sequence's row in this table, as hints for batched reads.
@@ -1609,20 +1609,19 @@ cdef class PageTable:
         KeyError
             If a sequence id is not in the table.
         """
+        return self._rows_or_raise(seq_ids)
+
+    cdef object _rows_or_raise(self, object seq_ids):
+        """The row of each id of ``seq_ids`` (int32); ValueError or KeyError naming it."""
         seq_array = _int64_ids(seq_ids, "seq_ids")
         cdef int64_t count = cnp.PyArray_DIM(<cnp.ndarray>seq_array, 0)
-        rows = _empty(count, cnp.NPY_INT32)
-        self._resolve_or_raise(seq_array, rows)
-        return rows
-
-    cdef int _resolve_or_raise(self, object seq_array, object rows_array) except -1:
+        rows_array = _empty(count, cnp.NPY_INT32)
         cdef const int64_t* seqs = _i64(seq_array)
         cdef int32_t* rows = _i32(rows_array)
         cdef TableView view = self._view()
         cdef int64_t bad
-        cdef int64_t count = cnp.PyArray_DIM(<cnp.ndarray>seq_array, 0)
         if count == 0:
-            return 0
+            return rows_array
         self._busy += 1   # storage must not move while the GIL is released
         try:
             with nogil:
@@ -1633,7 +1632,7 @@ cdef class PageTable:
             if seqs[bad] < 0:
                 raise ValueError(f"seq_ids must be in 0..{INT64_MAX}, got {seqs[bad]} at index {bad}")
             raise KeyError(f"sequence id {seqs[bad]} (seq_ids[{bad}]) is not in the table")
-        return 0
+        return rows_array
 
     def lookup(self, seq_ids, positions, strict=False, rows=None):
         """Map (sequence, position) pairs to (block id, offset within the block).
@@ -1803,10 +1802,8 @@ cdef class PageTable:
         KeyError
             If a sequence id is not in the table.
         """
-        seq_array = _int64_ids(seq_ids, "seq_ids")
-        cdef int64_t count = cnp.PyArray_DIM(<cnp.ndarray>seq_array, 0)
-        rows = _empty(count, cnp.NPY_INT32)
-        self._resolve_or_raise(seq_array, rows)
+        rows = self._rows_or_raise(seq_ids)
+        cdef int64_t count = cnp.PyArray_DIM(<cnp.ndarray>rows, 0)
         num_blocks = self._row_len_arr[rows]
         cdef int64_t width = int(num_blocks.max()) if count else 0
         if out is None:
@@ -1858,10 +1855,8 @@ cdef class PageTable:
         OverflowError
             If the batch maps more than ``2**31 - 1`` blocks.
         """
-        seq_array = _int64_ids(seq_ids, "seq_ids")
-        cdef int64_t count = cnp.PyArray_DIM(<cnp.ndarray>seq_array, 0)
-        rows = _empty(count, cnp.NPY_INT32)
-        self._resolve_or_raise(seq_array, rows)
+        rows = self._rows_or_raise(seq_ids)
+        cdef int64_t count = cnp.PyArray_DIM(<cnp.ndarray>rows, 0)
         indptr = np.empty(count + 1, dtype=np.int32)
         cdef int32_t[::1] row_view = rows
         cdef int32_t[::1] indptr_view = indptr

@@ -363,6 +363,18 @@ cdef int64_t _as_seq_id(value, str name) except -1:
     return check_range(as_index(value, name), 0, INT64_MAX, name)
 
 
+cdef struct _StepPlan:
+    # One step's checked arguments and plan (see KVCacheManager._plan_step).
+    Py_ssize_t n                 # sequences
+    const row_t* rows            # their rows
+    const int64_t* counts        # new tokens per sequence, read at i * stride
+    Py_ssize_t stride            # 1, or 0 when one count (``scalar``) serves all
+    int64_t scalar
+    int64_t need                 # fresh blocks the step takes
+    int64_t num_copies           # copy-on-write copies it makes
+    int64_t num_slots            # slots it returns
+
+
 @cython.final
 cdef class KVCacheManager:
     """Paged KV-cache bookkeeping: a PageTable, a BlockAllocator and token counts.
@@ -605,6 +617,29 @@ cdef class KVCacheManager:
         scalar[0] = count
         return None
 
+    cdef object _plan_step(self, seq_ids, num_new_tokens, _StepPlan* plan):
+        """Check the arguments of a step and plan it into ``plan`` (nothing changes).
+
+        Returns the arrays ``plan`` points into; the caller keeps them while it uses
+        the plan.  A scalar count lives in ``plan.scalar`` and is read with stride 0.
+        """
+        rows = self._rows(seq_ids, True)
+        plan.n = cnp.PyArray_DIM(rows, 0)
+        plan.rows = <const row_t*>cnp.PyArray_DATA(rows)
+        plan.scalar = 0
+        counts = self._counts(num_new_tokens, plan.n, &plan.scalar)
+        if counts is None:
+            plan.counts = &plan.scalar
+            plan.stride = 0
+        else:
+            plan.counts = <const int64_t*>cnp.PyArray_DATA(counts)
+            plan.stride = 1
+        plan.num_copies = 0
+        plan.num_slots = 0
+        plan.need = self._plan(plan.rows, plan.n, plan.counts, plan.stride,
+                               &plan.num_copies, &plan.num_slots)
+        return rows, counts
+
     cdef int64_t _plan(self, const row_t* rows, Py_ssize_t n, const int64_t* counts,
                        Py_ssize_t count_stride, int64_t* num_copies,
                        int64_t* num_slots) noexcept nogil:
@@ -748,18 +783,13 @@ cdef class KVCacheManager:
             self._end_write()
 
     cdef object _append_tokens(self, seq_ids, num_new_tokens):
-        rows = self._rows(seq_ids, True)
-        cdef Py_ssize_t i, n = cnp.PyArray_DIM(rows, 0)
-        cdef int64_t scalar = 0
-        counts_arr = self._counts(num_new_tokens, n, &scalar)
-        cdef const int64_t* counts = &scalar
-        cdef Py_ssize_t stride = 0
-        if counts_arr is not None:
-            counts = <const int64_t*>cnp.PyArray_DATA(counts_arr)
-            stride = 1
-        cdef const row_t* row_data = <const row_t*>cnp.PyArray_DATA(rows)
-        cdef int64_t num_copies = 0, num_slots = 0, need
-        need = self._plan(row_data, n, counts, stride, &num_copies, &num_slots)
+        cdef _StepPlan plan
+        inputs = self._plan_step(seq_ids, num_new_tokens, &plan)   # keeps plan's arrays alive
+        cdef Py_ssize_t i, n = plan.n
+        cdef const row_t* row_data = plan.rows
+        cdef const int64_t* counts = plan.counts
+        cdef Py_ssize_t stride = plan.stride
+        cdef int64_t need = plan.need, num_copies = plan.num_copies, num_slots = plan.num_slots
         if need > self._allocator._num_free:
             raise OutOfBlocksError(need, self._allocator._num_free)
         cdef row_t row
@@ -821,19 +851,9 @@ cdef class KVCacheManager:
 
         Checks the arguments exactly as ``append_tokens`` does and changes nothing.
         """
-        rows = self._rows(seq_ids, True)
-        cdef Py_ssize_t n = cnp.PyArray_DIM(rows, 0)
-        cdef int64_t scalar = 0
-        counts_arr = self._counts(num_new_tokens, n, &scalar)
-        cdef const int64_t* counts = &scalar
-        cdef Py_ssize_t stride = 0
-        if counts_arr is not None:
-            counts = <const int64_t*>cnp.PyArray_DATA(counts_arr)
-            stride = 1
-        cdef const row_t* row_data = <const row_t*>cnp.PyArray_DATA(rows)
-        cdef int64_t num_copies = 0, num_slots = 0, need
-        need = self._plan(row_data, n, counts, stride, &num_copies, &num_slots)
-        return need <= self._allocator._num_free
+        cdef _StepPlan plan
+        self._plan_step(seq_ids, num_new_tokens, &plan)
+        return plan.need <= self._allocator._num_free
 
     def fork(self, parent_id, child_id):
         """Make ``child_id`` share every block and the token count of ``parent_id``.

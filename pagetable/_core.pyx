@@ -54,15 +54,9 @@ cdef extern from *:
     #define PAGETABLE_MAX_THREADS() 1
     #endif
     #define PAGETABLE_FIBONACCI 0x9E3779B97F4A7C15ULL
-    #if defined(__GNUC__) || defined(__clang__)
-    #define PAGETABLE_PREFETCH(address) __builtin_prefetch((const void*)(address))
-    #else
-    #define PAGETABLE_PREFETCH(address) ((void)0)
-    #endif
     """
     int PAGETABLE_MAX_THREADS() noexcept nogil
     uint64_t PAGETABLE_FIBONACCI
-    void PAGETABLE_PREFETCH(const void* address) noexcept nogil
 
 # Input scans of append_blocks.  With GCC on x86-64 Linux each is compiled twice, for
 # AVX2 and for the baseline, and the loader picks one (an ifunc): the baseline has no

@@ -135,11 +135,11 @@ def _slot_mapping_rows(PageTable, settings):
         floor_out = np.empty(tokens, dtype=np.int64)
         big = tokens == 1 << 20 and block_size == 16 and not interleaved
         _check_equal("slot_mapping", table.slot_mapping(batch.seq_ids, batch.positions), expected)
-        # Row hints, one per token: what an engine keeps beside its batch, as the
-        # formula is handed its dense-table rows.  Results must not change.
-        hints = np.ascontiguousarray(table.rows(workload.seq_ids)[batch.rows])
         with_hints = tokens == 8192 and block_size == 16
         if with_hints:
+            # Row hints, one per token: what an engine keeps beside its batch, as the
+            # formula is handed its dense-table rows.  Results must not change.
+            hints = np.ascontiguousarray(table.rows(workload.seq_ids)[batch.rows])
             _check_equal("slot_mapping with row hints",
                          table.slot_mapping(batch.seq_ids, batch.positions, rows=hints), expected)
         candidates = {

@@ -32,7 +32,7 @@ from libc.stdint cimport int32_t, int64_t
 from libc.string cimport memcpy
 
 from pagetable._types cimport block_id_t, seq_id_t, slot_t, row_t, PAD
-from pagetable._core cimport PageTable, _wait_for_change
+from pagetable._core cimport PageTable, _wait_while_set
 from pagetable._accept cimport int_vector
 
 import operator
@@ -646,7 +646,7 @@ cdef class KVCacheManager:
         """
         self._check_untampered()
         if self._writing:
-            _wait_for_change(&self._writing, _READ_DURING_CHANGE)
+            _wait_while_set(&self._writing, _READ_DURING_CHANGE)
         return self._epoch
 
     cdef bint _read_current(self, int64_t epoch) noexcept:

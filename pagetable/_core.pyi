@@ -6,6 +6,7 @@ import numpy.typing as npt
 
 PAD_SLOT_ID: int
 MAX_BLOCK_SIZE: int
+DEBUG_BUILD: bool
 INT32_MAX: int
 INT64_MAX: int
 __test__: dict[str, str]

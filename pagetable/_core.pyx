@@ -177,6 +177,17 @@ cdef extern from *:
     """
     int64_t DEF_EXACT_DOUBLE_LIMIT "PAGETABLE_EXACT_DOUBLE_LIMIT"
 
+cdef extern from *:
+    """
+    #ifndef PAGETABLE_DEBUG_BUILD
+    #define PAGETABLE_DEBUG_BUILD 0
+    #endif
+    """
+    int PAGETABLE_DEBUG_BUILD
+
+#: Whether this build has bounds and initialisation checks on (``PAGETABLE_DEBUG=1``).
+DEBUG_BUILD = bool(PAGETABLE_DEBUG_BUILD)
+
 cdef bint _LINUX = sys.platform.startswith("linux")
 
 

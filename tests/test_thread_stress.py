@@ -98,7 +98,7 @@ def test_harness_finds_no_mix_when_calls_take_turns(tmp_path):
     """Self-check of the replay: with one lock around every library call no read can
     see a mix of states, so any mismatch here would be a bug of the harness."""
     summaries = run_tool(tmp_path, "--scenario", "table-churn,manager", "--size", "small",
-                         "--serialize", "--seconds", "0.7")
+                         "--serialize", "--seconds", "0.4")
     for summary in summaries:
         assert_ok(summary)
         assert summary["mismatches"] == 0 and summary["total_reads"] > 100

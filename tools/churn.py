@@ -59,17 +59,24 @@ def mirror(kv):
     ref = ReferenceKVCacheManager(kv.num_blocks, kv.block_size)
     ref._allocator._refcount = kv.allocator._refcounts().tolist()
     ref._allocator._free_stack = kv.allocator._free_blocks().tolist()
-    seq_ids, lengths, blocks = kv.page_table._rows()
-    tokens = kv.seq_lens(seq_ids).tolist() if len(seq_ids) else []
-    ends = np.cumsum(lengths).tolist()
-    start = 0
-    flat = blocks.tolist()
-    for seq, end, count in zip(seq_ids.tolist(), ends, tokens):
-        ref._blocks[seq] = flat[start:end]
+    for seq, (count, blocks) in sequences(kv).items():
+        ref._blocks[seq] = blocks
         ref._tokens[seq] = count
-        start = end
     ref.check()
     return ref
+
+
+def sequences(kv):
+    """{seq: (tokens, [blocks])} of a KVCacheManager, in insertion order."""
+    seq_ids = kv.page_table.sequence_ids()
+    if not len(seq_ids):
+        return {}
+    indptr, indices = kv.page_table.to_csr(seq_ids)
+    tokens = kv.seq_lens(seq_ids).tolist()
+    flat = indices.tolist()
+    bounds = indptr.tolist()
+    return {seq: (count, flat[bounds[i]:bounds[i + 1]])
+            for i, (seq, count) in enumerate(zip(seq_ids.tolist(), tokens))}
 
 
 def state_of(manager):
@@ -77,15 +84,8 @@ def state_of(manager):
     if isinstance(manager, ReferenceKVCacheManager):
         seqs = {s: (manager._tokens[s], list(b)) for s, b in manager._blocks.items()}
         return seqs, list(manager._allocator._refcount), list(manager._allocator._free_stack)
-    seq_ids, lengths, blocks = manager.page_table._rows()
-    tokens = manager.seq_lens(seq_ids).tolist() if len(seq_ids) else []
-    flat = blocks.tolist()
-    seqs = {}
-    start = 0
-    for seq, end, count in zip(seq_ids.tolist(), np.cumsum(lengths).tolist(), tokens):
-        seqs[seq] = (count, flat[start:end])
-        start = end
-    return seqs, manager.allocator._refcounts().tolist(), manager.allocator._free_blocks().tolist()
+    return (sequences(manager), manager.allocator._refcounts().tolist(),
+            manager.allocator._free_blocks().tolist())
 
 
 def outcome(call):

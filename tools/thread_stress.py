@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import io
 import json
 import os
 import pickle
@@ -68,12 +69,30 @@ def digest(value):
     if isinstance(value, tuple):
         return tuple(digest(v) for v in value)
     if isinstance(value, PageTable):
-        return ("table", value.block_size) + digest(value._rows())
+        return ("table",) + digest(table_contents(value))
+    if isinstance(value, KVCacheManager):
+        return ("manager",) + digest(manager_contents(value))
     if isinstance(value, (bytes, bytearray)):
         return ("bytes", len(value), zlib.crc32(value))
     if value is None or isinstance(value, (int, bool, str, float)):
         return value
     raise TypeError(f"no digest for {type(value).__name__}")
+
+
+def table_contents(table):
+    """Everything observable about a table nobody else is changing, in public reads:
+    block size, sequence ids in insertion order, and each one's blocks (as CSR)."""
+    seq_ids = table.sequence_ids()
+    indptr, indices = table.to_csr(seq_ids)
+    return (np.array(table.block_size), seq_ids, indptr, indices)
+
+
+def manager_contents(kv):
+    """A manager nobody else is changing: its table, token counts and pool (reference
+    counts and free-stack order: the order decides which block is handed out next)."""
+    seq_ids = kv.page_table.sequence_ids()
+    return table_contents(kv.page_table) + (
+        kv.seq_lens(seq_ids), kv.allocator._refcounts(), kv.allocator._free_blocks())
 
 
 def describe(exc: BaseException) -> str:
@@ -135,6 +154,22 @@ def _pickle_checked(table):
     return clone
 
 
+def _save_checked(table):
+    buffer = io.BytesIO()
+    table.save(buffer)
+    buffer.seek(0)
+    clone = type(table).load(buffer)
+    clone._check_invariants()
+    return clone
+
+
+def _checked_manager(kv):
+    # The digest compares every sequence, token count and the pool with the replay;
+    # the table's own structure (index, rows) is checked here.
+    kv.page_table._check_invariants()
+    return kv
+
+
 def presence(result):
     """``versions`` reduced to which sequences exist (stamps may differ in a replay)."""
     return result[0] >= 0
@@ -170,6 +205,7 @@ def table_readers(table_of, batch, tokens, big_tokens, single_ids, exact_rows=Tr
                [(int(s),) for s in single_ids]),
         Reader("copy", lambda o: _copy_checked(table_of(o)), [()]),
         Reader("pickle", lambda o: _pickle_checked(table_of(o)), [()]),
+        Reader("save", lambda o: _save_checked(table_of(o)), [()]),
     ]
 
 
@@ -212,7 +248,18 @@ def manager_readers(batch, single_ids):
         Reader("kv.block_table", lambda o, ids: o.block_table(ids), [(batch,)]),
         Reader("kv.flashinfer_layout", lambda o, ids: o.flashinfer_layout(ids), [(batch,)]),
         Reader("kv.seq_lens_one", lambda o, s: o.seq_lens([s]), [(int(s),) for s in single_ids]),
+        Reader("kv.copy", lambda o: _checked_manager(o.copy()), [()]),
+        Reader("kv.pickle", lambda o: _checked_manager(
+            pickle.loads(pickle.dumps(o, protocol=pickle.HIGHEST_PROTOCOL))), [()]),
+        Reader("kv.save", lambda o: _checked_manager(_saved_manager(o)), [()]),
     ]
+
+
+def _saved_manager(kv):
+    buffer = io.BytesIO()
+    kv.save(buffer)
+    buffer.seek(0)
+    return KVCacheManager.load(buffer)
 
 
 def manager_probe_readers():
@@ -623,7 +670,7 @@ def scenario_table_inplace(size="normal"):
     readers = table_readers(lambda t: t, ids, (tok_seq, tok_pos), (big_seq, big_pos),
                             ids[:8])
     groups = [
-        ["to_csr", "block_table", "copy", "pickle"],
+        ["to_csr", "block_table", "copy", "pickle", "save"],
         ["slot_mapping_big", "to_csr", "block_table", "versions"],
         ["slot_mapping", "lookup", "num_blocks", "rows", "get_sequence_blocks", "block_table"],
     ]
@@ -752,7 +799,7 @@ def scenario_table_churn(size="normal"):
     readers += probe_readers(lambda t: t)
     probes = [r.name for r in readers if r.name.startswith("probe_")]
     groups = [
-        ["to_csr", "block_table", "slot_mapping_big", "copy", "pickle"],
+        ["to_csr", "block_table", "slot_mapping_big", "copy", "pickle", "save"],
         ["slot_mapping", "lookup", "num_blocks", "rows", "versions", "get_sequence_blocks"],
         probes,
     ]
@@ -879,9 +926,10 @@ def scenario_manager(size="normal"):
     readers += manager_probe_readers() + probe_readers(lambda kv: kv.page_table)
     probes = [r.name for r in readers if r.name.startswith("probe_")]
     groups = [
-        ["kv.seq_lens", "kv.block_table", "kv.flashinfer_layout", "kv.seq_lens_one", "copy"],
+        ["kv.seq_lens", "kv.block_table", "kv.flashinfer_layout", "kv.seq_lens_one", "kv.copy",
+         "kv.pickle", "kv.save"],
         ["to_csr", "block_table", "slot_mapping_big", "slot_mapping", "lookup", "num_blocks",
-         "rows", "versions", "get_sequence_blocks", "pickle"],
+         "rows", "versions", "get_sequence_blocks", "copy", "pickle", "save"],
         probes,
     ]
     return ManagerScenario(
@@ -890,6 +938,20 @@ def scenario_manager(size="normal"):
 
 
 # --------------------------------------------------------------------------- writers vs writers
+
+def retry_read(read, stats, limit=5.0):
+    """``read()``, retried while it raises RuntimeError (a change from another thread
+    is in progress); counted in ``stats["read_retries"]``."""
+    deadline = time.perf_counter() + limit
+    while True:
+        try:
+            return read()
+        except RuntimeError:
+            stats["read_retries"] = stats.get("read_retries", 0) + 1
+            if time.perf_counter() > deadline:
+                raise
+            time.sleep(1e-4)
+
 
 def run_rounds(num_threads, rounds, seconds, worker, between):
     """Race ``worker(thread, round, deadline)`` in threads, round by round; call
@@ -940,7 +1002,10 @@ def scenario_table_writers(seconds, seed, size="normal"):
         return list(models[t].sequences)
 
     def state_of(t, ids):
-        return [None if (b := table.get_sequence_blocks(s)) is None else b.tolist() for s in ids]
+        # Another thread's change may be in progress (that is why this thread was
+        # refused): a read may then raise RuntimeError, and is retried.
+        return retry_read(lambda: [None if (b := table.get_sequence_blocks(s)) is None else b.tolist()
+                                   for s in ids], stats)
 
     def model_of(t, ids):
         return [models[t].sequences.get(s) for s in ids]
@@ -1028,8 +1093,9 @@ def scenario_table_writers(seconds, seed, size="normal"):
         merged = {}
         for model in models:
             merged.update(model.sequences)
-        seq_ids, lengths, blocks = table._rows()
+        seq_ids = table.sequence_ids()
         assert sorted(seq_ids.tolist()) == sorted(merged), "the table holds other sequences than the models"
+        blocks = table.to_csr(seq_ids)[1]
         flat = []
         for seq in seq_ids.tolist():
             flat.extend(merged[seq])
@@ -1052,6 +1118,7 @@ def scenario_table_writers(seconds, seed, size="normal"):
     return {
         "scenario": "table-writers", "seed": seed, "ok": not failures,
         "ops": stats["ops"], "op_kinds": stats["op_kinds"], "writer_refusals": stats["refusals"],
+        "read_retries": stats.get("read_retries", 0),
         "writer_refusal_messages": sorted(stats["refusal_messages"]),
         "race_seconds": round(time.perf_counter() - started, 2), "failures": failures[:20],
     }
@@ -1070,7 +1137,7 @@ def scenario_manager_writers(seconds, seed, size="normal"):
     burst = 600 if size == "normal" else 200
 
     def observed(ids):
-        return [int(kv.seq_lens([s])[0]) if s in kv else None for s in ids]
+        return retry_read(lambda: [int(kv.seq_lens([s])[0]) if s in kv else None for s in ids], stats)
 
     def worker(t, r, deadline):
         rng = rngs[t]
@@ -1170,6 +1237,7 @@ def scenario_manager_writers(seconds, seed, size="normal"):
     return {
         "scenario": "manager-writers", "seed": seed, "ok": not failures,
         "ops": stats["ops"], "op_kinds": stats["op_kinds"], "writer_refusals": stats["refusals"],
+        "read_retries": stats.get("read_retries", 0),
         "out_of_blocks": stats["out_of_blocks"],
         "writer_refusal_messages": sorted(stats["refusal_messages"]),
         "race_seconds": round(time.perf_counter() - started, 2), "failures": failures[:20],

@@ -102,3 +102,55 @@ def test_harness_finds_no_mix_when_calls_take_turns(tmp_path):
     for summary in summaries:
         assert_ok(summary)
         assert summary["mismatches"] == 0 and summary["total_reads"] > 100
+
+
+def test_refusals_under_concurrent_adds_name_the_other_thread(tmp_path):
+    """Three threads add sequences to one manager while a fourth reads.  Nothing ever
+    changes its table or pool from outside, so a refused change must say another
+    thread is changing the manager, and a refused read that a change is in progress:
+    never that the state "can no longer be trusted" (an engine would rightly treat
+    that as fatal).  Adds grow the manager's per-row arrays after the table's rows,
+    which is the window where the wrong message appeared."""
+    script = r"""
+import json, sys, threading
+from collections import Counter
+from pagetable import KVCacheManager
+sys.setswitchinterval(1e-6)
+kv = KVCacheManager(400_000, 16)
+kv.add_sequence(0, 5)
+messages = Counter()
+stop = False
+def writer(t):
+    for i in range(60_000):
+        try:
+            kv.add_sequence((t + 1) * 10**9 + i, 0)
+        except RuntimeError as exc:
+            messages["writer: " + str(exc)] += 1
+def reader():
+    while not stop:
+        try:
+            kv.seq_lens([0])
+        except RuntimeError as exc:
+            messages["reader: " + str(exc)] += 1
+threads = [threading.Thread(target=writer, args=(t,)) for t in range(3)]
+threads.append(threading.Thread(target=reader))
+for th in threads: th.start()
+for th in threads[:3]: th.join()
+stop = True
+threads[3].join()
+kv.check()
+print(json.dumps({"sequences": len(kv), "messages": dict(messages)}))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            cwd=tmp_path, env=child_env(), timeout=120)
+    if result.returncode < 0:
+        pytest.fail(f"the child crashed with {signal.Signals(-result.returncode).name}\n"
+                    f"{result.stderr[-6000:]}")
+    assert result.returncode == 0, result.stderr[-6000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    print(json.dumps({k: (v if k != "messages" else {m[:70]: c for m, c in v.items()})
+                      for k, v in summary.items()}))
+    wrong = {m: c for m, c in summary["messages"].items()
+             if m.startswith("writer: ") and "another thread" not in m
+             or "outside the manager" in m}
+    assert not wrong, f"misleading refusals (nothing changed the manager from outside): {wrong}"

@@ -170,7 +170,13 @@ class ReferenceKVCacheManager:
                     f"num_new_tokens must have one entry per sequence ({n}), got {len(counts)}"
                 )
         else:
-            counts = [as_index(num_new_tokens, "num_new_tokens")] * n
+            # One count for every sequence: checked as itself, even for no sequence.
+            count = as_index(num_new_tokens, "num_new_tokens")
+            if count < 0:
+                raise ValueError(f"num_new_tokens[0] = {count} is negative")
+            if count > INT64_MAX:
+                raise OverflowError(f"num_new_tokens = {count} does not fit in 64 bits")
+            counts = [count] * n
         for i, c in enumerate(counts):
             if c < 0:
                 raise ValueError(f"num_new_tokens[{i}] = {c} is negative")

@@ -28,6 +28,9 @@ DIRECTIVES = {
     "cdivision": True,
     "embedsignature": True,
     "binding": False,
+    # Cython's automatic pickling of cdef classes restores C fields from whatever
+    # tuple it is handed; every class pickles through its validated state instead.
+    "auto_pickle": False,
 }
 
 

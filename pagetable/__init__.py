@@ -5,7 +5,9 @@ PagedAttention keeps each sequence's keys and values in fixed-size physical bloc
 offset) and turns a batch into what attention kernels consume: a slot mapping, a
 dense block table, or a CSR page list.  :class:`BlockAllocator` and
 :class:`KVCacheManager` hand out blocks, share them between forked sequences and
-copy on write.  ``PAD_SLOT_ID`` (-1) marks every unmapped entry.
+copy on write.  ``PAD_SLOT_ID`` (-1) marks every unmapped entry.  Each of the three
+saves to and loads from one validated file format (``save`` / ``load``, and
+:func:`load` for a file of any kind); a bad file raises :class:`CorruptStateError`.
 
 The GPU path lives in :mod:`pagetable.gpu` and needs CuPy; importing this package
 never imports CuPy.
@@ -13,6 +15,7 @@ never imports CuPy.
 
 from pagetable._core import MAX_BLOCK_SIZE, PAD_SLOT_ID, PageTable
 from pagetable._manager import AppendResult, BlockAllocator, KVCacheManager, OutOfBlocksError
+from pagetable._state import CorruptStateError, load
 
 __version__ = "0.1.0"
 
@@ -24,5 +27,7 @@ __all__ = [
     "KVCacheManager",
     "OutOfBlocksError",
     "AppendResult",
+    "CorruptStateError",
+    "load",
     "__version__",
 ]

@@ -40,37 +40,50 @@ def check_range(value: int, low: int, high: int, name: str) -> int:
     return value
 
 
-def _describe_non_integer(values: object, array: np.ndarray, name: str) -> Exception:
-    """Pick the right exception for an array-like that numpy did not make integer.
+def _exact_integers(values: object, array: np.ndarray, name: str) -> np.ndarray | None:
+    """The int64 array of an array-like whose elements are all Python or numpy integers.
 
-    A list such as ``[-1, 2**63]`` becomes float64 and ``[2**64]`` becomes object in
-    numpy although every element is an integer: that is a range problem, not a type one.
+    numpy turns such a list into float64 or object when no one integer dtype holds
+    every element: ``[np.uint64(1), np.int64(2)]`` becomes float64 and ``[2**64]``
+    object.  The values are integers all the same, so they are read again one by one,
+    exactly; ``None`` means the elements are not all integers.
     """
-    if array.dtype.kind in "fcO" and not isinstance(values, np.ndarray):
-        flat = list(np.asarray(values, dtype=object).ravel())
-        if flat and all(
-            isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
-            for v in flat
-        ):
-            worst = next(v for v in flat if not (-(2**63) <= int(v) <= INT64_MAX))
-            return OverflowError(f"{name} holds {worst}, which does not fit in 64 bits")
+    if array.dtype.kind not in "fcO" or isinstance(values, np.ndarray):
+        return None
+    flat = list(np.asarray(values, dtype=object).ravel())
+    if not all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in flat
+    ):
+        return None
+    exact = [int(v) for v in flat]
+    for v in exact:
+        if not -(2**63) <= v <= INT64_MAX:
+            raise OverflowError(f"{name} holds {v}, which does not fit in 64 bits")
+    return np.array(exact, dtype=np.int64)
+
+
+def _not_integers(array: np.ndarray, name: str) -> TypeError:
     if array.dtype.kind == "b":
         return TypeError(f"{name} must hold integers, got booleans")
     return TypeError(f"{name} must hold integers, got dtype {array.dtype}")
 
 
 def as_int_array(values: object, name: str, dtype: np.dtype = _INT64) -> np.ndarray:
-    """Return ``values`` as a 1-D C-contiguous array of ``dtype`` (int64 or int32).
+    """Return ``values`` as a 1-D C-contiguous, aligned, native-order array of ``dtype``.
 
-    Accepts lists, tuples and numpy arrays of any integer dtype (non-contiguous views
-    included).  Values that do not fit in ``dtype`` raise ``OverflowError``; nothing is
-    silently truncated.
+    ``dtype`` is int64 or int32.  Accepts lists, tuples and numpy arrays of any integer
+    dtype: non-contiguous views, unaligned buffers, read-only arrays and foreign byte
+    order included (such arrays are copied; a behaved array of ``dtype`` is returned
+    as it is).  Values that do not fit in ``dtype`` raise ``OverflowError``; nothing is
+    silently truncated.  This is the slow path of every array argument; the compiled
+    modules accept a behaved array of the right dtype without calling it.
     """
+    dtype = np.dtype(dtype)
     if type(values) is np.ndarray and values.dtype == dtype and values.ndim == 1:  # type: ignore[union-attr]
-        return np.ascontiguousarray(values)
+        return np.require(values, requirements="CA")
     try:
         array = np.asarray(values)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, OverflowError) as exc:
         raise TypeError(f"{name} must be a 1-D array of integers: {exc}") from None
     if array.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got an array of shape {array.shape}")
@@ -78,9 +91,12 @@ def as_int_array(values: object, name: str, dtype: np.dtype = _INT64) -> np.ndar
     if kind not in "iu":
         if array.size == 0 and kind != "b" and kind != "O":
             return np.empty(0, dtype=dtype)
-        raise _describe_non_integer(values, array, name)
+        exact = _exact_integers(values, array, name)
+        if exact is None:
+            raise _not_integers(array, name)
+        array = exact
     if array.dtype == dtype:
-        return np.ascontiguousarray(array)
+        return np.require(array, requirements="CA")
     info = np.iinfo(dtype)
     src = np.iinfo(array.dtype)
     if array.size and (src.max > info.max or src.min < info.min):
@@ -90,15 +106,19 @@ def as_int_array(values: object, name: str, dtype: np.dtype = _INT64) -> np.ndar
             raise OverflowError(f"{name} holds {high}, which does not fit in {dtype}")
         if low < info.min:
             raise OverflowError(f"{name} holds {low}, which does not fit in {dtype}")
-    return np.ascontiguousarray(array, dtype=dtype)
+    return np.require(array.astype(dtype), requirements="CA")
 
 
 def check_output(out: object, shape: tuple[int, ...], dtype: np.dtype, name: str = "out") -> np.ndarray:
-    """Validate a caller-supplied output buffer: ndarray, dtype, shape, C-contiguous, writable."""
+    """Validate a caller-supplied output buffer.
+
+    It must be a numpy.ndarray of exactly ``dtype`` in native byte order, of ``shape``
+    (``-1`` matches any length), C-contiguous, aligned and writeable.
+    """
     if not isinstance(out, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
     if out.dtype != dtype:
-        raise TypeError(f"{name} must have dtype {np.dtype(dtype)}, got {out.dtype}")
+        raise TypeError(f"{name} must have dtype {np.dtype(dtype)} in native byte order, got {out.dtype.str}")
     if out.ndim != len(shape):
         raise ValueError(f"{name} must be {len(shape)}-D, got an array of shape {out.shape}")
     for axis, want in enumerate(shape):
@@ -106,6 +126,8 @@ def check_output(out: object, shape: tuple[int, ...], dtype: np.dtype, name: str
             raise ValueError(f"{name} must have shape {tuple(s if s >= 0 else 'W' for s in shape)}, got {out.shape}")
     if not out.flags.c_contiguous:
         raise ValueError(f"{name} must be C-contiguous")
+    if not out.flags.aligned:
+        raise ValueError(f"{name} must be aligned")
     if not out.flags.writeable:
         raise ValueError(f"{name} must be writeable")
     return out

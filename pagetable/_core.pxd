@@ -16,9 +16,14 @@ cdef struct TableView:
     int64_t* row_seq             # sequence id of each row, -1 for a free row
     int64_t rows_used            # rows 0 .. rows_used - 1 exist (some may be free)
     int32_t* pool
+    int64_t pool_capacity        # entries of pool; never shrinks while a read is in flight
     int64_t block_size
     int32_t block_shift
     int64_t block_mask
+
+
+# Wait (letting other threads run) until ``writing[0]`` clears; RuntimeError after 0.5 s.
+cdef int _wait_for_change(int32_t* writing, str message) except -1
 
 
 @cython.final
@@ -76,6 +81,8 @@ cdef class PageTable:
         # A change in progress that may let other threads run (allocating or freeing
         # mapped memory releases the GIL).  Another change meanwhile raises.
         int32_t _writing
+        # Set while a KVCacheManager owns the table: changes from outside it raise.
+        int32_t _owned
 
     # Lookups (no Python objects touched; safe without the GIL).
     cdef row_t _find_row(self, seq_id_t seq_id) noexcept nogil
@@ -109,15 +116,24 @@ cdef class PageTable:
     cdef int _ensure_pool_space(self, int64_t needed) except -1
     cdef int _check_not_busy(self) except -1
     cdef int _begin_write(self) except -1
+    cdef int _refuse_write(self) except -1
+    cdef int64_t _read_begin(self) except -1
+    cdef bint _read_end(self, int64_t stamp) noexcept
     cdef int _set_pool(self, object pool_map, int64_t capacity) except -1
     cdef int _resize_pool(self, int64_t capacity) except -1
     cdef int _maybe_shrink(self) except -1
     cdef int _populate(self, int64_t begin) except -1
     cdef int _release_tail_pages(self) except -1
-    cdef row_t _row_or_raise(self, seq_id_t seq_id) except -1
+    cdef row_t _row_or_raise(self, seq_id_t seq_id, str name) except -1
     cdef object _row_array(self, row_t row)
     cdef object _live_rows_in_order(self)
-    cdef object _rows_or_raise(self, object seq_ids)
+    cdef int _capture(self, object rows_array, int64_t* seq_ids, int64_t* starts,
+                      int32_t* lengths) except -1
+    cdef object _snapshot(self, bint with_blocks)
+    cdef int64_t _resolve(self, object seq_array, object rows_array, bint release) except -2
+    cdef void _versions_into(self, const int64_t* seqs, int64_t count, int64_t* version_out,
+                             int64_t* rewrite_out) noexcept nogil
+    cdef int _raise_unresolved(self, object seq_array, int64_t bad) except -1
     cdef int _raise_bad_seq(self, object seq_array, int64_t bad) except -1
     cdef int _raise_unmapped(self, seq_array, pos_array, result) except -1
     cdef int _slot_mapping_into(self, seq_array, pos_array, result, hint_array=*) except -1

@@ -1,4 +1,4 @@
-# cython: freethreading_compatible = False
+# cython: freethreading_compatible = False, auto_pickle = False
 """The PageTable: sequence id -> ordered physical block ids, in contiguous numpy arrays.
 
 Layout
@@ -25,20 +25,23 @@ from libc.string cimport memcpy, memmove, memcmp, memset
 
 import mmap as _mmap
 import sys
+from time import monotonic as _monotonic, sleep as _sleep
 
 import numpy as np
 cimport numpy as cnp
 
 from pagetable._types cimport block_id_t, seq_id_t, slot_t, row_t, PAD
+from pagetable._accept cimport (
+    check_output_vector, int_vector, is_kernel_vector, shares_memory)
 from libc.stdint cimport INT32_MAX as C_INT32_MAX, INT64_MAX as C_INT64_MAX
 from pagetable._convert import (
     INT32_MAX,
     INT64_MAX,
     as_index,
-    as_int_array,
     check_output,
     check_range,
 )
+from pagetable import _state
 
 cnp.import_array()
 
@@ -99,12 +102,37 @@ cdef extern from *:
     int64_t _max_i64 "pagetable_max_i64" (const int64_t* values, int64_t n) noexcept nogil
     int32_t _min_i32 "pagetable_min_i32" (const int32_t* values, int64_t n) noexcept nogil
 
+# Loads of row metadata in kernels that run without the GIL.  Another thread may
+# change a row meanwhile; each field is read exactly once (the compiler may not read
+# it again later and see a different value), and the kernel checks what it read
+# before indexing the pool with it.  On x86-64 and ARM64 these are plain loads.
+cdef extern from *:
+    """
+    #if defined(__GNUC__) || defined(__clang__)
+    static inline int64_t pagetable_load_i64(const int64_t* p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
+    static inline int32_t pagetable_load_i32(const int32_t* p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
+    #else
+    static inline int64_t pagetable_load_i64(const int64_t* p) { return *(const volatile int64_t*)p; }
+    static inline int32_t pagetable_load_i32(const int32_t* p) { return *(const volatile int32_t*)p; }
+    #endif
+    """
+    int64_t _load_i64 "pagetable_load_i64" (const int64_t* p) noexcept nogil
+    int32_t _load_i32 "pagetable_load_i32" (const int32_t* p) noexcept nogil
+
 PAD_SLOT_ID = PAD
 
 _CONCURRENT_WRITE = (
     "another thread is changing this PageTable right now; changes from several "
     "threads must take turns (hold a lock around them)")
-"""The one sentinel for "nothing here": unmapped slots, padding, absent blocks."""
+_READ_DURING_CHANGE = (
+    "a change to this PageTable has been in progress for over half a second (is the "
+    "read running inside it?); a read cannot see a change half-done")
+_READ_KEPT_CHANGING = (
+    "this PageTable kept changing in another thread while it was being read; "
+    "hold a lock around changes and reads")
+_OWNED = (
+    "this PageTable belongs to a KVCacheManager: change it through the manager "
+    "(or work on a copy)")
 
 #: Largest block size accepted: block_id * block_size + offset must stay exact in
 #: int64 slot arithmetic and block_size itself must fit the int32 kernels take.
@@ -136,6 +164,9 @@ cdef enum:
     # used once a batch's fresh stretch of the pool is at least this many bytes.
     MADV_POPULATE_WRITE = 23
     POPULATE_MIN_BYTES = 65536
+    # A batched read that overlapped a change from another thread is run again, up
+    # to this many times in all, before it gives up with RuntimeError.
+    READ_ATTEMPTS = 4
 
 cdef extern from *:
     """
@@ -144,6 +175,21 @@ cdef extern from *:
     int64_t DEF_EXACT_DOUBLE_LIMIT "PAGETABLE_EXACT_DOUBLE_LIMIT"
 
 cdef bint _LINUX = sys.platform.startswith("linux")
+
+
+cdef int _wait_for_change(int32_t* writing, str message) except -1:
+    """Wait, letting other threads run, until a change in progress elsewhere ends.
+
+    A change lets other threads run only while the OS maps or unmaps memory for it,
+    so the wait is short.  Past half a second (a change that cannot end, as when the
+    read runs inside it, from a finaliser) ``RuntimeError`` is raised instead.
+    """
+    deadline = _monotonic() + 0.5
+    while writing[0]:
+        if _monotonic() > deadline:
+            raise RuntimeError(message)
+        _sleep(1e-5)
+    return 0
 _INT32 = np.dtype(np.int32)
 _INT64 = np.dtype(np.int64)
 
@@ -164,9 +210,14 @@ def _new_pool_map(int64_t capacity):
     # Private, not the default shared mapping: a shared anonymous mapping is a fixed
     # size memory object, and touching pages past it after an mremap faults.
     flags = getattr(_mmap, "MAP_PRIVATE", 0) | getattr(_mmap, "MAP_ANONYMOUS", 0)
-    if flags:
-        return _mmap.mmap(-1, <Py_ssize_t>capacity * sizeof(int32_t), flags=flags)
-    return _mmap.mmap(-1, <Py_ssize_t>capacity * sizeof(int32_t))
+    try:
+        if flags:
+            return _mmap.mmap(-1, <Py_ssize_t>capacity * sizeof(int32_t), flags=flags)
+        return _mmap.mmap(-1, <Py_ssize_t>capacity * sizeof(int32_t))
+    except OSError as error:
+        # The OS refusing memory is running out of memory, whatever errno says
+        # (ENOMEM, or EAGAIN past a locked-memory limit): callers catch MemoryError.
+        raise MemoryError(f"cannot map {capacity * 4} bytes for a PageTable: {error}") from None
 
 
 cdef object _zeros(Py_ssize_t count, int typenum):
@@ -227,31 +278,13 @@ cdef inline block_id_t _block_arg(object value) except? -2:
 
 
 cdef inline object _int64_ids(object values, str name):
-    """``values`` as a 1-D C-contiguous int64 array; a C-level check for the common case."""
-    if (cnp.PyArray_CheckExact(values)
-            and cnp.PyArray_TYPE(<cnp.ndarray>values) == cnp.NPY_INT64
-            and cnp.PyArray_NDIM(<cnp.ndarray>values) == 1
-            and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>values)):
-        return values
-    return as_int_array(values, name)
+    """``values`` as the int64 vector kernels read (see ``_accept.pxd``)."""
+    return int_vector(values, name, cnp.NPY_INT64)
 
 
 cdef inline object _empty(Py_ssize_t n, int typenum):
     cdef cnp.npy_intp size = n
     return cnp.PyArray_EMPTY(1, &size, typenum, 0)
-
-
-cdef inline int _check_out_1d(object out, Py_ssize_t n) except -1:
-    """Accept a writeable C-contiguous int64 buffer of length ``n``; else raise precisely."""
-    if (cnp.PyArray_CheckExact(out)
-            and cnp.PyArray_TYPE(<cnp.ndarray>out) == cnp.NPY_INT64
-            and cnp.PyArray_NDIM(<cnp.ndarray>out) == 1
-            and cnp.PyArray_DIM(<cnp.ndarray>out, 0) == n
-            and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>out)
-            and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>out)):
-        return 0
-    check_output(out, (n,), _INT64)   # raises with the precise reason, or accepts a subclass
-    return 0
 
 
 cdef inline int64_t* _i64(object array) noexcept:
@@ -276,11 +309,7 @@ cdef object _row_hints(object rows, int64_t n):
     """Validate optional per-pair row hints: None, or ``n`` integers that fit int32."""
     if rows is None:
         return None
-    if not (cnp.PyArray_CheckExact(rows)
-            and cnp.PyArray_TYPE(<cnp.ndarray>rows) == cnp.NPY_INT32
-            and cnp.PyArray_NDIM(<cnp.ndarray>rows) == 1
-            and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>rows)):
-        rows = as_int_array(rows, "rows", _INT32)
+    rows = int_vector(rows, "rows", cnp.NPY_INT32)
     if cnp.PyArray_DIM(<cnp.ndarray>rows, 0) != n:
         raise ValueError(f"rows must hold one hint per pair ({n}), got {rows.shape[0]}")
     return rows
@@ -361,18 +390,22 @@ cdef inline void _run_slots(const TableView* view, row_t row, const int64_t* pos
                             int64_t* out, int64_t count) noexcept nogil:
     """Slots of ``count`` positions of one sequence (``row``, or -1 if unknown)."""
     cdef int64_t k, pos, block_index
-    cdef int64_t length = view.row_len[row] if row >= 0 else 0
+    cdef int64_t start = _load_i64(view.row_start + row) if row >= 0 else 0
+    cdef int64_t length = _load_i32(view.row_len + row) if row >= 0 else 0
     cdef const int32_t* data
     cdef int64_t block_size = view.block_size
     cdef int32_t shift = view.block_shift
     cdef int64_t mask = view.block_mask
-    cdef int64_t limit = length * block_size      # positions 0 .. limit - 1 are mapped
+    cdef int64_t limit
     cdef double reciprocal
-    if length == 0:
+    if start < 0 or start + length > view.pool_capacity:
+        length = 0      # torn by a change in another thread: the caller reads again
+    limit = length * block_size      # positions 0 .. limit - 1 are mapped
+    if length <= 0:
         for k in range(count):
             out[k] = PAD
         return
-    data = view.pool + view.row_start[row]
+    data = view.pool + start
     if shift >= 0:
         for k in range(count):
             pos = positions[k]
@@ -404,17 +437,21 @@ cdef inline void _run_lookup(const TableView* view, row_t row, const int64_t* po
                              int32_t* blocks_out, int32_t* offsets_out, int64_t count) noexcept nogil:
     """Block ids and offsets of ``count`` positions of one sequence."""
     cdef int64_t k, pos, block_index
-    cdef int64_t length = view.row_len[row] if row >= 0 else 0
+    cdef int64_t start = _load_i64(view.row_start + row) if row >= 0 else 0
+    cdef int64_t length = _load_i32(view.row_len + row) if row >= 0 else 0
     cdef const int32_t* data
     cdef int64_t block_size = view.block_size
-    cdef int64_t limit = length * block_size
+    cdef int64_t limit
     cdef double reciprocal = 1.0 / <double>block_size
-    if length == 0:
+    if start < 0 or start + length > view.pool_capacity:
+        length = 0      # torn by a change in another thread: the caller reads again
+    limit = length * block_size
+    if length <= 0:
         for k in range(count):
             blocks_out[k] = PAD
             offsets_out[k] = PAD
         return
-    data = view.pool + view.row_start[row]
+    data = view.pool + start
     for k in range(count):
         pos = positions[k]
         if <uint64_t>pos < <uint64_t>limit:
@@ -439,10 +476,11 @@ cdef inline int64_t _interleaved_slots(const TableView* view, const int64_t* seq
 
     Returns the index of the first negative id, or -1.
     """
-    cdef int64_t k, pos, block_index, limit
+    cdef int64_t k, pos, block_index, limit, entry
     cdef int64_t block_size = view.block_size
     cdef int32_t shift = view.block_shift
     cdef int64_t mask = view.block_mask
+    cdef uint64_t capacity = <uint64_t>view.pool_capacity
     cdef double reciprocal = 1.0 / <double>block_size
     cdef seq_id_t seq_id
     cdef row_t row
@@ -452,15 +490,20 @@ cdef inline int64_t _interleaved_slots(const TableView* view, const int64_t* seq
             return k
         row = _hinted_find(view, hints, k, seq_id)
         pos = positions[k]
-        limit = (view.row_len[row] if row >= 0 else 0) * block_size
+        limit = (_load_i32(view.row_len + row) if row >= 0 else 0) * block_size
         if <uint64_t>pos >= <uint64_t>limit:
             out[k] = PAD
+            continue
+        block_index = pos >> shift if shift >= 0 else _block_of(pos, view, limit, reciprocal)
+        entry = _load_i64(view.row_start + row) + block_index
+        # A row torn by a change in another thread must not send the read outside
+        # the pool; the caller reads again in that case.
+        if <uint64_t>entry >= capacity:
+            out[k] = PAD
         elif shift >= 0:
-            out[k] = (<int64_t>view.pool[view.row_start[row] + (pos >> shift)] << shift) | (pos & mask)
+            out[k] = (<int64_t>view.pool[entry] << shift) | (pos & mask)
         else:
-            block_index = _block_of(pos, view, limit, reciprocal)
-            out[k] = (<int64_t>view.pool[view.row_start[row] + block_index] * block_size
-                      + (pos - block_index * block_size))
+            out[k] = <int64_t>view.pool[entry] * block_size + (pos - block_index * block_size)
     return -1
 
 
@@ -527,6 +570,27 @@ cdef int64_t _resolve_rows(const TableView* view, const int64_t* seq_ids, int32_
     return -1
 
 
+cdef void _copy_padded(const int32_t* pool, const int64_t* starts, const int32_t* lengths,
+                       int64_t count, int32_t* target, int64_t width) noexcept nogil:
+    """Rows ``pool[starts[b] : starts[b] + lengths[b]]`` into a ``count x width`` table, padded."""
+    cdef int64_t b, j
+    cdef int32_t* dest
+    for b in range(count):
+        dest = target + b * width
+        memcpy(dest, pool + starts[b], <size_t>lengths[b] * sizeof(int32_t))
+        for j in range(lengths[b], width):
+            dest[j] = PAD
+
+
+cdef void _copy_packed(const int32_t* pool, const int64_t* starts, const int32_t* lengths,
+                       int64_t count, int32_t* target) noexcept nogil:
+    """Rows ``pool[starts[b] : starts[b] + lengths[b]]`` one after another into ``target``."""
+    cdef int64_t b, write = 0
+    for b in range(count):
+        memcpy(target + write, pool + starts[b], <size_t>lengths[b] * sizeof(int32_t))
+        write += lengths[b]
+
+
 # --------------------------------------------------------------------------- scratch
 # Batched appends need one int32 per run of their input.  A fresh array for each call
 # would come from a fresh mapping once it is large, and faulting its pages in costs
@@ -560,9 +624,34 @@ cdef void _give_scratch(object buffer):
         _scratch_taken = False
 
 
-def _rebuild(block_size, seq_ids, lengths, blocks):
-    """Pickle support: rebuild a table from its rows (see ``PageTable.__reduce__``)."""
-    return PageTable._from_rows(block_size, seq_ids, lengths, blocks)
+cdef PageTable _table_from_rows(int64_t block_size, object seq_ids, object lengths, object blocks):
+    """A new table holding validated rows in this (insertion) order.
+
+    The arguments come from ``_state.table_state``: ids distinct and non-negative,
+    lengths that add up to the blocks, block ids in range.
+    """
+    cdef PageTable table = PageTable(block_size)
+    cdef int64_t i, count = cnp.PyArray_DIM(<cnp.ndarray>seq_ids, 0)
+    cdef int64_t total = cnp.PyArray_DIM(<cnp.ndarray>blocks, 0), at = 0, length
+    cdef const int64_t* ids = _i64(seq_ids)
+    cdef const int64_t* sizes = _i64(lengths)
+    cdef const int32_t* data = _i32(blocks)
+    cdef row_t row
+    table._reserve_sequences(count)
+    table._ensure_pool_space(total)
+    for i in range(count):
+        length = sizes[i]
+        row = table._create_row(ids[i])
+        if length:
+            table._reserve_row(row, length)      # a fresh row at the tail: grows in place
+            table._append_to_row(row, data + at, length)
+            at += length
+    return table
+
+
+def _restore(state):
+    """Rebuild a table from its state dict (pickle support; see ``pagetable._state``)."""
+    return PageTable._from_state(state)
 
 
 # --------------------------------------------------------------------------- the class
@@ -618,6 +707,7 @@ cdef class PageTable:
         self._num_free_rows = 0
         self._busy = 0
         self._writing = 0
+        self._owned = 0
         self._next_order = 0
         self._next_version = 0
         self._num_sequences = 0
@@ -669,11 +759,39 @@ cdef class PageTable:
         Changes hold the GIL, but allocating or freeing mapped memory lets other
         threads run in the middle of one, and a second change interleaved there
         would break the first.  The caller resets ``_writing`` when it is done.
+        A table that a KVCacheManager owns refuses every change from outside it.
         """
-        if self._writing:
-            raise RuntimeError(_CONCURRENT_WRITE)
+        if self._writing or self._owned:
+            self._refuse_write()
         self._writing = 1
         return 0
+
+    cdef int _refuse_write(self) except -1:
+        if self._owned:
+            raise RuntimeError(_OWNED)
+        raise RuntimeError(_CONCURRENT_WRITE)
+
+    cdef int64_t _read_begin(self) except -1:
+        """Start a batched read: refuse one while a change is half-done; return the stamp.
+
+        The caller runs its read, then ``_read_end``, and keeps the result only if
+        ``_read_end`` says nothing changed meanwhile (see ``_read_end``).  In between,
+        storage cannot move (``_busy``), so every pointer the read took stays valid.
+        """
+        if self._writing:
+            _wait_for_change(&self._writing, _READ_DURING_CHANGE)
+        self._busy += 1
+        return self._next_version
+
+    cdef bint _read_end(self, int64_t stamp) noexcept:
+        """End a batched read; whether no change overlapped it.
+
+        Every change bumps ``_next_version`` while holding the GIL, or marks the table
+        ``_writing`` while it lets other threads run; a read that saw neither saw one
+        state of the table.  A read that did gets run again.
+        """
+        self._busy -= 1
+        return self._next_version == stamp and not self._writing
 
     cdef int _resize_pool(self, int64_t capacity) except -1:
         """Give the pool ``capacity`` entries, keeping its first ``_pool_tail``.
@@ -867,6 +985,10 @@ cdef class PageTable:
     cdef row_t _create_row(self, seq_id_t seq_id) except -1:
         """Add a sequence known to be absent; return its (empty) row."""
         cdef row_t row
+        if seq_id < 0:
+            # A negative key would read as an empty index slot (-1) or corrupt a probe
+            # chain; every entry point checks ids, and this is the last line.
+            raise ValueError(f"sequence ids must be in 0..{INT64_MAX}, got {seq_id}")
         # Reserve everything first, so a MemoryError leaves no half-made row.
         if (self._num_sequences + 1) * INDEX_LOAD_DEN > (self._index_mask + 1) * INDEX_LOAD_NUM:
             self._grow_index()
@@ -905,6 +1027,7 @@ cdef class PageTable:
         view.row_seq = self._row_seq
         view.rows_used = self._rows_used
         view.pool = self._pool
+        view.pool_capacity = self._pool_capacity
         view.block_size = self._block_size
         view.block_shift = self._block_shift
         view.block_mask = self._block_mask
@@ -958,14 +1081,22 @@ cdef class PageTable:
         return 0
 
     cdef int _maybe_shrink(self) except -1:
-        """After removals, compact and hand memory back once most of the pool is garbage."""
+        """After removals, compact and hand memory back once most of the pool is garbage.
+
+        Optional maintenance: it never raises.  Each step either completes or leaves
+        the storage as it was (a read that started in another thread, or memory that
+        cannot be had, just skips it until a later removal).
+        """
         cdef int64_t live = self._pool_tail - self._pool_garbage
         if self._pool_garbage <= live or self._pool_capacity <= 65536 or self._busy:
             return 0
-        self._compact_into(self._pool_arr)
-        if self._pool_capacity > 2 * (self._pool_tail + MIN_POOL_CAPACITY):
-            self._resize_pool(self._pool_tail + (self._pool_tail >> 1) + MIN_POOL_CAPACITY)
-        self._release_tail_pages()
+        try:
+            self._compact_into(self._pool_arr)
+            if self._pool_capacity > 2 * (self._pool_tail + MIN_POOL_CAPACITY):
+                self._resize_pool(self._pool_tail + (self._pool_tail >> 1) + MIN_POOL_CAPACITY)
+            self._release_tail_pages()
+        except Exception:
+            pass
         return 0
 
     cdef int _reserve_row(self, row_t row, int64_t min_capacity) except -1:
@@ -1002,8 +1133,12 @@ cdef class PageTable:
         # of the live data, so resident memory tracks the mapped blocks.
         if (self._pool_garbage > 4096 and self._busy == 0
                 and self._pool_garbage * 4 > self._pool_tail - self._pool_garbage):
-            self._compact_into(self._pool_arr)
-            self._release_tail_pages()
+            # Optional maintenance: the row has moved, so this call may not fail now.
+            try:
+                self._compact_into(self._pool_arr)
+                self._release_tail_pages()
+            except Exception:
+                pass
         return 0
 
     cdef int _populate(self, int64_t begin) except -1:
@@ -1064,6 +1199,7 @@ cdef class PageTable:
         self._row_seq[row] = -1
         self._row_start[row] = self._pool_tail
         self._num_sequences -= 1
+        self._next_version += 1      # readers in flight see that something changed
         self._free_stack[self._num_free_rows] = row
         self._num_free_rows += 1
         if self._num_sequences == 0:
@@ -1073,25 +1209,105 @@ cdef class PageTable:
         self._maybe_shrink()
         return 0
 
-    cdef row_t _row_or_raise(self, seq_id_t seq_id) except -1:
+    cdef row_t _row_or_raise(self, seq_id_t seq_id, str name) except -1:
         cdef row_t row = self._find_row(seq_id)
         if row < 0:
-            raise KeyError(seq_id)
+            raise KeyError(f"{name} {seq_id} is not in the table")
         return row
 
     cdef object _row_array(self, row_t row):
-        cdef int32_t length = self._row_len[row]
-        result = np.empty(length, dtype=np.int32)
-        if length:
-            memcpy(cnp.PyArray_DATA(result), self._row_data(row), <size_t>length * sizeof(int32_t))
-        return result
+        """A copy of a row's blocks, or None if the row's sequence went meanwhile.
+
+        Allocating may run another thread, which may change the row: the copy is
+        taken only once the row's length is the one the array was sized for, with
+        nothing in between that could let another thread run.
+        """
+        cdef seq_id_t seq_id = self._row_seq[row]
+        cdef int32_t length = -1
+        result = None
+        while seq_id >= 0 and self._row_seq[row] == seq_id:
+            if self._row_len[row] == length:
+                if length:
+                    memcpy(cnp.PyArray_DATA(result), self._row_data(row),
+                           <size_t>length * sizeof(int32_t))
+                return result
+            length = self._row_len[row]
+            result = _empty(length, cnp.NPY_INT32)
+        return None
 
     cdef object _live_rows_in_order(self):
-        """Live rows as an int32 array, in insertion order (the iteration order)."""
+        """Live rows as an int32 array, in insertion order (the iteration order).
+
+        Run between ``_read_begin`` and ``_read_end``: numpy may let other threads
+        run, and only the stamp says whether the rows are still those of one state.
+        """
         seq = self._row_seq_arr[:self._rows_used]
         live = np.flatnonzero(seq >= 0)
         order = self._row_order_arr[:self._rows_used][live]
         return live[np.argsort(order, kind="stable")].astype(np.int32)
+
+    cdef int _capture(self, object rows_array, int64_t* seq_ids, int64_t* starts,
+                      int32_t* lengths) except -1:
+        """Each row's sequence id, start and length, all from one moment.
+
+        A plain C loop holding the GIL: no other thread runs in it.  Any output may
+        be NULL.  What it captured stays inside the pool until ``_read_end``, since
+        the pool does not shrink or move while a read is in flight.
+        """
+        cdef int64_t b, count = cnp.PyArray_DIM(<cnp.ndarray>rows_array, 0)
+        cdef const int32_t* rows = _i32(rows_array)
+        cdef row_t row
+        for b in range(count):
+            row = rows[b]
+            if seq_ids != NULL:
+                seq_ids[b] = self._row_seq[row]
+            if starts != NULL:
+                starts[b] = self._row_start[row]
+            if lengths != NULL:
+                lengths[b] = self._row_len[row]
+        return 0
+
+    cdef object _snapshot(self, bint with_blocks):
+        """``(seq_ids int64, lengths int32, blocks int32)`` of one state, in insertion order.
+
+        ``blocks`` is None unless ``with_blocks``.  Copies, pickles, saved files and
+        ``sequence_ids()`` all come from here.
+        """
+        cdef int64_t stamp, count, total, b, write
+        cdef int attempt
+        cdef bint consistent
+        cdef int64_t* start_data
+        cdef int32_t* length_data
+        cdef int32_t* target
+        for attempt in range(READ_ATTEMPTS):
+            stamp = self._read_begin()
+            try:
+                rows = self._live_rows_in_order()
+                count = cnp.PyArray_DIM(<cnp.ndarray>rows, 0)
+                seq_ids = _empty(count, cnp.NPY_INT64)
+                lengths = _empty(count, cnp.NPY_INT32)
+                starts = _empty(count, cnp.NPY_INT64)
+                start_data = _i64(starts)
+                length_data = _i32(lengths)
+                self._capture(rows, _i64(seq_ids), start_data, length_data)
+                blocks = None
+                if with_blocks:
+                    total = 0
+                    for b in range(count):
+                        total += length_data[b]
+                    blocks = _empty(total, cnp.NPY_INT32)
+                    target = _i32(blocks)
+                    if attempt == 0:
+                        with nogil:
+                            _copy_packed(self._pool, start_data, length_data, count, target)
+                    else:
+                        # Read again with the GIL held: no change can run meanwhile.
+                        _copy_packed(self._pool, start_data, length_data, count, target)
+            finally:
+                consistent = self._read_end(stamp)
+            if consistent:
+                return seq_ids, lengths, blocks
+        raise RuntimeError(_READ_KEPT_CHANGING)
 
     # ------------------------------------------------------------------ seed API
 
@@ -1117,18 +1333,24 @@ cdef class PageTable:
         """
         cdef seq_id_t seq_id = _seq_arg(sequence_id)
         cdef block_id_t block = _block_arg(block_id)
-        if self._writing:
-            raise RuntimeError(_CONCURRENT_WRITE)
+        if self._writing or self._owned:
+            self._refuse_write()
         cdef row_t row = self._find_row(seq_id)
         cdef int32_t length = self._row_len[row] if row >= 0 else 0
+        cdef bint created = False
         if row < 0 or length >= self._row_cap[row]:
             # The slow path may allocate, and so let other threads run.
             self._writing = 1
             try:
                 if row < 0:
                     row = self._create_row(seq_id)
+                    created = True
                 # A sequence grown one block at a time starts with room for four.
                 self._reserve_row(row, <int64_t>length + 1 if length else 4)
+            except BaseException:
+                if created:
+                    self._drop_row(row)     # a failed call leaves no empty sequence
+                raise
             finally:
                 self._writing = 0
         self._pool[self._row_start[row] + length] = block
@@ -1199,6 +1421,8 @@ cdef class PageTable:
             change the table, and later changes to the table do not show in it.
         """
         cdef row_t row = self._find_row(_seq_arg(sequence_id))
+        if self._writing:
+            raise RuntimeError(_READ_DURING_CHANGE)
         if row < 0:
             return None
         return self._row_array(row)
@@ -1256,22 +1480,24 @@ cdef class PageTable:
 
     def sequence_ids(self):
         """Return every sequence id, in insertion order, as an int64 array."""
-        rows = self._live_rows_in_order()
-        return self._row_seq_arr[rows].copy()
+        return self._snapshot(False)[0]
 
     def __repr__(self):
         shown = []
         limit = 8
-        for seq_id in self.sequence_ids()[:limit].tolist():
-            blocks = self.get_sequence_blocks(seq_id).tolist()
-            text = ", ".join(map(str, blocks[:limit]))
-            if len(blocks) > limit:
-                text += f", ... ({len(blocks)} blocks)"
-            shown.append(f"{seq_id}: [{text}]")
-        if self._num_sequences > limit:
-            shown.append(f"... ({self._num_sequences} sequences)")
-        return (f"PageTable(block_size={self._block_size}, num_sequences={self._num_sequences}, "
-                f"total_blocks={self._total_blocks}, sequences={{{', '.join(shown)}}})")
+        seq_ids, lengths, blocks = self._snapshot(True)
+        ends = np.cumsum(lengths, dtype=np.int64)
+        for i in range(min(limit, seq_ids.shape[0])):
+            length = int(lengths[i])
+            first = int(ends[i]) - length
+            text = ", ".join(map(str, blocks[first:first + min(length, limit)].tolist()))
+            if length > limit:
+                text += f", ... ({length} blocks)"
+            shown.append(f"{int(seq_ids[i])}: [{text}]")
+        if seq_ids.shape[0] > limit:
+            shown.append(f"... ({seq_ids.shape[0]} sequences)")
+        return (f"PageTable(block_size={self._block_size}, num_sequences={seq_ids.shape[0]}, "
+                f"total_blocks={blocks.shape[0]}, sequences={{{', '.join(shown)}}})")
 
     def __eq__(self, other):
         cdef PageTable that
@@ -1304,55 +1530,48 @@ cdef class PageTable:
 
     # ------------------------------------------------------------------ copying
 
-    def _rows(self):
-        """Return ``(seq_ids int64, lengths int32, blocks int32)``, rows in insertion order."""
-        rows = self._live_rows_in_order()
-        lengths = self._row_len_arr[rows].copy()
-        blocks = np.empty(int(lengths.sum(dtype=np.int64)), dtype=np.int32)
-        cdef int32_t[::1] row_view = rows
-        cdef int32_t* target = <int32_t*>cnp.PyArray_DATA(blocks)
-        cdef int64_t write = 0, i
-        cdef row_t row
-        for i in range(row_view.shape[0]):
-            row = row_view[i]
-            if self._row_len[row]:
-                memcpy(target + write, self._row_data(row), <size_t>self._row_len[row] * sizeof(int32_t))
-                write += self._row_len[row]
-        return self._row_seq_arr[rows].copy(), lengths, blocks
+    def _state(self):
+        """The table's state dict: plain arrays, validated when loaded (``pagetable._state``)."""
+        seq_ids, lengths, blocks = self._snapshot(True)
+        state = _state.header("PageTable")
+        state["block_size"] = np.array(self._block_size, dtype=np.int64)
+        state["seq_ids"] = seq_ids
+        state["lengths"] = lengths
+        state["blocks"] = blocks
+        return state
 
     @staticmethod
-    def _from_rows(block_size, seq_ids, lengths, blocks):
-        """Build a table from ``_rows()`` output (used by copy and pickle)."""
-        cdef PageTable table = PageTable(block_size)
-        seq_array = as_int_array(seq_ids, "seq_ids")
-        length_array = as_int_array(lengths, "lengths")
-        block_array = as_int_array(blocks, "blocks")
-        if seq_array.shape[0] != length_array.shape[0]:
-            raise ValueError("seq_ids and lengths must have the same length")
-        if length_array.size and length_array.min() < 0:
-            raise ValueError("lengths must be non-negative")
-        if int(length_array.sum()) != block_array.shape[0]:
-            raise ValueError("blocks must hold sum(lengths) entries")
-        if np.unique(seq_array).shape[0] != seq_array.shape[0]:
-            raise ValueError("seq_ids must be distinct")
-        repeated = np.repeat(seq_array, length_array)
-        table.append_blocks(repeated, block_array)
-        # Sequences with no blocks still exist.
-        empty = seq_array[length_array == 0]
-        cdef int64_t i
-        for i in range(empty.shape[0]):
-            table._get_or_create_row(empty[i])
-        if empty.shape[0]:
-            # Restore insertion order, which the empty rows above broke.
-            for i in range(seq_array.shape[0]):
-                table._row_order[table._find_row(seq_array[i])] = i
-            table._next_order = seq_array.shape[0]
-        return table
+    def _from_state(state):
+        """A table built from a state dict; ``CorruptStateError`` if it is not valid."""
+        _state.check_kind(state, "PageTable")
+        block_size, seq_ids, lengths, blocks = _state.table_state(state)
+        return _table_from_rows(block_size, seq_ids, lengths, blocks)
+
+    def save(self, path):
+        """Save the table to ``path`` (a file name or a binary file object).
+
+        The file is an uncompressed ``.npz`` of plain integer arrays in pagetable's
+        versioned format (see ``pagetable._state``); load it with
+        :meth:`PageTable.load` or :func:`pagetable.load`.  Change stamps are not
+        saved: a loaded table starts new ones.
+        """
+        _state.write(path, self._state())
+
+    @classmethod
+    def load(cls, path):
+        """Load a table saved by :meth:`save`.
+
+        Raises
+        ------
+        CorruptStateError
+            The file is truncated, tampered with, of another version, holds another
+            kind of object, or holds an inconsistent table.  Nothing is built.
+        """
+        return PageTable._from_state(_state.read(path))
 
     def copy(self):
         """Return an independent copy of the table (the seed's Clone)."""
-        seq_ids, lengths, blocks = self._rows()
-        return PageTable._from_rows(self._block_size, seq_ids, lengths, blocks)
+        return PageTable._from_state(self._state())
 
     def __copy__(self):
         return self.copy()
@@ -1361,8 +1580,7 @@ cdef class PageTable:
         return self.copy()
 
     def __reduce__(self):
-        seq_ids, lengths, blocks = self._rows()
-        return (_rebuild, (self._block_size, seq_ids, lengths, blocks))
+        return (_restore, (self._state(),))
 
     # ------------------------------------------------------------------ batched API
 
@@ -1382,13 +1600,10 @@ cdef class PageTable:
         full before the first block is appended.
         """
         seq_array = _int64_ids(seq_ids, "seq_ids")
-        if (cnp.PyArray_CheckExact(block_ids)
-                and cnp.PyArray_TYPE(<cnp.ndarray>block_ids) == cnp.NPY_INT32
-                and cnp.PyArray_NDIM(<cnp.ndarray>block_ids) == 1
-                and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>block_ids)):
+        if is_kernel_vector(block_ids, cnp.NPY_INT32):
             block_array = block_ids       # already what the pool holds
         else:
-            block_array = as_int_array(block_ids, "block_ids")
+            block_array = int_vector(block_ids, "block_ids", cnp.NPY_INT64)
         if seq_array.shape[0] != block_array.shape[0]:
             raise ValueError(
                 f"seq_ids and block_ids must have the same length, "
@@ -1429,12 +1644,18 @@ cdef class PageTable:
         ``num_runs`` is the number of runs of equal ids in ``seq_array`` (counted
         while validating it).  ``block_array`` is int32 or int64 (values already checked to fit int32); an
         int64 one is narrowed while copying, so no converted copy of the input is made.
-        Temporary memory is one int32 per run of equal ids (its row) and one per
+        Temporary memory is a row and an end per run of equal ids and one entry per
         touched row, from the module's reused scratch buffer, so a bulk load of
         grouped blocks needs almost none and interleaved input faults in no fresh
         pages.  ``_row_pending`` is all zeros between calls; it counts each row's new
         blocks so that interleaved input grows (and moves) a row once per call
         instead of once per block.
+
+        The input arrays may be the caller's own, and growing the table may let
+        another thread run and change them.  So the ids are read in one pass that
+        records each run's row and end, checked against ``num_runs`` as it goes, and
+        the copy follows that record: whatever happens to the input, every write
+        lands in room reserved for it.
         """
         cdef int64_t n = cnp.PyArray_DIM(<cnp.ndarray>seq_array, 0)
         cdef const int64_t* seqs = _i64(seq_array)
@@ -1442,7 +1663,8 @@ cdef class PageTable:
         cdef const int32_t* blocks32 = _i32(block_array)
         cdef const int64_t* blocks64 = _i64(block_array)
         cdef int64_t i, k, r, end, num_touched = 0, first_new_order = self._next_order
-        cdef int64_t count, slot, missing = 0, old_tail = self._pool_tail
+        cdef int64_t count, slot, missing = 0, old_tail = self._pool_tail, runs_seen = 0
+        cdef seq_id_t seq_id
         cdef row_t row
         cdef TableView view
         cdef int32_t* pending
@@ -1450,9 +1672,13 @@ cdef class PageTable:
         cdef int32_t* row_len
         cdef int64_t* row_start
         cdef int32_t length
-        scratch = _take_scratch(2 * num_runs)
+        cdef bint interleaved = num_runs == n
+        # Per run: its row (int32), then per touched row (int32), then per run its
+        # end (int64, 8-byte aligned: it starts 8 * num_runs bytes in).
+        scratch = _take_scratch(4 * num_runs)
         cdef int32_t* run_rows = _i32(scratch)
         cdef int32_t* touched = run_rows + num_runs
+        cdef int64_t* run_ends = <int64_t*>(run_rows + 2 * num_runs)
         try:
             # One pool reservation covers every new row (each gets its exact room at
             # the tail).  When runs are long (grouped input, where runs are
@@ -1477,23 +1703,31 @@ cdef class PageTable:
             pending = self._row_pending
             while i < n:
                 # When every run is one block (interleaved input), skip the run scan.
-                end = i + 1 if num_runs == n else _run_end(seqs, i, n)
-                row = _view_find(&view, seqs[i])
+                end = i + 1 if interleaved else _run_end(seqs, i, n)
+                seq_id = seqs[i]
+                if r >= num_runs or seq_id < 0:
+                    self._undo_pending(touched, num_touched, first_new_order)
+                    raise ValueError(
+                        "seq_ids changed while append_blocks read it (another thread "
+                        "wrote to the array); nothing was appended")
+                row = _view_find(&view, seq_id)
                 if row < 0:
                     try:
-                        row = self._create_row(seqs[i])
+                        row = self._create_row(seq_id)
                     except BaseException:
                         self._undo_pending(touched, num_touched, first_new_order)
                         raise
                     view = self._view()
                     pending = self._row_pending
                 run_rows[r] = row
+                run_ends[r] = end
                 r += 1
                 if pending[row] == 0:
                     touched[num_touched] = row
                     num_touched += 1
                 pending[row] += <int32_t>(end - i)
                 i = end
+            runs_seen = r
             try:
                 for k in range(num_touched):
                     row = touched[k]
@@ -1511,11 +1745,12 @@ cdef class PageTable:
                 self._undo_pending(touched, num_touched, first_new_order)
                 raise
             self._populate(old_tail)
-            # Writing the table: nothing below lets another thread run.
+            # Writing the table: nothing below lets another thread run, and nothing
+            # below reads the ids again.
             pool = self._pool
             row_start = self._row_start
             row_len = self._row_len
-            if num_runs == n and narrow:
+            if interleaved and narrow:
                 # Every run is one block (interleaved input): a plain scatter.
                 for i in range(n):
                     row = run_rows[i]
@@ -1524,19 +1759,14 @@ cdef class PageTable:
                     row_len[row] = length + 1
             else:
                 i = 0
-                r = 0
-                while i < n:
+                for r in range(runs_seen):
                     row = run_rows[r]
-                    r += 1
+                    end = run_ends[r]
                     slot = row_start[row] + row_len[row]
-                    if i + 1 == n or seqs[i + 1] != seqs[i]:    # a run of one block
-                        pool[slot] = blocks32[i] if narrow else <int32_t>blocks64[i]
-                        row_len[row] += 1
-                        i += 1
-                        continue
-                    end = _run_end(seqs, i, n)
                     count = end - i
-                    if narrow:
+                    if count == 1:
+                        pool[slot] = blocks32[i] if narrow else <int32_t>blocks64[i]
+                    elif narrow:
                         memcpy(pool + slot, blocks32 + i, <size_t>count * sizeof(int32_t))
                     else:
                         for k in range(count):
@@ -1563,6 +1793,39 @@ cdef class PageTable:
                 self._drop_row(row)
         return 0
 
+    # Batched reads follow one protocol (``_read_begin`` / ``_read_end``): storage
+    # stays put while they run, anything they read from a row is captured once and
+    # checked before use, and a read that overlapped a change from another thread
+    # runs again, so that what it returns comes from one state of the table.
+
+    cdef int64_t _resolve(self, object seq_array, object rows_array, bint release) except -2:
+        """Fill ``rows_array`` with each id's row, without the GIL if ``release``.
+
+        Returns the index of the first negative or unknown id, or -1.  Run between
+        ``_read_begin`` and ``_read_end``.
+        """
+        cdef int64_t count = cnp.PyArray_DIM(<cnp.ndarray>seq_array, 0), bad
+        cdef const int64_t* seqs = _i64(seq_array)
+        cdef int32_t* rows = _i32(rows_array)
+        cdef TableView view = self._view()
+        if count == 0:
+            return -1
+        if release:
+            with nogil:
+                bad = _resolve_rows(&view, seqs, rows, count)
+        else:
+            bad = _resolve_rows(&view, seqs, rows, count)
+        return bad
+
+    cdef int _raise_unresolved(self, object seq_array, int64_t bad) except -1:
+        cdef int64_t value
+        if bad >= 0:
+            value = _i64(seq_array)[bad]
+            if value < 0:
+                raise ValueError(f"seq_ids must be in 0..{INT64_MAX}, got {value} at index {bad}")
+            raise KeyError(f"sequence id {value} (seq_ids[{bad}]) is not in the table")
+        return 0
+
     def num_blocks(self, seq_ids):
         """Return the number of blocks mapped for each sequence.
 
@@ -1579,7 +1842,24 @@ cdef class PageTable:
         KeyError
             If a sequence id is not in the table.
         """
-        return self._row_len_arr[self._rows_or_raise(seq_ids)]
+        seq_array = _int64_ids(seq_ids, "seq_ids")
+        cdef int64_t count = cnp.PyArray_DIM(<cnp.ndarray>seq_array, 0), stamp, bad = -1
+        rows = _empty(count, cnp.NPY_INT32)
+        lengths = _empty(count, cnp.NPY_INT32)
+        cdef int attempt
+        cdef bint consistent
+        for attempt in range(READ_ATTEMPTS):
+            stamp = self._read_begin()
+            try:
+                bad = self._resolve(seq_array, rows, attempt == 0)
+                if bad < 0:
+                    self._capture(rows, NULL, NULL, _i32(lengths))
+            finally:
+                consistent = self._read_end(stamp)
+            if consistent:
+                self._raise_unresolved(seq_array, bad)
+                return lengths
+        raise RuntimeError(_READ_KEPT_CHANGING)
 
     def rows(self, seq_ids):
         """Return each sequence's row in this table, as hints for batched reads.
@@ -1603,30 +1883,21 @@ cdef class PageTable:
         KeyError
             If a sequence id is not in the table.
         """
-        return self._rows_or_raise(seq_ids)
-
-    cdef object _rows_or_raise(self, object seq_ids):
-        """The row of each id of ``seq_ids`` (int32); ValueError or KeyError naming it."""
         seq_array = _int64_ids(seq_ids, "seq_ids")
-        cdef int64_t count = cnp.PyArray_DIM(<cnp.ndarray>seq_array, 0)
-        rows_array = _empty(count, cnp.NPY_INT32)
-        cdef const int64_t* seqs = _i64(seq_array)
-        cdef int32_t* rows = _i32(rows_array)
-        cdef TableView view = self._view()
-        cdef int64_t bad
-        if count == 0:
-            return rows_array
-        self._busy += 1   # storage must not move while the GIL is released
-        try:
-            with nogil:
-                bad = _resolve_rows(&view, seqs, rows, count)
-        finally:
-            self._busy -= 1
-        if bad >= 0:
-            if seqs[bad] < 0:
-                raise ValueError(f"seq_ids must be in 0..{INT64_MAX}, got {seqs[bad]} at index {bad}")
-            raise KeyError(f"sequence id {seqs[bad]} (seq_ids[{bad}]) is not in the table")
-        return rows_array
+        cdef int64_t count = cnp.PyArray_DIM(<cnp.ndarray>seq_array, 0), stamp, bad = -1
+        rows = _empty(count, cnp.NPY_INT32)
+        cdef int attempt
+        cdef bint consistent
+        for attempt in range(READ_ATTEMPTS):
+            stamp = self._read_begin()
+            try:
+                bad = self._resolve(seq_array, rows, attempt == 0)
+            finally:
+                consistent = self._read_end(stamp)
+            if consistent:
+                self._raise_unresolved(seq_array, bad)
+                return rows
+        raise RuntimeError(_READ_KEPT_CHANGING)
 
     def lookup(self, seq_ids, positions, strict=False, rows=None):
         """Map (sequence, position) pairs to (block id, offset within the block).
@@ -1657,14 +1928,26 @@ cdef class PageTable:
         cdef const int64_t* pos = _i64(pos_array)
         cdef int32_t* block_out = _i32(blocks)
         cdef int32_t* offset_out = _i32(offsets)
-        cdef TableView view = self._view()
-        cdef int64_t bad
-        self._busy += 1   # storage must not move while the GIL is released
-        try:
-            with nogil:
-                bad = _lookup_range(&view, seqs, hints, pos, block_out, offset_out, 0, n)
-        finally:
-            self._busy -= 1
+        cdef TableView view
+        cdef int64_t bad = -1, stamp
+        cdef int attempt
+        cdef bint consistent = False
+        for attempt in range(READ_ATTEMPTS):
+            stamp = self._read_begin()
+            try:
+                view = self._view()
+                if attempt == 0:
+                    with nogil:
+                        bad = _lookup_range(&view, seqs, hints, pos, block_out, offset_out, 0, n)
+                else:
+                    # Read again with the GIL held: no change can run meanwhile.
+                    bad = _lookup_range(&view, seqs, hints, pos, block_out, offset_out, 0, n)
+            finally:
+                consistent = self._read_end(stamp)
+            if consistent:
+                break
+        if not consistent:
+            raise RuntimeError(_READ_KEPT_CHANGING)
         self._raise_bad_seq(seq_array, bad)
         if strict:
             self._raise_unmapped(seq_array, pos_array, blocks)
@@ -1695,7 +1978,9 @@ cdef class PageTable:
         ----------
         seq_ids, positions : array_like of int, shape (n,)
         out : numpy.ndarray of int64, shape (n,), optional
-            Preallocated output buffer (C-contiguous, writeable).
+            Preallocated output buffer (native int64, C-contiguous, aligned,
+            writeable).  It may overlap ``seq_ids``, ``positions`` or ``rows``: the
+            slots are then computed aside and copied in, as numpy's ufuncs do.
         strict : bool, default False
             If true, an unmapped pair raises ``IndexError`` and ``out`` is left as it was.
         rows : array_like of int, shape (n,), optional
@@ -1726,16 +2011,21 @@ cdef class PageTable:
         if out is None:
             result = _empty(n, cnp.NPY_INT64)
         else:
-            _check_out_1d(out, n)
-            result = _empty(n, cnp.NPY_INT64) if strict else out
+            check_output_vector(out, n, cnp.NPY_INT64)
+            if (strict or shares_memory(out, seq_array) or shares_memory(out, pos_array)
+                    or (hint_array is not None and shares_memory(out, hint_array))):
+                result = _empty(n, cnp.NPY_INT64)
+            else:
+                result = out
         if n == 0:
-            return result
+            return result if out is None else out
         self._slot_mapping_into(seq_array, pos_array, result, hint_array)
         if strict:
             self._raise_unmapped(seq_array, pos_array, result)
-            if out is not None:
-                out[...] = result
-                return out
+        if out is not None and result is not out:
+            memcpy(cnp.PyArray_DATA(<cnp.ndarray>out), cnp.PyArray_DATA(<cnp.ndarray>result),
+                   <size_t>n * sizeof(int64_t))
+            return out
         return result
 
     cdef int _slot_mapping_into(self, seq_array, pos_array, result, hint_array=None) except -1:
@@ -1744,30 +2034,41 @@ cdef class PageTable:
         cdef const int64_t* pos = _i64(pos_array)
         cdef int64_t* out = _i64(result)
         cdef int64_t n = cnp.PyArray_DIM(<cnp.ndarray>seq_array, 0)
-        cdef TableView view = self._view()
-        cdef int64_t bad = -1, chunk, num_chunks, begin, end
-        cdef int64_t* chunk_bad
+        cdef TableView view
+        cdef int64_t bad = -1, chunk, num_chunks = 0, begin, end, stamp
+        cdef int64_t* chunk_bad = NULL
         cdef int threads = PAGETABLE_MAX_THREADS()
-        if n < PARALLEL_THRESHOLD or threads <= 1:
-            self._busy += 1   # storage must not move while the GIL is released
-            try:
-                with nogil:
-                    bad = _slot_mapping_range(&view, seqs, hints, pos, out, 0, n)
-            finally:
-                self._busy -= 1
-        else:
+        cdef int attempt
+        cdef bint consistent = False
+        cdef bint parallel = n >= PARALLEL_THRESHOLD and threads > 1
+        if parallel:
             num_chunks = (n + PARALLEL_CHUNK - 1) // PARALLEL_CHUNK
             chunk_results = _empty(num_chunks, cnp.NPY_INT64)
             chunk_bad = _i64(chunk_results)
-            self._busy += 1   # storage must not move while the GIL is released
+        for attempt in range(READ_ATTEMPTS):
+            stamp = self._read_begin()
             try:
-                for chunk in prange(num_chunks, nogil=True, schedule="dynamic"):
-                    begin = chunk * PARALLEL_CHUNK
-                    end = min(begin + PARALLEL_CHUNK, n)
-                    chunk_bad[chunk] = _slot_mapping_range(&view, seqs, hints, pos, out,
-                                                           begin, end)
+                view = self._view()
+                if attempt > 0:
+                    # Read again with the GIL held: no change can run meanwhile.
+                    bad = _slot_mapping_range(&view, seqs, hints, pos, out, 0, n)
+                elif not parallel:
+                    with nogil:
+                        bad = _slot_mapping_range(&view, seqs, hints, pos, out, 0, n)
+                else:
+                    for chunk in prange(num_chunks, nogil=True, schedule="dynamic"):
+                        begin = chunk * PARALLEL_CHUNK
+                        end = min(begin + PARALLEL_CHUNK, n)
+                        chunk_bad[chunk] = _slot_mapping_range(&view, seqs, hints, pos, out,
+                                                               begin, end)
             finally:
-                self._busy -= 1
+                consistent = self._read_end(stamp)
+            if consistent:
+                break
+        if not consistent:
+            raise RuntimeError(_READ_KEPT_CHANGING)
+        if parallel and attempt == 0:
+            bad = -1
             for chunk in range(num_chunks):
                 if chunk_bad[chunk] >= 0:
                     bad = chunk_bad[chunk]
@@ -1796,38 +2097,55 @@ cdef class PageTable:
         KeyError
             If a sequence id is not in the table.
         """
-        rows = self._rows_or_raise(seq_ids)
-        cdef int64_t count = cnp.PyArray_DIM(<cnp.ndarray>rows, 0)
-        num_blocks = self._row_len_arr[rows]
-        cdef int64_t width = int(num_blocks.max()) if count else 0
-        if out is None:
-            table = np.empty((count, width), dtype=np.int32)
-        else:
+        seq_array = _int64_ids(seq_ids, "seq_ids")
+        cdef int64_t count = cnp.PyArray_DIM(<cnp.ndarray>seq_array, 0)
+        if out is not None:
             check_output(out, (count, -1), _INT32)
-            if out.shape[1] < width:
-                raise ValueError(
-                    f"out is {out.shape[1]} blocks wide but the longest sequence in the batch "
-                    f"has {width} blocks")
-            table = out
-            width = out.shape[1]
-        if count == 0 or width == 0:
-            return table, num_blocks
-        cdef int32_t[::1] row_view = rows
-        cdef int32_t* target = <int32_t*>cnp.PyArray_DATA(table)
-        cdef int64_t b, j, length
+        rows = _empty(count, cnp.NPY_INT32)
+        num_blocks = _empty(count, cnp.NPY_INT32)
+        starts = _empty(count, cnp.NPY_INT64)
+        cdef int32_t* lengths = _i32(num_blocks)
+        cdef int64_t* start_data = _i64(starts)
+        cdef int64_t b, j, length, width = 0, stamp, bad = -1
+        cdef int32_t* target
         cdef int32_t* dest
-        self._busy += 1   # storage must not move while the GIL is released
-        try:
-            with nogil:
-                for b in range(count):
-                    length = self._row_len[row_view[b]]
-                    dest = target + b * width
-                    memcpy(dest, self._row_data(row_view[b]), <size_t>length * sizeof(int32_t))
-                    for j in range(length, width):
-                        dest[j] = PAD
-        finally:
-            self._busy -= 1
-        return table, num_blocks
+        cdef int attempt
+        cdef bint consistent
+        table = None
+        for attempt in range(READ_ATTEMPTS):
+            stamp = self._read_begin()
+            try:
+                bad = self._resolve(seq_array, rows, attempt == 0)
+                if bad < 0:
+                    # Sizes and sources from one moment; the copy below uses only these.
+                    self._capture(rows, NULL, start_data, lengths)
+                    width = 0
+                    for b in range(count):
+                        width = max(width, <int64_t>lengths[b])
+                    if out is None:
+                        table = np.empty((count, width), dtype=np.int32)
+                    elif out.shape[1] >= width:
+                        table = out
+                        width = out.shape[1]
+                    else:
+                        table = None
+                    if table is not None and count and width:
+                        target = _i32(table)
+                        if attempt == 0:
+                            with nogil:
+                                _copy_padded(self._pool, start_data, lengths, count, target, width)
+                        else:
+                            _copy_padded(self._pool, start_data, lengths, count, target, width)
+            finally:
+                consistent = self._read_end(stamp)
+            if consistent:
+                self._raise_unresolved(seq_array, bad)
+                if table is None:
+                    raise ValueError(
+                        f"out is {out.shape[1]} blocks wide but the longest sequence in the batch "
+                        f"has {width} blocks")
+                return table, num_blocks
+        raise RuntimeError(_READ_KEPT_CHANGING)
 
     def to_csr(self, seq_ids):
         """Return the CSR page list of a batch: FlashInfer's ``kv_indptr`` / ``kv_indices``.
@@ -1849,32 +2167,53 @@ cdef class PageTable:
         OverflowError
             If the batch maps more than ``2**31 - 1`` blocks.
         """
-        rows = self._rows_or_raise(seq_ids)
-        cdef int64_t count = cnp.PyArray_DIM(<cnp.ndarray>rows, 0)
-        indptr = np.empty(count + 1, dtype=np.int32)
-        cdef int32_t[::1] row_view = rows
-        cdef int32_t[::1] indptr_view = indptr
-        cdef int64_t b, total = 0
-        for b in range(count):
-            total += self._row_len[row_view[b]]
-        if total > C_INT32_MAX:
-            raise OverflowError(f"the batch maps {total} blocks, more than int32 indices can address")
-        total = 0
-        for b in range(count):
-            indptr_view[b] = <int32_t>total
-            total += self._row_len[row_view[b]]
-        indptr_view[count] = <int32_t>total
-        indices = np.empty(total, dtype=np.int32)
-        cdef int32_t* target = <int32_t*>cnp.PyArray_DATA(indices)
-        self._busy += 1   # storage must not move while the GIL is released
-        try:
-            with nogil:
-                for b in range(count):
-                    memcpy(target + indptr_view[b], self._row_data(row_view[b]),
-                           <size_t>self._row_len[row_view[b]] * sizeof(int32_t))
-        finally:
-            self._busy -= 1
-        return indptr, indices
+        seq_array = _int64_ids(seq_ids, "seq_ids")
+        cdef int64_t count = cnp.PyArray_DIM(<cnp.ndarray>seq_array, 0)
+        rows = _empty(count, cnp.NPY_INT32)
+        lengths = _empty(count, cnp.NPY_INT32)
+        starts = _empty(count, cnp.NPY_INT64)
+        indptr = _empty(count + 1, cnp.NPY_INT32)
+        cdef int32_t* length_data = _i32(lengths)
+        cdef int64_t* start_data = _i64(starts)
+        cdef int32_t* indptr_data = _i32(indptr)
+        cdef int64_t b, total = 0, stamp, bad = -1
+        cdef int32_t* target
+        cdef int attempt
+        cdef bint consistent
+        indices = None
+        for attempt in range(READ_ATTEMPTS):
+            stamp = self._read_begin()
+            try:
+                bad = self._resolve(seq_array, rows, attempt == 0)
+                if bad < 0:
+                    # Sizes and sources from one moment; the copy below uses only these.
+                    self._capture(rows, NULL, start_data, length_data)
+                    total = 0
+                    for b in range(count):
+                        total += length_data[b]
+                    indices = None
+                    if total <= C_INT32_MAX:
+                        total = 0
+                        for b in range(count):
+                            indptr_data[b] = <int32_t>total
+                            total += length_data[b]
+                        indptr_data[count] = <int32_t>total
+                        indices = _empty(total, cnp.NPY_INT32)
+                        target = _i32(indices)
+                        if attempt == 0:
+                            with nogil:
+                                _copy_packed(self._pool, start_data, length_data, count, target)
+                        else:
+                            _copy_packed(self._pool, start_data, length_data, count, target)
+            finally:
+                consistent = self._read_end(stamp)
+            if consistent:
+                self._raise_unresolved(seq_array, bad)
+                if indices is None:
+                    raise OverflowError(
+                        f"the batch maps {total} blocks, more than int32 indices can address")
+                return indptr, indices
+        raise RuntimeError(_READ_KEPT_CHANGING)
 
     # ------------------------------------------------------------------ extras
 
@@ -1897,15 +2236,17 @@ cdef class PageTable:
         """
         cdef seq_id_t parent = _seq_arg(parent_id)
         cdef seq_id_t child = _seq_arg(child_id)
-        cdef row_t parent_row = self._row_or_raise(parent)
-        cdef row_t child_row
+        cdef row_t parent_row, child_row
         cdef const int32_t[::1] view
-        if self._find_row(child) >= 0:
-            raise ValueError(f"child_id {child} is already in the table")
-        blocks = self._row_array(parent_row)
-        view = blocks
         self._begin_write()
         try:
+            # Checked inside the change: no other thread's change can come between
+            # these checks and the creation below.
+            parent_row = self._row_or_raise(parent, "parent_id")
+            if self._find_row(child) >= 0:
+                raise ValueError(f"child_id {child} is already in the table")
+            blocks = self._row_array(parent_row)
+            view = blocks
             child_row = self._create_row(child)
             if blocks.shape[0]:
                 try:
@@ -1932,9 +2273,9 @@ cdef class PageTable:
         cdef seq_id_t seq_id = _seq_arg(sequence_id)
         index = as_index(block_index, "block_index")
         cdef block_id_t block = _block_arg(block_id)
-        cdef row_t row = self._row_or_raise(seq_id)
-        if self._writing:    # nothing below lets another thread run
-            raise RuntimeError(_CONCURRENT_WRITE)
+        cdef row_t row = self._row_or_raise(seq_id, "sequence_id")
+        if self._writing or self._owned:    # nothing below lets another thread run
+            self._refuse_write()
         if not 0 <= index < self._row_len[row]:
             raise IndexError(
                 f"block_index {index} is out of range for sequence {seq_id} "
@@ -1972,26 +2313,44 @@ cdef class PageTable:
             a copy of the row's earlier blocks is still valid.
         """
         seq_array = _int64_ids(seq_ids, "seq_ids")
-        cdef int64_t count = cnp.PyArray_DIM(<cnp.ndarray>seq_array, 0), i
+        cdef int64_t count = cnp.PyArray_DIM(<cnp.ndarray>seq_array, 0), i, stamp
         cdef const int64_t* seqs = _i64(seq_array)
         version = _empty(count, cnp.NPY_INT64)
         rewrite = _empty(count, cnp.NPY_INT64)
         cdef int64_t* version_out = _i64(version)
         cdef int64_t* rewrite_out = _i64(rewrite)
         cdef row_t row
+        cdef int attempt
+        cdef bint consistent
         for i in range(count):
             if seqs[i] < 0:
                 raise ValueError(f"seq_ids must be in 0..{INT64_MAX}, got {seqs[i]} at index {i}")
-        self._busy += 1   # storage must not move while the GIL is released
-        try:
-            with nogil:
-                for i in range(count):
-                    row = self._find_row(seqs[i])
-                    version_out[i] = self._row_version[row] if row >= 0 else -1
-                    rewrite_out[i] = self._row_rewrite[row] if row >= 0 else -1
-        finally:
-            self._busy -= 1
-        return version, rewrite
+        for attempt in range(READ_ATTEMPTS):
+            stamp = self._read_begin()
+            try:
+                if attempt == 0:
+                    with nogil:
+                        self._versions_into(seqs, count, version_out, rewrite_out)
+                else:
+                    self._versions_into(seqs, count, version_out, rewrite_out)
+            finally:
+                consistent = self._read_end(stamp)
+            if consistent:
+                return version, rewrite
+        raise RuntimeError(_READ_KEPT_CHANGING)
+
+    cdef void _versions_into(self, const int64_t* seqs, int64_t count, int64_t* version_out,
+                             int64_t* rewrite_out) noexcept nogil:
+        cdef int64_t i
+        cdef row_t row
+        for i in range(count):
+            row = self._find_row(seqs[i])
+            version_out[i] = self._row_version[row] if row >= 0 else -1
+            rewrite_out[i] = self._row_rewrite[row] if row >= 0 else -1
+
+    def _set_owned(self, owned):
+        """Private: mark the table owned by a manager, or not (tests corrupt it this way)."""
+        self._owned = 1 if owned else 0
 
     def _memory_stats(self):
         """Return a dict describing the storage (for tests and memory reports)."""

@@ -1,3 +1,4 @@
+# cython: auto_pickle = False
 """Block allocator and KV-cache manager over the Cython PageTable.
 
 No Python object exists per block or per sequence: the allocator is two int32 arrays
@@ -31,17 +32,31 @@ from libc.stdint cimport int32_t, int64_t
 from libc.string cimport memcpy
 
 from pagetable._types cimport block_id_t, seq_id_t, slot_t, row_t, PAD
-from pagetable._core cimport PageTable
+from pagetable._core cimport PageTable, _wait_for_change
+from pagetable._accept cimport int_vector
 
 import operator
 
 import numpy as np
 
+from pagetable import _state
 from pagetable._convert import INT64_MAX, as_index, as_int_array, check_range
 
 _CONCURRENT_WRITE = (
     "another thread is changing this KVCacheManager (or its table or allocator) right "
     "now; changes from several threads must take turns (hold a lock around them)")
+_READ_DURING_CHANGE = (
+    "a change to this KVCacheManager has been in progress for over half a second (is "
+    "the read running inside it?); a read cannot see a change half-done")
+_READ_KEPT_CHANGING = (
+    "this KVCacheManager kept changing in another thread while it was being read; "
+    "hold a lock around changes and reads")
+_OWNED_ALLOCATOR = (
+    "this BlockAllocator belongs to a KVCacheManager: allocate and free through the "
+    "manager (or work on a copy)")
+_TAMPERED = (
+    "the manager's table or allocator was changed from outside the manager; "
+    "its state can no longer be trusted")
 
 cnp.import_array()
 
@@ -53,6 +68,9 @@ cdef enum:
     PLAN_UNKNOWN = 1
     PLAN_DUPLICATE = 2
     PLAN_NEGATIVE = 3
+    # A read that overlapped a change from another thread is run again, up to this
+    # many times in all, before it gives up with RuntimeError.
+    READ_ATTEMPTS = 4
 
 
 class OutOfBlocksError(RuntimeError):
@@ -97,6 +115,13 @@ cdef class AppendResult:
     cdef readonly object copy_dst
 
     def __init__(self, slots, copy_src, copy_dst):
+        slots = as_int_array(slots, "slots")
+        copy_src = as_int_array(copy_src, "copy_src", np.dtype(np.int32))
+        copy_dst = as_int_array(copy_dst, "copy_dst", np.dtype(np.int32))
+        if copy_src.shape[0] != copy_dst.shape[0]:
+            raise ValueError(
+                f"copy_src and copy_dst must have the same length, "
+                f"got {copy_src.shape[0]} and {copy_dst.shape[0]}")
         self.slots = slots
         self.copy_src = copy_src
         self.copy_dst = copy_dst
@@ -105,9 +130,33 @@ cdef class AppendResult:
         return (f"AppendResult(slots={self.slots!r}, copy_src={self.copy_src!r}, "
                 f"copy_dst={self.copy_dst!r})")
 
+    def __eq__(self, other):
+        if not isinstance(other, AppendResult):
+            return NotImplemented
+        return (np.array_equal(self.slots, other.slots)
+                and np.array_equal(self.copy_src, other.copy_src)
+                and np.array_equal(self.copy_dst, other.copy_dst))
+
+    __hash__ = None
+
+    def __reduce__(self):
+        # Through __init__, which checks what it is given.
+        return (AppendResult, (self.slots, self.copy_src, self.copy_dst))
+
+
+cdef AppendResult _new_result():
+    """An empty AppendResult, made before a change so that making it cannot fail after."""
+    cdef AppendResult result = AppendResult.__new__(AppendResult)
+    result.slots = _EMPTY_INT64
+    result.copy_src = _EMPTY_INT32
+    result.copy_dst = _EMPTY_INT32
+    return result
+
 
 cdef object _EMPTY_INT32 = np.empty(0, dtype=np.int32)
 _EMPTY_INT32.flags.writeable = False
+cdef object _EMPTY_INT64 = np.empty(0, dtype=np.int64)
+_EMPTY_INT64.flags.writeable = False
 
 
 @cython.final
@@ -135,6 +184,7 @@ cdef class BlockAllocator:
         int32_t[::1] _free_stack
         int32_t[::1] _pending
         int32_t _writing          # set while a KVCacheManager change is in progress
+        int32_t _owned            # set while a KVCacheManager owns the pool
 
     def __init__(self, num_blocks):
         # Set-up happens in __cinit__, which runs even when __init__ is skipped,
@@ -152,6 +202,78 @@ cdef class BlockAllocator:
         self._free_stack = self._free_stack_arr
         self._pending = self._pending_arr
         self._num_free = num_blocks
+        self._writing = 0
+        self._owned = 0
+
+    cdef int _check_writable(self) except -1:
+        if self._owned:
+            raise RuntimeError(_OWNED_ALLOCATOR)
+        if self._writing:
+            raise RuntimeError(_CONCURRENT_WRITE)
+        return 0
+
+    def _set_owned(self, owned):
+        """Private: mark the pool owned by a manager, or not (tests corrupt it this way)."""
+        self._owned = 1 if owned else 0
+
+    # -- state ------------------------------------------------------------------------
+    def _state(self):
+        """The allocator's state dict (plain arrays; see ``pagetable._state``)."""
+        state = _state.header("BlockAllocator")
+        self._fill_state(state)
+        return state
+
+    cdef int _fill_state(self, dict state) except -1:
+        cdef Py_ssize_t num_free
+        refcount = _empty(self._num_blocks, cnp.NPY_INT32)
+        free_stack = _empty(self._num_blocks, cnp.NPY_INT32)
+        # One C section with nothing in it that could let another thread run: the
+        # counts, the stack and its height are all of one moment.
+        num_free = self._num_free
+        memcpy(cnp.PyArray_DATA(refcount), &self._refcount[0], <size_t>self._num_blocks * sizeof(int32_t))
+        memcpy(cnp.PyArray_DATA(free_stack), &self._free_stack[0], <size_t>num_free * sizeof(int32_t))
+        state["num_blocks"] = np.array(self._num_blocks, dtype=np.int64)
+        state["refcount"] = refcount
+        state["free_stack"] = free_stack[:num_free]
+        return 0
+
+    @staticmethod
+    def _from_state(state):
+        """An allocator built from a state dict; ``CorruptStateError`` if it is not valid."""
+        _state.check_kind(state, "BlockAllocator")
+        num_blocks, refcount, free_stack = _state.allocator_state(state)
+        return _allocator_from_arrays(num_blocks, refcount, free_stack)
+
+    def save(self, path):
+        """Save the pool (reference counts and free stack) to a file; see :meth:`load`."""
+        _state.write(path, self._state())
+
+    @classmethod
+    def load(cls, path):
+        """Load a pool saved by :meth:`save`; ``CorruptStateError`` for a bad file."""
+        return BlockAllocator._from_state(_state.read(path))
+
+    def copy(self):
+        """An independent copy (same counts, same free order), never owned by a manager."""
+        return BlockAllocator._from_state(self._state())
+
+    def __copy__(self):
+        return self.copy()
+
+    def __deepcopy__(self, memo):
+        return self.copy()
+
+    def __reduce__(self):
+        return (_restore_allocator, (self._state(),))
+
+    def __eq__(self, other):
+        if not isinstance(other, BlockAllocator):
+            return NotImplemented
+        return (self.num_blocks == other.num_blocks and self.num_free == other.num_free
+                and np.array_equal(self._refcounts(), other._refcounts())
+                and np.array_equal(self._free_blocks(), other._free_blocks()))
+
+    __hash__ = None
 
     @property
     def num_blocks(self):
@@ -184,7 +306,9 @@ cdef class BlockAllocator:
         for i in range(n):
             block = blocks[i]
             self._refcount[block] -= 1
-            if self._refcount[block] == 0:
+            # The bound holds whenever counts match the table; it keeps a pool that
+            # was tampered with from writing past its stack.
+            if self._refcount[block] == 0 and self._num_free < self._num_blocks:
                 self._free_stack[self._num_free] = block
                 self._num_free += 1
 
@@ -202,7 +326,7 @@ cdef class BlockAllocator:
         return -1
 
     cdef object _block_ids(self, block_ids):
-        ids = as_int_array(block_ids, "block_ids")
+        ids = int_vector(block_ids, "block_ids", cnp.NPY_INT64)
         cdef int64_t bad = self._check_ids(ids)
         if bad >= 0:
             raise ValueError(
@@ -231,12 +355,16 @@ cdef class BlockAllocator:
         n = as_index(n, "n")
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
-        if self._writing:
-            raise RuntimeError(_CONCURRENT_WRITE)
+        self._check_writable()
         if n > self._num_free:
             raise OutOfBlocksError(n, self._num_free)
         out = np.empty(n, dtype=np.int32)
         cdef int32_t[::1] view = out
+        # Making ``out`` may have let another thread run; check again with nothing
+        # in between that could.
+        self._check_writable()
+        if n > self._num_free:
+            raise OutOfBlocksError(n, self._num_free)
         if n:
             self._take(n, &view[0])
         return out
@@ -253,8 +381,7 @@ cdef class BlockAllocator:
         cdef int32_t saved_free = self._num_free
         cdef block_id_t block
         cdef int64_t bad = -1
-        if self._writing:
-            raise RuntimeError(_CONCURRENT_WRITE)
+        self._check_writable()
         # The GIL stays held: two threads' frees must not interleave.
         for i in range(n):
             block = <block_id_t>ids[i]
@@ -280,8 +407,7 @@ cdef class BlockAllocator:
         cdef const int64_t[::1] ids = self._block_ids(block_ids)
         cdef Py_ssize_t i, n = ids.shape[0]
         cdef int64_t bad = -1
-        if self._writing:
-            raise RuntimeError(_CONCURRENT_WRITE)
+        self._check_writable()
         # The GIL stays held: two threads' changes must not interleave.
         for i in range(n):
             if self._refcount[<block_id_t>ids[i]] == 0:
@@ -298,11 +424,16 @@ cdef class BlockAllocator:
         """Reference count of each block, int32."""
         cdef const int64_t[::1] ids = self._block_ids(block_ids)
         cdef Py_ssize_t i, n = ids.shape[0]
+        cdef int64_t block
         out = np.empty(n, dtype=np.int32)
         cdef int32_t[::1] view = out
-        with nogil:
-            for i in range(n):
-                view[i] = self._refcount[<block_id_t>ids[i]]
+        # ``ids`` may be the caller's array, which another thread could change while
+        # ``out`` was made: each id is checked again where it is used.
+        for i in range(n):
+            block = ids[i]
+            if block < 0 or block >= self._num_blocks:
+                raise ValueError(f"block_ids[{i}] = {block} is out of range 0..{self._num_blocks - 1}")
+            view[i] = self._refcount[block]
         return out
 
     def _free_blocks(self):
@@ -312,6 +443,29 @@ cdef class BlockAllocator:
     def _refcounts(self):
         """All reference counts (a copy)."""
         return self._refcount_arr.copy()
+
+
+cdef BlockAllocator _allocator_from_arrays(int64_t num_blocks, object refcount, object free_stack):
+    """A pool with validated counts and stack (from ``_state.allocator_state``)."""
+    cdef BlockAllocator allocator = BlockAllocator(num_blocks)
+    cdef Py_ssize_t num_free = cnp.PyArray_DIM(<cnp.ndarray>free_stack, 0)
+    memcpy(&allocator._refcount[0], cnp.PyArray_DATA(<cnp.ndarray>refcount),
+           <size_t>num_blocks * sizeof(int32_t))
+    if num_free:
+        memcpy(&allocator._free_stack[0], cnp.PyArray_DATA(<cnp.ndarray>free_stack),
+               <size_t>num_free * sizeof(int32_t))
+    allocator._num_free = <int32_t>num_free
+    return allocator
+
+
+def _restore_allocator(state):
+    """Rebuild an allocator from its state dict (pickle support)."""
+    return BlockAllocator._from_state(state)
+
+
+def _restore_manager(state):
+    """Rebuild a manager from its state dict (pickle support)."""
+    return KVCacheManager._from_state(state)
 
 
 cdef inline int64_t _blocks_for(int64_t tokens, int64_t block_size) noexcept nogil:
@@ -346,15 +500,9 @@ cdef inline object _empty(Py_ssize_t n, int typenum):
     return cnp.PyArray_EMPTY(1, &size, typenum, 0)
 
 
-cdef object _int64_vector(values, str name):
-    """``values`` as a 1-D C-contiguous int64 array; an array that already is one is
-    used as it is, anything else goes through the shared validation."""
-    if (type(values) is np.ndarray and cnp.PyArray_NDIM(values) == 1
-            and cnp.PyArray_TYPE(values) == cnp.NPY_INT64
-            and cnp.PyArray_IS_C_CONTIGUOUS(values)
-            and cnp.PyArray_ISBEHAVED_RO(values)):      # aligned, native byte order
-        return values
-    return as_int_array(values, name)
+cdef inline object _int64_vector(values, str name):
+    """``values`` as the int64 vector the loops read (see ``_accept.pxd``)."""
+    return int_vector(values, name, cnp.NPY_INT64)
 
 
 cdef int64_t _as_seq_id(value, str name) except -1:
@@ -426,6 +574,7 @@ cdef class KVCacheManager:
         int64_t[::1] _row_stamp
         int64_t _stamp
         int32_t _writing          # a change in progress (see _begin_write)
+        int64_t _epoch            # bumped as each change begins and ends (see _read_begin)
 
     def __init__(self, num_blocks, block_size=16):
         pass
@@ -441,11 +590,17 @@ cdef class KVCacheManager:
         self._block_mask = block_size - 1
         self._table = PageTable(block_size)
         self._allocator = BlockAllocator(num_blocks)
+        # Both are the manager's alone: their own changing methods refuse to run, so
+        # that nothing can add a row or take a block behind the manager's back.
+        self._table._owned = 1
+        self._allocator._owned = 1
         self._row_tokens_arr = np.zeros(64, dtype=np.int32)
         self._row_stamp_arr = np.zeros(64, dtype=np.int64)
         self._row_tokens = self._row_tokens_arr
         self._row_stamp = self._row_stamp_arr
         self._stamp = 0
+        self._epoch = 0
+        self._writing = 0
 
     cdef int _begin_write(self) except -1:
         """Start a change, or refuse it while another thread's change is in progress.
@@ -454,17 +609,48 @@ cdef class KVCacheManager:
         frees mapped memory), so the manager, its table and its allocator are all
         marked busy for its duration; their changing calls raise meanwhile.
         """
+        self._check_untampered()
         if self._writing or self._table._writing or self._allocator._writing:
             raise RuntimeError(_CONCURRENT_WRITE)
         self._writing = 1
         self._table._writing = 1
         self._allocator._writing = 1
+        self._epoch += 1
         return 0
 
     cdef void _end_write(self) noexcept:
+        self._epoch += 1
         self._writing = 0
         self._table._writing = 0
         self._allocator._writing = 0
+
+    cdef int _check_untampered(self) except -1:
+        """Refuse to work on a table or pool that was released for changes from outside.
+
+        Only the private ``_set_owned`` can release them (tests of :meth:`check` do);
+        the manager's arrays then may not match its table, and indexing them could
+        go out of bounds.
+        """
+        if (not self._table._owned or not self._allocator._owned
+                or self._table._rows_used > self._row_tokens.shape[0]):
+            raise RuntimeError(_TAMPERED)
+        return 0
+
+    cdef int64_t _read_begin(self) except -1:
+        """Start a read: refuse one while a change is half-done; return the epoch.
+
+        Reads hold the GIL, but making their output arrays may let another thread
+        run.  So a read sizes its output, makes it, and then checks with
+        ``_read_current`` that no change began or ended meanwhile before it copies
+        anything, with nothing in between that could let another thread run.
+        """
+        self._check_untampered()
+        if self._writing:
+            _wait_for_change(&self._writing, _READ_DURING_CHANGE)
+        return self._epoch
+
+    cdef bint _read_current(self, int64_t epoch) noexcept:
+        return self._epoch == epoch and not self._writing
 
     # -- properties ----------------------------------------------------------------------
     @property
@@ -602,6 +788,10 @@ cdef class KVCacheManager:
             num_new_tokens = num_new_tokens.item()     # a 0-d array is a scalar count
         if isinstance(num_new_tokens, (list, tuple, np.ndarray)):
             counts = _int64_vector(num_new_tokens, "num_new_tokens")
+            if counts is num_new_tokens:
+                # The plan and the step both read the counts, and reserving room in
+                # between may let another thread run: it must not change them.
+                counts = counts.copy()
             if counts.shape[0] != n:
                 raise ValueError(
                     f"num_new_tokens must have one entry per sequence ({n}), got {counts.shape[0]}")
@@ -728,6 +918,14 @@ cdef class KVCacheManager:
         cdef int64_t need = self._blocks_needed(n)
         if need > self._allocator._num_free:
             raise OutOfBlocksError(need, self._allocator._num_free)
+        # Everything that can fail comes before the first change.
+        slots = _empty(n, cnp.NPY_INT64)
+        blocks = _empty(need, cnp.NPY_INT32)
+        cdef AppendResult result = _new_result()
+        cdef slot_t* slot_data = <slot_t*>cnp.PyArray_DATA(slots)
+        cdef block_id_t* block_data = <block_id_t*>cnp.PyArray_DATA(blocks)
+        cdef const block_id_t* data
+        cdef int64_t p
         cdef row_t row = self._table._get_or_create_row(seq)
         try:
             self._ensure_rows(row)
@@ -735,12 +933,6 @@ cdef class KVCacheManager:
         except BaseException:
             self._table._drop_row(row)
             raise
-        slots = _empty(n, cnp.NPY_INT64)
-        blocks = _empty(need, cnp.NPY_INT32)
-        cdef slot_t* slot_data = <slot_t*>cnp.PyArray_DATA(slots)
-        cdef block_id_t* block_data = <block_id_t*>cnp.PyArray_DATA(blocks)
-        cdef const block_id_t* data
-        cdef int64_t p
         if need:
             self._allocator._take(need, block_data)
             self._table._append_to_row(row, block_data, need)   # room reserved above
@@ -750,7 +942,8 @@ cdef class KVCacheManager:
             for p in range(n):
                 slot_data[p] = self._slot(data, p)
         self._row_tokens[row] = <int32_t>n
-        return AppendResult(slots, _EMPTY_INT32, _EMPTY_INT32)
+        result.slots = slots
+        return result
 
     def append_tokens(self, seq_ids, num_new_tokens=1):
         """Grow sequences by ``num_new_tokens`` each: one decode step, or more tokens.
@@ -807,6 +1000,10 @@ cdef class KVCacheManager:
         slots = _empty(num_slots, cnp.NPY_INT64)
         copy_src = _empty(num_copies, cnp.NPY_INT32)
         copy_dst = _empty(num_copies, cnp.NPY_INT32)
+        cdef AppendResult result = _new_result()
+        result.slots = slots
+        result.copy_src = copy_src
+        result.copy_dst = copy_dst
         cdef block_id_t* fresh_data = <block_id_t*>cnp.PyArray_DATA(fresh)
         cdef slot_t* slot_data = <slot_t*>cnp.PyArray_DATA(slots)
         cdef block_id_t* src_data = <block_id_t*>cnp.PyArray_DATA(copy_src)
@@ -844,7 +1041,7 @@ cdef class KVCacheManager:
                 slot_data[written] = self._slot(data, p)
                 written += 1
             self._row_tokens[row] = <int32_t>(tokens + count)
-        return AppendResult(slots, copy_src, copy_dst)
+        return result
 
     def can_append(self, seq_ids, num_new_tokens=1):
         """Whether ``append_tokens(seq_ids, num_new_tokens)`` would find enough blocks.
@@ -918,16 +1115,26 @@ cdef class KVCacheManager:
     # -- queries -------------------------------------------------------------------------
     def seq_lens(self, seq_ids):
         """Tokens held by each sequence, int32."""
-        rows = self._rows(seq_ids, False)
-        cdef Py_ssize_t i, n = cnp.PyArray_DIM(rows, 0)
-        cdef const row_t* row_data = <const row_t*>cnp.PyArray_DATA(rows)
-        out = _empty(n, cnp.NPY_INT32)
-        cdef int32_t* out_data = <int32_t*>cnp.PyArray_DATA(out)
-        # The GIL stays held: another thread's call may grow the table or the
-        # token array, and must not do so while this loop reads them.
-        for i in range(n):
-            out_data[i] = self._row_tokens[row_data[i]]
-        return out
+        ids = _int64_vector(seq_ids, "seq_ids")
+        cdef Py_ssize_t i, n
+        cdef const row_t* row_data
+        cdef int32_t* out_data
+        cdef int64_t epoch
+        cdef int attempt
+        for attempt in range(READ_ATTEMPTS):
+            epoch = self._read_begin()
+            rows = self._rows(ids, False)
+            n = cnp.PyArray_DIM(rows, 0)
+            row_data = <const row_t*>cnp.PyArray_DATA(rows)
+            out = _empty(n, cnp.NPY_INT32)
+            if not self._read_current(epoch):
+                continue
+            # From here on nothing can let another thread run.
+            out_data = <int32_t*>cnp.PyArray_DATA(out)
+            for i in range(n):
+                out_data[i] = self._row_tokens[row_data[i]]
+            return out
+        raise RuntimeError(_READ_KEPT_CHANGING)
 
     def block_table(self, seq_ids):
         """Dense block table, int32 ``[len(seq_ids), W]`` padded with ``PAD_SLOT_ID``.
@@ -935,27 +1142,38 @@ cdef class KVCacheManager:
         ``W`` is the longest row in the batch.  Pair it with :meth:`seq_lens` for a
         PagedAttention kernel.
         """
-        rows = self._rows(seq_ids, False)
-        cdef Py_ssize_t i, j, n = cnp.PyArray_DIM(rows, 0)
-        cdef const row_t* row_data = <const row_t*>cnp.PyArray_DATA(rows)
-        cdef int32_t width = 0, length
-        for i in range(n):
-            if self._table._row_length(row_data[i]) > width:
-                width = self._table._row_length(row_data[i])
+        ids = _int64_vector(seq_ids, "seq_ids")
+        cdef Py_ssize_t i, j, n
+        cdef const row_t* row_data
+        cdef int32_t width, length
         cdef cnp.npy_intp shape[2]
-        shape[0] = n
-        shape[1] = width
-        table = cnp.PyArray_EMPTY(2, shape, cnp.NPY_INT32, 0)
-        cdef block_id_t* out = <block_id_t*>cnp.PyArray_DATA(table)
-        # The GIL stays held: another thread's call may grow the table or the
-        # token array, and must not do so while this loop reads them.
-        for i in range(n):
-            length = self._table._row_length(row_data[i])
-            memcpy(out, self._table._row_data(row_data[i]), <size_t>length * sizeof(block_id_t))
-            for j in range(length, width):
-                out[j] = PAD
-            out += width
-        return table
+        cdef block_id_t* out
+        cdef int64_t epoch
+        cdef int attempt
+        for attempt in range(READ_ATTEMPTS):
+            epoch = self._read_begin()
+            rows = self._rows(ids, False)
+            n = cnp.PyArray_DIM(rows, 0)
+            row_data = <const row_t*>cnp.PyArray_DATA(rows)
+            width = 0
+            for i in range(n):
+                if self._table._row_length(row_data[i]) > width:
+                    width = self._table._row_length(row_data[i])
+            shape[0] = n
+            shape[1] = width
+            table = cnp.PyArray_EMPTY(2, shape, cnp.NPY_INT32, 0)
+            if not self._read_current(epoch):
+                continue
+            # From here on nothing can let another thread run: the widths hold.
+            out = <block_id_t*>cnp.PyArray_DATA(table)
+            for i in range(n):
+                length = self._table._row_length(row_data[i])
+                memcpy(out, self._table._row_data(row_data[i]), <size_t>length * sizeof(block_id_t))
+                for j in range(length, width):
+                    out[j] = PAD
+                out += width
+            return table
+        raise RuntimeError(_READ_KEPT_CHANGING)
 
     def flashinfer_layout(self, seq_ids):
         """FlashInfer's paged-KV inputs for a batch.
@@ -970,32 +1188,143 @@ cdef class KVCacheManager:
             Tokens in each sequence's last block, ``1 .. block_size``; 0 for a sequence
             holding no token (it has no page at all).
         """
-        rows = self._rows(seq_ids, False)
-        cdef Py_ssize_t i, n = cnp.PyArray_DIM(rows, 0)
-        cdef const row_t* row_data = <const row_t*>cnp.PyArray_DATA(rows)
-        cdef int64_t nnz = 0, tokens
-        for i in range(n):
-            nnz += self._table._row_length(row_data[i])
-        indptr = _empty(n + 1, cnp.NPY_INT32)
-        indices = _empty(nnz, cnp.NPY_INT32)
-        last_page_len = _empty(n, cnp.NPY_INT32)
-        cdef int32_t* indptr_data = <int32_t*>cnp.PyArray_DATA(indptr)
-        cdef block_id_t* indices_data = <block_id_t*>cnp.PyArray_DATA(indices)
-        cdef int32_t* last_data = <int32_t*>cnp.PyArray_DATA(last_page_len)
+        ids = _int64_vector(seq_ids, "seq_ids")
+        cdef Py_ssize_t i, n
+        cdef const row_t* row_data
+        cdef int64_t nnz, tokens, epoch
+        cdef int32_t* indptr_data
+        cdef block_id_t* indices_data
+        cdef int32_t* last_data
         cdef int32_t length
-        cdef int64_t at = 0
-        # The GIL stays held: another thread's call may grow the table or the
-        # token array, and must not do so while this loop reads them.
-        indptr_data[0] = 0
-        for i in range(n):
-            length = self._table._row_length(row_data[i])
-            memcpy(indices_data + at, self._table._row_data(row_data[i]),
-                   <size_t>length * sizeof(block_id_t))
-            at += length
-            indptr_data[i + 1] = <int32_t>at
-            tokens = self._row_tokens[row_data[i]]
-            last_data[i] = <int32_t>(self._block_offset(tokens - 1) + 1) if tokens else 0
-        return indptr, indices, last_page_len
+        cdef int64_t at
+        cdef int attempt
+        for attempt in range(READ_ATTEMPTS):
+            epoch = self._read_begin()
+            rows = self._rows(ids, False)
+            n = cnp.PyArray_DIM(rows, 0)
+            row_data = <const row_t*>cnp.PyArray_DATA(rows)
+            nnz = 0
+            for i in range(n):
+                nnz += self._table._row_length(row_data[i])
+            indptr = _empty(n + 1, cnp.NPY_INT32)
+            indices = _empty(nnz, cnp.NPY_INT32)
+            last_page_len = _empty(n, cnp.NPY_INT32)
+            if not self._read_current(epoch):
+                continue
+            # From here on nothing can let another thread run: the sizes hold.
+            indptr_data = <int32_t*>cnp.PyArray_DATA(indptr)
+            indices_data = <block_id_t*>cnp.PyArray_DATA(indices)
+            last_data = <int32_t*>cnp.PyArray_DATA(last_page_len)
+            at = 0
+            indptr_data[0] = 0
+            for i in range(n):
+                length = self._table._row_length(row_data[i])
+                memcpy(indices_data + at, self._table._row_data(row_data[i]),
+                       <size_t>length * sizeof(block_id_t))
+                at += length
+                indptr_data[i + 1] = <int32_t>at
+                tokens = self._row_tokens[row_data[i]]
+                last_data[i] = <int32_t>(self._block_offset(tokens - 1) + 1) if tokens else 0
+            return indptr, indices, last_page_len
+        raise RuntimeError(_READ_KEPT_CHANGING)
+
+    # -- state ---------------------------------------------------------------------------
+    def _state(self):
+        """The manager's state dict: its table, its pool and each sequence's tokens."""
+        cdef int64_t epoch, i, count
+        cdef int attempt
+        cdef int64_t* token_data
+        cdef const int64_t* id_data
+        cdef row_t row
+        for attempt in range(READ_ATTEMPTS):
+            epoch = self._read_begin()
+            state = self._table._state()
+            state["kind"] = np.array("KVCacheManager")
+            self._allocator._fill_state(state)
+            seq_ids = state["seq_ids"]
+            count = cnp.PyArray_DIM(seq_ids, 0)
+            tokens = _empty(count, cnp.NPY_INT64)
+            if not self._read_current(epoch):
+                continue
+            # From here on nothing can let another thread run.
+            token_data = <int64_t*>cnp.PyArray_DATA(tokens)
+            id_data = <const int64_t*>cnp.PyArray_DATA(seq_ids)
+            for i in range(count):
+                row = self._table._find_row(id_data[i])
+                token_data[i] = self._row_tokens[row] if row >= 0 else -1
+            state["tokens"] = tokens
+            return state
+        raise RuntimeError(_READ_KEPT_CHANGING)
+
+    @staticmethod
+    def _from_state(state):
+        """A manager built from a state dict; ``CorruptStateError`` if it is not valid."""
+        _state.check_kind(state, "KVCacheManager")
+        (block_size, num_blocks, seq_ids, lengths, blocks, tokens, refcount,
+         free_stack) = _state.manager_state(state)
+        table_state = _state.header("PageTable")
+        table_state.update(block_size=state["block_size"], seq_ids=seq_ids, lengths=lengths,
+                           blocks=blocks)
+        cdef PageTable table = PageTable._from_state(table_state)
+        cdef BlockAllocator allocator = _allocator_from_arrays(num_blocks, refcount, free_stack)
+        cdef KVCacheManager manager = KVCacheManager(num_blocks, block_size)
+        cdef int64_t i
+        cdef row_t row
+        table._owned = 1
+        allocator._owned = 1
+        manager._table = table
+        manager._allocator = allocator
+        if table._rows_used:
+            manager._ensure_rows(table._rows_used - 1)
+        for i in range(seq_ids.shape[0]):
+            row = table._find_row(seq_ids[i])
+            manager._row_tokens[row] = <int32_t>tokens[i]
+        return manager
+
+    def save(self, path):
+        """Save the manager (table, pool, token counts) to a file; see :meth:`load`.
+
+        The file is an uncompressed ``.npz`` of plain integer arrays in pagetable's
+        versioned format (see ``pagetable._state``).
+        """
+        _state.write(path, self._state())
+
+    @classmethod
+    def load(cls, path):
+        """Load a manager saved by :meth:`save`.
+
+        Everything is checked before anything is built: reference counts against the
+        table, the free stack against the counts, token counts against block counts.
+
+        Raises
+        ------
+        CorruptStateError
+            The file is truncated, tampered with, of another version or kind, or
+            holds inconsistent state.
+        """
+        return KVCacheManager._from_state(_state.read(path))
+
+    def copy(self):
+        """An independent copy: same sequences, blocks, counts and free order."""
+        return KVCacheManager._from_state(self._state())
+
+    def __copy__(self):
+        return self.copy()
+
+    def __deepcopy__(self, memo):
+        return self.copy()
+
+    def __reduce__(self):
+        return (_restore_manager, (self._state(),))
+
+    def __eq__(self, other):
+        if not isinstance(other, KVCacheManager):
+            return NotImplemented
+        mine, theirs = self._state(), other._state()
+        return mine.keys() == theirs.keys() and all(
+            np.array_equal(mine[key], theirs[key]) for key in mine)
+
+    __hash__ = None
 
     def check(self):
         """Verify every invariant; raise ``AssertionError`` naming the first broken one.
@@ -1008,12 +1337,17 @@ cdef class KVCacheManager:
         cdef int64_t num_blocks = self._allocator._num_blocks
         references = np.zeros(num_blocks, dtype=np.int64)
         cdef row_t row
-        cdef int64_t tokens, length
-        for seq in self._table:
+        cdef int64_t tokens, length, first = 0
+        seq_ids, lengths, all_blocks = self._table._snapshot(True)
+        for i in range(seq_ids.shape[0]):
+            seq = int(seq_ids[i])
+            length = lengths[i]
+            blocks = all_blocks[first:first + length]
+            first += length
             row = self._table._find_row(seq)
-            blocks = self._table.get_sequence_blocks(seq)
+            if row < 0 or row >= self._row_tokens.shape[0]:
+                raise AssertionError(f"sequence {seq} has no token count in the manager")
             tokens = self._row_tokens[row]
-            length = blocks.shape[0]
             if length != _blocks_for(tokens, self._block_size):
                 raise AssertionError(
                     f"sequence {seq} holds {tokens} tokens in {length} blocks "

@@ -214,14 +214,46 @@ def test_fork_and_set_block_reject(table):
     assert snapshot(table) == before
 
 
-def test_pickled_garbage_is_rejected():
-    from pagetable._core import _rebuild
+def _table_state(block_size, seq_ids, lengths, blocks):
+    from pagetable import _state
 
-    with pytest.raises(ValueError):
-        _rebuild(16, [1, 2], [1], [5])
-    with pytest.raises(ValueError):
-        _rebuild(16, [1, 1], [1, 1], [5, 6])
-    with pytest.raises(ValueError):
-        _rebuild(16, [1], [2], [5])
-    with pytest.raises(ValueError):
-        _rebuild(0, [1], [1], [5])
+    state = _state.header("PageTable")
+    state.update(block_size=np.array(block_size), seq_ids=np.array(seq_ids, dtype=np.int64),
+                 lengths=np.array(lengths, dtype=np.int64), blocks=np.array(blocks, dtype=np.int64))
+    return state
+
+
+@pytest.mark.parametrize("args, match", [
+    ((16, [1, 2], [1], [5]), "lengths"),
+    ((16, [1, 1], [1, 1], [5, 6]), "appears more than once"),
+    ((16, [1], [2], [5]), "add up"),
+    ((0, [1], [1], [5]), "block_size"),
+    ((16, [-5], [0], []), "seq_ids"),                       # wrote out of bounds once
+    ((16, [1, 2], [2**62, 2**62], []), "lengths"),          # a sum that overflows int64
+    ((16, [1, 2], [2**31 - 1, -(2**31 - 1)], []), "lengths"),
+    ((16, [1], [1], [-3]), "blocks"),
+    ((16, [1], [1], [2**31]), "blocks"),
+])
+def test_pickled_garbage_is_rejected(args, match):
+    import pickle
+
+    from pagetable import CorruptStateError
+    from pagetable._core import _restore
+
+    with pytest.raises(CorruptStateError, match=match):
+        _restore(_table_state(*args))
+    # The same state inside a pickle stream.
+    with pytest.raises(CorruptStateError, match=match):
+        pickle.loads(pickle.dumps(_Reduce(_table_state(*args))))
+
+
+class _Reduce:
+    """Pickles as a call of the table's restore function with a crafted state."""
+
+    def __init__(self, state):
+        self.state = state
+
+    def __reduce__(self):
+        from pagetable._core import _restore
+
+        return (_restore, (self.state,))

@@ -233,10 +233,18 @@ def test_check_catches_corruption():
     manager = KVCacheManager(16, 4)
     manager.add_sequence(1, 5)
     manager.check()
+    # The table and the pool refuse changes from outside the manager; a private
+    # switch lets this test corrupt them on purpose.
+    with pytest.raises(RuntimeError, match="belongs to a KVCacheManager"):
+        manager.allocator.incref([0])
+    manager.allocator._set_owned(False)
     manager.allocator.incref([0])
     with pytest.raises(AssertionError, match="block 0 has refcount 2"):
         manager.check()
+    with pytest.raises(RuntimeError, match="changed from outside the manager"):
+        manager.append_tokens([1])
     manager.allocator.free([0])
+    manager.page_table._set_owned(False)
     manager.page_table.append_block(1, 9)
     with pytest.raises(AssertionError, match="sequence 1 holds 5 tokens in 3 blocks"):
         manager.check()

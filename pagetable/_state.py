@@ -1,0 +1,335 @@
+"""Saved state: one versioned on-disk format of plain arrays, validated on every load.
+
+Every stateful class (:class:`~pagetable.PageTable`, :class:`~pagetable.BlockAllocator`,
+:class:`~pagetable.KVCacheManager`) saves itself as a dict of integer arrays.  The same
+dict is what pickling and copying carry, so a file, a pickle and a copy are all rebuilt
+through the one validating path below.
+
+File format (version 1)
+-----------------------
+An uncompressed ``.npz`` archive (a ZIP of ``.npy`` members, as :func:`numpy.savez`
+writes it) holding:
+
+* ``format``: the string ``"pagetable"``;  ``version``: int64, ``1``;
+  ``kind``: ``"PageTable"``, ``"BlockAllocator"`` or ``"KVCacheManager"``;
+* a PageTable: ``block_size`` (scalar), ``seq_ids`` (int64, insertion order),
+  ``lengths`` (blocks of each sequence), ``blocks`` (int32, every sequence's blocks in
+  order, concatenated);
+* a BlockAllocator: ``num_blocks`` (scalar), ``refcount`` (int32 per block),
+  ``free_stack`` (int32, bottom to top: the last entry is handed out next);
+* a KVCacheManager: all of the above plus ``tokens`` (tokens held by each sequence).
+
+Change stamps (:meth:`PageTable.versions`) are not saved: a loaded table starts new
+ones, and a device mirror of it re-uploads everything on its first sync.
+
+Reading never unpickles and never trusts a size it has not checked: each member must
+be a stored (uncompressed) ``.npy`` of a plain integer or string dtype whose header
+agrees with the member's length.  Then every value is checked before any object is
+built.  A file or pickle that fails any check raises :class:`CorruptStateError`.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+from typing import IO, Union
+
+import numpy as np
+
+from pagetable._convert import INT32_MAX, INT64_MAX
+
+FORMAT = "pagetable"
+VERSION = 1
+KINDS = ("PageTable", "BlockAllocator", "KVCacheManager")
+MAX_SEQUENCES = 2**30  # what a PageTable can hold
+
+# Members: name -> dtype kinds allowed.  Anything else in a file is refused.
+_MEMBERS = {
+    "format": "U", "version": "iu", "kind": "U",
+    "block_size": "iu", "seq_ids": "iu", "lengths": "iu", "blocks": "iu",
+    "num_blocks": "iu", "refcount": "iu", "free_stack": "iu", "tokens": "iu",
+}
+_HEADER_LIMIT = 10000  # bytes of a .npy header, numpy's own default bound
+
+PathOrFile = Union[str, "os.PathLike[str]", IO[bytes]]
+
+
+class CorruptStateError(ValueError):
+    """Saved state (a file, a pickle, a state dict) that is not valid pagetable state.
+
+    Raised for a truncated or tampered file, a file of another format, version or
+    kind, and for state whose values are inconsistent (counts that do not add up,
+    duplicate ids, reference counts that disagree with the table, ...).  The message
+    names what is wrong.  Nothing is built from such state.
+    """
+
+
+# --------------------------------------------------------------------- writing
+
+def header(kind: str) -> dict[str, np.ndarray]:
+    """The arrays that open every state dict of ``kind``."""
+    return {
+        "format": np.array(FORMAT),
+        "version": np.array(VERSION, dtype=np.int64),
+        "kind": np.array(kind),
+    }
+
+
+def write(target: PathOrFile, arrays: dict[str, np.ndarray]) -> None:
+    """Write a state dict (with its header) to a path or a binary file object.
+
+    A path is written through a temporary file in the same folder and then renamed,
+    so a crash while saving never leaves a half-written file under that name.
+    """
+    if hasattr(target, "write"):
+        np.savez(target, **arrays)  # type: ignore[arg-type]
+        return
+    path = os.fspath(target)  # type: ignore[arg-type]
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)  # type: ignore[arg-type]
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+# --------------------------------------------------------------------- reading
+
+def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
+    name = info.filename
+    if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
+        raise CorruptStateError(f"member {name!r} is compressed; pagetable files store arrays plainly")
+    with archive.open(info) as member:
+        data = member.read(info.file_size + 1)
+    if len(data) != info.file_size:
+        raise CorruptStateError(f"member {name!r} is truncated")
+    stream = io.BytesIO(data)
+    version = np.lib.format.read_magic(stream)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream, max_header_size=_HEADER_LIMIT)
+    elif version in ((2, 0), (3, 0)):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream, max_header_size=_HEADER_LIMIT)
+    else:
+        raise CorruptStateError(f"member {name!r} has .npy version {version}")
+    if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None:
+        raise CorruptStateError(f"member {name!r} has dtype {dtype}, not a plain integer or string")
+    if fortran and len(shape) > 1:
+        raise CorruptStateError(f"member {name!r} is in Fortran order")
+    count = 1
+    for extent in shape:
+        count *= extent
+    body = data[stream.tell():]
+    if count * dtype.itemsize != len(body):
+        raise CorruptStateError(
+            f"member {name!r} declares {count} entries of {dtype.itemsize} bytes "
+            f"but holds {len(body)} bytes")
+    return np.frombuffer(body, dtype=dtype, count=count).reshape(shape).copy()
+
+
+def read(source: PathOrFile) -> dict[str, np.ndarray]:
+    """Read the arrays of a saved state, checking the archive's structure.
+
+    Only the container is checked here (members, dtypes, sizes); values are checked
+    by the ``*_state`` functions below.  Every failure is a :class:`CorruptStateError`.
+    """
+    if not hasattr(source, "read"):
+        source = os.fspath(source)  # type: ignore[arg-type]
+    try:
+        with zipfile.ZipFile(source) as archive:  # type: ignore[arg-type]
+            arrays: dict[str, np.ndarray] = {}
+            for info in archive.infolist():
+                if not info.filename.endswith(".npy"):
+                    raise CorruptStateError(f"unexpected member {info.filename!r}")
+                key = info.filename[:-4]
+                if key not in _MEMBERS:
+                    raise CorruptStateError(f"unexpected member {info.filename!r}")
+                if key in arrays:
+                    raise CorruptStateError(f"member {info.filename!r} appears twice")
+                arrays[key] = _read_member(archive, info)
+    except CorruptStateError:
+        raise
+    except FileNotFoundError:
+        raise
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, TypeError,
+            SyntaxError, KeyError, IndexError, OverflowError, UnicodeDecodeError,
+            NotImplementedError, RuntimeError) as error:
+        raise CorruptStateError(f"not a valid pagetable file: {type(error).__name__}: {error}") from None
+    except OSError as error:
+        if isinstance(source, str) and not os.path.exists(source):
+            raise
+        raise CorruptStateError(f"not a valid pagetable file: {error}") from None
+    return arrays
+
+
+# ------------------------------------------------------------------ validation
+
+def _get(state: object, key: str) -> np.ndarray:
+    if not isinstance(state, dict):
+        raise CorruptStateError(f"state must be a dict of arrays, got {type(state).__name__}")
+    if key not in state:
+        raise CorruptStateError(f"state has no {key!r} array")
+    value = state[key]
+    if not isinstance(value, np.ndarray):
+        raise CorruptStateError(f"state[{key!r}] must be a numpy array, got {type(value).__name__}")
+    if value.dtype.kind not in _MEMBERS[key]:
+        raise CorruptStateError(f"state[{key!r}] has dtype {value.dtype}, expected integers")
+    return value
+
+
+def check_kind(state: object, kind: str) -> None:
+    """Check the header arrays: the format's name, its version and the object kind."""
+    for key in ("format", "version", "kind"):
+        value = _get(state, key)
+        if value.ndim != 0:
+            raise CorruptStateError(f"state[{key!r}] must be a scalar, got shape {value.shape}")
+    fmt, version, found = (_get(state, k).item() for k in ("format", "version", "kind"))
+    if fmt != FORMAT:
+        raise CorruptStateError(f"not pagetable state (format {fmt!r})")
+    if version != VERSION:
+        raise CorruptStateError(
+            f"state of format version {version}; this pagetable reads version {VERSION}")
+    if found not in KINDS:
+        raise CorruptStateError(f"unknown kind {found!r}")
+    if kind != found:
+        raise CorruptStateError(f"state holds a {found}, not a {kind}")
+
+
+def kind_of(state: object) -> str:
+    """The kind of object a state dict holds (its header checked)."""
+    found = _get(state, "kind")
+    if found.ndim != 0 or found.item() not in KINDS:
+        raise CorruptStateError(f"unknown kind {found!r}")
+    check_kind(state, found.item())
+    return str(found.item())
+
+
+def _scalar(state: object, key: str, low: int, high: int) -> int:
+    value = _get(state, key)
+    if value.ndim != 0:
+        raise CorruptStateError(f"state[{key!r}] must be a scalar, got shape {value.shape}")
+    number = int(value.item())
+    if not low <= number <= high:
+        raise CorruptStateError(f"{key} = {number} is outside {low}..{high}")
+    return number
+
+
+def _vector(state: object, key: str, low: int, high: int, dtype: type = np.int64) -> np.ndarray:
+    """A 1-D integer array of values in ``low .. high``, as a fresh ``dtype`` array."""
+    value = _get(state, key)
+    if value.ndim != 1:
+        raise CorruptStateError(f"state[{key!r}] must be 1-D, got shape {value.shape}")
+    if value.size:
+        # Compared as Python ints: a uint64 array must not wrap into range.
+        smallest, largest = int(value.min()), int(value.max())
+        if smallest < low or largest > high:
+            bad = smallest if smallest < low else largest
+            raise CorruptStateError(f"state[{key!r}] holds {bad}, outside {low}..{high}")
+    return np.array(value, dtype=dtype, order="C", copy=True)
+
+
+def table_state(state: object) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """Validated ``(block_size, seq_ids, lengths, blocks)`` of a table's state."""
+    block_size = _scalar(state, "block_size", 1, INT32_MAX)
+    seq_ids = _vector(state, "seq_ids", 0, INT64_MAX)
+    lengths = _vector(state, "lengths", 0, INT32_MAX)
+    blocks = _vector(state, "blocks", 0, INT32_MAX, np.int32)
+    if seq_ids.shape[0] > MAX_SEQUENCES:
+        raise CorruptStateError(f"{seq_ids.shape[0]} sequences; a PageTable holds at most 2**30")
+    if lengths.shape != seq_ids.shape:
+        raise CorruptStateError(
+            f"{seq_ids.shape[0]} sequence ids but {lengths.shape[0]} lengths")
+    if np.unique(seq_ids).shape[0] != seq_ids.shape[0]:
+        sorted_ids = np.sort(seq_ids)
+        repeated = int(sorted_ids[np.flatnonzero(sorted_ids[1:] == sorted_ids[:-1])[0]])
+        raise CorruptStateError(f"sequence id {repeated} appears more than once")
+    # At most 2**30 lengths below 2**31 each: the int64 sum cannot overflow.
+    total = int(lengths.sum(dtype=np.int64))
+    if total != blocks.shape[0]:
+        raise CorruptStateError(
+            f"the lengths add up to {total} blocks but {blocks.shape[0]} blocks are stored")
+    return block_size, seq_ids, lengths, blocks
+
+
+def allocator_state(state: object) -> tuple[int, np.ndarray, np.ndarray]:
+    """Validated ``(num_blocks, refcount, free_stack)`` of an allocator's state."""
+    num_blocks = _scalar(state, "num_blocks", 1, INT32_MAX)
+    refcount = _vector(state, "refcount", 0, INT32_MAX, np.int32)
+    free_stack = _vector(state, "free_stack", 0, num_blocks - 1, np.int32)
+    if refcount.shape[0] != num_blocks:
+        raise CorruptStateError(
+            f"{refcount.shape[0]} reference counts for a pool of {num_blocks} blocks")
+    on_stack = np.bincount(free_stack, minlength=num_blocks)
+    twice = np.flatnonzero(on_stack > 1)
+    if twice.size:
+        raise CorruptStateError(f"block {int(twice[0])} is on the free stack more than once")
+    used_and_free = np.flatnonzero((on_stack == 1) & (refcount > 0))
+    if used_and_free.size:
+        block = int(used_and_free[0])
+        raise CorruptStateError(
+            f"block {block} is on the free stack but has reference count {int(refcount[block])}")
+    lost = np.flatnonzero((on_stack == 0) & (refcount == 0))
+    if lost.size:
+        raise CorruptStateError(f"block {int(lost[0])} has no reference and is not on the free stack")
+    return num_blocks, refcount, free_stack
+
+
+def manager_state(state: object) -> tuple[int, int, np.ndarray, np.ndarray, np.ndarray,
+                                          np.ndarray, np.ndarray, np.ndarray]:
+    """Validated ``(block_size, num_blocks, seq_ids, lengths, blocks, tokens, refcount,
+    free_stack)`` of a manager's state: the table and the allocator each valid, and
+    consistent with each other."""
+    block_size, seq_ids, lengths, blocks = table_state(state)
+    num_blocks, refcount, free_stack = allocator_state(state)
+    if num_blocks * block_size > INT32_MAX:
+        raise CorruptStateError(
+            f"num_blocks * block_size must be below 2**31, got {num_blocks} * {block_size}")
+    tokens = _vector(state, "tokens", 0, num_blocks * block_size)
+    if tokens.shape != seq_ids.shape:
+        raise CorruptStateError(f"{seq_ids.shape[0]} sequences but {tokens.shape[0]} token counts")
+    needed = (tokens + block_size - 1) // block_size
+    wrong = np.flatnonzero(needed != lengths)
+    if wrong.size:
+        i = int(wrong[0])
+        raise CorruptStateError(
+            f"sequence {int(seq_ids[i])} holds {int(tokens[i])} tokens in {int(lengths[i])} "
+            f"blocks (block_size {block_size} needs {int(needed[i])})")
+    if blocks.size and int(blocks.max()) >= num_blocks:
+        raise CorruptStateError(
+            f"the table names block {int(blocks.max())}, outside the pool of {num_blocks}")
+    references = np.bincount(blocks, minlength=num_blocks)
+    wrong = np.flatnonzero(references != refcount)
+    if wrong.size:
+        block = int(wrong[0])
+        raise CorruptStateError(
+            f"block {block} has reference count {int(refcount[block])} but the table names "
+            f"it {int(references[block])} times")
+    return block_size, num_blocks, seq_ids, lengths, blocks, tokens, refcount, free_stack
+
+
+def load(source: PathOrFile) -> object:
+    """Load whatever a pagetable file holds: a PageTable, BlockAllocator or KVCacheManager.
+
+    Raises
+    ------
+    CorruptStateError
+        The file is truncated, tampered with, of another format or version, or holds
+        inconsistent state.
+    FileNotFoundError
+        There is no such file.
+    """
+    from pagetable._core import PageTable
+    from pagetable._manager import BlockAllocator, KVCacheManager
+
+    state = read(source)
+    kind = kind_of(state)
+    cls = {"PageTable": PageTable, "BlockAllocator": BlockAllocator,
+           "KVCacheManager": KVCacheManager}[kind]
+    return cls._from_state(state)

@@ -47,6 +47,12 @@ from fractions import Fraction
 
 import numpy as np
 
+if __name__ == "__main__":
+    import importlib.util
+
+    if importlib.util.find_spec("pagetable") is None:   # replaying from a built checkout
+        sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent.parent))
+
 import pagetable
 from pagetable import PAD_SLOT_ID, BlockAllocator, KVCacheManager, OutOfBlocksError, PageTable
 from pagetable.reference import ReferencePageTable
@@ -134,7 +140,8 @@ _TMPDIR = None
 def _tmpdir() -> pathlib.Path:
     global _TMPDIR
     if _TMPDIR is None:
-        _TMPDIR = pathlib.Path(tempfile.mkdtemp(prefix="pagetable-fuzz-"))
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+        _TMPDIR = pathlib.Path(tempfile.mkdtemp(prefix="pagetable-fuzz-", dir=shm))
         import atexit
 
         atexit.register(shutil.rmtree, str(_TMPDIR), True)
@@ -250,6 +257,24 @@ INT_DTYPES = ["int64", "int32", "int16", "int8", "uint64", "uint32", "uint16", "
 EDGE_INTS = [0, 1, 2, 3, 7, 15, 16, 17, 31, 255, 2**15, 2**31 - 2, 2**31 - 1, 2**31, 2**32 - 1,
              2**32, 2**53 + 1, 2**62, 2**63 - 2, 2**63 - 1, 2**63, 2**64 - 1, 2**64, 2**70,
              -1, -2, -16, -(2**31), -(2**31) - 1, -(2**63), -(2**63) - 1, -(2**64), -(2**70)]
+
+
+def _colliding_ids(seed: int, count: int) -> list[int]:
+    """Sequence ids whose Fibonacci hashes share their top 40 bits: they fall in one
+    slot of the table's index at every index size up to 2**40 (long probe chains,
+    removals that must shift entries back).  Just more ids if the hash changes."""
+    fib = 0x9E3779B97F4A7C15
+    inverse = pow(fib, -1, 2**64)
+    out, j = [], 0
+    while len(out) < count:
+        key = (((seed << 24) | j) * inverse) % 2**64
+        if key <= INT64_MAX:
+            out.append(key)
+        j += 1
+    return out
+
+
+COLLIDE = _colliding_ids(0x5EED5, 128)
 
 
 def _non_ints():
@@ -389,7 +414,8 @@ def spell_array(inp: Input, vals: list[int]):
         return list(vals)
     if r == 26:   # a floating or complex array
         dtype = inp.pick(["float64", "float32", ">f8", "complex128", "float16"])
-        a = np.array([float(v) for v in vals], dtype=dtype) if vals or inp.one_in(2) else np.array([], dtype=dtype)
+        with np.errstate(over="ignore"):   # float16 of 2**70 is inf, and that is fine
+            a = np.array([float(v) for v in vals], dtype=dtype) if vals or inp.one_in(2) else np.array([], dtype=dtype)
         return reg(a, f"np.array({[float(v) for v in vals]!r}, dtype={dtype!r})")
     if r == 27:   # booleans
         a = np.array([bool(v & 1) for v in vals], dtype=bool)
@@ -700,8 +726,11 @@ class Harness:
     def known(self) -> list[int]:
         return list(self.ref.sequences)
 
+    def seq_pool(self) -> list[int]:
+        return self.known() + COLLIDE[:6]
+
     def seq_elem(self, inp: Input) -> int:
-        v = gen_int(inp, self.known())
+        v = gen_int(inp, self.seq_pool())
         if v == -1 and "minus-one-id" in IGNORE:
             v = -2
         return v
@@ -732,8 +761,8 @@ class Harness:
 
     def table_op(self) -> None:
         inp = self.inp
-        op = inp.below(24)
-        known = self.known()
+        op = inp.below(26)
+        known = self.seq_pool()
         if op == 0:
             self.op_new_table()
         elif op in (1, 2):
@@ -823,7 +852,7 @@ class Harness:
         elif op == 18:
             self.op_copy_table()
         elif op == 19:
-            self.op_rebuild()
+            self.op_tampered_state(self.pt, "pt")
         elif op == 20:
             self.op_save_table()
         elif op == 21:
@@ -838,8 +867,72 @@ class Harness:
             self.note(text)
             if eq is not True or ne is not True or eq5 is not False:
                 self.diverge(f"{text}: got {eq!r}, {ne!r}, pt == 5 is {eq5!r}")
+        elif op in (22, 23):
+            self.op_bulk_table()
         else:
             self.op_append_blocks()
+
+    def _bulk_ids(self, rng, n: int) -> list[int]:
+        mode = rng.randrange(4)
+        if mode == 0:
+            start = rng.randrange(len(COLLIDE))
+            ids = (COLLIDE[start:] + COLLIDE[:start])[:n]
+        elif mode == 1:
+            base = rng.randrange(2**20)
+            stride = rng.choice([1, 2, 7, 2**16, 2**20, 2**32, 2**40, 2**58])
+            ids = [base + i * stride for i in range(n) if base + i * stride <= INT64_MAX]
+        elif mode == 2:
+            ids = list(dict.fromkeys(rng.randrange(2**63) for _ in range(n)))
+        else:
+            ids = list(range(n))
+        return ids
+
+    def op_bulk_table(self) -> None:
+        """Many sequences at once (index growth, rehashing, long probe chains), then
+        removals of a part of them (probe-chain repair, pool compaction)."""
+        import random
+
+        inp = self.inp
+        rng = random.Random(inp.below(2**32))
+        n = inp.pick([8, 20, 40, 100, 300])
+        ids = self._bulk_ids(rng, n)
+        lengths = [rng.choice([0, 1, 1, 2, 3, 5, 17]) for _ in ids]
+        pairs = [(s, rng.randrange(2**31)) for s, k in zip(ids, lengths) for _ in range(k)]
+        if rng.randrange(2):
+            rng.shuffle(pairs)   # interleaved; each sequence's blocks keep their order below
+        seqs = np.array([p[0] for p in pairs], dtype=np.int64)
+        blocks = np.array([p[1] for p in pairs], dtype=rng.choice([np.int64, np.int32]))
+        reg(seqs, f"<{len(pairs)} sequence ids from random.Random(...)>")
+        reg(blocks, f"<{len(pairs)} block ids>")
+        ok, _ = self.outcome(f"pt.append_blocks(<{len(pairs)} pairs over {len(set(p[0] for p in pairs))} sequences>)",
+                             lambda: self.pt.append_blocks(seqs, blocks), Expect())
+        if ok:
+            self.ref.append_blocks(seqs.tolist(), blocks.tolist())
+        if rng.randrange(3) == 0:
+            for s in ids:
+                if rng.randrange(2):
+                    self.pt.append_block(s, 7)
+                    self.ref.append_block(s, 7)
+            self.note("pt.append_block(s, 7) for about half of them")
+        if rng.randrange(2):
+            known = self.known()
+            doomed = [s for s in known if rng.randrange(4)]
+            for s in doomed:
+                got = self.pt.remove_sequence(s)
+                want = self.ref.remove_sequence(s)
+                if got is None or got.tolist() != want.tolist():
+                    self.note(f"pt.remove_sequence({s})  # -> {got!r}")
+                    self.diverge(f"pt.remove_sequence({s}) returned {got!r}, the reference says {want!r}")
+            self.note(f"pt.remove_sequence(s) for {len(doomed)} of the {len(known)} sequences")
+            self.check_table()
+            if doomed and rng.randrange(2):
+                # Ids that were removed must be unknown now, and re-creatable.
+                s = rng.choice(doomed)
+                if s in self.pt or self.pt.get_sequence_blocks(s) is not None:
+                    self.diverge(f"sequence {s} is still in the table after remove_sequence")
+                self.pt.append_block(s, 1)
+                self.ref.append_block(s, 1)
+                self.note(f"pt.append_block({s}, 1)")
 
     def op_new_table(self) -> None:
         inp = self.inp
@@ -1220,39 +1313,82 @@ class Harness:
         else:
             self.add_ghost("a copy of the table", clone, keep_ref)
 
-    def op_rebuild(self) -> None:
-        """pickle's rebuild hook with arbitrary rows: a valid table or a documented error."""
-        from pagetable._core import _rebuild
-
+    def op_tampered_state(self, obj, label: str) -> None:
+        """Unpickling a tampered pickle: ``obj.__reduce__()``'s callable applied to a
+        mutated copy of its state must give CorruptStateError or a valid object."""
         inp = self.inp
-        b = gen_scalar(inp, [], 20) if inp.one_in(4) else inp.pick([1, 3, 16])
-        seqs = gen_array(inp, lambda i: gen_int(i, [], 6))
-        lengths = gen_array(inp, lambda i: gen_int(i, [], 4))
-        blocks = gen_array(inp, lambda i: gen_int(i, [], 100))
-        text = f"_rebuild({show(b)}, {show(seqs)}, {show(lengths)}, {show(blocks)})"
         try:
-            table = _rebuild(b, seqs, lengths, blocks)
+            rebuild, args = obj.__reduce__()[:2]
+        except Exception as exc:
+            self.diverge(f"{label}.__reduce__() raised {exc!r}", exc)
+        if len(args) != 1 or not isinstance(args[0], dict) or CorruptStateError is None:
+            return   # not the state-dict form: nothing to tamper with here
+        state = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in args[0].items()}
+        done = []
+        for _ in range(1 + inp.below(3)):
+            keys = sorted(state)
+            if not keys:
+                break
+            key = inp.pick(keys)
+            value = state[key]
+            kind = inp.below(12)
+            if kind == 0:
+                del state[key]
+                done.append(f"del state[{key!r}]")
+            elif kind == 1:
+                state[key] = inp.pick([None, 1, [1, 2], "x", 1.5, np.float64(1)])
+                done.append(f"state[{key!r}] = {show(state[key])}")
+            elif kind == 2 and isinstance(value, np.ndarray) and value.dtype.kind in "iu":
+                dt = inp.pick(["float64", "uint64", "int8", "int32", "uint32", ">i8", "bool", "object", "U3"])
+                try:
+                    state[key] = value.astype(dt)
+                except (ValueError, OverflowError, TypeError):
+                    continue
+                done.append(f"state[{key!r}] = state[{key!r}].astype({dt!r})")
+            elif kind in (3, 4, 5) and isinstance(value, np.ndarray) and value.dtype.kind in "iu":
+                new = inp.pick(EDGE_INTS + [0, 1, -1, 2, 3])
+                a = value.astype(np.int64 if fits(new, "int64") else np.uint64, copy=True) \
+                    if (fits(new, "int64") or fits(new, "uint64")) else None
+                if a is None or (a.dtype == np.uint64 and (a < 0).any()):
+                    continue
+                if a.ndim == 0:
+                    a = np.array(new, dtype=a.dtype)
+                elif a.size:
+                    a.flat[inp.below(a.size)] = new
+                else:
+                    continue
+                state[key] = a
+                done.append(f"state[{key!r}] = <{value.tolist()!r} with a {show_int(new)}>")
+            elif kind == 6 and isinstance(value, np.ndarray) and value.ndim == 1:
+                state[key] = value[:inp.below(value.size + 1)] if inp.one_in(2) else np.append(value, inp.below(4))
+                done.append(f"state[{key!r}] = <{value.tolist()!r} resized to {state[key].size}>")
+            elif kind == 7 and isinstance(value, np.ndarray):
+                state[key] = value.reshape(1, -1) if value.ndim == 1 else value.reshape(-1)
+                done.append(f"state[{key!r}] = <reshaped to {state[key].shape}>")
+            elif kind == 8:
+                other = inp.pick(keys)
+                state[key], state[other] = state[other], state[key]
+                done.append(f"swap state[{key!r}], state[{other!r}]")
+            elif kind == 9:
+                state["version"] = np.array(inp.pick([0, 2, -1, 2**40]), dtype=np.int64)
+                done.append(f"state['version'] = {state['version']!r}")
+            elif kind == 10:
+                state["kind"] = np.array(inp.pick(["PageTable", "BlockAllocator", "KVCacheManager", "x", ""]))
+                done.append(f"state['kind'] = {state['kind']!r}")
+            else:
+                state[inp.pick(["extra", "tokens", "refcount", "seq_ids"])] = np.array([1, 2], dtype=np.int64)
+                done.append("state[...] = np.array([1, 2])")
+        text = f"{rebuild.__name__}(<{label}'s state with: {'; '.join(done) or 'nothing changed'}>)"
+        try:
+            rebuilt = rebuild(state)
+        except CorruptStateError:
+            self.note(f"{text}  # -> CorruptStateError")
+            return
         except Exception as exc:
             self.note(f"{text}  # -> {type(exc).__name__}")
-            cat = category(exc)
-            if cat is None or cat in (RuntimeError, OutOfBlocksError, KeyError, IndexError):
-                self.diverge(f"{text} raised {exc!r}", exc)
-            return
+            self.diverge(f"{text} raised {type(exc).__name__} (must be CorruptStateError): {exc!r}", exc)
         self.note(f"{text}  # -> ok")
-        try:
-            table._check_invariants()
-        except AssertionError as exc:
-            self.diverge(f"{text} built a broken table: {exc}", exc)
-        # The rows it was given, as a reference.
-        ref = ReferencePageTable(scalar_int(b))
-        sl, ll, bl = (o_array(Expect(), x, "") for x in (seqs, lengths, blocks))
-        if sl is None or ll is None or bl is None or scalar_int(b) is None:
-            self.diverge(f"{text} accepted arguments that are not integer arrays")
-        at = 0
-        for s, n in zip(sl, ll):
-            ref.sequences[s] = bl[at:at + n]
-            at += n
-        self.check_table(table, ref, "_rebuild(...)")
+        self.check_loaded(text, rebuilt)
 
     # -- persistence ------------------------------------------------------------------
     def _path(self):
@@ -1431,7 +1567,7 @@ class Harness:
         if inp.one_in(5):
             nb, bs = gen_scalar(inp, [], 40), gen_scalar(inp, [], 20)
         else:
-            nb = int_spelling(inp, inp.pick([1, 2, 3, 4, 5, 8, 12, 16, 33, 64]))
+            nb = int_spelling(inp, inp.pick([1, 2, 3, 4, 5, 8, 12, 16, 33, 64, 64, 1024, 4096]))
             bs = int_spelling(inp, inp.pick([1, 2, 3, 4, 16, 5]))
         ex = Expect()
         nbv = o_scalar(ex, nb, "num_blocks", 1, INT32_MAX)
@@ -1516,8 +1652,10 @@ class Harness:
                 return
         kv, kref = self.kv, self.kref
         known = self.kknown()
-        op = inp.below(16)
-        if op in (0, 1):
+        op = inp.below(17)
+        if op == 16:
+            self.op_bulk_manager()
+        elif op in (0, 1):
             s = gen_scalar(inp, known, 12)
             t = gen_scalar(inp, [], 3 * kref.block_size + 2) if not inp.one_in(6) else int_spelling(inp, inp.pick(EDGE_INTS))
             ex = Expect()
@@ -1569,7 +1707,10 @@ class Harness:
         elif op == 12:
             self.op_views()
         elif op == 13:
-            self.op_copy_manager()
+            if inp.one_in(2):
+                self.op_copy_manager()
+            else:
+                self.op_tampered_state(kv, "kv")
         elif op == 14:
             if HAVE_KV_SAVE:
                 loaded = self.roundtrip_file("kv", kv, KVCacheManager, manager_state)
@@ -1587,6 +1728,36 @@ class Harness:
             self.note(f"{show(x)} in kv  # -> {got}")
             if v is not None and got != (0 <= v <= INT64_MAX and v in kref._blocks):
                 self.diverge(f"{show(x)} in kv is {got}, the reference holds {list(kref._blocks)}")
+
+    def op_bulk_manager(self) -> None:
+        """Many sequences: prefills, forks of a part of them, a decode step, frees."""
+        import random
+
+        inp = self.inp
+        kv, kref = self.kv, self.kref
+        rng = random.Random(inp.below(2**32))
+        ids = [s for s in self._bulk_ids(rng, inp.pick([8, 20, 60, 150])) if s not in kref._blocks]
+        for s in ids:
+            t = rng.choice([0, 1, 2, kref.block_size, kref.block_size + 1, 3 * kref.block_size - 1])
+            self.kv_compare(f"kv.add_sequence({s}, {t})", lambda: kv.add_sequence(s, t),
+                            lambda: kref.add_sequence(s, t), Expect(), self.same_append_result)
+        live = list(kref._blocks)
+        for s in live[: rng.randrange(len(live) + 1)]:
+            if rng.randrange(3) == 0:
+                child = rng.randrange(2**62)
+                self.kv_compare(f"kv.fork({s}, {child})", lambda: kv.fork(s, child),
+                                lambda: kref.fork(s, child), Expect())
+        live = list(kref._blocks)
+        rng.shuffle(live)
+        step = np.array(live[: rng.randrange(len(live) + 1)], dtype=np.int64)
+        reg(step, f"np.array({step.tolist()})")
+        self.kv_compare(f"kv.append_tokens({show(step)}, 1)", lambda: kv.append_tokens(step, 1),
+                        lambda: kref.append_tokens(step.copy(), 1), Expect(), self.same_append_result)
+        self.check_manager()
+        doomed = np.array([s for s in kref._blocks if rng.randrange(3)], dtype=np.int64)
+        reg(doomed, f"np.array({doomed.tolist()})")
+        self.kv_compare(f"kv.free_sequence({show(doomed)})", lambda: kv.free_sequence(doomed),
+                        lambda: kref.free_sequence(doomed.copy()), Expect())
 
     def distinct_ids(self):
         inp = self.inp
@@ -1778,7 +1949,9 @@ class Harness:
             if self.alloc is None:
                 return
         alloc, aref = self.alloc, self.aref
-        op = inp.below(8)
+        op = inp.below(10)
+        if op in (8, 9):
+            op = inp.pick([0, 2, 3, 6, 7])
         if op in (0, 1):
             n = gen_scalar(inp, [], 6) if not inp.one_in(6) else int_spelling(inp, inp.pick(EDGE_INTS))
             ex = Expect()
@@ -1804,6 +1977,8 @@ class Harness:
                         ex.maybe("block id >= 2**31", OverflowError)
             self.kv_compare(f"alloc.{name}({show(x)})", lambda: getattr(alloc, name)(x),
                             lambda: getattr(aref, name)(norm), ex, self.same, touch=(x,))
+        elif op == 6 and inp.one_in(2):
+            self.op_tampered_state(alloc, "alloc")
         elif op == 6:
             if HAVE_ALLOC_COPY:
                 how = inp.pick(["copy", "copy.copy", "copy.deepcopy", "pickle"])
@@ -1861,15 +2036,20 @@ class Harness:
         while not inp.exhausted and ops < max_ops:
             ops += 1
             target = inp.below(20)
+            # The three objects are independent: check the one the call was made on.
             if target < 10:
                 self.table_op()
+                self.check_table()
             elif target < 16:
                 self.manager_op()
+                if self.kv is not None:
+                    self.check_manager()
             else:
                 self.allocator_op()
-            self.check_all()
+                self.check_allocator()
             if ops % 16 == 0:
                 self.check_ghosts()
+        self.check_all()
         self.check_ghosts()
 
     def add_ghost(self, label, obj, ref) -> None:

@@ -1854,6 +1854,14 @@ class Harness:
     def same_append_result(self, text, got, want) -> None:
         for field in ("slots", "copy_src", "copy_dst"):
             self.same(text, getattr(got, field), getattr(want, field), field)
+        if self.inp.one_in(8):
+            try:
+                again = pickle.loads(pickle.dumps(got))
+            except Exception as exc:
+                self.diverge(f"pickling the AppendResult of {text} raised {exc!r}", exc)
+            if not (again == got) or not all(_arrays_equal(getattr(again, f), getattr(got, f))
+                                             for f in ("slots", "copy_src", "copy_dst")):
+                self.diverge(f"the AppendResult of {text} does not survive pickling: {again!r}")
 
     def op_views(self) -> None:
         """A manager's page_table and allocator: reads work, changes raise RuntimeError."""
@@ -1872,6 +1880,9 @@ class Harness:
             self.diverge(f"kv.allocator.refcount(...) is {got}")
         if alloc.num_free != kref.num_free_blocks or alloc.num_blocks != kref.num_blocks:
             self.diverge("kv.allocator.num_free / num_blocks differ from the reference")
+        if inp.one_in(3):
+            self.op_copy_views(table, alloc)
+            return
         s = inp.pick(known) if known else 0
         b = inp.below(kref.num_blocks)
         attempts = []
@@ -1907,6 +1918,43 @@ class Harness:
         else:
             self.diverge(f"{text} on a manager's read-only view succeeded; expected RuntimeError")
 
+    def op_copy_views(self, table, alloc) -> None:
+        """A copy of a manager's table or pool is an ordinary object: it can change, and
+        changing it leaves the manager alone."""
+        inp = self.inp
+        how = inp.pick(["copy", "copy.copy", "copy.deepcopy", "pickle"])
+        make = {"copy": lambda o: o.copy(), "copy.copy": copy.copy, "copy.deepcopy": copy.deepcopy,
+                "pickle": lambda o: pickle.loads(pickle.dumps(o))}[how]
+        if inp.one_in(2):
+            text = f"t = {how}(kv.page_table); t.append_block(2**62, 5); t.remove_sequence(...)"
+            try:
+                t = make(table)
+                if type(t) is not PageTable or t != table:
+                    self.diverge(f"{text}: the copy is a {type(t).__name__}, equal: {t == table}")
+                t.append_block(2**62, 5)
+                for seq in list(t)[:2]:
+                    t.remove_sequence(seq)
+                t._check_invariants()
+            except Divergence:
+                raise
+            except Exception as exc:
+                self.diverge(f"{text} raised {exc!r}", exc)
+        else:
+            text = f"a = {how}(kv.allocator); a.allocate(a.num_free); a.free(...)"
+            try:
+                a = make(alloc)
+                if type(a) is not BlockAllocator or a != alloc:
+                    self.diverge(f"{text}: the copy is a {type(a).__name__}, equal: {a == alloc}")
+                got = a.allocate(a.num_free)
+                a.free(got)
+                if a.num_free and a.num_free == a.num_blocks:
+                    a.incref(a.allocate(1))
+            except Divergence:
+                raise
+            except Exception as exc:
+                self.diverge(f"{text} raised {exc!r}", exc)
+        self.note(text)
+
     def op_copy_manager(self) -> None:
         if not HAVE_KV_COPY:
             return
@@ -1926,6 +1974,8 @@ class Harness:
         self.note(f"kv2 = {how}(kv)  # then kv = one of kv, kv2; the other must not change")
         if clone is self.kv:
             self.diverge(f"{how}(kv) returned the same object")
+        if not (clone == self.kv) or clone != self.kv:
+            self.diverge(f"{how}(kv) is not == kv")
         self.check_manager(clone, self.kref, "kv2")
         keep = copy.deepcopy(self.kref)
         if inp.one_in(2):
@@ -1988,7 +2038,7 @@ class Harness:
                 except Exception as exc:
                     self.diverge(f"{how}(alloc) raised {exc!r}", exc)
                 self.note(f"alloc2 = {how}(alloc)")
-                if clone is alloc or allocator_state(clone) != allocator_state(alloc):
+                if clone is alloc or allocator_state(clone) != allocator_state(alloc) or not (clone == alloc):
                     self.diverge(f"{how}(alloc) is not an equal, separate allocator")
                 keep = copy.deepcopy(aref)
                 if inp.one_in(2):

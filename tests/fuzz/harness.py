@@ -1042,7 +1042,7 @@ class Harness:
         if r >= 6:
             kind = inp.pick(["good", "good", "good", "len", "int32", "float", ">i8", "2d", "strided",
                              "readonly", "unaligned", "list", "subclass", "same-seq", "same-pos",
-                             "shift-seq", "shift-pos"])
+                             "shift-seq", "shift-pos", "rows-in-out"])
             if kind == "good":
                 out = np.full(n, -7, dtype=np.int64)
                 out_text = f"np.full({n}, -7, dtype=np.int64)"
@@ -1068,6 +1068,18 @@ class Harness:
             elif kind == "list":
                 out = [0] * n
                 out_text = f"[0] * {n}"
+            elif kind == "rows-in-out":
+                # Row hints stored in out's own memory: the kernel overwrites them as it
+                # goes; hints are checked before use, so the answer must not change.
+                out = np.full(n, -7, dtype=np.int64)
+                out_text = f"np.full({n}, -7, dtype=np.int64)"
+                if n and rows is None and sv is not None and pv is not None and len(sv) == len(pv) \
+                        and reps == 1 and "overlap-out" not in IGNORE:
+                    hints = out.view(np.int32)[:n]
+                    hints[:] = [self.hints.get(v, -1) for v in sv]
+                    rows = reg(hints, "<rows: an int32 view of out's first bytes>")
+                    overlap = True
+                    ex.maybe("out overlaps rows", ValueError)
             elif (sv is not None and pv is not None and len(sv) == len(pv) and reps == 1
                   and "overlap-out" not in IGNORE):
                 vals = sv if kind.endswith("seq") else pv
@@ -1378,7 +1390,20 @@ class Harness:
             else:
                 state[inp.pick(["extra", "tokens", "refcount", "seq_ids"])] = np.array([1, 2], dtype=np.int64)
                 done.append("state[...] = np.array([1, 2])")
-        text = f"{rebuild.__name__}(<{label}'s state with: {'; '.join(done) or 'nothing changed'}>)"
+        how = "; ".join(done) or "nothing changed"
+        if inp.one_in(3) and HAVE_LOAD_ANY:
+            # The same state written as a well-formed archive: the file path's checks.
+            path = self._path()
+            try:
+                with open(path, "wb") as f:
+                    np.savez(f, **{k: v for k, v in state.items() if isinstance(k, str)})
+            except Exception:
+                return    # not something np.savez can write; nothing to load
+            loader = inp.pick([pagetable.load, type(obj).load])
+            text = f"{getattr(loader, '__qualname__', loader)}(<np.savez of {label}'s state with: {how}>)"
+            rebuild, state = loader, path
+        else:
+            text = f"{rebuild.__name__}(<{label}'s state with: {how}>)"
         try:
             rebuilt = rebuild(state)
         except CorruptStateError:
@@ -1931,6 +1956,17 @@ class Harness:
                 t = make(table)
                 if type(t) is not PageTable or t != table:
                     self.diverge(f"{text}: the copy is a {type(t).__name__}, equal: {t == table}")
+                if inp.one_in(2):
+                    # Carry on fuzzing the copy as the main table: it may hold sequences
+                    # with no block (prefills of 0 tokens), which appends cannot make.
+                    ref = ReferencePageTable(t.block_size)
+                    for seq in list(t):
+                        ref.sequences[seq] = list(self.kref._blocks[seq])
+                    self.check_table(t, ref, "t")
+                    self.add_ghost("the main table before it was replaced", self.pt, self.ref)
+                    self.pt, self.ref = t, ref
+                    self.note(f"pt = {how}(kv.page_table)")
+                    return
                 t.append_block(2**62, 5)
                 for seq in list(t)[:2]:
                     t.remove_sequence(seq)

@@ -94,7 +94,8 @@ for pyx in sorted(glob.glob(os.path.join("pagetable", "*.pyx"))):
             name,
             [pyx],
             include_dirs=[np.get_include()],
-            define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+            define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"),
+                           ("PAGETABLE_DEBUG_BUILD", "1" if DEBUG else "0")],
             extra_compile_args=EXTRA_COMPILE + OMP_COMPILE,
             extra_link_args=OMP_LINK,
         )

@@ -22,8 +22,8 @@ cdef struct TableView:
     int64_t block_mask
 
 
-# Wait (letting other threads run) until ``writing[0]`` clears; RuntimeError after 0.5 s.
-cdef int _wait_for_change(int32_t* writing, str message) except -1
+# Wait (letting other threads run) until ``flag[0]`` clears; RuntimeError after 0.5 s.
+cdef int _wait_while_set(int32_t* flag, str message) except -1
 
 
 @cython.final
@@ -114,7 +114,7 @@ cdef class PageTable:
     cdef int _append_many(self, object seq_array, object block_array, int64_t num_runs) except -1
     cdef int _undo_pending(self, int32_t* touched, int64_t num_touched, int64_t first_new_order) except -1
     cdef int _ensure_pool_space(self, int64_t needed) except -1
-    cdef int _check_not_busy(self) except -1
+    cdef int _wait_for_readers(self) except -1
     cdef int _begin_write(self) except -1
     cdef int _refuse_write(self) except -1
     cdef int64_t _read_begin(self) except -1

@@ -130,6 +130,9 @@ _READ_DURING_CHANGE = (
 _READ_KEPT_CHANGING = (
     "this PageTable kept changing in another thread while it was being read; "
     "hold a lock around changes and reads")
+_READS_IN_FLIGHT = (
+    "batched reads of this PageTable in another thread have run for over half a "
+    "second; a change that must move its storage cannot wait for them any longer")
 _OWNED = (
     "this PageTable belongs to a KVCacheManager: change it through the manager "
     "(or work on a copy)")
@@ -174,18 +177,30 @@ cdef extern from *:
     """
     int64_t DEF_EXACT_DOUBLE_LIMIT "PAGETABLE_EXACT_DOUBLE_LIMIT"
 
+cdef extern from *:
+    """
+    #ifndef PAGETABLE_DEBUG_BUILD
+    #define PAGETABLE_DEBUG_BUILD 0
+    #endif
+    """
+    int PAGETABLE_DEBUG_BUILD
+
+#: Whether this build has bounds and initialisation checks on (``PAGETABLE_DEBUG=1``).
+DEBUG_BUILD = bool(PAGETABLE_DEBUG_BUILD)
+
 cdef bint _LINUX = sys.platform.startswith("linux")
 
 
-cdef int _wait_for_change(int32_t* writing, str message) except -1:
-    """Wait, letting other threads run, until a change in progress elsewhere ends.
+cdef int _wait_while_set(int32_t* flag, str message) except -1:
+    """Wait, letting other threads run, until another thread clears ``flag``.
 
-    A change lets other threads run only while the OS maps or unmaps memory for it,
-    so the wait is short.  Past half a second (a change that cannot end, as when the
-    read runs inside it, from a finaliser) ``RuntimeError`` is raised instead.
+    Readers wait for a change in progress (it lets other threads run only while the
+    OS maps or unmaps memory for it), and a change that must move storage waits for
+    the reads in flight; both are short.  Past half a second (a wait that cannot
+    end, as when a finaliser reads inside a change) ``RuntimeError`` is raised.
     """
     deadline = _monotonic() + 0.5
-    while writing[0]:
+    while flag[0]:
         if _monotonic() > deadline:
             raise RuntimeError(message)
         _sleep(1e-5)
@@ -745,12 +760,14 @@ cdef class PageTable:
         self._pool_capacity = capacity
         return 0
 
-    cdef int _check_not_busy(self) except -1:
-        """Refuse to move storage while another thread reads it without the GIL."""
+    cdef int _wait_for_readers(self) except -1:
+        """Before moving storage, wait for batched reads in flight in other threads.
+
+        No read starts while a change is in progress (``_read_begin`` waits), so
+        only reads that began before this change are waited for.
+        """
         if self._busy:
-            raise RuntimeError(
-                "this PageTable is being read by a batched call in another thread; "
-                "a change that must reallocate its storage has to wait for that call")
+            _wait_while_set(&self._busy, _READS_IN_FLIGHT)
         return 0
 
     cdef int _begin_write(self) except -1:
@@ -779,7 +796,7 @@ cdef class PageTable:
         storage cannot move (``_busy``), so every pointer the read took stays valid.
         """
         if self._writing:
-            _wait_for_change(&self._writing, _READ_DURING_CHANGE)
+            _wait_while_set(&self._writing, _READ_DURING_CHANGE)
         self._busy += 1
         return self._next_version
 
@@ -802,7 +819,7 @@ cdef class PageTable:
         """
         pool_map = self._pool_map
         cdef int64_t old_capacity = self._pool_capacity
-        self._check_not_busy()
+        self._wait_for_readers()
         # From here to the end of the resize nothing releases the GIL or runs Python
         # code, so no other thread can see the pool without its buffer.
         self._pool_arr = None           # drop the buffer export so the map may move
@@ -813,7 +830,7 @@ cdef class PageTable:
             fresh = _new_pool_map(capacity)            # may let another thread run
             np.frombuffer(fresh, dtype=np.int32, count=self._pool_tail)[:] = \
                 self._pool_arr[:self._pool_tail]
-            self._check_not_busy()
+            self._wait_for_readers()
             pool_map = fresh
         except BaseException:
             self._set_pool(pool_map, old_capacity)
@@ -833,7 +850,7 @@ cdef class PageTable:
         # Allocation above may let another thread run; the swap below may not.  The
         # old arrays stay referenced until every pointer is switched: freeing a mapped
         # array releases the GIL (munmap), and no thread may see a stale pointer then.
-        self._check_not_busy()
+        self._wait_for_readers()
         retired = (self._index_keys_arr, self._index_rows_arr)
         self._index_keys_arr = keys
         self._index_rows_arr = rows
@@ -937,7 +954,7 @@ cdef class PageTable:
         # Allocation above may let another thread run; the swap below may not.  The
         # old arrays stay referenced until every pointer is switched: freeing a mapped
         # array releases the GIL (munmap), and no thread may see a stale pointer then.
-        self._check_not_busy()
+        self._wait_for_readers()
         retired = (self._row_start_arr, self._row_len_arr, self._row_cap_arr, self._row_seq_arr,
                    self._row_order_arr, self._row_pending_arr, self._row_version_arr,
                    self._row_rewrite_arr, self._free_stack_arr)
@@ -1049,7 +1066,7 @@ cdef class PageTable:
         cdef int32_t[::1] order = live[np.argsort(starts[live], kind="stable")]
         n = order.shape[0]
         # numpy above may have let another thread start a read; check just before moving.
-        self._check_not_busy()
+        self._wait_for_readers()
         # Rows move: the GIL stays held so that no other thread reads or writes meanwhile.
         for i in range(n):
             row = order[i]

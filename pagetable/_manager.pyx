@@ -32,7 +32,7 @@ from libc.stdint cimport int32_t, int64_t
 from libc.string cimport memcpy
 
 from pagetable._types cimport block_id_t, seq_id_t, slot_t, row_t, PAD
-from pagetable._core cimport PageTable, _wait_for_change
+from pagetable._core cimport PageTable, _wait_while_set
 from pagetable._accept cimport int_vector
 
 import operator
@@ -555,11 +555,16 @@ cdef class KVCacheManager:
     >>> kv.free_sequence([0, 1]); kv.num_free_blocks
     8
 
-    Treat ``page_table`` as read-only: changing it behind the manager's back breaks
-    the invariants that :meth:`check` verifies.  Like a dict, a manager is not meant
-    to be changed from several threads at once: a change that starts while another
-    thread's change is in progress (one may let other threads run while its table
-    allocates memory) raises ``RuntimeError`` and changes nothing.
+    ``page_table`` and ``allocator`` are the manager's own: read them freely, but their
+    changing methods raise ``RuntimeError`` (a ``copy()`` of either is an ordinary,
+    writable object).  Like a dict, a manager is not meant to be changed from several
+    threads at once: a change that starts while another thread's change is in
+    progress (one may let other threads run while its table allocates memory) raises
+    ``RuntimeError`` and changes nothing.  Reads from other threads answer from one
+    state: one that overlaps a change waits for it, or reads again.
+
+    A manager pickles, copies, and saves to a file (:meth:`save`, :meth:`load`)
+    through one validated state; a bad file raises ``CorruptStateError``.
     """
 
     cdef:
@@ -646,7 +651,7 @@ cdef class KVCacheManager:
         """
         self._check_untampered()
         if self._writing:
-            _wait_for_change(&self._writing, _READ_DURING_CHANGE)
+            _wait_while_set(&self._writing, _READ_DURING_CHANGE)
         return self._epoch
 
     cdef bint _read_current(self, int64_t epoch) noexcept:
@@ -655,12 +660,12 @@ cdef class KVCacheManager:
     # -- properties ----------------------------------------------------------------------
     @property
     def page_table(self):
-        """The PageTable holding every sequence's blocks (read it, do not change it)."""
+        """The PageTable holding every sequence's blocks (read-only from outside)."""
         return self._table
 
     @property
     def allocator(self):
-        """The BlockAllocator owning the pool (read it, do not change it)."""
+        """The BlockAllocator owning the pool (read-only from outside)."""
         return self._allocator
 
     @property

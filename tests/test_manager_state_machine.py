@@ -112,6 +112,25 @@ class ManagerMachine(RuleBasedStateMachine):
             self.both(lambda m: m.add_sequence(self.live[-1], 1))
             self.both(lambda m: m.fork(self.live[0], self.live[-1]))
 
+    @rule(how=st.sampled_from(["pickle", "file", "copy"]))
+    def reload(self, how):
+        """Carry on with a manager rebuilt from its saved state (validated on load)."""
+        import io
+        import pickle
+
+        if not hasattr(self, "fast"):
+            return
+        if how == "pickle":
+            self.fast = pickle.loads(pickle.dumps(self.fast))
+        elif how == "file":
+            buffer = io.BytesIO()
+            self.fast.save(buffer)
+            buffer.seek(0)
+            self.fast = KVCacheManager.load(buffer)
+        else:
+            self.fast = self.fast.copy()
+        self.last_seen = {}     # change stamps start anew in a rebuilt table
+
     @invariant()
     def agree(self):
         if not hasattr(self, "fast"):

@@ -147,6 +147,25 @@ class PageTableMachine(RuleBasedStateMachine):
         np.testing.assert_array_equal(indptr, ref_indptr)
         np.testing.assert_array_equal(indices, ref_indices)
 
+    @precondition(lambda self: self.pt is not None)
+    @rule(how=st.sampled_from(["pickle", "file", "copy"]))
+    def reload(self, how):
+        """Carry on with a table rebuilt from its saved state: the validated path that
+        pickles, files and copies share must keep contents and insertion order."""
+        import io
+        import pickle
+
+        if how == "pickle":
+            self.pt = pickle.loads(pickle.dumps(self.pt))
+        elif how == "file":
+            buffer = io.BytesIO()
+            self.pt.save(buffer)
+            buffer.seek(0)
+            self.pt = PageTable.load(buffer)
+        else:
+            self.pt = self.pt.copy()
+        self.seen = {}      # change stamps start anew in a rebuilt table
+
     @invariant()
     def same_contents(self):
         if self.pt is None:

@@ -691,6 +691,8 @@ class Harness:
             if cat is None or cat is RuntimeError:
                 self.diverge(f"{call_text} raised an undocumented {type(exc).__name__}: {exc!r}; "
                              f"expected: {ex.describe()}", exc)
+            if not str(exc).strip("'\" "):
+                self.diverge(f"{call_text} raised {type(exc).__name__} with no message", exc)
             if not any(isinstance(exc, t) for t in ex.errors):
                 self.diverge(f"{call_text} raised {type(exc).__name__}: {exc}; expected: {ex.describe()}", exc)
             self._inputs_unchanged(call_text, snap)
@@ -1947,9 +1949,15 @@ class Harness:
         """A copy of a manager's table or pool is an ordinary object: it can change, and
         changing it leaves the manager alone."""
         inp = self.inp
-        how = inp.pick(["copy", "copy.copy", "copy.deepcopy", "pickle"])
+        how = inp.pick(["copy", "copy.copy", "copy.deepcopy", "pickle", "save"])
+
+        def saved(o):
+            path = self._path()
+            o.save(path)
+            return (type(o).load if inp.one_in(2) else pagetable.load)(path)
+
         make = {"copy": lambda o: o.copy(), "copy.copy": copy.copy, "copy.deepcopy": copy.deepcopy,
-                "pickle": lambda o: pickle.loads(pickle.dumps(o))}[how]
+                "pickle": lambda o: pickle.loads(pickle.dumps(o)), "save": saved}[how]
         if inp.one_in(2):
             text = f"t = {how}(kv.page_table); t.append_block(2**62, 5); t.remove_sequence(...)"
             try:

@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Differential fuzz harness for pagetable's public API.
 
 ``run_one(data)`` decodes ``data`` (any bytes) into a sequence of calls and drives,

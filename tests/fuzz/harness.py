@@ -768,8 +768,10 @@ class Harness:
         inp = self.inp
         op = inp.below(26)
         known = self.seq_pool()
-        if op == 0:
+        if op == 0 and inp.one_in(4):
             self.op_new_table()
+        elif op == 0:
+            self.op_slot_mapping()
         elif op in (1, 2):
             s, b = gen_scalar(inp, known), gen_scalar(inp, [], 64) if not inp.one_in(3) else int_spelling(inp, inp.pick(EDGE_INTS))
             ex = Expect()

@@ -15,6 +15,7 @@ INT64_MAX = 2**63 - 1
 
 _INT64 = np.dtype(np.int64)
 _INT32 = np.dtype(np.int32)
+_BOOL_TYPES = {bool, np.bool_}
 
 
 def as_index(value: object, name: str) -> int:
@@ -81,6 +82,9 @@ def as_int_array(values: object, name: str, dtype: np.dtype = _INT64) -> np.ndar
     dtype = np.dtype(dtype)
     if type(values) is np.ndarray and values.dtype == dtype and values.ndim == 1:  # type: ignore[union-attr]
         return np.require(values, requirements="CA")
+    if isinstance(values, (list, tuple)) and _BOOL_TYPES & set(map(type, values)):
+        # numpy reads [True, 2] as integers; a bool is not a sequence or block id.
+        raise TypeError(f"{name} must hold integers, got a bool among them")
     try:
         array = np.asarray(values)
     except (ValueError, TypeError, OverflowError) as exc:

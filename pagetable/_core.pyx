@@ -574,9 +574,11 @@ cdef int64_t _resolve_rows(const TableView* view, const int64_t* seq_ids, int32_
     cdef row_t row = -1
     for i in range(count):
         seq_id = seq_ids[i]
+        # Checked for every entry: -1, the "no id yet" of ``current``, would pass
+        # as a repeat of it otherwise.
+        if seq_id < 0:
+            return i
         if seq_id != current:
-            if seq_id < 0:
-                return i
             current = seq_id
             row = _view_find(view, seq_id)
             if row < 0:

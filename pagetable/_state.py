@@ -103,10 +103,13 @@ def write(target: PathOrFile, arrays: dict[str, np.ndarray]) -> None:
 
 # --------------------------------------------------------------------- reading
 
-def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
+def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, file_size: int) -> np.ndarray:
     name = info.filename
     if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
         raise CorruptStateError(f"member {name!r} is compressed; pagetable files store arrays plainly")
+    if info.file_size > file_size:
+        raise CorruptStateError(
+            f"member {name!r} declares {info.file_size} bytes in a file of {file_size}")
     with archive.open(info) as member:
         data = member.read(info.file_size + 1)
     if len(data) != info.file_size:
@@ -140,10 +143,20 @@ def read(source: PathOrFile) -> dict[str, np.ndarray]:
     Only the container is checked here (members, dtypes, sizes); values are checked
     by the ``*_state`` functions below.  Every failure is a :class:`CorruptStateError`.
     """
-    if not hasattr(source, "read"):
-        source = os.fspath(source)  # type: ignore[arg-type]
+    if hasattr(source, "read"):
+        return _read_archive(source)  # type: ignore[arg-type]
+    # Opening is not reading: a missing file, a folder or a permission problem is
+    # the OSError it is, not a corrupt file.
+    with open(os.fspath(source), "rb") as f:  # type: ignore[arg-type]
+        return _read_archive(f)
+
+
+def _read_archive(f: IO[bytes]) -> dict[str, np.ndarray]:
     try:
-        with zipfile.ZipFile(source) as archive:  # type: ignore[arg-type]
+        start = f.tell()
+        file_size = f.seek(0, os.SEEK_END) - start
+        f.seek(start)
+        with zipfile.ZipFile(f) as archive:
             arrays: dict[str, np.ndarray] = {}
             for info in archive.infolist():
                 if not info.filename.endswith(".npy"):
@@ -153,19 +166,13 @@ def read(source: PathOrFile) -> dict[str, np.ndarray]:
                     raise CorruptStateError(f"unexpected member {info.filename!r}")
                 if key in arrays:
                     raise CorruptStateError(f"member {info.filename!r} appears twice")
-                arrays[key] = _read_member(archive, info)
+                arrays[key] = _read_member(archive, info, file_size)
     except CorruptStateError:
         raise
-    except FileNotFoundError:
-        raise
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, TypeError,
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError, TypeError,
             SyntaxError, KeyError, IndexError, OverflowError, UnicodeDecodeError,
-            NotImplementedError, RuntimeError) as error:
+            NotImplementedError, RuntimeError, MemoryError) as error:
         raise CorruptStateError(f"not a valid pagetable file: {type(error).__name__}: {error}") from None
-    except OSError as error:
-        if isinstance(source, str) and not os.path.exists(source):
-            raise
-        raise CorruptStateError(f"not a valid pagetable file: {error}") from None
     return arrays
 
 

@@ -144,21 +144,21 @@ class ReferenceKVCacheManager:
     def _blocks_for(self, tokens: int) -> int:
         return -(-tokens // self._block_size)
 
-    def _known(self, seq_ids: object, name: str = "seq_ids") -> list[int]:
+    def _known(self, seq_ids: object, name: str = "seq_ids", distinct: bool = False) -> list[int]:
+        """The ids, checked entry by entry in order: negative, unknown, or (when
+        ``distinct``) repeated; the first bad entry names the error."""
         ids = [int(s) for s in as_int_array(seq_ids, name)]
+        seen: set[int] = set()
         for i, s in enumerate(ids):
             if s < 0:
                 raise ValueError(f"{name}[{i}] = {s} is negative; sequence ids are 0..2**63-1")
             if s not in self._blocks:
                 raise KeyError(f"{name}[{i}] = {s} is not a sequence of this manager")
+            if distinct:
+                if s in seen:
+                    raise ValueError(f"{name}[{i}] = {s} appears more than once")
+                seen.add(s)
         return ids
-
-    def _distinct(self, ids: list[int], name: str) -> None:
-        seen: set[int] = set()
-        for i, s in enumerate(ids):
-            if s in seen:
-                raise ValueError(f"{name}[{i}] = {s} appears more than once")
-            seen.add(s)
 
     def _counts(self, num_new_tokens: object, n: int) -> list[int]:
         if isinstance(num_new_tokens, np.ndarray) and num_new_tokens.ndim == 0:
@@ -214,8 +214,7 @@ class ReferenceKVCacheManager:
         return block * self._block_size + position % self._block_size
 
     def append_tokens(self, seq_ids: object, num_new_tokens: object = 1) -> AppendResult:
-        ids = self._known(seq_ids)
-        self._distinct(ids, "seq_ids")
+        ids = self._known(seq_ids, distinct=True)
         counts = self._counts(num_new_tokens, len(ids))
         need = self._plan(ids, counts)
         if need > self._allocator.num_free:
@@ -244,8 +243,7 @@ class ReferenceKVCacheManager:
         return _result(slots, copy_src, copy_dst)
 
     def can_append(self, seq_ids: object, num_new_tokens: object = 1) -> bool:
-        ids = self._known(seq_ids)
-        self._distinct(ids, "seq_ids")
+        ids = self._known(seq_ids, distinct=True)
         counts = self._counts(num_new_tokens, len(ids))
         return self._plan(ids, counts) <= self._allocator.num_free
 
@@ -265,8 +263,7 @@ class ReferenceKVCacheManager:
     def free_sequence(self, seq_ids: object) -> None:
         if isinstance(seq_ids, (int, np.integer)) and not isinstance(seq_ids, (bool, np.bool_)):
             seq_ids = [seq_ids]
-        ids = self._known(seq_ids)
-        self._distinct(ids, "seq_ids")
+        ids = self._known(seq_ids, distinct=True)
         for s in ids:
             for b in self._blocks.pop(s):
                 self._allocator._release(b)

@@ -554,3 +554,29 @@ def test_reads_and_writes_from_many_threads_keep_the_table_whole():
     run_racing(worker, count=3)
     assert errors == []
     pt._check_invariants()
+
+
+# ----------------------------------------------------------- found by the fuzz harness
+
+@pytest.mark.parametrize("method", ["rows", "num_blocks", "block_table", "to_csr", "versions"])
+def test_minus_one_at_the_start_of_a_batch_is_refused(method):
+    """-1 was also the "no id yet" of the row resolver: a batch starting with it
+    passed as a repeat and indexed row -1 (out of bounds)."""
+    pt = PageTable(16)
+    pt.append_block(1, 2)
+    with pytest.raises(ValueError, match="seq_ids"):
+        getattr(pt, method)([-1, 1])
+    with pytest.raises(ValueError, match="seq_ids"):
+        getattr(pt, method)([-1])
+
+
+@pytest.mark.parametrize("values", [[True, 2], [1, np.bool_(False)], (2, True)])
+def test_bools_among_integers_are_refused(values):
+    """numpy reads [True, 2] as int64; a bool is no id."""
+    pt = PageTable(16)
+    pt.append_block(1, 2)
+    with pytest.raises(TypeError, match="seq_ids"):
+        pt.slot_mapping(values, [0, 0])
+    with pytest.raises(TypeError, match="block_ids"):
+        pt.append_blocks([1, 1], values)
+    assert pt.get_sequence_blocks(1).tolist() == [2]

@@ -650,14 +650,6 @@ def _snapshot_inputs(args):
     return snap
 
 
-def _raw_ints(x):
-    """The integers of an array-like argument as given, for the reproducer's comments."""
-    try:
-        return [int(v) for v in (x.tolist() if isinstance(x, np.ndarray) else x)]
-    except Exception:
-        return None
-
-
 class Harness:
     def __init__(self, inp: Input) -> None:
         self.inp = inp

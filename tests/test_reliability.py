@@ -8,6 +8,7 @@ import copy
 import pickle
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 
@@ -22,9 +23,12 @@ LINUX = sys.platform.startswith("linux")
 
 def run_child(code, timeout=120):
     """Run ``code`` in a fresh interpreter; return its stdout, failing on a crash."""
+    # Run outside the source tree: an uncompiled checkout on the path would shadow
+    # the build under test (see ``child_env``).
     result = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
         capture_output=True, text=True, timeout=timeout, env=child_env(),
+        cwd=tempfile.gettempdir(),
     )
     assert result.returncode == 0, (
         f"child exited with {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}")

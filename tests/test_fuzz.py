@@ -40,7 +40,7 @@ def test_fuzz_pseudo_random(chunk):
 def test_fuzz_corpus():
     """The seed corpus and any regression inputs saved next to it."""
     for path in sorted(CORPUS.glob("*")):
-        if path.is_file():
+        if path.is_file() and not path.name.startswith("."):
             harness.run_one(path.read_bytes())
 
 

@@ -22,6 +22,7 @@ cimport cython
 from cython.parallel cimport prange
 from libc.stdint cimport int32_t, int64_t, uint64_t
 from libc.string cimport memcpy, memmove, memcmp, memset
+from libc.stdlib cimport qsort
 
 import mmap as _mmap
 import sys
@@ -585,6 +586,12 @@ cdef int64_t _resolve_rows(const TableView* view, const int64_t* seq_ids, int32_
                 return i
         rows[i] = row
     return -1
+
+
+cdef int _compare_first(const void* a, const void* b) noexcept nogil:
+    """qsort order of (key, value) int64 pairs by key."""
+    cdef int64_t x = (<const int64_t*>a)[0], y = (<const int64_t*>b)[0]
+    return (x > y) - (x < y)
 
 
 cdef void _copy_padded(const int32_t* pool, const int64_t* starts, const int32_t* lengths,
@@ -1254,17 +1261,6 @@ cdef class PageTable:
             result = _empty(length, cnp.NPY_INT32)
         return None
 
-    cdef object _live_rows_in_order(self):
-        """Live rows as an int32 array, in insertion order (the iteration order).
-
-        Run between ``_read_begin`` and ``_read_end``: numpy may let other threads
-        run, and only the stamp says whether the rows are still those of one state.
-        """
-        seq = self._row_seq_arr[:self._rows_used]
-        live = np.flatnonzero(seq >= 0)
-        order = self._row_order_arr[:self._rows_used][live]
-        return live[np.argsort(order, kind="stable")].astype(np.int32)
-
     cdef int _capture(self, object rows_array, int64_t* seq_ids, int64_t* starts,
                       int32_t* lengths) except -1:
         """Each row's sequence id, start and length, all from one moment.
@@ -1286,45 +1282,66 @@ cdef class PageTable:
                 lengths[b] = self._row_len[row]
         return 0
 
-    cdef object _snapshot(self, bint with_blocks):
+    cdef object _snapshot(self, bint with_blocks, bint hold_gil=False):
         """``(seq_ids int64, lengths int32, blocks int32)`` of one state, in insertion order.
 
         ``blocks`` is None unless ``with_blocks``.  Copies, pickles, saved files and
-        ``sequence_ids()`` all come from here.
+        ``sequence_ids()`` all come from here.  Rows are found and ordered in C with
+        the GIL held (numpy's sort would let other threads run); only the copy of the
+        blocks runs without the GIL, on the first attempt, unless ``hold_gil``.
         """
-        cdef int64_t stamp, count, total, b, write
+        cdef int64_t stamp, count, total, b, k
         cdef int attempt
-        cdef bint consistent
+        cdef bint consistent, complete
+        cdef int64_t* pairs
+        cdef int64_t* id_data
         cdef int64_t* start_data
         cdef int32_t* length_data
         cdef int32_t* target
+        cdef row_t row
         for attempt in range(READ_ATTEMPTS):
             stamp = self._read_begin()
             try:
-                rows = self._live_rows_in_order()
-                count = cnp.PyArray_DIM(<cnp.ndarray>rows, 0)
+                count = self._num_sequences
+                order = _empty(2 * count, cnp.NPY_INT64)     # (insertion stamp, row) pairs
                 seq_ids = _empty(count, cnp.NPY_INT64)
                 lengths = _empty(count, cnp.NPY_INT32)
                 starts = _empty(count, cnp.NPY_INT64)
+                pairs = _i64(order)
+                id_data = _i64(seq_ids)
                 start_data = _i64(starts)
                 length_data = _i32(lengths)
-                self._capture(rows, _i64(seq_ids), start_data, length_data)
                 blocks = None
-                if with_blocks:
+                # One C section: which rows are live, in what order, where and how long.
+                k = 0
+                for row in range(self._rows_used):
+                    if self._row_seq[row] >= 0 and k < count:
+                        pairs[2 * k] = self._row_order[row]
+                        pairs[2 * k + 1] = row
+                        k += 1
+                complete = k == count and count == self._num_sequences
+                if complete:
+                    if count > 1:
+                        qsort(pairs, <size_t>count, 2 * sizeof(int64_t), _compare_first)
                     total = 0
                     for b in range(count):
+                        row = <row_t>pairs[2 * b + 1]
+                        id_data[b] = self._row_seq[row]
+                        start_data[b] = self._row_start[row]
+                        length_data[b] = self._row_len[row]
                         total += length_data[b]
-                    blocks = _empty(total, cnp.NPY_INT32)
-                    target = _i32(blocks)
-                    if attempt == 0:
-                        with nogil:
+                    if with_blocks:
+                        blocks = _empty(total, cnp.NPY_INT32)
+                        target = _i32(blocks)
+                        if attempt == 0 and not hold_gil:
+                            with nogil:
+                                _copy_packed(self._pool, start_data, length_data, count, target)
+                        else:
+                            # Read again with the GIL held: no change can run meanwhile.
                             _copy_packed(self._pool, start_data, length_data, count, target)
-                    else:
-                        # Read again with the GIL held: no change can run meanwhile.
-                        _copy_packed(self._pool, start_data, length_data, count, target)
             finally:
                 consistent = self._read_end(stamp)
-            if consistent:
+            if consistent and complete:
                 return seq_ids, lengths, blocks
         raise RuntimeError(_READ_KEPT_CHANGING)
 
@@ -1439,9 +1456,11 @@ cdef class PageTable:
             ``i * block_size .. (i + 1) * block_size - 1``.  Changing it does not
             change the table, and later changes to the table do not show in it.
         """
-        cdef row_t row = self._find_row(_seq_arg(sequence_id))
+        cdef seq_id_t seq_id = _seq_arg(sequence_id)
+        cdef row_t row
         if self._writing:
-            raise RuntimeError(_READ_DURING_CHANGE)
+            _wait_while_set(&self._writing, _READ_DURING_CHANGE)
+        row = self._find_row(seq_id)
         if row < 0:
             return None
         return self._row_array(row)

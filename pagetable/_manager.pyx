@@ -614,9 +614,11 @@ cdef class KVCacheManager:
         frees mapped memory), so the manager, its table and its allocator are all
         marked busy for its duration; their changing calls raise meanwhile.
         """
-        self._check_untampered()
+        # Another thread's change first: mid-change, the manager's arrays may lag its
+        # table, which the tamper check below must not take for tampering.
         if self._writing or self._table._writing or self._allocator._writing:
             raise RuntimeError(_CONCURRENT_WRITE)
+        self._check_untampered()
         self._writing = 1
         self._table._writing = 1
         self._allocator._writing = 1
@@ -649,9 +651,9 @@ cdef class KVCacheManager:
         ``_read_current`` that no change began or ended meanwhile before it copies
         anything, with nothing in between that could let another thread run.
         """
-        self._check_untampered()
         if self._writing:
             _wait_while_set(&self._writing, _READ_DURING_CHANGE)
+        self._check_untampered()
         return self._epoch
 
     cdef bint _read_current(self, int64_t epoch) noexcept:
@@ -931,9 +933,11 @@ cdef class KVCacheManager:
         cdef block_id_t* block_data = <block_id_t*>cnp.PyArray_DATA(blocks)
         cdef const block_id_t* data
         cdef int64_t p
+        # Room for the new row's count first, so that the manager's arrays never lag
+        # its table, even while this change lets other threads run.
+        self._ensure_rows(self._table._rows_used)
         cdef row_t row = self._table._get_or_create_row(seq)
         try:
-            self._ensure_rows(row)
             self._table._reserve_row(row, _with_room_to_grow(need))
         except BaseException:
             self._table._drop_row(row)
@@ -1075,11 +1079,11 @@ cdef class KVCacheManager:
             raise KeyError(f"parent_id = {parent} is not a sequence of this manager")
         if self._table._find_row(child) >= 0:
             raise ValueError(f"child_id = {child} already exists")
+        self._ensure_rows(self._table._rows_used)      # see _add_sequence
         cdef row_t child_row = self._table._get_or_create_row(child)
         cdef row_t parent_row = self._table._find_row(parent)
         cdef int32_t length = self._table._row_length(parent_row)
         try:
-            self._ensure_rows(child_row)
             self._table._reserve_row(child_row, _with_room_to_grow(length))
         except BaseException:
             self._table._drop_row(child_row)
@@ -1241,14 +1245,17 @@ cdef class KVCacheManager:
         cdef int64_t* token_data
         cdef const int64_t* id_data
         cdef row_t row
+        cdef Py_ssize_t num_free
+        cdef int32_t num_blocks = self._allocator._num_blocks
         for attempt in range(READ_ATTEMPTS):
             epoch = self._read_begin()
-            state = self._table._state()
-            state["kind"] = np.array("KVCacheManager")
-            self._allocator._fill_state(state)
-            seq_ids = state["seq_ids"]
+            # Capture first, all in C (after the first attempt with the GIL held
+            # throughout); the dict is built only from a capture of one moment.
+            seq_ids, lengths, blocks = self._table._snapshot(True, attempt > 0)
             count = cnp.PyArray_DIM(seq_ids, 0)
             tokens = _empty(count, cnp.NPY_INT64)
+            refcount = _empty(num_blocks, cnp.NPY_INT32)
+            free_stack = _empty(num_blocks, cnp.NPY_INT32)
             if not self._read_current(epoch):
                 continue
             # From here on nothing can let another thread run.
@@ -1257,6 +1264,19 @@ cdef class KVCacheManager:
             for i in range(count):
                 row = self._table._find_row(id_data[i])
                 token_data[i] = self._row_tokens[row] if row >= 0 else -1
+            num_free = self._allocator._num_free
+            memcpy(cnp.PyArray_DATA(refcount), &self._allocator._refcount[0],
+                   <size_t>num_blocks * sizeof(int32_t))
+            memcpy(cnp.PyArray_DATA(free_stack), &self._allocator._free_stack[0],
+                   <size_t>num_free * sizeof(int32_t))
+            state = _state.header("KVCacheManager")
+            state["block_size"] = np.array(self._block_size, dtype=np.int64)
+            state["seq_ids"] = seq_ids
+            state["lengths"] = lengths
+            state["blocks"] = blocks
+            state["num_blocks"] = np.array(num_blocks, dtype=np.int64)
+            state["refcount"] = refcount
+            state["free_stack"] = free_stack[:num_free]
             state["tokens"] = tokens
             return state
         raise RuntimeError(_READ_KEPT_CHANGING)

@@ -70,3 +70,10 @@ def run_racing(worker, count=3):
     finally:
         sys.setswitchinterval(old_interval)
 
+
+# Hypothesis profiles: "default" is hypothesis's own; HYPOTHESIS_PROFILE=thorough runs
+# many more examples with no deadline (tests that pass their own settings keep them).
+from hypothesis import settings as _hypothesis_settings  # noqa: E402
+
+_hypothesis_settings.register_profile("thorough", max_examples=5000, deadline=None)
+_hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))

@@ -17,7 +17,8 @@ def python_blocks():
 
 @pytest.mark.skipif(not README.exists(), reason="README.md not shipped with this install")
 @pytest.mark.parametrize("index", range(len(python_blocks())))
-def test_readme_example_runs(index):
+def test_readme_example_runs(index, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)        # examples that save files write them here
     namespace = {}
     exec(compile(python_blocks()[index], f"README.md[python block {index}]", "exec"), namespace)
 

@@ -126,8 +126,7 @@ cdef class PageTable:
     cdef int _release_tail_pages(self) except -1
     cdef row_t _row_or_raise(self, seq_id_t seq_id, str name) except -1
     cdef object _row_array(self, row_t row)
-    cdef int _capture(self, object rows_array, int64_t* seq_ids, int64_t* starts,
-                      int32_t* lengths) except -1
+    cdef int _capture(self, object rows_array, int64_t* starts, int32_t* lengths) except -1
     cdef object _snapshot(self, bint with_blocks, bint hold_gil=*)
     cdef int64_t _resolve(self, object seq_array, object rows_array, bint release) except -2
     cdef void _versions_into(self, const int64_t* seqs, int64_t count, int64_t* version_out,

@@ -1261,11 +1261,10 @@ cdef class PageTable:
             result = _empty(length, cnp.NPY_INT32)
         return None
 
-    cdef int _capture(self, object rows_array, int64_t* seq_ids, int64_t* starts,
-                      int32_t* lengths) except -1:
-        """Each row's sequence id, start and length, all from one moment.
+    cdef int _capture(self, object rows_array, int64_t* starts, int32_t* lengths) except -1:
+        """Each row's start and length, all from one moment.
 
-        A plain C loop holding the GIL: no other thread runs in it.  Any output may
+        A plain C loop holding the GIL: no other thread runs in it.  ``starts`` may
         be NULL.  What it captured stays inside the pool until ``_read_end``, since
         the pool does not shrink or move while a read is in flight.
         """
@@ -1274,12 +1273,9 @@ cdef class PageTable:
         cdef row_t row
         for b in range(count):
             row = rows[b]
-            if seq_ids != NULL:
-                seq_ids[b] = self._row_seq[row]
             if starts != NULL:
                 starts[b] = self._row_start[row]
-            if lengths != NULL:
-                lengths[b] = self._row_len[row]
+            lengths[b] = self._row_len[row]
         return 0
 
     cdef object _snapshot(self, bint with_blocks, bint hold_gil=False):
@@ -1891,7 +1887,7 @@ cdef class PageTable:
             try:
                 bad = self._resolve(seq_array, rows, attempt == 0)
                 if bad < 0:
-                    self._capture(rows, NULL, NULL, _i32(lengths))
+                    self._capture(rows, NULL, _i32(lengths))
             finally:
                 consistent = self._read_end(stamp)
             if consistent:
@@ -2156,7 +2152,7 @@ cdef class PageTable:
                 bad = self._resolve(seq_array, rows, attempt == 0)
                 if bad < 0:
                     # Sizes and sources from one moment; the copy below uses only these.
-                    self._capture(rows, NULL, start_data, lengths)
+                    self._capture(rows, start_data, lengths)
                     width = 0
                     for b in range(count):
                         width = max(width, <int64_t>lengths[b])
@@ -2225,7 +2221,7 @@ cdef class PageTable:
                 bad = self._resolve(seq_array, rows, attempt == 0)
                 if bad < 0:
                     # Sizes and sources from one moment; the copy below uses only these.
-                    self._capture(rows, NULL, start_data, length_data)
+                    self._capture(rows, start_data, length_data)
                     total = 0
                     for b in range(count):
                         total += length_data[b]

@@ -219,23 +219,27 @@ cdef class BlockAllocator:
     # -- state ------------------------------------------------------------------------
     def _state(self):
         """The allocator's state dict (plain arrays; see ``pagetable._state``)."""
-        state = _state.header("BlockAllocator")
-        self._fill_state(state)
-        return state
-
-    cdef int _fill_state(self, dict state) except -1:
-        cdef Py_ssize_t num_free
         refcount = _empty(self._num_blocks, cnp.NPY_INT32)
         free_stack = _empty(self._num_blocks, cnp.NPY_INT32)
-        # One C section with nothing in it that could let another thread run: the
-        # counts, the stack and its height are all of one moment.
-        num_free = self._num_free
-        memcpy(cnp.PyArray_DATA(refcount), &self._refcount[0], <size_t>self._num_blocks * sizeof(int32_t))
-        memcpy(cnp.PyArray_DATA(free_stack), &self._free_stack[0], <size_t>num_free * sizeof(int32_t))
+        cdef Py_ssize_t num_free = self._capture(refcount, free_stack)
+        state = _state.header("BlockAllocator")
         state["num_blocks"] = np.array(self._num_blocks, dtype=np.int64)
         state["refcount"] = refcount
         state["free_stack"] = free_stack[:num_free]
-        return 0
+        return state
+
+    cdef Py_ssize_t _capture(self, object refcount, object free_stack) noexcept:
+        """Copy the counts and the stack into arrays of ``num_blocks`` int32; return its height.
+
+        One C section with nothing in it that could let another thread run: the
+        counts, the stack and its height are all of one moment.
+        """
+        cdef Py_ssize_t num_free = self._num_free
+        memcpy(cnp.PyArray_DATA(<cnp.ndarray>refcount), &self._refcount[0],
+               <size_t>self._num_blocks * sizeof(int32_t))
+        memcpy(cnp.PyArray_DATA(<cnp.ndarray>free_stack), &self._free_stack[0],
+               <size_t>num_free * sizeof(int32_t))
+        return num_free
 
     @staticmethod
     def _from_state(state):
@@ -1264,11 +1268,7 @@ cdef class KVCacheManager:
             for i in range(count):
                 row = self._table._find_row(id_data[i])
                 token_data[i] = self._row_tokens[row] if row >= 0 else -1
-            num_free = self._allocator._num_free
-            memcpy(cnp.PyArray_DATA(refcount), &self._allocator._refcount[0],
-                   <size_t>num_blocks * sizeof(int32_t))
-            memcpy(cnp.PyArray_DATA(free_stack), &self._allocator._free_stack[0],
-                   <size_t>num_free * sizeof(int32_t))
+            num_free = self._allocator._capture(refcount, free_stack)
             state = _state.header("KVCacheManager")
             state["block_size"] = np.array(self._block_size, dtype=np.int64)
             state["seq_ids"] = seq_ids

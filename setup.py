@@ -1,4 +1,4 @@
-"""Build script: cythonizes every ``pagetable/*.pyx`` with one set of directives.
+"""Build script: the compiled modules of pagetable, with one set of directives.
 
 Set ``PAGETABLE_DEBUG=1`` to build with bounds and initialisation checks back on
 (useful when chasing an indexing bug; slower).  OpenMP is used where the compiler
@@ -7,7 +7,6 @@ it off explicitly.
 """
 
 import os
-import glob
 import platform
 import shutil
 import subprocess
@@ -20,6 +19,19 @@ from setuptools import Extension, setup
 
 DEBUG = os.environ.get("PAGETABLE_DEBUG", "0") not in ("", "0")
 
+# Every compiled module, in the order they depend on each other.  Each .pyx has a
+# .pxd beside it declaring what other modules may cimport (see the README's layout).
+MODULES = [
+    "pagetable._accept",      # the acceptance layer: every argument check
+    "pagetable._buffers",     # anonymous mappings and the arrays on them
+    "pagetable._persist",     # save / load / copy / pickle, once for every class
+    "pagetable._table",       # PageTable (with _idmap, _rows, _table_kernels .pxd)
+    "pagetable._allocator",   # BlockAllocator
+    "pagetable._results",     # AppendResult and OutOfBlocksError
+    "pagetable._registry",    # the manager's record of its sequences
+    "pagetable._manager",     # KVCacheManager
+]
+
 DIRECTIVES = {
     "language_level": 3,
     "boundscheck": DEBUG,
@@ -31,6 +43,11 @@ DIRECTIVES = {
     # Cython's automatic pickling of cdef classes restores C fields from whatever
     # tuple it is handed; every class pickles through its validated state instead.
     "auto_pickle": False,
+    # Not free-threading compatible, on purpose: the thread-safety contract (a change
+    # holds the GIL except while the OS maps memory; readers detect overlapping
+    # changes by a stamp) relies on the GIL.  Importing a module under a
+    # free-threaded interpreter therefore turns the GIL back on, with a warning.
+    "freethreading_compatible": False,
 }
 
 
@@ -86,20 +103,18 @@ EXTRA_COMPILE = ["-O3"] + _branch_alignment_flags() if sys.platform != "win32" e
 if DEBUG and sys.platform != "win32":
     EXTRA_COMPILE = ["-O1", "-g"]
 
-extensions = []
-for pyx in sorted(glob.glob(os.path.join("pagetable", "*.pyx"))):
-    name = "pagetable." + os.path.splitext(os.path.basename(pyx))[0]
-    extensions.append(
-        Extension(
-            name,
-            [pyx],
-            include_dirs=[np.get_include()],
-            define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"),
-                           ("PAGETABLE_DEBUG_BUILD", "1" if DEBUG else "0")],
-            extra_compile_args=EXTRA_COMPILE + OMP_COMPILE,
-            extra_link_args=OMP_LINK,
-        )
+extensions = [
+    Extension(
+        name,
+        [name.replace(".", os.sep) + ".pyx"],
+        include_dirs=[np.get_include()],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"),
+                       ("PAGETABLE_DEBUG_BUILD", "1" if DEBUG else "0")],
+        extra_compile_args=EXTRA_COMPILE + OMP_COMPILE,
+        extra_link_args=OMP_LINK,
     )
+    for name in MODULES
+]
 
 setup(
     ext_modules=cythonize(

@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from pagetable._manager import KVCacheManager
+from pagetable import KVCacheManager
 from pagetable.reference_manager import ReferenceKVCacheManager
 
 MANAGERS = {"pagetable": KVCacheManager, "reference": ReferenceKVCacheManager}

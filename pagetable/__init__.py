@@ -13,8 +13,10 @@ The GPU path lives in :mod:`pagetable.gpu` and needs CuPy; importing this packag
 never imports CuPy.
 """
 
-from pagetable._core import MAX_BLOCK_SIZE, PAD_SLOT_ID, PageTable
-from pagetable._manager import AppendResult, BlockAllocator, KVCacheManager, OutOfBlocksError
+from pagetable._table import MAX_BLOCK_SIZE, PAD_SLOT_ID, PageTable
+from pagetable._allocator import BlockAllocator
+from pagetable._results import AppendResult, OutOfBlocksError
+from pagetable._manager import KVCacheManager
 from pagetable._state import CorruptStateError, load
 
 __version__ = "0.1.0"

@@ -1,11 +1,11 @@
-"""The one acceptance layer for array arguments (see ``_accept.pxd``)."""
+"""The one acceptance layer for arguments (see ``_accept.pxd``)."""
 
 cimport numpy as cnp
 from libc.stdint cimport uintptr_t
 
 import numpy as np
 
-from pagetable._convert import as_int_array, check_output
+from pagetable._convert import as_index, as_int_array, check_output, check_range
 
 cnp.import_array()
 
@@ -19,13 +19,18 @@ cdef object int_vector(object values, str name, int typenum):
     return as_int_array(values, name, _INT64 if typenum == cnp.NPY_INT64 else _INT32)
 
 
-cdef int check_output_vector(object out, Py_ssize_t n, int typenum) except -1:
+cdef object output_vector(object out, Py_ssize_t n, int typenum):
     if is_output_vector(out, n, typenum):
-        return 0
+        return out
     # Raises with the precise reason; a subclass of ndarray that is otherwise right
-    # passes.
-    check_output(out, (n,), _INT64 if typenum == cnp.NPY_INT64 else _INT32)
-    return 0
+    # passes, and so does a writeable CPU tensor (viewed through DLPack).
+    return check_output(out, (n,), _INT64 if typenum == cnp.NPY_INT64 else _INT32)
+
+
+cdef int64_t int_arg_slow(object value, str name, int64_t high) except? -2:
+    value = as_index(value, name)
+    check_range(value, 0, high, name)
+    return value
 
 
 cdef bint shares_memory(object a, object b) noexcept:

@@ -81,7 +81,7 @@ def as_int_array(values: object, name: str, dtype: np.dtype = _INT64) -> np.ndar
     """
     dtype = np.dtype(dtype)
     if type(values) is np.ndarray and values.dtype == dtype and values.ndim == 1:  # type: ignore[union-attr]
-        return np.require(values, requirements="CA")
+        return np.require(values, requirements=["C", "A"])
     if isinstance(values, (list, tuple)) and _BOOL_TYPES & set(map(type, values)):
         # numpy reads [True, 2] as integers; a bool is not a sequence or block id.
         raise TypeError(f"{name} must hold integers, got a bool among them")
@@ -100,7 +100,7 @@ def as_int_array(values: object, name: str, dtype: np.dtype = _INT64) -> np.ndar
             raise _not_integers(array, name)
         array = exact
     if array.dtype == dtype:
-        return np.require(array, requirements="CA")
+        return np.require(array, requirements=["C", "A"])
     info = np.iinfo(dtype)
     src = np.iinfo(array.dtype)
     if array.size and (src.max > info.max or src.min < info.min):
@@ -110,17 +110,46 @@ def as_int_array(values: object, name: str, dtype: np.dtype = _INT64) -> np.ndar
             raise OverflowError(f"{name} holds {high}, which does not fit in {dtype}")
         if low < info.min:
             raise OverflowError(f"{name} holds {low}, which does not fit in {dtype}")
-    return np.require(array.astype(dtype), requirements="CA")
+    return np.require(array.astype(dtype), requirements=["C", "A"])
+
+
+def _view_without_copy(out: object, name: str) -> np.ndarray:
+    """A numpy view of a writeable buffer that is not an ndarray, or ``TypeError``.
+
+    DLPack (``__dlpack__``: CPU torch tensors, CuPy's host arrays, JAX) is tried
+    first, then the buffer protocol and ``__array_interface__``; each shares the
+    caller's memory by construction, so writes through the view reach ``out``.
+    """
+    if hasattr(out, "__dlpack__"):
+        try:
+            return np.from_dlpack(out)
+        except (TypeError, ValueError, RuntimeError, BufferError) as exc:
+            raise TypeError(
+                f"{name} ({type(out).__name__}) cannot be written in place from the host: {exc}"
+            ) from None
+    if hasattr(out, "__array_interface__") or isinstance(out, (memoryview, bytearray)):
+        return np.asarray(out)
+    try:
+        memoryview(out)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(
+            f"{name} must be a numpy.ndarray or a writeable buffer (DLPack, buffer protocol), "
+            f"got {type(out).__name__}"
+        ) from None
+    return np.asarray(out)
 
 
 def check_output(out: object, shape: tuple[int, ...], dtype: np.dtype, name: str = "out") -> np.ndarray:
-    """Validate a caller-supplied output buffer.
+    """Validate a caller-supplied output buffer; return it as an ndarray sharing its memory.
 
-    It must be a numpy.ndarray of exactly ``dtype`` in native byte order, of ``shape``
-    (``-1`` matches any length), C-contiguous, aligned and writeable.
+    It must be of exactly ``dtype`` in native byte order, of ``shape`` (``-1``
+    matches any length), C-contiguous, aligned and writeable.  A numpy.ndarray is
+    returned as it is; a tensor or buffer object that is not one (a CPU
+    ``torch.Tensor``, a ``memoryview``) is viewed without a copy.
     """
     if not isinstance(out, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
+        out = _view_without_copy(out, name)
+    assert isinstance(out, np.ndarray)
     if out.dtype != dtype:
         raise TypeError(f"{name} must have dtype {np.dtype(dtype)} in native byte order, got {out.dtype.str}")
     if out.ndim != len(shape):

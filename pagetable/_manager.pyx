@@ -1,19 +1,9 @@
-# cython: auto_pickle = False
-"""Block allocator and KV-cache manager over the Cython PageTable.
+"""The KV-cache manager: a PageTable, a BlockAllocator and a record of its sequences.
 
 No Python object exists per block or per sequence: the allocator is two int32 arrays
-(reference counts and a free stack) and the manager keeps each sequence's token count
-in an int32 array indexed by the PageTable's internal row, so a decode step for
-thousands of sequences is a few passes over contiguous arrays.
-
-Reuse order
------------
-Free blocks form a LIFO stack: the most recently freed block is handed out first, and
-a fresh allocator hands out 0, 1, 2, ... .  LIFO keeps the set of block ids in use
-compact (lightly loaded engines touch a small, low region of the KV pool, which is
-kinder to the GPU's TLB and L2 than ids spread over the whole pool), its push and pop
-are O(1) with no per-block objects, and it is deterministic, which the reference model
-and the simulation's side-by-side check rely on.
+(reference counts and a free stack), and the manager's sequence registry keeps each
+sequence's token count and table row in arrays indexed by the registry's own slots,
+so a decode step for thousands of sequences is a few passes over contiguous arrays.
 
 Copy-on-write
 -------------
@@ -28,19 +18,25 @@ writes in place.
 
 cimport cython
 cimport numpy as cnp
-from libc.stdint cimport int32_t, int64_t
+from libc.stdint cimport int32_t, int64_t, INT32_MAX, INT64_MAX
 from libc.string cimport memcpy
 
 from pagetable._types cimport block_id_t, seq_id_t, slot_t, row_t, PAD
-from pagetable._core cimport PageTable, _wait_while_set
-from pagetable._accept cimport int_vector
+from pagetable._accept cimport int_vector, seq_arg
+from pagetable._allocator cimport BlockAllocator, allocator_from_arrays
+from pagetable._buffers cimport empty
+from pagetable._persist cimport Persistent
+from pagetable._registry cimport SequenceRegistry
+from pagetable._results cimport AppendResult, new_result
+from pagetable._table cimport PageTable, wait_while_set
 
 import operator
 
 import numpy as np
 
 from pagetable import _state
-from pagetable._convert import INT64_MAX, as_index, as_int_array, check_range
+from pagetable._convert import as_index, check_range
+from pagetable._results import OutOfBlocksError
 
 _CONCURRENT_WRITE = (
     "another thread is changing this KVCacheManager (or its table or allocator) right "
@@ -51,16 +47,11 @@ _READ_DURING_CHANGE = (
 _READ_KEPT_CHANGING = (
     "this KVCacheManager kept changing in another thread while it was being read; "
     "hold a lock around changes and reads")
-_OWNED_ALLOCATOR = (
-    "this BlockAllocator belongs to a KVCacheManager: allocate and free through the "
-    "manager (or work on a copy)")
 _TAMPERED = (
     "the manager's table or allocator was changed from outside the manager; "
     "its state can no longer be trusted")
 
 cnp.import_array()
-
-BLOCK_ID_LIMIT = 2**31 - 1   # largest int32: block ids and token counts are int32
 
 # Error codes reported by the nogil planning kernel; the caller raises with the GIL.
 cdef enum:
@@ -71,405 +62,6 @@ cdef enum:
     # A read that overlapped a change from another thread is run again, up to this
     # many times in all, before it gives up with RuntimeError.
     READ_ATTEMPTS = 4
-
-
-class OutOfBlocksError(RuntimeError):
-    """The pool has fewer free blocks than a call needs; the call changed nothing.
-
-    A ``RuntimeError`` rather than a ``MemoryError``: running out of KV blocks is the
-    normal back-pressure signal an engine's scheduler handles (by preempting), not a
-    failure of host memory, and catching ``MemoryError`` must not swallow it.
-
-    Attributes
-    ----------
-    requested : int
-        Blocks the call needed.
-    available : int
-        Blocks that were free.
-    """
-
-    def __init__(self, requested, available):
-        super().__init__(f"need {requested} free blocks, only {available} available")
-        self.requested = requested
-        self.available = available
-
-    def __reduce__(self):
-        return (type(self), (self.requested, self.available))
-
-
-@cython.final
-cdef class AppendResult:
-    """What an engine needs after a growth call.
-
-    Attributes
-    ----------
-    slots : numpy.ndarray of int64
-        The cache slot (``block_id * block_size + offset``) of every new token,
-        sequence by sequence in input order: the K/V write kernel's slot mapping.
-    copy_src, copy_dst : numpy.ndarray of int32
-        Copy-on-write block copies to perform before writing, pairwise.
-    """
-
-    cdef readonly object slots
-    cdef readonly object copy_src
-    cdef readonly object copy_dst
-
-    def __init__(self, slots, copy_src, copy_dst):
-        slots = as_int_array(slots, "slots")
-        copy_src = as_int_array(copy_src, "copy_src", np.dtype(np.int32))
-        copy_dst = as_int_array(copy_dst, "copy_dst", np.dtype(np.int32))
-        if copy_src.shape[0] != copy_dst.shape[0]:
-            raise ValueError(
-                f"copy_src and copy_dst must have the same length, "
-                f"got {copy_src.shape[0]} and {copy_dst.shape[0]}")
-        self.slots = slots
-        self.copy_src = copy_src
-        self.copy_dst = copy_dst
-
-    def __repr__(self):
-        return (f"AppendResult(slots={self.slots!r}, copy_src={self.copy_src!r}, "
-                f"copy_dst={self.copy_dst!r})")
-
-    def __eq__(self, other):
-        if not isinstance(other, AppendResult):
-            return NotImplemented
-        return (np.array_equal(self.slots, other.slots)
-                and np.array_equal(self.copy_src, other.copy_src)
-                and np.array_equal(self.copy_dst, other.copy_dst))
-
-    __hash__ = None
-
-    def __reduce__(self):
-        # Through __init__, which checks what it is given.
-        return (AppendResult, (self.slots, self.copy_src, self.copy_dst))
-
-
-cdef AppendResult _new_result():
-    """An empty AppendResult, made before a change so that making it cannot fail after."""
-    cdef AppendResult result = AppendResult.__new__(AppendResult)
-    result.slots = _EMPTY_INT64
-    result.copy_src = _EMPTY_INT32
-    result.copy_dst = _EMPTY_INT32
-    return result
-
-
-cdef object _EMPTY_INT32 = np.empty(0, dtype=np.int32)
-_EMPTY_INT32.flags.writeable = False
-cdef object _EMPTY_INT64 = np.empty(0, dtype=np.int64)
-_EMPTY_INT64.flags.writeable = False
-
-
-@cython.final
-cdef class BlockAllocator:
-    """Reference-counted pool of physical KV-cache blocks ``0 .. num_blocks - 1``.
-
-    Parameters
-    ----------
-    num_blocks : int
-        Size of the pool, 1 .. 2**31 - 1.
-
-    Notes
-    -----
-    Free blocks are a LIFO stack: the most recently freed block is handed out first
-    (a fresh pool hands out 0, 1, 2, ...).  See the module docstring for why.
-    """
-
-    cdef:
-        int32_t _num_blocks
-        int32_t _num_free
-        object _refcount_arr      # int32 [num_blocks]
-        object _free_stack_arr    # int32 [num_blocks]; entries 0 .. _num_free - 1 are free
-        object _pending_arr       # int32 [num_blocks]; scratch for planning, all zero between calls
-        int32_t[::1] _refcount
-        int32_t[::1] _free_stack
-        int32_t[::1] _pending
-        int32_t _writing          # set while a KVCacheManager change is in progress
-        int32_t _owned            # set while a KVCacheManager owns the pool
-
-    def __init__(self, num_blocks):
-        # Set-up happens in __cinit__, which runs even when __init__ is skipped,
-        # so that no instance ever has unset arrays.
-        pass
-
-    def __cinit__(self, num_blocks, *args, **kwargs):
-        num_blocks = check_range(as_index(num_blocks, "num_blocks"), 1, BLOCK_ID_LIMIT, "num_blocks")
-        self._num_blocks = num_blocks
-        self._refcount_arr = np.zeros(num_blocks, dtype=np.int32)
-        # Top of the stack is the last entry, so block 0 is handed out first.
-        self._free_stack_arr = np.arange(num_blocks - 1, -1, -1, dtype=np.int32)
-        self._pending_arr = np.zeros(num_blocks, dtype=np.int32)
-        self._refcount = self._refcount_arr
-        self._free_stack = self._free_stack_arr
-        self._pending = self._pending_arr
-        self._num_free = num_blocks
-        self._writing = 0
-        self._owned = 0
-
-    cdef int _check_writable(self) except -1:
-        if self._owned:
-            raise RuntimeError(_OWNED_ALLOCATOR)
-        if self._writing:
-            raise RuntimeError(_CONCURRENT_WRITE)
-        return 0
-
-    def _set_owned(self, owned):
-        """Private: mark the pool owned by a manager, or not (tests corrupt it this way)."""
-        self._owned = 1 if owned else 0
-
-    # -- state ------------------------------------------------------------------------
-    def _state(self):
-        """The allocator's state dict (plain arrays; see ``pagetable._state``)."""
-        refcount = _empty(self._num_blocks, cnp.NPY_INT32)
-        free_stack = _empty(self._num_blocks, cnp.NPY_INT32)
-        cdef Py_ssize_t num_free = self._capture(refcount, free_stack)
-        state = _state.header("BlockAllocator")
-        state["num_blocks"] = np.array(self._num_blocks, dtype=np.int64)
-        state["refcount"] = refcount
-        state["free_stack"] = free_stack[:num_free]
-        return state
-
-    cdef Py_ssize_t _capture(self, object refcount, object free_stack) noexcept:
-        """Copy the counts and the stack into arrays of ``num_blocks`` int32; return its height.
-
-        One C section with nothing in it that could let another thread run: the
-        counts, the stack and its height are all of one moment.
-        """
-        cdef Py_ssize_t num_free = self._num_free
-        memcpy(cnp.PyArray_DATA(<cnp.ndarray>refcount), &self._refcount[0],
-               <size_t>self._num_blocks * sizeof(int32_t))
-        memcpy(cnp.PyArray_DATA(<cnp.ndarray>free_stack), &self._free_stack[0],
-               <size_t>num_free * sizeof(int32_t))
-        return num_free
-
-    @staticmethod
-    def _from_state(state):
-        """An allocator built from a state dict; ``CorruptStateError`` if it is not valid."""
-        _state.check_kind(state, "BlockAllocator")
-        num_blocks, refcount, free_stack = _state.allocator_state(state)
-        return _allocator_from_arrays(num_blocks, refcount, free_stack)
-
-    def save(self, path):
-        """Save the pool (reference counts and free stack) to a file; see :meth:`load`."""
-        _state.write(path, self._state())
-
-    @classmethod
-    def load(cls, path):
-        """Load a pool saved by :meth:`save`; ``CorruptStateError`` for a bad file."""
-        return BlockAllocator._from_state(_state.read(path))
-
-    def copy(self):
-        """An independent copy (same counts, same free order), never owned by a manager."""
-        return BlockAllocator._from_state(self._state())
-
-    def __copy__(self):
-        return self.copy()
-
-    def __deepcopy__(self, memo):
-        return self.copy()
-
-    def __reduce__(self):
-        return (_restore_allocator, (self._state(),))
-
-    def __eq__(self, other):
-        if not isinstance(other, BlockAllocator):
-            return NotImplemented
-        return (self.num_blocks == other.num_blocks and self.num_free == other.num_free
-                and np.array_equal(self._refcounts(), other._refcounts())
-                and np.array_equal(self._free_blocks(), other._free_blocks()))
-
-    __hash__ = None
-
-    @property
-    def num_blocks(self):
-        """Size of the pool."""
-        return self._num_blocks
-
-    @property
-    def num_free(self):
-        """Blocks currently free."""
-        return self._num_free
-
-    def __repr__(self):
-        return f"BlockAllocator(num_blocks={self._num_blocks}, num_free={self._num_free})"
-
-    # -- C level --------------------------------------------------------------------
-    cdef void _take(self, int64_t n, block_id_t* out) noexcept nogil:
-        """Pop ``n`` blocks (the caller checked ``n <= _num_free``) with refcount 1."""
-        cdef int64_t i
-        cdef block_id_t block
-        for i in range(n):
-            self._num_free -= 1
-            block = self._free_stack[self._num_free]
-            self._refcount[block] = 1
-            out[i] = block
-
-    cdef void _release(self, const block_id_t* blocks, int64_t n) noexcept nogil:
-        """Drop one reference from each block (the caller checked they are held)."""
-        cdef int64_t i
-        cdef block_id_t block
-        for i in range(n):
-            block = blocks[i]
-            self._refcount[block] -= 1
-            # The bound holds whenever counts match the table; it keeps a pool that
-            # was tampered with from writing past its stack.
-            if self._refcount[block] == 0 and self._num_free < self._num_blocks:
-                self._free_stack[self._num_free] = block
-                self._num_free += 1
-
-    cdef void _retain(self, const block_id_t* blocks, int64_t n) noexcept nogil:
-        cdef int64_t i
-        for i in range(n):
-            self._refcount[blocks[i]] += 1
-
-    cdef int64_t _check_ids(self, const int64_t[::1] ids) noexcept nogil:
-        """Index of the first id outside the pool, or -1."""
-        cdef Py_ssize_t i
-        for i in range(ids.shape[0]):
-            if ids[i] < 0 or ids[i] >= self._num_blocks:
-                return i
-        return -1
-
-    cdef object _block_ids(self, block_ids):
-        ids = int_vector(block_ids, "block_ids", cnp.NPY_INT64)
-        cdef int64_t bad = self._check_ids(ids)
-        if bad >= 0:
-            raise ValueError(
-                f"block_ids[{bad}] = {ids[bad]} is out of range 0..{self._num_blocks - 1}")
-        return ids
-
-    # -- Python API -----------------------------------------------------------------
-    def allocate(self, n):
-        """Take ``n`` distinct free blocks, each with reference count 1.
-
-        Parameters
-        ----------
-        n : int
-            Number of blocks, >= 0.
-
-        Returns
-        -------
-        numpy.ndarray of int32
-            The block ids, in the order they were handed out.
-
-        Raises
-        ------
-        OutOfBlocksError
-            Fewer than ``n`` blocks are free; nothing is taken.
-        """
-        n = as_index(n, "n")
-        if n < 0:
-            raise ValueError(f"n must be >= 0, got {n}")
-        self._check_writable()
-        if n > self._num_free:
-            raise OutOfBlocksError(n, self._num_free)
-        out = np.empty(n, dtype=np.int32)
-        cdef int32_t[::1] view = out
-        # Making ``out`` may have let another thread run; check again with nothing
-        # in between that could.
-        self._check_writable()
-        if n > self._num_free:
-            raise OutOfBlocksError(n, self._num_free)
-        if n:
-            self._take(n, &view[0])
-        return out
-
-    def free(self, block_ids):
-        """Drop one reference from each block; a block whose count reaches 0 is free.
-
-        A block listed twice loses two references.  The whole call is checked first:
-        an id out of range, or one with fewer references than it is listed, raises
-        ``ValueError`` and changes nothing.
-        """
-        cdef const int64_t[::1] ids = self._block_ids(block_ids)
-        cdef Py_ssize_t i, j, n = ids.shape[0]
-        cdef int32_t saved_free = self._num_free
-        cdef block_id_t block
-        cdef int64_t bad = -1
-        self._check_writable()
-        # The GIL stays held: two threads' frees must not interleave.
-        for i in range(n):
-            block = <block_id_t>ids[i]
-            if self._refcount[block] == 0:
-                bad = i
-                break
-            self._refcount[block] -= 1
-            if self._refcount[block] == 0:
-                self._free_stack[self._num_free] = block
-                self._num_free += 1
-        if bad >= 0:
-            # Undo: restore the counts and forget the blocks pushed so far.
-            for j in range(bad):
-                self._refcount[<block_id_t>ids[j]] += 1
-            self._num_free = saved_free
-            raise ValueError(f"block_ids[{bad}] = {ids[bad]} is already free")
-
-    def incref(self, block_ids):
-        """Add one reference to each (allocated) block; a block listed twice gains two.
-
-        Raises ``ValueError`` and changes nothing if an id is out of range or free.
-        """
-        cdef const int64_t[::1] ids = self._block_ids(block_ids)
-        cdef Py_ssize_t i, n = ids.shape[0]
-        cdef int64_t bad = -1
-        self._check_writable()
-        # The GIL stays held: two threads' changes must not interleave.
-        for i in range(n):
-            if self._refcount[<block_id_t>ids[i]] == 0:
-                bad = i
-                break
-        if bad < 0:
-            for i in range(n):
-                self._refcount[<block_id_t>ids[i]] += 1
-        if bad >= 0:
-            raise ValueError(
-                f"block_ids[{bad}] = {ids[bad]} is free; only allocated blocks can be shared")
-
-    def refcount(self, block_ids):
-        """Reference count of each block, int32."""
-        cdef const int64_t[::1] ids = self._block_ids(block_ids)
-        cdef Py_ssize_t i, n = ids.shape[0]
-        cdef int64_t block
-        out = np.empty(n, dtype=np.int32)
-        cdef int32_t[::1] view = out
-        # ``ids`` may be the caller's array, which another thread could change while
-        # ``out`` was made: each id is checked again where it is used.
-        for i in range(n):
-            block = ids[i]
-            if block < 0 or block >= self._num_blocks:
-                raise ValueError(f"block_ids[{i}] = {block} is out of range 0..{self._num_blocks - 1}")
-            view[i] = self._refcount[block]
-        return out
-
-    def _free_blocks(self):
-        """The free stack, bottom to top (the next block handed out is the last)."""
-        return self._free_stack_arr[:self._num_free].copy()
-
-    def _refcounts(self):
-        """All reference counts (a copy)."""
-        return self._refcount_arr.copy()
-
-
-cdef BlockAllocator _allocator_from_arrays(int64_t num_blocks, object refcount, object free_stack):
-    """A pool with validated counts and stack (from ``_state.allocator_state``)."""
-    cdef BlockAllocator allocator = BlockAllocator(num_blocks)
-    cdef Py_ssize_t num_free = cnp.PyArray_DIM(<cnp.ndarray>free_stack, 0)
-    memcpy(&allocator._refcount[0], cnp.PyArray_DATA(<cnp.ndarray>refcount),
-           <size_t>num_blocks * sizeof(int32_t))
-    if num_free:
-        memcpy(&allocator._free_stack[0], cnp.PyArray_DATA(<cnp.ndarray>free_stack),
-               <size_t>num_free * sizeof(int32_t))
-    allocator._num_free = <int32_t>num_free
-    return allocator
-
-
-def _restore_allocator(state):
-    """Rebuild an allocator from its state dict (pickle support)."""
-    return BlockAllocator._from_state(state)
-
-
-def _restore_manager(state):
-    """Rebuild a manager from its state dict (pickle support)."""
-    return KVCacheManager._from_state(state)
 
 
 cdef inline int64_t _blocks_for(int64_t tokens, int64_t block_size) noexcept nogil:
@@ -498,27 +90,15 @@ cdef inline int32_t _log2_or_minus_one(int64_t value) noexcept nogil:
     return shift
 
 
-cdef inline object _empty(Py_ssize_t n, int typenum):
-    """A new 1-D array (the C call: no Python-level ``np.empty`` on the hot paths)."""
-    cdef cnp.npy_intp size = n
-    return cnp.PyArray_EMPTY(1, &size, typenum, 0)
-
-
 cdef inline object _int64_vector(values, str name):
     """``values`` as the int64 vector the loops read (see ``_accept.pxd``)."""
     return int_vector(values, name, cnp.NPY_INT64)
 
 
-cdef int64_t _as_seq_id(value, str name) except -1:
-    if type(value) is int and 0 <= value <= INT64_MAX:     # the common case, no calls
-        return value
-    return check_range(as_index(value, name), 0, INT64_MAX, name)
-
-
 cdef struct _StepPlan:
     # One step's checked arguments and plan (see KVCacheManager._plan_step).
     Py_ssize_t n                 # sequences
-    const row_t* rows            # their rows
+    const int32_t* slots         # their registry slots
     const int64_t* counts        # new tokens per sequence, read at i * stride
     Py_ssize_t stride            # 1, or 0 when one count (``scalar``) serves all
     int64_t scalar
@@ -528,7 +108,7 @@ cdef struct _StepPlan:
 
 
 @cython.final
-cdef class KVCacheManager:
+cdef class KVCacheManager(Persistent):
     """Paged KV-cache bookkeeping: a PageTable, a BlockAllocator and token counts.
 
     Parameters
@@ -574,14 +154,12 @@ cdef class KVCacheManager:
     cdef:
         PageTable _table
         BlockAllocator _allocator
+        SequenceRegistry _sequences
         int64_t _block_size
         int32_t _block_shift      # log2(block_size) for a power of two, else -1:
         int64_t _block_mask       # shifts instead of divisions on the hot paths
-        object _row_tokens_arr    # int32, token count by PageTable row
-        object _row_stamp_arr     # int64, last call that touched the row (duplicate check)
-        int32_t[::1] _row_tokens
-        int64_t[::1] _row_stamp
-        int64_t _stamp
+        object _pending_arr       # int32 by block id: planning scratch, all zero between calls
+        int32_t[::1] _pending
         int32_t _writing          # a change in progress (see _begin_write)
         int64_t _epoch            # bumped as each change begins and ends (see _read_begin)
 
@@ -589,9 +167,9 @@ cdef class KVCacheManager:
         pass
 
     def __cinit__(self, num_blocks, block_size=16, *args, **kwargs):
-        block_size = check_range(as_index(block_size, "block_size"), 1, BLOCK_ID_LIMIT, "block_size")
-        num_blocks = check_range(as_index(num_blocks, "num_blocks"), 1, BLOCK_ID_LIMIT, "num_blocks")
-        if num_blocks * block_size > BLOCK_ID_LIMIT:
+        block_size = check_range(as_index(block_size, "block_size"), 1, INT32_MAX, "block_size")
+        num_blocks = check_range(as_index(num_blocks, "num_blocks"), 1, INT32_MAX, "num_blocks")
+        if num_blocks * block_size > INT32_MAX:
             raise ValueError(
                 f"num_blocks * block_size must be below 2**31, got {num_blocks} * {block_size}")
         self._block_size = block_size
@@ -601,13 +179,11 @@ cdef class KVCacheManager:
         self._allocator = BlockAllocator(num_blocks)
         # Both are the manager's alone: their own changing methods refuse to run, so
         # that nothing can add a row or take a block behind the manager's back.
-        self._table._owned = 1
-        self._allocator._owned = 1
-        self._row_tokens_arr = np.zeros(64, dtype=np.int32)
-        self._row_stamp_arr = np.zeros(64, dtype=np.int64)
-        self._row_tokens = self._row_tokens_arr
-        self._row_stamp = self._row_stamp_arr
-        self._stamp = 0
+        self._table.mark_owned(True)
+        self._allocator.mark_owned(True)
+        self._sequences = SequenceRegistry()
+        self._pending_arr = np.zeros(num_blocks, dtype=np.int32)
+        self._pending = self._pending_arr
         self._epoch = 0
         self._writing = 0
 
@@ -620,30 +196,29 @@ cdef class KVCacheManager:
         """
         # Another thread's change first: mid-change, the manager's arrays may lag its
         # table, which the tamper check below must not take for tampering.
-        if self._writing or self._table._writing or self._allocator._writing:
+        if self._writing or self._table.is_changing() or self._allocator.is_changing():
             raise RuntimeError(_CONCURRENT_WRITE)
         self._check_untampered()
         self._writing = 1
-        self._table._writing = 1
-        self._allocator._writing = 1
+        self._table.mark_changing(True)
+        self._allocator.mark_changing(True)
         self._epoch += 1
         return 0
 
     cdef void _end_write(self) noexcept:
         self._epoch += 1
         self._writing = 0
-        self._table._writing = 0
-        self._allocator._writing = 0
+        self._table.mark_changing(False)
+        self._allocator.mark_changing(False)
 
     cdef int _check_untampered(self) except -1:
         """Refuse to work on a table or pool that was released for changes from outside.
 
         Only the private ``_set_owned`` can release them (tests of :meth:`check` do);
-        the manager's arrays then may not match its table, and indexing them could
-        go out of bounds.
+        the manager's record of its sequences then may not match its table, and the
+        rows it holds could point past the table's.
         """
-        if (not self._table._owned or not self._allocator._owned
-                or self._table._rows_used > self._row_tokens.shape[0]):
+        if not self._table.is_owned() or not self._allocator.is_owned():
             raise RuntimeError(_TAMPERED)
         return 0
 
@@ -656,7 +231,7 @@ cdef class KVCacheManager:
         anything, with nothing in between that could let another thread run.
         """
         if self._writing:
-            _wait_while_set(&self._writing, _READ_DURING_CHANGE)
+            wait_while_set(&self._writing, _READ_DURING_CHANGE)
         self._check_untampered()
         return self._epoch
 
@@ -682,20 +257,20 @@ cdef class KVCacheManager:
     @property
     def num_blocks(self):
         """Blocks in the pool."""
-        return self._allocator._num_blocks
+        return self._allocator.block_count()
 
     @property
     def num_free_blocks(self):
         """Blocks currently free."""
-        return self._allocator._num_free
+        return self._allocator.free_count()
 
     @property
     def usage(self):
         """Fraction of the pool's blocks in use, 0.0 .. 1.0."""
-        return 1.0 - self._allocator._num_free / <double>self._allocator._num_blocks
+        return 1.0 - self._allocator.free_count() / <double>self._allocator.block_count()
 
     def __len__(self):
-        return self._table._num_sequences
+        return self._sequences.count()
 
     def __contains__(self, seq_id):
         try:
@@ -704,7 +279,7 @@ cdef class KVCacheManager:
             return False
         if seq < 0 or seq > INT64_MAX:
             return False
-        return self._table._find_row(seq) >= 0
+        return self._sequences.find(seq) >= 0
 
     def __repr__(self):
         return (f"KVCacheManager(num_blocks={self.num_blocks}, block_size={self._block_size}, "
@@ -728,66 +303,48 @@ cdef class KVCacheManager:
         return (<slot_t>data[self._block_index(position)] * self._block_size
                 + self._block_offset(position))
 
-    cdef int _ensure_rows(self, row_t row) except -1:
-        """Grow the per-row arrays so that ``row`` is a valid index."""
-        cdef Py_ssize_t size = self._row_tokens.shape[0]
-        if row < size:
-            return 0
-        while size <= row:
-            size *= 2
-        tokens = np.zeros(size, dtype=np.int32)
-        stamps = np.zeros(size, dtype=np.int64)
-        tokens[:self._row_tokens.shape[0]] = self._row_tokens_arr
-        stamps[:self._row_stamp.shape[0]] = self._row_stamp_arr
-        self._row_tokens_arr = tokens
-        self._row_stamp_arr = stamps
-        self._row_tokens = tokens
-        self._row_stamp = stamps
-        return 0
-
-    cdef int64_t _find_rows(self, const int64_t* seq_ids, Py_ssize_t n, row_t* rows,
-                            bint distinct, int* error) noexcept nogil:
-        """Resolve ids to rows; on a bad entry set ``error`` and return its index."""
+    cdef int64_t _find_slots(self, const int64_t* seq_ids, Py_ssize_t n, int32_t* slots,
+                             bint distinct, int* error) noexcept nogil:
+        """Resolve ids to registry slots; on a bad entry set ``error`` and return its index."""
         cdef Py_ssize_t i
-        cdef row_t row
-        if distinct:
-            self._stamp += 1
+        cdef int32_t slot
+        cdef int64_t mark = self._sequences.mark_new() if distinct else 0
         for i in range(n):
             if seq_ids[i] < 0:
                 error[0] = PLAN_NEGATIVE
                 return i
-            row = self._table._find_row(seq_ids[i])
-            if row < 0:
+            slot = self._sequences.find(seq_ids[i])
+            if slot < 0:
                 error[0] = PLAN_UNKNOWN
                 return i
             if distinct:
-                if self._row_stamp[row] == self._stamp:
+                if self._sequences.marks[slot] == mark:
                     error[0] = PLAN_DUPLICATE
                     return i
-                self._row_stamp[row] = self._stamp
-            rows[i] = row
+                self._sequences.marks[slot] = mark
+            slots[i] = slot
         error[0] = PLAN_OK
         return -1
 
-    cdef object _rows(self, seq_ids, bint distinct, str name="seq_ids"):
-        """The rows (int32 array) of a batch of known sequence ids, raising on a bad entry."""
+    cdef object _slots(self, seq_ids, bint distinct, str name="seq_ids"):
+        """The slots (int32 array) of a batch of known sequence ids, raising on a bad entry."""
         ids = _int64_vector(seq_ids, name)
         cdef Py_ssize_t n = cnp.PyArray_DIM(ids, 0)
-        rows = _empty(n, cnp.NPY_INT32)
+        slots = empty(n, cnp.NPY_INT32)
         cdef int error = PLAN_OK
         cdef int64_t bad
         cdef const int64_t* ids_data = <const int64_t*>cnp.PyArray_DATA(ids)
-        cdef row_t* rows_data = <row_t*>cnp.PyArray_DATA(rows)
-        # The GIL stays held: marking rows touches shared scratch (the stamps), and
-        # another thread's call may grow the table, which this lookup reads.
-        bad = self._find_rows(ids_data, n, rows_data, distinct, &error)
+        cdef int32_t* slot_data = <int32_t*>cnp.PyArray_DATA(slots)
+        # The GIL stays held: marking slots touches shared scratch (the marks), and
+        # another thread's call may grow the registry, which this lookup reads.
+        bad = self._find_slots(ids_data, n, slot_data, distinct, &error)
         if error == PLAN_UNKNOWN:
             raise KeyError(f"{name}[{bad}] = {ids_data[bad]} is not a sequence of this manager")
         if error == PLAN_NEGATIVE:
             raise ValueError(f"{name}[{bad}] = {ids_data[bad]} is negative; sequence ids are 0..2**63-1")
         if error == PLAN_DUPLICATE:
             raise ValueError(f"{name}[{bad}] = {ids_data[bad]} appears more than once")
-        return rows
+        return slots
 
     cdef object _counts(self, num_new_tokens, Py_ssize_t n, int64_t* scalar):
         """Validate ``num_new_tokens``: an int64 array of length ``n``, or None for a scalar.
@@ -824,9 +381,9 @@ cdef class KVCacheManager:
         Returns the arrays ``plan`` points into; the caller keeps them while it uses
         the plan.  A scalar count lives in ``plan.scalar`` and is read with stride 0.
         """
-        rows = self._rows(seq_ids, True)
-        plan.n = cnp.PyArray_DIM(rows, 0)
-        plan.rows = <const row_t*>cnp.PyArray_DATA(rows)
+        slots = self._slots(seq_ids, True)
+        plan.n = cnp.PyArray_DIM(slots, 0)
+        plan.slots = <const int32_t*>cnp.PyArray_DATA(slots)
         plan.scalar = 0
         counts = self._counts(num_new_tokens, plan.n, &plan.scalar)
         if counts is None:
@@ -837,41 +394,41 @@ cdef class KVCacheManager:
             plan.stride = 1
         plan.num_copies = 0
         plan.num_slots = 0
-        plan.need = self._plan(plan.rows, plan.n, plan.counts, plan.stride,
+        plan.need = self._plan(plan.slots, plan.n, plan.counts, plan.stride,
                                &plan.num_copies, &plan.num_slots)
-        return rows, counts
+        return slots, counts
 
-    cdef int64_t _plan(self, const row_t* rows, Py_ssize_t n, const int64_t* counts,
+    cdef int64_t _plan(self, const int32_t* slots, Py_ssize_t n, const int64_t* counts,
                        Py_ssize_t count_stride, int64_t* num_copies,
                        int64_t* num_slots) noexcept nogil:
         """Blocks a growth call needs (new blocks plus copy-on-write copies).
 
         Mirrors the execution exactly: sequences in input order, and a shared last
         block stops needing a copy once the earlier sharers in the call have moved off
-        it (tracked in the allocator's ``_pending`` scratch, reset before returning).
+        it (counted in ``_pending``, scratch by block id, reset before returning).
         Runs with the GIL held because of that shared scratch.
         """
         cdef Py_ssize_t i
-        cdef int64_t need = 0, copies = 0, slots = 0, tokens, count
-        cdef int64_t limit = <int64_t>self._allocator._num_blocks * self._block_size
+        cdef int64_t need = 0, copies = 0, slot_count = 0, tokens, count
+        cdef int64_t limit = <int64_t>self._allocator.block_count() * self._block_size
         cdef int32_t length
         cdef row_t row
         cdef block_id_t last
-        cdef int32_t* refcount = &self._allocator._refcount[0]
-        cdef int32_t* pending = &self._allocator._pending[0]
+        cdef const int32_t* refcount = self._allocator.refcounts()
+        cdef int32_t* pending = &self._pending[0]
         for i in range(n):
             count = counts[i * count_stride]
             if count == 0:
                 continue
             if count > limit:
-                need += self._allocator._num_blocks + 1   # can never fit
+                need += self._allocator.block_count() + 1   # can never fit
                 continue
-            row = rows[i]
-            tokens = self._row_tokens[row]
-            length = self._table._row_length(row)
-            slots += count
+            row = self._sequences.rows[slots[i]]
+            tokens = self._sequences.tokens[slots[i]]
+            length = self._table.row_length(row)
+            slot_count += count
             if self._block_offset(tokens):
-                last = self._table._row_data(row)[length - 1]
+                last = self._table.row_blocks(row)[length - 1]
                 if refcount[last] - pending[last] > 1:
                     need += 1
                     copies += 1
@@ -880,12 +437,12 @@ cdef class KVCacheManager:
         if copies:
             for i in range(n):
                 if counts[i * count_stride]:
-                    row = rows[i]
-                    length = self._table._row_length(row)
+                    row = self._sequences.rows[slots[i]]
+                    length = self._table.row_length(row)
                     if length:
-                        pending[self._table._row_data(row)[length - 1]] = 0
+                        pending[self._table.row_blocks(row)[length - 1]] = 0
         num_copies[0] = copies
-        num_slots[0] = slots
+        num_slots[0] = slot_count
         return need
 
     # -- growth --------------------------------------------------------------------------
@@ -916,45 +473,43 @@ cdef class KVCacheManager:
             self._end_write()
 
     cdef object _add_sequence(self, seq_id, num_tokens):
-        cdef int64_t seq = _as_seq_id(seq_id, "seq_id")
+        cdef int64_t seq = seq_arg(seq_id, "seq_id")
         if type(num_tokens) is not int:
             num_tokens = as_index(num_tokens, "num_tokens")
         if num_tokens < 0:
             raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
-        if self._table._find_row(seq) >= 0:
+        if self._sequences.find(seq) >= 0:
             raise ValueError(f"seq_id = {seq} already exists")
-        if num_tokens > <int64_t>self._allocator._num_blocks * self._block_size:
-            raise OutOfBlocksError(-(-num_tokens // self._block_size), self._allocator._num_free)
+        if num_tokens > <int64_t>self._allocator.block_count() * self._block_size:
+            raise OutOfBlocksError(-(-num_tokens // self._block_size), self._allocator.free_count())
         cdef int64_t n = num_tokens
         cdef int64_t need = self._blocks_needed(n)
-        if need > self._allocator._num_free:
-            raise OutOfBlocksError(need, self._allocator._num_free)
+        if need > self._allocator.free_count():
+            raise OutOfBlocksError(need, self._allocator.free_count())
         # Everything that can fail comes before the first change.
-        slots = _empty(n, cnp.NPY_INT64)
-        blocks = _empty(need, cnp.NPY_INT32)
-        cdef AppendResult result = _new_result()
+        slots = empty(n, cnp.NPY_INT64)
+        blocks = empty(need, cnp.NPY_INT32)
+        cdef AppendResult result = new_result()
         cdef slot_t* slot_data = <slot_t*>cnp.PyArray_DATA(slots)
         cdef block_id_t* block_data = <block_id_t*>cnp.PyArray_DATA(blocks)
         cdef const block_id_t* data
         cdef int64_t p
-        # Room for the new row's count first, so that the manager's arrays never lag
-        # its table, even while this change lets other threads run.
-        self._ensure_rows(self._table._rows_used)
-        cdef row_t row = self._table._get_or_create_row(seq)
+        self._sequences.reserve(1)
+        cdef row_t row = self._table.create_row(seq)
         try:
-            self._table._reserve_row(row, _with_room_to_grow(need))
+            self._table.reserve_row(row, _with_room_to_grow(need))
         except BaseException:
-            self._table._drop_row(row)
+            self._table.drop_row(row)
             raise
         if need:
-            self._allocator._take(need, block_data)
-            self._table._append_to_row(row, block_data, need)   # room reserved above
-            data = self._table._row_data(row)
-            # The GIL stays held: another thread's call may grow the table or the
-            # token array, and must not do so while this loop reads them.
+            self._allocator.take(need, block_data)
+            self._table.append_to_row(row, block_data, need)   # room reserved above
+            data = self._table.row_blocks(row)
+            # The GIL stays held: another thread's call may grow the table, and must
+            # not do so while this loop reads it.
             for p in range(n):
                 slot_data[p] = self._slot(data, p)
-        self._row_tokens[row] = <int32_t>n
+        self._sequences.add(seq, row, <int32_t>n)
         result.slots = slots
         return result
 
@@ -992,12 +547,13 @@ cdef class KVCacheManager:
         cdef _StepPlan plan
         inputs = self._plan_step(seq_ids, num_new_tokens, &plan)   # keeps plan's arrays alive
         cdef Py_ssize_t i, n = plan.n
-        cdef const row_t* row_data = plan.rows
+        cdef const int32_t* slot_ids = plan.slots
         cdef const int64_t* counts = plan.counts
         cdef Py_ssize_t stride = plan.stride
         cdef int64_t need = plan.need, num_copies = plan.num_copies, num_slots = plan.num_slots
-        if need > self._allocator._num_free:
-            raise OutOfBlocksError(need, self._allocator._num_free)
+        if need > self._allocator.free_count():
+            raise OutOfBlocksError(need, self._allocator.free_count())
+        cdef SequenceRegistry sequences = self._sequences
         cdef row_t row
         cdef int64_t add, count
         # Reserve every row's room first, so a MemoryError here leaves nothing changed
@@ -1005,15 +561,15 @@ cdef class KVCacheManager:
         for i in range(n):
             count = counts[i * stride]
             if count:
-                row = row_data[i]
-                add = self._blocks_needed(self._row_tokens[row] + count) - self._table._row_length(row)
+                row = sequences.rows[slot_ids[i]]
+                add = self._blocks_needed(sequences.tokens[slot_ids[i]] + count) - self._table.row_length(row)
                 if add > 0:
-                    self._table._reserve_row(row, self._table._row_length(row) + add)
-        fresh = _empty(need, cnp.NPY_INT32)
-        slots = _empty(num_slots, cnp.NPY_INT64)
-        copy_src = _empty(num_copies, cnp.NPY_INT32)
-        copy_dst = _empty(num_copies, cnp.NPY_INT32)
-        cdef AppendResult result = _new_result()
+                    self._table.reserve_row(row, self._table.row_length(row) + add)
+        fresh = empty(need, cnp.NPY_INT32)
+        slots = empty(num_slots, cnp.NPY_INT64)
+        copy_src = empty(num_copies, cnp.NPY_INT32)
+        copy_dst = empty(num_copies, cnp.NPY_INT32)
+        cdef AppendResult result = new_result()
         result.slots = slots
         result.copy_src = copy_src
         result.copy_dst = copy_dst
@@ -1021,39 +577,41 @@ cdef class KVCacheManager:
         cdef slot_t* slot_data = <slot_t*>cnp.PyArray_DATA(slots)
         cdef block_id_t* src_data = <block_id_t*>cnp.PyArray_DATA(copy_src)
         cdef block_id_t* dst_data = <block_id_t*>cnp.PyArray_DATA(copy_dst)
-        cdef int32_t* refcount = &self._allocator._refcount[0]
+        cdef const int32_t* refcount = self._allocator.refcounts()
         cdef int64_t taken = 0, copied = 0, written = 0, tokens, p
         cdef int32_t length
         cdef block_id_t* data
         cdef block_id_t last
-        self._allocator._take(need, fresh_data)
+        self._allocator.take(need, fresh_data)
         for i in range(n):
             count = counts[i * stride]
             if count == 0:
                 continue
-            row = row_data[i]
-            tokens = self._row_tokens[row]
-            length = self._table._row_length(row)
+            row = sequences.rows[slot_ids[i]]
+            tokens = sequences.tokens[slot_ids[i]]
+            length = self._table.row_length(row)
             if self._block_offset(tokens):
-                data = self._table._row_data(row)
+                data = self._table.row_blocks(row)
                 last = data[length - 1]
                 if refcount[last] > 1:
                     src_data[copied] = last
                     dst_data[copied] = fresh_data[taken]
                     copied += 1
-                    refcount[last] -= 1          # stays >= 1: never frees
+                    # The sequence lets go of its shared block (its count stays >= 1,
+                    # so the block is never freed here).
+                    self._allocator.release(&last, 1)
                     # Through the table, so that device mirrors see the new last block.
-                    self._table._set_block_at(row, length - 1, fresh_data[taken])
+                    self._table.set_block_at(row, length - 1, fresh_data[taken])
                     taken += 1
             add = self._blocks_needed(tokens + count) - length
             if add > 0:
-                self._table._append_to_row(row, fresh_data + taken, add)   # room reserved above
+                self._table.append_to_row(row, fresh_data + taken, add)   # room reserved above
                 taken += add
-            data = self._table._row_data(row)
+            data = self._table.row_blocks(row)
             for p in range(tokens, tokens + count):
                 slot_data[written] = self._slot(data, p)
                 written += 1
-            self._row_tokens[row] = <int32_t>(tokens + count)
+            sequences.tokens[slot_ids[i]] = <int32_t>(tokens + count)
         return result
 
     def can_append(self, seq_ids, num_new_tokens=1):
@@ -1063,7 +621,7 @@ cdef class KVCacheManager:
         """
         cdef _StepPlan plan
         self._plan_step(seq_ids, num_new_tokens, &plan)
-        return plan.need <= self._allocator._num_free
+        return plan.need <= self._allocator.free_count()
 
     def fork(self, parent_id, child_id):
         """Make ``child_id`` share every block and the token count of ``parent_id``.
@@ -1077,27 +635,28 @@ cdef class KVCacheManager:
             self._end_write()
 
     cdef object _fork(self, parent_id, child_id):
-        cdef int64_t parent = _as_seq_id(parent_id, "parent_id")
-        cdef int64_t child = _as_seq_id(child_id, "child_id")
-        if self._table._find_row(parent) < 0:
+        cdef int64_t parent = seq_arg(parent_id, "parent_id")
+        cdef int64_t child = seq_arg(child_id, "child_id")
+        cdef int32_t parent_slot = self._sequences.find(parent)
+        if parent_slot < 0:
             raise KeyError(f"parent_id = {parent} is not a sequence of this manager")
-        if self._table._find_row(child) >= 0:
+        if self._sequences.find(child) >= 0:
             raise ValueError(f"child_id = {child} already exists")
-        self._ensure_rows(self._table._rows_used)      # see _add_sequence
-        cdef row_t child_row = self._table._get_or_create_row(child)
-        cdef row_t parent_row = self._table._find_row(parent)
-        cdef int32_t length = self._table._row_length(parent_row)
+        self._sequences.reserve(1)
+        cdef row_t child_row = self._table.create_row(child)
+        cdef row_t parent_row = self._sequences.rows[parent_slot]
+        cdef int32_t length = self._table.row_length(parent_row)
         try:
-            self._table._reserve_row(child_row, _with_room_to_grow(length))
+            self._table.reserve_row(child_row, _with_room_to_grow(length))
         except BaseException:
-            self._table._drop_row(child_row)
+            self._table.drop_row(child_row)
             raise
         # Nothing moves once the child's room is reserved, so the parent's row can be
         # copied straight from the pool.
-        cdef const block_id_t* blocks = self._table._row_data(parent_row)
-        self._table._append_to_row(child_row, blocks, length)
-        self._allocator._retain(blocks, length)
-        self._row_tokens[child_row] = self._row_tokens[parent_row]
+        cdef const block_id_t* blocks = self._table.row_blocks(parent_row)
+        self._table.append_to_row(child_row, blocks, length)
+        self._allocator.retain(blocks, length)
+        self._sequences.add(child, child_row, self._sequences.tokens[parent_slot])
 
     def free_sequence(self, seq_ids):
         """Remove one sequence (an int) or many (an array-like); release their blocks.
@@ -1115,37 +674,37 @@ cdef class KVCacheManager:
     cdef object _free_sequence(self, seq_ids):
         if isinstance(seq_ids, (int, np.integer)) and not isinstance(seq_ids, (bool, np.bool_)):
             seq_ids = [seq_ids]
-        rows = self._rows(seq_ids, True)
-        cdef const row_t* row_data = <const row_t*>cnp.PyArray_DATA(rows)
+        slots = self._slots(seq_ids, True)
+        cdef const int32_t* slot_ids = <const int32_t*>cnp.PyArray_DATA(slots)
         cdef Py_ssize_t i
         cdef row_t row
-        for i in range(cnp.PyArray_DIM(rows, 0)):
-            row = row_data[i]
-            self._allocator._release(self._table._row_data(row), self._table._row_length(row))
-            self._row_tokens[row] = 0
-            self._table._drop_row(row)
+        for i in range(cnp.PyArray_DIM(slots, 0)):
+            row = self._sequences.rows[slot_ids[i]]
+            self._allocator.release(self._table.row_blocks(row), self._table.row_length(row))
+            self._sequences.remove(slot_ids[i])
+            self._table.drop_row(row)
 
     # -- queries -------------------------------------------------------------------------
     def seq_lens(self, seq_ids):
         """Tokens held by each sequence, int32."""
         ids = _int64_vector(seq_ids, "seq_ids")
         cdef Py_ssize_t i, n
-        cdef const row_t* row_data
+        cdef const int32_t* slot_ids
         cdef int32_t* out_data
         cdef int64_t epoch
         cdef int attempt
         for attempt in range(READ_ATTEMPTS):
             epoch = self._read_begin()
-            rows = self._rows(ids, False)
-            n = cnp.PyArray_DIM(rows, 0)
-            row_data = <const row_t*>cnp.PyArray_DATA(rows)
-            out = _empty(n, cnp.NPY_INT32)
+            slots = self._slots(ids, False)
+            n = cnp.PyArray_DIM(slots, 0)
+            slot_ids = <const int32_t*>cnp.PyArray_DATA(slots)
+            out = empty(n, cnp.NPY_INT32)
             if not self._read_current(epoch):
                 continue
             # From here on nothing can let another thread run.
             out_data = <int32_t*>cnp.PyArray_DATA(out)
             for i in range(n):
-                out_data[i] = self._row_tokens[row_data[i]]
+                out_data[i] = self._sequences.tokens[slot_ids[i]]
             return out
         raise RuntimeError(_READ_KEPT_CHANGING)
 
@@ -1157,7 +716,8 @@ cdef class KVCacheManager:
         """
         ids = _int64_vector(seq_ids, "seq_ids")
         cdef Py_ssize_t i, j, n
-        cdef const row_t* row_data
+        cdef const int32_t* slot_ids
+        cdef const int32_t* rows = self._sequences.rows
         cdef int32_t width, length
         cdef cnp.npy_intp shape[2]
         cdef block_id_t* out
@@ -1165,13 +725,14 @@ cdef class KVCacheManager:
         cdef int attempt
         for attempt in range(READ_ATTEMPTS):
             epoch = self._read_begin()
-            rows = self._rows(ids, False)
-            n = cnp.PyArray_DIM(rows, 0)
-            row_data = <const row_t*>cnp.PyArray_DATA(rows)
+            slots = self._slots(ids, False)
+            n = cnp.PyArray_DIM(slots, 0)
+            slot_ids = <const int32_t*>cnp.PyArray_DATA(slots)
+            rows = self._sequences.rows
             width = 0
             for i in range(n):
-                if self._table._row_length(row_data[i]) > width:
-                    width = self._table._row_length(row_data[i])
+                if self._table.row_length(rows[slot_ids[i]]) > width:
+                    width = self._table.row_length(rows[slot_ids[i]])
             shape[0] = n
             shape[1] = width
             table = cnp.PyArray_EMPTY(2, shape, cnp.NPY_INT32, 0)
@@ -1180,8 +741,8 @@ cdef class KVCacheManager:
             # From here on nothing can let another thread run: the widths hold.
             out = <block_id_t*>cnp.PyArray_DATA(table)
             for i in range(n):
-                length = self._table._row_length(row_data[i])
-                memcpy(out, self._table._row_data(row_data[i]), <size_t>length * sizeof(block_id_t))
+                length = self._table.row_length(rows[slot_ids[i]])
+                memcpy(out, self._table.row_blocks(rows[slot_ids[i]]), <size_t>length * sizeof(block_id_t))
                 for j in range(length, width):
                     out[j] = PAD
                 out += width
@@ -1203,7 +764,8 @@ cdef class KVCacheManager:
         """
         ids = _int64_vector(seq_ids, "seq_ids")
         cdef Py_ssize_t i, n
-        cdef const row_t* row_data
+        cdef const int32_t* slot_ids
+        cdef const int32_t* rows = self._sequences.rows
         cdef int64_t nnz, tokens, epoch
         cdef int32_t* indptr_data
         cdef block_id_t* indices_data
@@ -1213,15 +775,16 @@ cdef class KVCacheManager:
         cdef int attempt
         for attempt in range(READ_ATTEMPTS):
             epoch = self._read_begin()
-            rows = self._rows(ids, False)
-            n = cnp.PyArray_DIM(rows, 0)
-            row_data = <const row_t*>cnp.PyArray_DATA(rows)
+            slots = self._slots(ids, False)
+            n = cnp.PyArray_DIM(slots, 0)
+            slot_ids = <const int32_t*>cnp.PyArray_DATA(slots)
+            rows = self._sequences.rows
             nnz = 0
             for i in range(n):
-                nnz += self._table._row_length(row_data[i])
-            indptr = _empty(n + 1, cnp.NPY_INT32)
-            indices = _empty(nnz, cnp.NPY_INT32)
-            last_page_len = _empty(n, cnp.NPY_INT32)
+                nnz += self._table.row_length(rows[slot_ids[i]])
+            indptr = empty(n + 1, cnp.NPY_INT32)
+            indices = empty(nnz, cnp.NPY_INT32)
+            last_page_len = empty(n, cnp.NPY_INT32)
             if not self._read_current(epoch):
                 continue
             # From here on nothing can let another thread run: the sizes hold.
@@ -1231,12 +794,12 @@ cdef class KVCacheManager:
             at = 0
             indptr_data[0] = 0
             for i in range(n):
-                length = self._table._row_length(row_data[i])
-                memcpy(indices_data + at, self._table._row_data(row_data[i]),
+                length = self._table.row_length(rows[slot_ids[i]])
+                memcpy(indices_data + at, self._table.row_blocks(rows[slot_ids[i]]),
                        <size_t>length * sizeof(block_id_t))
                 at += length
                 indptr_data[i + 1] = <int32_t>at
-                tokens = self._row_tokens[row_data[i]]
+                tokens = self._sequences.tokens[slot_ids[i]]
                 last_data[i] = <int32_t>(self._block_offset(tokens - 1) + 1) if tokens else 0
             return indptr, indices, last_page_len
         raise RuntimeError(_READ_KEPT_CHANGING)
@@ -1248,27 +811,27 @@ cdef class KVCacheManager:
         cdef int attempt
         cdef int64_t* token_data
         cdef const int64_t* id_data
-        cdef row_t row
+        cdef int32_t slot
         cdef Py_ssize_t num_free
-        cdef int32_t num_blocks = self._allocator._num_blocks
+        cdef int32_t num_blocks = self._allocator.block_count()
         for attempt in range(READ_ATTEMPTS):
             epoch = self._read_begin()
             # Capture first, all in C (after the first attempt with the GIL held
             # throughout); the dict is built only from a capture of one moment.
-            seq_ids, lengths, blocks = self._table._snapshot(True, attempt > 0)
+            seq_ids, lengths, blocks = self._table.snapshot(True, attempt > 0)
             count = cnp.PyArray_DIM(seq_ids, 0)
-            tokens = _empty(count, cnp.NPY_INT64)
-            refcount = _empty(num_blocks, cnp.NPY_INT32)
-            free_stack = _empty(num_blocks, cnp.NPY_INT32)
+            tokens = empty(count, cnp.NPY_INT64)
+            refcount = empty(num_blocks, cnp.NPY_INT32)
+            free_stack = empty(num_blocks, cnp.NPY_INT32)
             if not self._read_current(epoch):
                 continue
             # From here on nothing can let another thread run.
             token_data = <int64_t*>cnp.PyArray_DATA(tokens)
             id_data = <const int64_t*>cnp.PyArray_DATA(seq_ids)
             for i in range(count):
-                row = self._table._find_row(id_data[i])
-                token_data[i] = self._row_tokens[row] if row >= 0 else -1
-            num_free = self._allocator._capture(refcount, free_stack)
+                slot = self._sequences.find(id_data[i])
+                token_data[i] = self._sequences.tokens[slot] if slot >= 0 else -1
+            num_free = self._allocator.capture(refcount, free_stack)
             state = _state.header("KVCacheManager")
             state["block_size"] = np.array(self._block_size, dtype=np.int64)
             state["seq_ids"] = seq_ids
@@ -1291,56 +854,17 @@ cdef class KVCacheManager:
         table_state.update(block_size=state["block_size"], seq_ids=seq_ids, lengths=lengths,
                            blocks=blocks)
         cdef PageTable table = PageTable._from_state(table_state)
-        cdef BlockAllocator allocator = _allocator_from_arrays(num_blocks, refcount, free_stack)
+        cdef BlockAllocator allocator = allocator_from_arrays(num_blocks, refcount, free_stack)
         cdef KVCacheManager manager = KVCacheManager(num_blocks, block_size)
-        cdef int64_t i
-        cdef row_t row
-        table._owned = 1
-        allocator._owned = 1
+        cdef int64_t i, count = seq_ids.shape[0]
+        table.mark_owned(True)
+        allocator.mark_owned(True)
         manager._table = table
         manager._allocator = allocator
-        if table._rows_used:
-            manager._ensure_rows(table._rows_used - 1)
-        for i in range(seq_ids.shape[0]):
-            row = table._find_row(seq_ids[i])
-            manager._row_tokens[row] = <int32_t>tokens[i]
+        manager._sequences.reserve(count)
+        for i in range(count):
+            manager._sequences.add(seq_ids[i], table.find_row(seq_ids[i]), <int32_t>tokens[i])
         return manager
-
-    def save(self, path):
-        """Save the manager (table, pool, token counts) to a file; see :meth:`load`.
-
-        The file is an uncompressed ``.npz`` of plain integer arrays in pagetable's
-        versioned format (see ``pagetable._state``).
-        """
-        _state.write(path, self._state())
-
-    @classmethod
-    def load(cls, path):
-        """Load a manager saved by :meth:`save`.
-
-        Everything is checked before anything is built: reference counts against the
-        table, the free stack against the counts, token counts against block counts.
-
-        Raises
-        ------
-        CorruptStateError
-            The file is truncated, tampered with, of another version or kind, or
-            holds inconsistent state.
-        """
-        return KVCacheManager._from_state(_state.read(path))
-
-    def copy(self):
-        """An independent copy: same sequences, blocks, counts and free order."""
-        return KVCacheManager._from_state(self._state())
-
-    def __copy__(self):
-        return self.copy()
-
-    def __deepcopy__(self, memo):
-        return self.copy()
-
-    def __reduce__(self):
-        return (_restore_manager, (self._state(),))
 
     def __eq__(self, other):
         if not isinstance(other, KVCacheManager):
@@ -1359,20 +883,26 @@ cdef class KVCacheManager:
         - each sequence's block count is ``ceil(tokens / block_size)``;
         - every block id in the table is inside the pool.
         """
-        cdef int64_t num_blocks = self._allocator._num_blocks
+        cdef int64_t num_blocks = self._allocator.block_count()
         references = np.zeros(num_blocks, dtype=np.int64)
-        cdef row_t row
+        cdef int32_t slot
         cdef int64_t tokens, length, first = 0
-        seq_ids, lengths, all_blocks = self._table._snapshot(True)
+        seq_ids, lengths, all_blocks = self._table.snapshot(True)
+        if seq_ids.shape[0] != self._sequences.count():
+            raise AssertionError(
+                f"the table holds {seq_ids.shape[0]} sequences, the manager's record "
+                f"{self._sequences.count()}")
         for i in range(seq_ids.shape[0]):
             seq = int(seq_ids[i])
             length = lengths[i]
             blocks = all_blocks[first:first + length]
             first += length
-            row = self._table._find_row(seq)
-            if row < 0 or row >= self._row_tokens.shape[0]:
+            slot = self._sequences.find(seq)
+            if slot < 0:
                 raise AssertionError(f"sequence {seq} has no token count in the manager")
-            tokens = self._row_tokens[row]
+            if self._sequences.rows[slot] != self._table.find_row(seq):
+                raise AssertionError(f"the manager's record of sequence {seq} names another row")
+            tokens = self._sequences.tokens[slot]
             if length != _blocks_for(tokens, self._block_size):
                 raise AssertionError(
                     f"sequence {seq} holds {tokens} tokens in {length} blocks "
@@ -1381,13 +911,14 @@ cdef class KVCacheManager:
                 if blocks.min() < 0 or blocks.max() >= num_blocks:
                     raise AssertionError(f"sequence {seq} maps a block outside the pool: {blocks}")
                 np.add.at(references, blocks, 1)
-        refcount = self._allocator._refcount_arr
+        refcount = empty(num_blocks, cnp.NPY_INT32)
+        free_stack = empty(num_blocks, cnp.NPY_INT32)
+        free = free_stack[:self._allocator.capture(refcount, free_stack)]
         wrong = np.flatnonzero(refcount != references)
         if wrong.size:
             b = int(wrong[0])
             raise AssertionError(
                 f"block {b} has refcount {refcount[b]} but {references[b]} table entries name it")
-        free = self._allocator._free_blocks()
         if free.size and (free.min() < 0 or free.max() >= num_blocks):
             raise AssertionError("the free stack holds an id outside the pool")
         on_stack = np.bincount(free, minlength=num_blocks) if free.size else np.zeros(num_blocks, np.int64)
@@ -1400,3 +931,6 @@ cdef class KVCacheManager:
         lost = np.flatnonzero((on_stack == 0) & (references == 0))
         if lost.size:
             raise AssertionError(f"block {int(lost[0])} is neither free nor in use (leaked)")
+
+
+_state.register("KVCacheManager", KVCacheManager._from_state)

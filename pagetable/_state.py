@@ -33,7 +33,7 @@ from __future__ import annotations
 import io
 import os
 import zipfile
-from typing import IO, Union
+from typing import IO, Callable, Union
 
 import numpy as np
 
@@ -321,6 +321,34 @@ def manager_state(state: object) -> tuple[int, int, np.ndarray, np.ndarray, np.n
     return block_size, num_blocks, seq_ids, lengths, blocks, tokens, refcount, free_stack
 
 
+# --------------------------------------------------------------------- building
+
+# kind -> the function that builds an object of that kind from a state dict (each
+# class's ``_from_state``, which validates it).  Every module that defines a stateful
+# class registers it on import, and importing any of them imports the package, so a
+# pickle loaded in a fresh process finds every builder.
+_BUILDERS: dict[str, Callable[[dict[str, np.ndarray]], object]] = {}
+
+
+def register(kind: str, build: Callable[[dict[str, np.ndarray]], object]) -> None:
+    """Make ``build`` the builder of state dicts of ``kind``."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}")
+    _BUILDERS[kind] = build
+
+
+def rebuild(state: object) -> object:
+    """Build the object a state dict describes: the one path for files, pickles and copies.
+
+    Raises
+    ------
+    CorruptStateError
+        The state is not valid state of any kind.
+    """
+    kind = kind_of(state)
+    return _BUILDERS[kind](state)  # type: ignore[arg-type]
+
+
 def load(source: PathOrFile) -> object:
     """Load whatever a pagetable file holds: a PageTable, BlockAllocator or KVCacheManager.
 
@@ -332,11 +360,11 @@ def load(source: PathOrFile) -> object:
     FileNotFoundError
         There is no such file.
     """
-    from pagetable._core import PageTable
-    from pagetable._manager import BlockAllocator, KVCacheManager
+    return rebuild(read(source))
 
+
+def load_kind(source: PathOrFile, kind: str) -> object:
+    """Load a file that must hold an object of ``kind``; ``CorruptStateError`` otherwise."""
     state = read(source)
-    kind = kind_of(state)
-    cls = {"PageTable": PageTable, "BlockAllocator": BlockAllocator,
-           "KVCacheManager": KVCacheManager}[kind]
-    return cls._from_state(state)
+    check_kind(state, kind)
+    return rebuild(state)

@@ -16,7 +16,7 @@ import numpy as np
 from pagetable._convert import INT64_MAX, as_index, as_int_array, check_range
 # The exception and the result container are shared with the Cython manager, so that
 # callers catch one OutOfBlocksError; every decision below is plain Python.
-from pagetable._manager import AppendResult, OutOfBlocksError
+from pagetable._results import AppendResult, OutOfBlocksError
 
 PAD_SLOT_ID = -1
 BLOCK_ID_MAX = 2**31 - 1

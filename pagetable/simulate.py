@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pagetable._manager import KVCacheManager, OutOfBlocksError
+from pagetable import KVCacheManager, OutOfBlocksError
 from pagetable.reference_manager import ReferenceKVCacheManager
 
 # (mean, sigma, low, high) of the lognormal length distributions, clipped to [low, high].

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pagetable._manager import BlockAllocator, OutOfBlocksError
+from pagetable import BlockAllocator, OutOfBlocksError
 from pagetable.reference_manager import ReferenceBlockAllocator
 
 ALLOCATORS = [

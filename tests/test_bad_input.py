@@ -238,7 +238,7 @@ def test_pickled_garbage_is_rejected(args, match):
     import pickle
 
     from pagetable import CorruptStateError
-    from pagetable._core import _restore
+    from pagetable._state import rebuild as _restore
 
     with pytest.raises(CorruptStateError, match=match):
         _restore(_table_state(*args))
@@ -254,6 +254,6 @@ class _Reduce:
         self.state = state
 
     def __reduce__(self):
-        from pagetable._core import _restore
+        from pagetable._state import rebuild as _restore
 
         return (_restore, (self.state,))

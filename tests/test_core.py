@@ -62,7 +62,7 @@ def test_large_batch_parallel_path_matches_reference():
     lengths = pt.num_blocks(seq_ids)
     queries = np.repeat(seq_ids, lengths * 16)
     positions = np.concatenate([np.arange(n * 16) for n in lengths.tolist()])
-    assert queries.shape[0] > 131072   # the parallel threshold in _core.pyx
+    assert queries.shape[0] > 131072   # the parallel threshold in _table.pyx
     expected = ref.slot_mapping(queries[::37], positions[::37])
     got = pt.slot_mapping(queries, positions)
     np.testing.assert_array_equal(got[::37], expected)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import run_racing
-from pagetable._manager import AppendResult, KVCacheManager, OutOfBlocksError
+from pagetable import AppendResult, KVCacheManager, OutOfBlocksError
 from pagetable.reference_manager import ReferenceKVCacheManager
 
 BLOCK_SIZES = [1, 3, 16]

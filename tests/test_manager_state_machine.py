@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from pagetable._manager import KVCacheManager, OutOfBlocksError
+from pagetable import KVCacheManager, OutOfBlocksError
 from pagetable.reference_manager import ReferenceKVCacheManager
 
 OUT_OF_BLOCKS = OutOfBlocksError

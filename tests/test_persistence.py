@@ -318,7 +318,7 @@ def test_edited_states_in_pickles_are_refused(name, change, match):
     state = make_manager()._state()
     change(state)
     with pytest.raises(CorruptStateError, match=match):
-        pickle.loads(pickle.dumps(_Restore(pagetable._manager._restore_manager, state)))
+        pickle.loads(pickle.dumps(_Restore(pagetable._state.rebuild, state)))
 
 
 class _Restore:
@@ -330,7 +330,7 @@ class _Restore:
 
 
 def test_states_that_are_not_dicts_of_arrays_are_refused():
-    from pagetable._core import _restore
+    from pagetable._state import rebuild as _restore
 
     for state in (None, [], {"format": "pagetable"}, {"format": np.array("pagetable"), "version": 1},
                   {k: v.tolist() for k, v in make_table()._state().items()}):

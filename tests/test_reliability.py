@@ -164,13 +164,13 @@ def test_append_result_state_cannot_be_forged():
     with pytest.raises(TypeError):
         AppendResult(["slots"], [], [])
     # A crafted stream that asks for a state-setting BUILD step fails cleanly.
-    crafted = (b"\x80\x04cpagetable._manager\nAppendResult\n)\x81(K\x01tb.")
+    crafted = (b"\x80\x04cpagetable._results\nAppendResult\n)\x81(K\x01tb.")
     with pytest.raises((TypeError, AttributeError, pickle.UnpicklingError)):
         pickle.loads(crafted)
     out = run_child("""
         import pickle
         from pagetable import AppendResult
-        stream = b"\\x80\\x04cpagetable._manager\\nAppendResult\\n)\\x81(K\\x01tb."
+        stream = b"\\x80\\x04cpagetable._results\\nAppendResult\\n)\\x81(K\\x01tb."
         try:
             pickle.loads(stream)
         except Exception as error:

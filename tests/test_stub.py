@@ -15,7 +15,7 @@ MODULES = sorted(f"pagetable.{p.stem}" for p in PACKAGE.glob("_*.pyi"))
 
 
 def test_there_are_stubs():
-    assert "pagetable._core" in MODULES
+    assert "pagetable._table" in MODULES
     assert (PACKAGE / "py.typed").exists()
 
 

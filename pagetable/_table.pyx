@@ -1,4 +1,3 @@
-# cython: freethreading_compatible = False, auto_pickle = False
 """The PageTable: sequence id -> ordered physical block ids, in contiguous numpy arrays.
 
 Layout
@@ -31,17 +30,20 @@ from time import monotonic as _monotonic, sleep as _sleep
 import numpy as np
 cimport numpy as cnp
 
+from libc.stdint cimport INT32_MAX, INT64_MAX
+
 from pagetable._types cimport block_id_t, seq_id_t, slot_t, row_t, PAD
 from pagetable._accept cimport (
-    check_output_vector, int_vector, is_kernel_vector, shares_memory)
-from libc.stdint cimport INT32_MAX as C_INT32_MAX, INT64_MAX as C_INT64_MAX
-from pagetable._convert import (
-    INT32_MAX,
-    INT64_MAX,
-    as_index,
-    check_output,
-    check_range,
-)
+    block_arg, int_vector, is_kernel_vector, output_vector, seq_arg, shares_memory)
+from pagetable._persist cimport Persistent
+from pagetable._buffers cimport empty, i32, i64, new_map, zeroed
+from pagetable._idmap cimport (
+    idmap_count, idmap_find, idmap_insert, idmap_remove, idmap_shift_for)
+from pagetable._rows cimport Rows, rows_layout
+from pagetable._table_kernels cimport (
+    TableView, compare_pairs, copy_packed, copy_padded, load_i32, load_i64,
+    lookup_range, resolve_rows, end_of_run, slot_mapping_range, view_find)
+from pagetable._convert import as_index, check_output
 from pagetable import _state
 
 cnp.import_array()
@@ -57,10 +59,8 @@ cdef extern from *:
     #else
     #define PAGETABLE_MAX_THREADS() 1
     #endif
-    #define PAGETABLE_FIBONACCI 0x9E3779B97F4A7C15ULL
     """
     int PAGETABLE_MAX_THREADS() noexcept nogil
-    uint64_t PAGETABLE_FIBONACCI
 
 # Input scans of append_blocks.  With GCC on x86-64 Linux each is compiled twice, for
 # AVX2 and for the baseline, and the loader picks one (an ifunc): the baseline has no
@@ -103,23 +103,6 @@ cdef extern from *:
     int64_t _max_i64 "pagetable_max_i64" (const int64_t* values, int64_t n) noexcept nogil
     int32_t _min_i32 "pagetable_min_i32" (const int32_t* values, int64_t n) noexcept nogil
 
-# Loads of row metadata in kernels that run without the GIL.  Another thread may
-# change a row meanwhile; each field is read exactly once (the compiler may not read
-# it again later and see a different value), and the kernel checks what it read
-# before indexing the pool with it.  On x86-64 and ARM64 these are plain loads.
-cdef extern from *:
-    """
-    #if defined(__GNUC__) || defined(__clang__)
-    static inline int64_t pagetable_load_i64(const int64_t* p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
-    static inline int32_t pagetable_load_i32(const int32_t* p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
-    #else
-    static inline int64_t pagetable_load_i64(const int64_t* p) { return *(const volatile int64_t*)p; }
-    static inline int32_t pagetable_load_i32(const int32_t* p) { return *(const volatile int32_t*)p; }
-    #endif
-    """
-    int64_t _load_i64 "pagetable_load_i64" (const int64_t* p) noexcept nogil
-    int32_t _load_i32 "pagetable_load_i32" (const int32_t* p) noexcept nogil
-
 PAD_SLOT_ID = PAD
 
 _CONCURRENT_WRITE = (
@@ -143,7 +126,6 @@ _OWNED = (
 MAX_BLOCK_SIZE = INT32_MAX
 
 cdef enum:
-    EMPTY_KEY = -1
     # Batches at least this long are split over OpenMP threads; below it a thread
     # team costs more than it saves, and on a busy machine a descheduled thread
     # holds the whole call up.  Chunks are handed out dynamically for that reason.
@@ -174,12 +156,6 @@ cdef enum:
 
 cdef extern from *:
     """
-    #define PAGETABLE_EXACT_DOUBLE_LIMIT (1LL << 52)
-    """
-    int64_t DEF_EXACT_DOUBLE_LIMIT "PAGETABLE_EXACT_DOUBLE_LIMIT"
-
-cdef extern from *:
-    """
     #ifndef PAGETABLE_DEBUG_BUILD
     #define PAGETABLE_DEBUG_BUILD 0
     #endif
@@ -192,7 +168,7 @@ DEBUG_BUILD = bool(PAGETABLE_DEBUG_BUILD)
 cdef bint _LINUX = sys.platform.startswith("linux")
 
 
-cdef int _wait_while_set(int32_t* flag, str message) except -1:
+cdef int wait_while_set(int32_t* flag, str message) except -1:
     """Wait, letting other threads run, until another thread clears ``flag``.
 
     Readers wait for a change in progress (it lets other threads run only while the
@@ -210,56 +186,6 @@ _INT32 = np.dtype(np.int32)
 _INT64 = np.dtype(np.int64)
 
 
-cdef inline uint64_t _hash_slot(seq_id_t key, int32_t shift) noexcept nogil:
-    return (<uint64_t>key * PAGETABLE_FIBONACCI) >> shift
-
-
-cdef inline int32_t _shift_for(int64_t capacity) noexcept nogil:
-    cdef int32_t bits = 0
-    while (<int64_t>1 << bits) < capacity:
-        bits += 1
-    return 64 - bits
-
-
-def _new_pool_map(int64_t capacity):
-    """An anonymous memory map for ``capacity`` int32 entries (pages cost nothing until written)."""
-    # Private, not the default shared mapping: a shared anonymous mapping is a fixed
-    # size memory object, and touching pages past it after an mremap faults.
-    flags = getattr(_mmap, "MAP_PRIVATE", 0) | getattr(_mmap, "MAP_ANONYMOUS", 0)
-    try:
-        if flags:
-            return _mmap.mmap(-1, <Py_ssize_t>capacity * sizeof(int32_t), flags=flags)
-        return _mmap.mmap(-1, <Py_ssize_t>capacity * sizeof(int32_t))
-    except OSError as error:
-        # The OS refusing memory is running out of memory, whatever errno says
-        # (ENOMEM, or EAGAIN past a locked-memory limit): callers catch MemoryError.
-        raise MemoryError(f"cannot map {capacity * 4} bytes for a PageTable: {error}") from None
-
-
-cdef object _zeros(Py_ssize_t count, int typenum):
-    """A zeroed 1-D array of ``typenum``; a large one in its own anonymous mapping.
-
-    Metadata arrays are replaced (not resized) as a table grows.  From the heap, the
-    arrays left behind fragment it and stay resident; a mapping of its own goes back to
-    the OS the moment it is dropped, and its untouched pages never count at all.
-    Small ones come straight from numpy's C API: a table grows its arrays a dozen
-    times on its way to a thousand sequences, and each growth should cost little.
-    """
-    cdef cnp.npy_intp size = count
-    cdef Py_ssize_t nbytes = count * (8 if typenum == cnp.NPY_INT64 else 4)
-    if nbytes < 65536:
-        return cnp.PyArray_ZEROS(1, &size, typenum, 0)
-    return np.frombuffer(_new_pool_map((nbytes + 3) // 4),
-                         dtype=_INT64 if typenum == cnp.NPY_INT64 else _INT32, count=count)
-
-
-cdef inline void _copy_prefix(object target, object source, Py_ssize_t count) noexcept:
-    """Copy the first ``count`` entries of one 1-D array into another of the same type."""
-    if count > 0:
-        memcpy(cnp.PyArray_DATA(<cnp.ndarray>target), cnp.PyArray_DATA(<cnp.ndarray>source),
-               <size_t>count * <size_t>cnp.PyArray_ITEMSIZE(<cnp.ndarray>source))
-
-
 def _check_block_size(block_size):
     """Validate a block size: a positive integer no larger than ``MAX_BLOCK_SIZE``."""
     value = as_index(block_size, "block_size")
@@ -270,45 +196,9 @@ def _check_block_size(block_size):
     return value
 
 
-cdef inline int64_t _int_arg(object value, str name, int64_t high) except? -2:
-    """An integer argument in ``0 .. high``; raises naming ``name`` otherwise.
-
-    All comparisons are on C values: boxing a bound here cost every call.
-    """
-    cdef int overflow = 0
-    cdef long long result
-    if type(value) is not int:
-        value = as_index(value, name)
-    result = PyLong_AsLongLongAndOverflow(value, &overflow)
-    if overflow != 0 or result < 0 or result > high:
-        check_range(value, 0, high, name)
-    return result
-
-
-cdef inline seq_id_t _seq_arg(object value) except? -2:
-    return _int_arg(value, "sequence_id", C_INT64_MAX)
-
-
-cdef inline block_id_t _block_arg(object value) except? -2:
-    return <block_id_t>_int_arg(value, "block_id", C_INT32_MAX)
-
-
 cdef inline object _int64_ids(object values, str name):
     """``values`` as the int64 vector kernels read (see ``_accept.pxd``)."""
     return int_vector(values, name, cnp.NPY_INT64)
-
-
-cdef inline object _empty(Py_ssize_t n, int typenum):
-    cdef cnp.npy_intp size = n
-    return cnp.PyArray_EMPTY(1, &size, typenum, 0)
-
-
-cdef inline int64_t* _i64(object array) noexcept:
-    return <int64_t*>cnp.PyArray_DATA(<cnp.ndarray>array)
-
-
-cdef inline int32_t* _i32(object array) noexcept:
-    return <int32_t*>cnp.PyArray_DATA(<cnp.ndarray>array)
 
 
 def _pair(seq_ids, positions):
@@ -331,290 +221,6 @@ cdef object _row_hints(object rows, int64_t n):
     return rows
 
 
-# --------------------------------------------------------------------------- kernels
-# Pure loops over raw table pointers.  Each returns the index of the first entry it
-# could not handle (a negative sequence id), or -1; the caller raises with the GIL.
-
-cdef inline row_t _view_find(const TableView* view, seq_id_t seq_id) noexcept nogil:
-    """Row of ``seq_id``, or -1.
-
-    A plain probe loop: the branch that finds an id in its home slot is predicted,
-    so the row load issues before the key compare resolves.  The index is kept
-    sparse (see ``INDEX_LOAD_*``) to make that prediction right nearly every time.
-    """
-    cdef uint64_t mask = <uint64_t>view.index_mask
-    cdef uint64_t slot = _hash_slot(seq_id, view.index_shift)
-    cdef int64_t key
-    while True:
-        key = view.index_keys[slot]
-        if key == seq_id:
-            return view.index_rows[slot]
-        if key == EMPTY_KEY:
-            return -1
-        slot = (slot + 1) & mask
-
-
-cdef inline row_t _hinted_find(const TableView* view, const int32_t* hints, int64_t k,
-                               seq_id_t seq_id) noexcept nogil:
-    """Row of ``seq_id`` (>= 0), trying the caller's row hint ``hints[k]`` first.
-
-    A hint is used only if that row holds ``seq_id`` now, so a stale or wrong hint
-    costs a probe and nothing else.  ``hints`` may be NULL.
-    """
-    cdef row_t row
-    if hints != NULL:
-        row = hints[k]
-        if <uint64_t><int64_t>row < <uint64_t>view.rows_used and view.row_seq[row] == seq_id:
-            return row
-    return _view_find(view, seq_id)
-
-
-# Exact quotient by a block size that is not a power of two, for 0 <= pos < 2**52:
-# a double-precision reciprocal is off by at most one there, and one correction step
-# fixes it.  Hardware 64-bit division would cost tens of cycles per token.
-
-cdef inline int64_t _quotient(int64_t pos, int64_t block_size, double reciprocal) noexcept nogil:
-    cdef int64_t quotient = <int64_t>(<double>pos * reciprocal)
-    cdef int64_t remainder = pos - quotient * block_size
-    if remainder < 0:
-        quotient -= 1
-    elif remainder >= block_size:
-        quotient += 1
-    return quotient
-
-
-cdef inline int64_t _block_of(int64_t pos, const TableView* view, int64_t limit,
-                              double reciprocal) noexcept nogil:
-    """Logical block index of a mapped position ``0 <= pos < limit``."""
-    if view.block_shift >= 0:
-        return pos >> view.block_shift
-    if limit <= DEF_EXACT_DOUBLE_LIMIT:
-        return _quotient(pos, view.block_size, reciprocal)
-    return pos // view.block_size
-
-
-cdef inline int64_t _run_end(const int64_t* seq_ids, int64_t begin, int64_t end) noexcept nogil:
-    """End of the run of equal ids starting at ``begin``."""
-    cdef seq_id_t seq_id = seq_ids[begin]
-    cdef int64_t i = begin + 1
-    while i < end and seq_ids[i] == seq_id:
-        i += 1
-    return i
-
-
-cdef inline void _run_slots(const TableView* view, row_t row, const int64_t* positions,
-                            int64_t* out, int64_t count) noexcept nogil:
-    """Slots of ``count`` positions of one sequence (``row``, or -1 if unknown)."""
-    cdef int64_t k, pos, block_index
-    cdef int64_t start = _load_i64(view.row_start + row) if row >= 0 else 0
-    cdef int64_t length = _load_i32(view.row_len + row) if row >= 0 else 0
-    cdef const int32_t* data
-    cdef int64_t block_size = view.block_size
-    cdef int32_t shift = view.block_shift
-    cdef int64_t mask = view.block_mask
-    cdef int64_t limit
-    cdef double reciprocal
-    if start < 0 or start + length > view.pool_capacity:
-        length = 0      # torn by a change in another thread: the caller reads again
-    limit = length * block_size      # positions 0 .. limit - 1 are mapped
-    if length <= 0:
-        for k in range(count):
-            out[k] = PAD
-        return
-    data = view.pool + start
-    if shift >= 0:
-        for k in range(count):
-            pos = positions[k]
-            # One unsigned compare rejects negative and past-the-end positions alike.
-            if <uint64_t>pos < <uint64_t>limit:
-                out[k] = (<int64_t>data[pos >> shift] << shift) | (pos & mask)
-            else:
-                out[k] = PAD
-    elif limit <= DEF_EXACT_DOUBLE_LIMIT:
-        reciprocal = 1.0 / <double>block_size
-        for k in range(count):
-            pos = positions[k]
-            if <uint64_t>pos < <uint64_t>limit:
-                block_index = _quotient(pos, block_size, reciprocal)
-                out[k] = <int64_t>data[block_index] * block_size + (pos - block_index * block_size)
-            else:
-                out[k] = PAD
-    else:
-        for k in range(count):
-            pos = positions[k]
-            if <uint64_t>pos < <uint64_t>limit:
-                block_index = pos // block_size
-                out[k] = <int64_t>data[block_index] * block_size + (pos - block_index * block_size)
-            else:
-                out[k] = PAD
-
-
-cdef inline void _run_lookup(const TableView* view, row_t row, const int64_t* positions,
-                             int32_t* blocks_out, int32_t* offsets_out, int64_t count) noexcept nogil:
-    """Block ids and offsets of ``count`` positions of one sequence."""
-    cdef int64_t k, pos, block_index
-    cdef int64_t start = _load_i64(view.row_start + row) if row >= 0 else 0
-    cdef int64_t length = _load_i32(view.row_len + row) if row >= 0 else 0
-    cdef const int32_t* data
-    cdef int64_t block_size = view.block_size
-    cdef int64_t limit
-    cdef double reciprocal = 1.0 / <double>block_size
-    if start < 0 or start + length > view.pool_capacity:
-        length = 0      # torn by a change in another thread: the caller reads again
-    limit = length * block_size
-    if length <= 0:
-        for k in range(count):
-            blocks_out[k] = PAD
-            offsets_out[k] = PAD
-        return
-    data = view.pool + start
-    for k in range(count):
-        pos = positions[k]
-        if <uint64_t>pos < <uint64_t>limit:
-            block_index = _block_of(pos, view, limit, reciprocal)
-            blocks_out[k] = data[block_index]
-            offsets_out[k] = <int32_t>(pos - block_index * block_size)
-        else:
-            blocks_out[k] = PAD
-            offsets_out[k] = PAD
-
-
-cdef enum:
-    # Tokens outside long runs are mapped one by one, in stretches this long; after
-    # each stretch the scan looks for a long run again.
-    INTERLEAVED_BATCH = 64
-
-
-cdef inline int64_t _interleaved_slots(const TableView* view, const int64_t* seq_ids,
-                                       const int32_t* hints, const int64_t* positions,
-                                       int64_t* out, int64_t count) noexcept nogil:
-    """Slots of ``count`` tokens of mixed ids, one probe (or row hint) each.
-
-    Returns the index of the first negative id, or -1.
-    """
-    cdef int64_t k, pos, block_index, limit, entry
-    cdef int64_t block_size = view.block_size
-    cdef int32_t shift = view.block_shift
-    cdef int64_t mask = view.block_mask
-    cdef uint64_t capacity = <uint64_t>view.pool_capacity
-    cdef double reciprocal = 1.0 / <double>block_size
-    cdef seq_id_t seq_id
-    cdef row_t row
-    for k in range(count):
-        seq_id = seq_ids[k]
-        if seq_id < 0:
-            return k
-        row = _hinted_find(view, hints, k, seq_id)
-        pos = positions[k]
-        limit = (_load_i32(view.row_len + row) if row >= 0 else 0) * block_size
-        if <uint64_t>pos >= <uint64_t>limit:
-            out[k] = PAD
-            continue
-        block_index = pos >> shift if shift >= 0 else _block_of(pos, view, limit, reciprocal)
-        entry = _load_i64(view.row_start + row) + block_index
-        # A row torn by a change in another thread must not send the read outside
-        # the pool; the caller reads again in that case.
-        if <uint64_t>entry >= capacity:
-            out[k] = PAD
-        elif shift >= 0:
-            out[k] = (<int64_t>view.pool[entry] << shift) | (pos & mask)
-        else:
-            out[k] = <int64_t>view.pool[entry] * block_size + (pos - block_index * block_size)
-    return -1
-
-
-cdef int64_t _slot_mapping_range(const TableView* view, const int64_t* seq_ids,
-                                 const int32_t* hints, const int64_t* positions,
-                                 int64_t* out, int64_t begin, int64_t end) noexcept nogil:
-    """Slots for entries ``begin .. end - 1``, one hash probe per run of equal ids.
-
-    ``hints`` (NULL, or one row hint per entry) replaces probes whose hint is right.
-    Returns the index of the first negative sequence id, or -1.
-    """
-    cdef int64_t i = begin, run_end, batch_end, bad
-    while i < end:
-        if seq_ids[i] < 0:
-            return i
-        run_end = _run_end(seq_ids, i, end)
-        if run_end - i >= 4:
-            _run_slots(view, _hinted_find(view, hints, i, seq_ids[i]), positions + i,
-                       out + i, run_end - i)
-            i = run_end
-            continue
-        # Short runs: the batch is interleaved here.
-        batch_end = min(i + INTERLEAVED_BATCH, end)
-        bad = _interleaved_slots(view, seq_ids + i, hints + i if hints != NULL else NULL,
-                                 positions + i, out + i, batch_end - i)
-        if bad >= 0:
-            return i + bad
-        i = batch_end
-    return -1
-
-
-cdef int64_t _lookup_range(const TableView* view, const int64_t* seq_ids,
-                           const int32_t* hints, const int64_t* positions,
-                           int32_t* blocks_out, int32_t* offsets_out,
-                           int64_t begin, int64_t end) noexcept nogil:
-    """Block ids and offsets for entries ``begin .. end - 1``; see ``_slot_mapping_range``."""
-    cdef int64_t i = begin, run_end
-    while i < end:
-        if seq_ids[i] < 0:
-            return i
-        run_end = _run_end(seq_ids, i, end)
-        _run_lookup(view, _hinted_find(view, hints, i, seq_ids[i]), positions + i,
-                    blocks_out + i, offsets_out + i, run_end - i)
-        i = run_end
-    return -1
-
-
-cdef int64_t _resolve_rows(const TableView* view, const int64_t* seq_ids, int32_t* rows,
-                           int64_t count) noexcept nogil:
-    """Fill ``rows`` with each id's row; return the first negative or unknown index, else -1."""
-    cdef int64_t i
-    cdef seq_id_t seq_id, current = -1
-    cdef row_t row = -1
-    for i in range(count):
-        seq_id = seq_ids[i]
-        # Checked for every entry: -1, the "no id yet" of ``current``, would pass
-        # as a repeat of it otherwise.
-        if seq_id < 0:
-            return i
-        if seq_id != current:
-            current = seq_id
-            row = _view_find(view, seq_id)
-            if row < 0:
-                return i
-        rows[i] = row
-    return -1
-
-
-cdef int _compare_first(const void* a, const void* b) noexcept nogil:
-    """qsort order of (key, value) int64 pairs by key."""
-    cdef int64_t x = (<const int64_t*>a)[0], y = (<const int64_t*>b)[0]
-    return (x > y) - (x < y)
-
-
-cdef void _copy_padded(const int32_t* pool, const int64_t* starts, const int32_t* lengths,
-                       int64_t count, int32_t* target, int64_t width) noexcept nogil:
-    """Rows ``pool[starts[b] : starts[b] + lengths[b]]`` into a ``count x width`` table, padded."""
-    cdef int64_t b, j
-    cdef int32_t* dest
-    for b in range(count):
-        dest = target + b * width
-        memcpy(dest, pool + starts[b], <size_t>lengths[b] * sizeof(int32_t))
-        for j in range(lengths[b], width):
-            dest[j] = PAD
-
-
-cdef void _copy_packed(const int32_t* pool, const int64_t* starts, const int32_t* lengths,
-                       int64_t count, int32_t* target) noexcept nogil:
-    """Rows ``pool[starts[b] : starts[b] + lengths[b]]`` one after another into ``target``."""
-    cdef int64_t b, write = 0
-    for b in range(count):
-        memcpy(target + write, pool + starts[b], <size_t>lengths[b] * sizeof(int32_t))
-        write += lengths[b]
-
-
 # --------------------------------------------------------------------------- scratch
 # Batched appends need one int32 per run of their input.  A fresh array for each call
 # would come from a fresh mapping once it is large, and faulting its pages in costs
@@ -634,10 +240,10 @@ cdef object _take_scratch(Py_ssize_t count):
     """An int32 buffer of at least ``count`` entries; hand it back with ``_give_scratch``."""
     global _scratch, _scratch_taken
     if _scratch_taken or count > SCRATCH_KEEP:
-        return _empty(count, cnp.NPY_INT32)
+        return empty(count, cnp.NPY_INT32)
     if _scratch is None or cnp.PyArray_DIM(<cnp.ndarray>_scratch, 0) < count:
         _scratch = None
-        _scratch = _empty(max(count, 4096), cnp.NPY_INT32)
+        _scratch = empty(max(count, 4096), cnp.NPY_INT32)
     _scratch_taken = True
     return _scratch
 
@@ -657,30 +263,25 @@ cdef PageTable _table_from_rows(int64_t block_size, object seq_ids, object lengt
     cdef PageTable table = PageTable(block_size)
     cdef int64_t i, count = cnp.PyArray_DIM(<cnp.ndarray>seq_ids, 0)
     cdef int64_t total = cnp.PyArray_DIM(<cnp.ndarray>blocks, 0), at = 0, length
-    cdef const int64_t* ids = _i64(seq_ids)
-    cdef const int64_t* sizes = _i64(lengths)
-    cdef const int32_t* data = _i32(blocks)
+    cdef const int64_t* ids = i64(seq_ids)
+    cdef const int64_t* sizes = i64(lengths)
+    cdef const int32_t* data = i32(blocks)
     cdef row_t row
-    table._reserve_sequences(count)
+    table.reserve_sequences(count)
     table._ensure_pool_space(total)
     for i in range(count):
         length = sizes[i]
-        row = table._create_row(ids[i])
+        row = table.create_row(ids[i])
         if length:
-            table._reserve_row(row, length)      # a fresh row at the tail: grows in place
-            table._append_to_row(row, data + at, length)
+            table.reserve_row(row, length)      # a fresh row at the tail: grows in place
+            table.append_to_row(row, data + at, length)
             at += length
     return table
 
 
-def _restore(state):
-    """Rebuild a table from its state dict (pickle support; see ``pagetable._state``)."""
-    return PageTable._from_state(state)
-
-
 # --------------------------------------------------------------------------- the class
 
-cdef class PageTable:
+cdef class PageTable(Persistent):
     """Map each sequence's logical token positions to (physical block, offset).
 
     Parameters
@@ -743,7 +344,7 @@ cdef class PageTable:
         self._rebuild_index(MIN_INDEX_CAPACITY)
         self._grow_rows(16)
         self._pool_map = None
-        self._set_pool(_new_pool_map(MIN_POOL_CAPACITY), MIN_POOL_CAPACITY)
+        self._set_pool(new_map(MIN_POOL_CAPACITY * sizeof(int32_t)), MIN_POOL_CAPACITY)
 
     @classmethod
     def with_block_size(cls, block_size):
@@ -776,7 +377,7 @@ cdef class PageTable:
         only reads that began before this change are waited for.
         """
         if self._busy:
-            _wait_while_set(&self._busy, _READS_IN_FLIGHT)
+            wait_while_set(&self._busy, _READS_IN_FLIGHT)
         return 0
 
     cdef int _begin_write(self) except -1:
@@ -805,7 +406,7 @@ cdef class PageTable:
         storage cannot move (``_busy``), so every pointer the read took stays valid.
         """
         if self._writing:
-            _wait_while_set(&self._writing, _READ_DURING_CHANGE)
+            wait_while_set(&self._writing, _READ_DURING_CHANGE)
         self._busy += 1
         return self._next_version
 
@@ -836,7 +437,7 @@ cdef class PageTable:
             pool_map.resize(<Py_ssize_t>capacity * sizeof(int32_t))
         except (BufferError, OSError, SystemError, ValueError, TypeError):
             self._set_pool(pool_map, old_capacity)    # the map is as it was
-            fresh = _new_pool_map(capacity)            # may let another thread run
+            fresh = new_map(<Py_ssize_t>capacity * sizeof(int32_t))            # may let another thread run
             np.frombuffer(fresh, dtype=np.int32, count=self._pool_tail)[:] = \
                 self._pool_arr[:self._pool_tail]
             self._wait_for_readers()
@@ -847,168 +448,73 @@ cdef class PageTable:
         self._set_pool(pool_map, capacity)
         return 0
 
-    cdef object _allocate_index(self, int64_t capacity):
-        """Install an empty index of ``capacity`` slots; return the old arrays.
-
-        The caller reinserts the rows, then drops what this returns.
-        """
-        keys = _zeros(capacity, cnp.NPY_INT64)
-        # Every byte 0xFF: each key reads as EMPTY_KEY (-1).
+    cdef int _rebuild_index(self, int64_t capacity) except -1:
+        """Give the index ``capacity`` slots (a power of two) and reinsert every row."""
+        cdef row_t row
+        keys = zeroed(capacity, cnp.NPY_INT64)
+        # Every byte 0xFF: each key reads as IDMAP_EMPTY (-1).
         memset(cnp.PyArray_DATA(<cnp.ndarray>keys), 0xFF, <size_t>capacity * sizeof(int64_t))
-        rows = _zeros(capacity, cnp.NPY_INT32)
-        # Allocation above may let another thread run; the swap below may not.  The
+        values = zeroed(capacity, cnp.NPY_INT32)
+        # Allocation above may let another thread run; the switch below may not.  The
         # old arrays stay referenced until every pointer is switched: freeing a mapped
         # array releases the GIL (munmap), and no thread may see a stale pointer then.
         self._wait_for_readers()
-        retired = (self._index_keys_arr, self._index_rows_arr)
-        self._index_keys_arr = keys
-        self._index_rows_arr = rows
-        self._index_keys = <int64_t*>cnp.PyArray_DATA(self._index_keys_arr)
-        self._index_rows = <int32_t*>cnp.PyArray_DATA(self._index_rows_arr)
-        self._index_mask = capacity - 1
-        self._index_shift = _shift_for(capacity)
-        return retired
-
-    cdef void _index_insert(self, seq_id_t seq_id, row_t row) noexcept nogil:
-        cdef uint64_t slot = _hash_slot(seq_id, self._index_shift)
-        while self._index_keys[slot] != EMPTY_KEY:
-            slot = (slot + 1) & <uint64_t>self._index_mask
-        self._index_keys[slot] = seq_id
-        self._index_rows[slot] = row
-
-    cdef void _index_remove(self, seq_id_t seq_id) noexcept nogil:
-        # Backward-shift deletion: pull later members of the probe chain into the hole
-        # so that no tombstone is needed and every chain stays unbroken.
-        cdef uint64_t mask = <uint64_t>self._index_mask
-        cdef uint64_t hole = _hash_slot(seq_id, self._index_shift)
-        cdef uint64_t probe, home
-        while self._index_keys[hole] != seq_id:
-            if self._index_keys[hole] == EMPTY_KEY:
-                return
-            hole = (hole + 1) & mask
-        probe = hole
-        while True:
-            probe = (probe + 1) & mask
-            if self._index_keys[probe] == EMPTY_KEY:
-                break
-            home = _hash_slot(self._index_keys[probe], self._index_shift)
-            # The entry at ``probe`` may move into ``hole`` only if its home slot is
-            # not cyclically within (hole, probe].
-            if hole <= probe:
-                if hole < home and home <= probe:
-                    continue
-            else:
-                if hole < home or home <= probe:
-                    continue
-            self._index_keys[hole] = self._index_keys[probe]
-            self._index_rows[hole] = self._index_rows[probe]
-            hole = probe
-        self._index_keys[hole] = EMPTY_KEY
-        self._index_rows[hole] = -1
+        retired = self._index_storage
+        self._index_storage = (keys, values)
+        self._index.keys = i64(keys)
+        self._index.values = i32(values)
+        self._index.mask = capacity - 1
+        self._index.shift = idmap_shift_for(capacity)
+        for row in range(self._rows_used):
+            if self._rows.seq[row] >= 0:
+                idmap_insert(&self._index, self._rows.seq[row], row)
+        del retired     # only now may freeing the old index let another thread run
+        return 0
 
     cdef int _grow_index(self) except -1:
         # Small indexes grow fourfold: a batch creating a thousand sequences would
         # otherwise rebuild one eight times.  From SMALL_INDEX slots on, every slot
         # is resident memory (keys are filled with EMPTY_KEY), so growth halves.
-        cdef int64_t capacity = self._index_mask + 1
+        cdef int64_t capacity = self._index.mask + 1
         return self._rebuild_index(capacity * (4 if capacity < SMALL_INDEX else 2))
 
-    cdef int _reserve_sequences(self, int64_t extra) except -1:
+    cdef int reserve_sequences(self, int64_t extra) except -1:
         """Grow the index and the row arrays once for up to ``extra`` more sequences."""
-        cdef int64_t capacity = self._index_mask + 1
+        cdef int64_t capacity = self._index.mask + 1
         cdef int64_t needed = self._num_sequences + extra
         cdef int64_t new_rows = extra - self._num_free_rows
         while needed * INDEX_LOAD_DEN > capacity * INDEX_LOAD_NUM:
             capacity *= 2
-        if capacity != self._index_mask + 1:
+        if capacity != self._index.mask + 1:
             self._rebuild_index(capacity)
         if new_rows > 0 and self._rows_used + new_rows > self._rows_capacity:
-            if self._rows_used + new_rows >= C_INT32_MAX // 2:
+            if self._rows_used + new_rows >= INT32_MAX // 2:
                 raise OverflowError("a PageTable holds at most 2**30 sequences")
             self._grow_rows(<int32_t>max(ROWS_GROWTH * <int64_t>self._rows_capacity,
                                          self._rows_used + new_rows))
         return 0
 
-    cdef int _rebuild_index(self, int64_t capacity) except -1:
-        cdef row_t row
-        retired = self._allocate_index(capacity)
-        for row in range(self._rows_used):
-            if self._row_seq[row] >= 0:
-                self._index_insert(self._row_seq[row], row)
-        del retired     # only now may freeing the old index let another thread run
-        return 0
-
     cdef int _grow_rows(self, int32_t capacity) except -1:
-        cdef int64_t used = self._rows_used
+        """Give the row metadata room for ``capacity`` rows (see ``_rows.pxd``)."""
+        cdef Rows grown
         # Rows past _rows_used are never read, so zeros (untouched pages) will do.
-        start = _zeros(capacity, cnp.NPY_INT64)
-        length = _zeros(capacity, cnp.NPY_INT32)
-        cap = _zeros(capacity, cnp.NPY_INT32)
-        seq = _zeros(capacity, cnp.NPY_INT64)
-        order = _zeros(capacity, cnp.NPY_INT64)
-        pending = _zeros(capacity, cnp.NPY_INT32)
-        version = _zeros(capacity, cnp.NPY_INT64)
-        rewrite = _zeros(capacity, cnp.NPY_INT64)
-        free_stack = _zeros(capacity, cnp.NPY_INT32)
-        if used:
-            _copy_prefix(start, self._row_start_arr, used)
-            _copy_prefix(length, self._row_len_arr, used)
-            _copy_prefix(cap, self._row_cap_arr, used)
-            _copy_prefix(seq, self._row_seq_arr, used)
-            _copy_prefix(order, self._row_order_arr, used)
-            _copy_prefix(pending, self._row_pending_arr, used)
-            _copy_prefix(version, self._row_version_arr, used)
-            _copy_prefix(rewrite, self._row_rewrite_arr, used)
-            _copy_prefix(free_stack, self._free_stack_arr, self._num_free_rows)
-        # Allocation above may let another thread run; the swap below may not.  The
-        # old arrays stay referenced until every pointer is switched: freeing a mapped
-        # array releases the GIL (munmap), and no thread may see a stale pointer then.
+        storage = zeroed((rows_layout(&grown, NULL, capacity, NULL, 0, 0) + 7) // 8,
+                         cnp.NPY_INT64)
+        # Allocation above may let another thread run; the switch below may not.  The
+        # old storage stays referenced until every pointer is switched: freeing a
+        # mapping releases the GIL (munmap), and no thread may see a stale pointer then.
         self._wait_for_readers()
-        retired = (self._row_start_arr, self._row_len_arr, self._row_cap_arr, self._row_seq_arr,
-                   self._row_order_arr, self._row_pending_arr, self._row_version_arr,
-                   self._row_rewrite_arr, self._free_stack_arr)
-        self._row_start_arr = start
-        self._row_len_arr = length
-        self._row_cap_arr = cap
-        self._row_seq_arr = seq
-        self._row_order_arr = order
-        self._row_start = <int64_t*>cnp.PyArray_DATA(start)
-        self._row_len = <int32_t*>cnp.PyArray_DATA(length)
-        self._row_cap = <int32_t*>cnp.PyArray_DATA(cap)
-        self._row_seq = <int64_t*>cnp.PyArray_DATA(seq)
-        self._row_order = <int64_t*>cnp.PyArray_DATA(order)
-        self._row_pending_arr = pending
-        self._row_pending = <int32_t*>cnp.PyArray_DATA(pending)
-        self._row_version_arr = version
-        self._row_version = <int64_t*>cnp.PyArray_DATA(version)
-        self._row_rewrite_arr = rewrite
-        self._row_rewrite = <int64_t*>cnp.PyArray_DATA(rewrite)
-        self._free_stack_arr = free_stack
-        self._free_stack = <int32_t*>cnp.PyArray_DATA(free_stack)
+        rows_layout(&grown, <char*>cnp.PyArray_DATA(<cnp.ndarray>storage), capacity,
+                    &self._rows if self._rows_storage is not None else NULL,
+                    self._rows_used, self._num_free_rows)
+        retired = self._rows_storage
+        self._rows_storage = storage
+        self._rows = grown
         self._rows_capacity = capacity
+        del retired
         return 0
 
-    cdef row_t _find_row(self, seq_id_t seq_id) noexcept nogil:
-        cdef uint64_t slot
-        cdef int64_t key
-        if seq_id < 0:
-            return -1
-        slot = _hash_slot(seq_id, self._index_shift)
-        while True:
-            key = self._index_keys[slot]
-            if key == seq_id:
-                return self._index_rows[slot]
-            if key == EMPTY_KEY:
-                return -1
-            slot = (slot + 1) & <uint64_t>self._index_mask
-
-    cdef row_t _get_or_create_row(self, seq_id_t seq_id) except -1:
-        cdef row_t row = self._find_row(seq_id)
-        if row >= 0:
-            return row
-        return self._create_row(seq_id)
-
-    cdef row_t _create_row(self, seq_id_t seq_id) except -1:
+    cdef row_t create_row(self, seq_id_t seq_id) except -1:
         """Add a sequence known to be absent; return its (empty) row."""
         cdef row_t row
         if seq_id < 0:
@@ -1016,41 +522,36 @@ cdef class PageTable:
             # chain; every entry point checks ids, and this is the last line.
             raise ValueError(f"sequence ids must be in 0..{INT64_MAX}, got {seq_id}")
         # Reserve everything first, so a MemoryError leaves no half-made row.
-        if (self._num_sequences + 1) * INDEX_LOAD_DEN > (self._index_mask + 1) * INDEX_LOAD_NUM:
+        if (self._num_sequences + 1) * INDEX_LOAD_DEN > (self._index.mask + 1) * INDEX_LOAD_NUM:
             self._grow_index()
         if self._num_free_rows:
             self._num_free_rows -= 1
-            row = self._free_stack[self._num_free_rows]
+            row = self._rows.free_stack[self._num_free_rows]
         else:
             if self._rows_used == self._rows_capacity:
-                if self._rows_capacity >= C_INT32_MAX // 2:
+                if self._rows_capacity >= INT32_MAX // 2:
                     raise OverflowError("a PageTable holds at most 2**30 sequences")
                 self._grow_rows(<int32_t>min(ROWS_GROWTH * <int64_t>self._rows_capacity,
-                                             C_INT32_MAX // 2))
+                                             INT32_MAX // 2))
             row = self._rows_used
             self._rows_used += 1
-        self._row_start[row] = self._pool_tail
-        self._row_len[row] = 0
-        self._row_cap[row] = 0
-        self._row_seq[row] = seq_id
-        self._row_order[row] = self._next_order
-        self._next_version += 1
-        self._row_version[row] = self._next_version
-        self._row_rewrite[row] = self._next_version
+        self._rows.start[row] = self._pool_tail
+        self._rows.length[row] = 0
+        self._rows.capacity[row] = 0
+        self._rows.seq[row] = seq_id
+        self._rows.order[row] = self._next_order
+        self._touch(row, True)
         self._next_order += 1
-        self._index_insert(seq_id, row)
+        idmap_insert(&self._index, seq_id, row)
         self._num_sequences += 1
         return row
 
     cdef TableView _view(self) noexcept nogil:
         cdef TableView view
-        view.index_keys = self._index_keys
-        view.index_rows = self._index_rows
-        view.index_mask = self._index_mask
-        view.index_shift = self._index_shift
-        view.row_start = self._row_start
-        view.row_len = self._row_len
-        view.row_seq = self._row_seq
+        view.index = self._index
+        view.row_start = self._rows.start
+        view.row_len = self._rows.length
+        view.row_seq = self._rows.seq
         view.rows_used = self._rows_used
         view.pool = self._pool
         view.pool_capacity = self._pool_capacity
@@ -1059,35 +560,37 @@ cdef class PageTable:
         view.block_mask = self._block_mask
         return view
 
-    cdef int _compact_into(self, object target_arr) except -1:
-        """Copy every live row, in pool order, to the front of ``target_arr``.
+    cdef int _compact(self) except -1:
+        """Move every live row, in pool order, to the front of the pool.
 
-        ``target_arr`` may be the pool itself (in-place compaction: rows only move
-        towards the front, in start order, so ``memmove`` never overwrites data that
-        is still to be read) or a larger fresh array (growth).
+        Rows only move towards the front, in start order, so ``memmove`` never
+        overwrites data that is still to be read.
         """
-        cdef int32_t* target = <int32_t*>cnp.PyArray_DATA(target_arr)
-        cdef int64_t write = 0
-        cdef int64_t i, n
+        cdef int64_t write = 0, i, n = 0
         cdef row_t row
-        starts = self._row_start_arr[:self._rows_used]
-        live = np.flatnonzero(self._row_seq_arr[:self._rows_used] >= 0).astype(np.int32)
-        cdef int32_t[::1] order = live[np.argsort(starts[live], kind="stable")]
-        n = order.shape[0]
-        # numpy above may have let another thread start a read; check just before moving.
+        pairs_array = empty(2 * <Py_ssize_t>self._num_sequences, cnp.NPY_INT64)
+        cdef int64_t* pairs = i64(pairs_array)       # (start, row) of each live row
+        for row in range(self._rows_used):
+            if self._rows.seq[row] >= 0 and n < self._num_sequences:
+                pairs[2 * n] = self._rows.start[row]
+                pairs[2 * n + 1] = row
+                n += 1
+        if n > 1:
+            qsort(pairs, <size_t>n, 2 * sizeof(int64_t), compare_pairs)
+        # Allocating above may have let another thread start a read; check just before
+        # moving.  Rows move with the GIL held: no other thread reads or writes meanwhile.
         self._wait_for_readers()
-        # Rows move: the GIL stays held so that no other thread reads or writes meanwhile.
         for i in range(n):
-            row = order[i]
-            if self._row_len[row]:
-                memmove(target + write, self._pool + self._row_start[row],
-                        <size_t>self._row_len[row] * sizeof(int32_t))
-            self._row_start[row] = write
-            write += self._row_cap[row]
+            row = <row_t>pairs[2 * i + 1]
+            if self._rows.length[row]:
+                memmove(self._pool + write, self._pool + self._rows.start[row],
+                        <size_t>self._rows.length[row] * sizeof(int32_t))
+            self._rows.start[row] = write
+            write += self._rows.capacity[row]
         # Free rows point at the tail so that they look empty and harmless.
         for i in range(self._rows_used):
-            if self._row_seq[i] < 0:
-                self._row_start[i] = write
+            if self._rows.seq[i] < 0:
+                self._rows.start[i] = write
         self._pool_tail = write
         self._pool_garbage = 0
         return 0
@@ -1100,7 +603,7 @@ cdef class PageTable:
         live = self._pool_tail - self._pool_garbage
         # Compacting in place costs no memory; do it when it reclaims a fair share.
         if self._pool_garbage and self._pool_garbage * 4 >= live:
-            self._compact_into(self._pool_arr)
+            self._compact()
             if self._pool_tail + needed <= self._pool_capacity:
                 return 0
         self._resize_pool(max(live + needed + ((live + needed) >> 1), <int64_t>MIN_POOL_CAPACITY))
@@ -1117,7 +620,7 @@ cdef class PageTable:
         if self._pool_garbage <= live or self._pool_capacity <= 65536 or self._busy:
             return 0
         try:
-            self._compact_into(self._pool_arr)
+            self._compact()
             if self._pool_capacity > 2 * (self._pool_tail + MIN_POOL_CAPACITY):
                 self._resize_pool(self._pool_tail + (self._pool_tail >> 1) + MIN_POOL_CAPACITY)
             self._release_tail_pages()
@@ -1125,35 +628,35 @@ cdef class PageTable:
             pass
         return 0
 
-    cdef int _reserve_row(self, row_t row, int64_t min_capacity) except -1:
-        cdef int64_t capacity = self._row_cap[row]
+    cdef int reserve_row(self, row_t row, int64_t min_capacity) except -1:
+        cdef int64_t capacity = self._rows.capacity[row]
         cdef int64_t new_capacity, old_start
         if min_capacity <= capacity:
             return 0
-        if min_capacity > C_INT32_MAX:
+        if min_capacity > INT32_MAX:
             raise OverflowError("a sequence holds at most 2**31 - 1 blocks")
         # A row that ends at the pool's tail grows in place.
-        if self._row_start[row] + capacity == self._pool_tail:
+        if self._rows.start[row] + capacity == self._pool_tail:
             if self._pool_tail + (min_capacity - capacity) <= self._pool_capacity:
                 self._pool_tail += min_capacity - capacity
-                self._row_cap[row] = <int32_t>min_capacity
+                self._rows.capacity[row] = <int32_t>min_capacity
                 return 0
         if capacity == 0:
             new_capacity = min_capacity
         else:
             new_capacity = max(min_capacity, capacity + (capacity >> 2) + 4)
-            new_capacity = min(new_capacity, <int64_t>C_INT32_MAX)
+            new_capacity = min(new_capacity, <int64_t>INT32_MAX)
         self._ensure_pool_space(new_capacity)   # may move every row
-        old_start = self._row_start[row]
-        if self._row_len[row]:
+        old_start = self._rows.start[row]
+        if self._rows.length[row]:
             memcpy(self._pool + self._pool_tail, self._pool + old_start,
-                   <size_t>self._row_len[row] * sizeof(int32_t))
-        if old_start + self._row_cap[row] == self._pool_tail:
+                   <size_t>self._rows.length[row] * sizeof(int32_t))
+        if old_start + self._rows.capacity[row] == self._pool_tail:
             self._pool_tail = old_start    # never happens after a move, kept for safety
         else:
-            self._pool_garbage += self._row_cap[row]
-        self._row_start[row] = self._pool_tail
-        self._row_cap[row] = <int32_t>new_capacity
+            self._pool_garbage += self._rows.capacity[row]
+        self._rows.start[row] = self._pool_tail
+        self._rows.capacity[row] = <int32_t>new_capacity
         self._pool_tail += new_capacity
         # Abandoned room stays resident until reclaimed: compact once it is a quarter
         # of the live data, so resident memory tracks the mapped blocks.
@@ -1161,7 +664,7 @@ cdef class PageTable:
                 and self._pool_garbage * 4 > self._pool_tail - self._pool_garbage):
             # Optional maintenance: the row has moved, so this call may not fail now.
             try:
-                self._compact_into(self._pool_arr)
+                self._compact()
                 self._release_tail_pages()
             except Exception:
                 pass
@@ -1199,34 +702,33 @@ cdef class PageTable:
             pass
         return 0
 
-    cdef int _append_to_row(self, row_t row, const block_id_t* blocks, int64_t count) except -1:
-        cdef int64_t length = self._row_len[row]
+    cdef int append_to_row(self, row_t row, const block_id_t* blocks, int64_t count) except -1:
+        cdef int64_t length = self._rows.length[row]
         if count <= 0:
             return 0
-        self._reserve_row(row, length + count)
-        memcpy(self._pool + self._row_start[row] + length, blocks, <size_t>count * sizeof(int32_t))
-        self._row_len[row] = <int32_t>(length + count)
-        self._next_version += 1
-        self._row_version[row] = self._next_version
+        self.reserve_row(row, length + count)
+        memcpy(self._pool + self._rows.start[row] + length, blocks, <size_t>count * sizeof(int32_t))
+        self._rows.length[row] = <int32_t>(length + count)
+        self._touch(row, False)
         self._total_blocks += count
         return 0
 
-    cdef int _drop_row(self, row_t row) except -1:
-        cdef int64_t start = self._row_start[row]
-        cdef int64_t capacity = self._row_cap[row]
-        self._index_remove(self._row_seq[row])
+    cdef int drop_row(self, row_t row) except -1:
+        cdef int64_t start = self._rows.start[row]
+        cdef int64_t capacity = self._rows.capacity[row]
+        idmap_remove(&self._index, self._rows.seq[row])
         if start + capacity == self._pool_tail:
             self._pool_tail = start
         else:
             self._pool_garbage += capacity
-        self._total_blocks -= self._row_len[row]
-        self._row_len[row] = 0
-        self._row_cap[row] = 0
-        self._row_seq[row] = -1
-        self._row_start[row] = self._pool_tail
+        self._total_blocks -= self._rows.length[row]
+        self._rows.length[row] = 0
+        self._rows.capacity[row] = 0
+        self._rows.seq[row] = -1
+        self._rows.start[row] = self._pool_tail
         self._num_sequences -= 1
-        self._next_version += 1      # readers in flight see that something changed
-        self._free_stack[self._num_free_rows] = row
+        self._touch(row, True)      # readers in flight see that something changed
+        self._rows.free_stack[self._num_free_rows] = row
         self._num_free_rows += 1
         if self._num_sequences == 0:
             # An empty table gives its whole pool back to reuse from the front.
@@ -1236,7 +738,7 @@ cdef class PageTable:
         return 0
 
     cdef row_t _row_or_raise(self, seq_id_t seq_id, str name) except -1:
-        cdef row_t row = self._find_row(seq_id)
+        cdef row_t row = self.find_row(seq_id)
         if row < 0:
             raise KeyError(f"{name} {seq_id} is not in the table")
         return row
@@ -1248,17 +750,17 @@ cdef class PageTable:
         taken only once the row's length is the one the array was sized for, with
         nothing in between that could let another thread run.
         """
-        cdef seq_id_t seq_id = self._row_seq[row]
+        cdef seq_id_t seq_id = self._rows.seq[row]
         cdef int32_t length = -1
         result = None
-        while seq_id >= 0 and self._row_seq[row] == seq_id:
-            if self._row_len[row] == length:
+        while seq_id >= 0 and self._rows.seq[row] == seq_id:
+            if self._rows.length[row] == length:
                 if length:
-                    memcpy(cnp.PyArray_DATA(result), self._row_data(row),
+                    memcpy(cnp.PyArray_DATA(result), self.row_blocks(row),
                            <size_t>length * sizeof(int32_t))
                 return result
-            length = self._row_len[row]
-            result = _empty(length, cnp.NPY_INT32)
+            length = self._rows.length[row]
+            result = empty(length, cnp.NPY_INT32)
         return None
 
     cdef int _capture(self, object rows_array, int64_t* starts, int32_t* lengths) except -1:
@@ -1269,16 +771,16 @@ cdef class PageTable:
         the pool does not shrink or move while a read is in flight.
         """
         cdef int64_t b, count = cnp.PyArray_DIM(<cnp.ndarray>rows_array, 0)
-        cdef const int32_t* rows = _i32(rows_array)
+        cdef const int32_t* rows = i32(rows_array)
         cdef row_t row
         for b in range(count):
             row = rows[b]
             if starts != NULL:
-                starts[b] = self._row_start[row]
-            lengths[b] = self._row_len[row]
+                starts[b] = self._rows.start[row]
+            lengths[b] = self._rows.length[row]
         return 0
 
-    cdef object _snapshot(self, bint with_blocks, bint hold_gil=False):
+    cdef object snapshot(self, bint with_blocks, bint hold_gil=False):
         """``(seq_ids int64, lengths int32, blocks int32)`` of one state, in insertion order.
 
         ``blocks`` is None unless ``with_blocks``.  Copies, pickles, saved files and
@@ -1299,42 +801,42 @@ cdef class PageTable:
             stamp = self._read_begin()
             try:
                 count = self._num_sequences
-                order = _empty(2 * count, cnp.NPY_INT64)     # (insertion stamp, row) pairs
-                seq_ids = _empty(count, cnp.NPY_INT64)
-                lengths = _empty(count, cnp.NPY_INT32)
-                starts = _empty(count, cnp.NPY_INT64)
-                pairs = _i64(order)
-                id_data = _i64(seq_ids)
-                start_data = _i64(starts)
-                length_data = _i32(lengths)
+                order = empty(2 * count, cnp.NPY_INT64)     # (insertion stamp, row) pairs
+                seq_ids = empty(count, cnp.NPY_INT64)
+                lengths = empty(count, cnp.NPY_INT32)
+                starts = empty(count, cnp.NPY_INT64)
+                pairs = i64(order)
+                id_data = i64(seq_ids)
+                start_data = i64(starts)
+                length_data = i32(lengths)
                 blocks = None
                 # One C section: which rows are live, in what order, where and how long.
                 k = 0
                 for row in range(self._rows_used):
-                    if self._row_seq[row] >= 0 and k < count:
-                        pairs[2 * k] = self._row_order[row]
+                    if self._rows.seq[row] >= 0 and k < count:
+                        pairs[2 * k] = self._rows.order[row]
                         pairs[2 * k + 1] = row
                         k += 1
                 complete = k == count and count == self._num_sequences
                 if complete:
                     if count > 1:
-                        qsort(pairs, <size_t>count, 2 * sizeof(int64_t), _compare_first)
+                        qsort(pairs, <size_t>count, 2 * sizeof(int64_t), compare_pairs)
                     total = 0
                     for b in range(count):
                         row = <row_t>pairs[2 * b + 1]
-                        id_data[b] = self._row_seq[row]
-                        start_data[b] = self._row_start[row]
-                        length_data[b] = self._row_len[row]
+                        id_data[b] = self._rows.seq[row]
+                        start_data[b] = self._rows.start[row]
+                        length_data[b] = self._rows.length[row]
                         total += length_data[b]
                     if with_blocks:
-                        blocks = _empty(total, cnp.NPY_INT32)
-                        target = _i32(blocks)
+                        blocks = empty(total, cnp.NPY_INT32)
+                        target = i32(blocks)
                         if attempt == 0 and not hold_gil:
                             with nogil:
-                                _copy_packed(self._pool, start_data, length_data, count, target)
+                                copy_packed(self._pool, start_data, length_data, count, target)
                         else:
                             # Read again with the GIL held: no change can run meanwhile.
-                            _copy_packed(self._pool, start_data, length_data, count, target)
+                            copy_packed(self._pool, start_data, length_data, count, target)
             finally:
                 consistent = self._read_end(stamp)
             if consistent and complete:
@@ -1363,32 +865,31 @@ cdef class PageTable:
         block_id : int
             Physical block id in ``0 .. 2**31 - 1``.
         """
-        cdef seq_id_t seq_id = _seq_arg(sequence_id)
-        cdef block_id_t block = _block_arg(block_id)
+        cdef seq_id_t seq_id = seq_arg(sequence_id, "sequence_id")
+        cdef block_id_t block = block_arg(block_id, "block_id")
         if self._writing or self._owned:
             self._refuse_write()
-        cdef row_t row = self._find_row(seq_id)
-        cdef int32_t length = self._row_len[row] if row >= 0 else 0
+        cdef row_t row = self.find_row(seq_id)
+        cdef int32_t length = self._rows.length[row] if row >= 0 else 0
         cdef bint created = False
-        if row < 0 or length >= self._row_cap[row]:
+        if row < 0 or length >= self._rows.capacity[row]:
             # The slow path may allocate, and so let other threads run.
             self._writing = 1
             try:
                 if row < 0:
-                    row = self._create_row(seq_id)
+                    row = self.create_row(seq_id)
                     created = True
                 # A sequence grown one block at a time starts with room for four.
-                self._reserve_row(row, <int64_t>length + 1 if length else 4)
+                self.reserve_row(row, <int64_t>length + 1 if length else 4)
             except BaseException:
                 if created:
-                    self._drop_row(row)     # a failed call leaves no empty sequence
+                    self.drop_row(row)     # a failed call leaves no empty sequence
                 raise
             finally:
                 self._writing = 0
-        self._pool[self._row_start[row] + length] = block
-        self._row_len[row] = length + 1
-        self._next_version += 1
-        self._row_version[row] = self._next_version
+        self._pool[self._rows.start[row] + length] = block
+        self._rows.length[row] = length + 1
+        self._touch(row, False)
         self._total_blocks += 1
 
     cpdef get_block_for_position(self, sequence_id, token_pos):
@@ -1414,7 +915,7 @@ cdef class PageTable:
         ValueError
             If ``token_pos`` is negative or ``sequence_id`` out of range.
         """
-        cdef seq_id_t seq_id = _seq_arg(sequence_id)
+        cdef seq_id_t seq_id = seq_arg(sequence_id, "sequence_id")
         cdef int overflow = 0
         cdef long long pos
         cdef int64_t block_index
@@ -1426,16 +927,16 @@ cdef class PageTable:
             return None
         if overflow < 0 or pos < 0:
             raise ValueError(f"token_pos must be non-negative, got {token_pos}")
-        row = self._find_row(seq_id)
+        row = self.find_row(seq_id)
         if row < 0:
             return None
         if self._block_shift >= 0:
             block_index = pos >> self._block_shift
         else:
             block_index = pos // self._block_size
-        if block_index >= self._row_len[row]:
+        if block_index >= self._rows.length[row]:
             return None
-        return (self._pool[self._row_start[row] + block_index],
+        return (self._pool[self._rows.start[row] + block_index],
                 pos - block_index * self._block_size)
 
     def get_sequence_blocks(self, sequence_id):
@@ -1452,11 +953,11 @@ cdef class PageTable:
             ``i * block_size .. (i + 1) * block_size - 1``.  Changing it does not
             change the table, and later changes to the table do not show in it.
         """
-        cdef seq_id_t seq_id = _seq_arg(sequence_id)
+        cdef seq_id_t seq_id = seq_arg(sequence_id, "sequence_id")
         cdef row_t row
         if self._writing:
-            _wait_while_set(&self._writing, _READ_DURING_CHANGE)
-        row = self._find_row(seq_id)
+            wait_while_set(&self._writing, _READ_DURING_CHANGE)
+        row = self.find_row(seq_id)
         if row < 0:
             return None
         return self._row_array(row)
@@ -1473,15 +974,15 @@ cdef class PageTable:
         numpy.ndarray of int32 or None
             The removed blocks in logical order; ``None`` if the id was absent.
         """
-        cdef seq_id_t seq_id = _seq_arg(sequence_id)
+        cdef seq_id_t seq_id = seq_arg(sequence_id, "sequence_id")
         cdef row_t row
         self._begin_write()
         try:
-            row = self._find_row(seq_id)
+            row = self.find_row(seq_id)
             if row < 0:
                 return None
             blocks = self._row_array(row)
-            self._drop_row(row)
+            self.drop_row(row)
             return blocks
         finally:
             self._writing = 0
@@ -1506,7 +1007,7 @@ cdef class PageTable:
         value = PyLong_AsLongLongAndOverflow(sequence_id, &overflow)
         if overflow != 0 or value < 0:
             return False
-        return self._find_row(value) >= 0
+        return self.find_row(value) >= 0
 
     def __iter__(self):
         """Iterate over sequence ids in insertion order."""
@@ -1514,12 +1015,12 @@ cdef class PageTable:
 
     def sequence_ids(self):
         """Return every sequence id, in insertion order, as an int64 array."""
-        return self._snapshot(False)[0]
+        return self.snapshot(False)[0]
 
     def __repr__(self):
         shown = []
         limit = 8
-        seq_ids, lengths, blocks = self._snapshot(True)
+        seq_ids, lengths, blocks = self.snapshot(True)
         ends = np.cumsum(lengths, dtype=np.int64)
         for i in range(min(limit, seq_ids.shape[0])):
             length = int(lengths[i])
@@ -1544,13 +1045,13 @@ cdef class PageTable:
                 or self._total_blocks != that._total_blocks):
             return False
         for row in range(self._rows_used):
-            if self._row_seq[row] < 0:
+            if self._rows.seq[row] < 0:
                 continue
-            other_row = that._find_row(self._row_seq[row])
-            if other_row < 0 or that._row_len[other_row] != self._row_len[row]:
+            other_row = that.find_row(self._rows.seq[row])
+            if other_row < 0 or that._rows.length[other_row] != self._rows.length[row]:
                 return False
-            if self._row_len[row] and memcmp(self._row_data(row), that._row_data(other_row),
-                                             <size_t>self._row_len[row] * sizeof(int32_t)) != 0:
+            if self._rows.length[row] and memcmp(self.row_blocks(row), that.row_blocks(other_row),
+                                             <size_t>self._rows.length[row] * sizeof(int32_t)) != 0:
                 return False
         return True
 
@@ -1566,7 +1067,7 @@ cdef class PageTable:
 
     def _state(self):
         """The table's state dict: plain arrays, validated when loaded (``pagetable._state``)."""
-        seq_ids, lengths, blocks = self._snapshot(True)
+        seq_ids, lengths, blocks = self.snapshot(True)
         state = _state.header("PageTable")
         state["block_size"] = np.array(self._block_size, dtype=np.int64)
         state["seq_ids"] = seq_ids
@@ -1580,41 +1081,6 @@ cdef class PageTable:
         _state.check_kind(state, "PageTable")
         block_size, seq_ids, lengths, blocks = _state.table_state(state)
         return _table_from_rows(block_size, seq_ids, lengths, blocks)
-
-    def save(self, path):
-        """Save the table to ``path`` (a file name or a binary file object).
-
-        The file is an uncompressed ``.npz`` of plain integer arrays in pagetable's
-        versioned format (see ``pagetable._state``); load it with
-        :meth:`PageTable.load` or :func:`pagetable.load`.  Change stamps are not
-        saved: a loaded table starts new ones.
-        """
-        _state.write(path, self._state())
-
-    @classmethod
-    def load(cls, path):
-        """Load a table saved by :meth:`save`.
-
-        Raises
-        ------
-        CorruptStateError
-            The file is truncated, tampered with, of another version, holds another
-            kind of object, or holds an inconsistent table.  Nothing is built.
-        """
-        return PageTable._from_state(_state.read(path))
-
-    def copy(self):
-        """Return an independent copy of the table (the seed's Clone)."""
-        return PageTable._from_state(self._state())
-
-    def __copy__(self):
-        return self.copy()
-
-    def __deepcopy__(self, memo):
-        return self.copy()
-
-    def __reduce__(self):
-        return (_restore, (self._state(),))
 
     # ------------------------------------------------------------------ batched API
 
@@ -1647,9 +1113,9 @@ cdef class PageTable:
             return
         cdef int64_t low, high
         cdef bint narrow = cnp.PyArray_TYPE(<cnp.ndarray>block_array) == cnp.NPY_INT32
-        cdef const int64_t* seqs = _i64(seq_array)
-        cdef const int64_t* blocks64 = _i64(block_array)
-        cdef const int32_t* blocks32 = _i32(block_array)
+        cdef const int64_t* seqs = i64(seq_array)
+        cdef const int64_t* blocks64 = i64(block_array)
+        cdef const int32_t* blocks32 = i32(block_array)
         cdef int64_t num_runs
         with nogil:    # C loops: numpy's reductions cost more than the scan on small batches
             low = _min_and_runs(seqs, n, &num_runs)
@@ -1692,10 +1158,10 @@ cdef class PageTable:
         lands in room reserved for it.
         """
         cdef int64_t n = cnp.PyArray_DIM(<cnp.ndarray>seq_array, 0)
-        cdef const int64_t* seqs = _i64(seq_array)
+        cdef const int64_t* seqs = i64(seq_array)
         cdef bint narrow = cnp.PyArray_TYPE(<cnp.ndarray>block_array) == cnp.NPY_INT32
-        cdef const int32_t* blocks32 = _i32(block_array)
-        cdef const int64_t* blocks64 = _i64(block_array)
+        cdef const int32_t* blocks32 = i32(block_array)
+        cdef const int64_t* blocks64 = i64(block_array)
         cdef int64_t i, k, r, end, num_touched = 0, first_new_order = self._next_order
         cdef int64_t count, slot, missing = 0, old_tail = self._pool_tail, runs_seen = 0
         cdef seq_id_t seq_id
@@ -1710,7 +1176,7 @@ cdef class PageTable:
         # Per run: its row (int32), then per touched row (int32), then per run its
         # end (int64, 8-byte aligned: it starts 8 * num_runs bytes in).
         scratch = _take_scratch(4 * num_runs)
-        cdef int32_t* run_rows = _i32(scratch)
+        cdef int32_t* run_rows = i32(scratch)
         cdef int32_t* touched = run_rows + num_runs
         cdef int64_t* run_ends = <int64_t*>(run_rows + 2 * num_runs)
         try:
@@ -1723,36 +1189,36 @@ cdef class PageTable:
             if num_runs * 4 <= n:
                 i = 0
                 while i < n:
-                    if self._find_row(seqs[i]) < 0:
+                    if self.find_row(seqs[i]) < 0:
                         missing += 1
-                    i = _run_end(seqs, i, n)
+                    i = end_of_run(seqs, i, n)
                 if missing:
-                    self._reserve_sequences(missing)
+                    self.reserve_sequences(missing)
             i = 0
             r = 0
             # Local copies of the table's pointers: the compiler would reload them
             # after every store otherwise.  Creating a row may move the arrays, so
             # they are refreshed after each creation.
             view = self._view()
-            pending = self._row_pending
+            pending = self._rows.pending
             while i < n:
                 # When every run is one block (interleaved input), skip the run scan.
-                end = i + 1 if interleaved else _run_end(seqs, i, n)
+                end = i + 1 if interleaved else end_of_run(seqs, i, n)
                 seq_id = seqs[i]
                 if r >= num_runs or seq_id < 0:
                     self._undo_pending(touched, num_touched, first_new_order)
                     raise ValueError(
                         "seq_ids changed while append_blocks read it (another thread "
                         "wrote to the array); nothing was appended")
-                row = _view_find(&view, seq_id)
+                row = view_find(&view, seq_id)
                 if row < 0:
                     try:
-                        row = self._create_row(seq_id)
+                        row = self.create_row(seq_id)
                     except BaseException:
                         self._undo_pending(touched, num_touched, first_new_order)
                         raise
                     view = self._view()
-                    pending = self._row_pending
+                    pending = self._rows.pending
                 run_rows[r] = row
                 run_ends[r] = end
                 r += 1
@@ -1765,16 +1231,16 @@ cdef class PageTable:
             try:
                 for k in range(num_touched):
                     row = touched[k]
-                    count = <int64_t>self._row_len[row] + self._row_pending[row]
-                    if (self._row_cap[row] == 0 and self._pool_tail + count <= self._pool_capacity
-                            and count <= C_INT32_MAX):
+                    count = <int64_t>self._rows.length[row] + self._rows.pending[row]
+                    if (self._rows.capacity[row] == 0 and self._pool_tail + count <= self._pool_capacity
+                            and count <= INT32_MAX):
                         # A new row (no room yet, nothing to move): its exact room at
                         # the tail, which the reservation above has made.
-                        self._row_start[row] = self._pool_tail
-                        self._row_cap[row] = <int32_t>count
+                        self._rows.start[row] = self._pool_tail
+                        self._rows.capacity[row] = <int32_t>count
                         self._pool_tail += count
                     else:
-                        self._reserve_row(row, count)
+                        self.reserve_row(row, count)
             except BaseException:
                 self._undo_pending(touched, num_touched, first_new_order)
                 raise
@@ -1782,8 +1248,8 @@ cdef class PageTable:
             # Writing the table: nothing below lets another thread run, and nothing
             # below reads the ids again.
             pool = self._pool
-            row_start = self._row_start
-            row_len = self._row_len
+            row_start = self._rows.start
+            row_len = self._rows.length
             if interleaved and narrow:
                 # Every run is one block (interleaved input): a plain scatter.
                 for i in range(n):
@@ -1808,9 +1274,8 @@ cdef class PageTable:
                     row_len[row] += <int32_t>count
                     i = end
             for k in range(num_touched):
-                self._row_pending[touched[k]] = 0
-                self._next_version += 1
-                self._row_version[touched[k]] = self._next_version
+                self._rows.pending[touched[k]] = 0
+                self._touch(touched[k], False)
             self._total_blocks += n
         finally:
             _give_scratch(scratch)
@@ -1822,9 +1287,9 @@ cdef class PageTable:
         cdef row_t row
         for i in range(num_touched):
             row = touched[i]
-            self._row_pending[row] = 0
-            if self._row_order[row] >= first_new_order and self._row_seq[row] >= 0:
-                self._drop_row(row)
+            self._rows.pending[row] = 0
+            if self._rows.order[row] >= first_new_order and self._rows.seq[row] >= 0:
+                self.drop_row(row)
         return 0
 
     # Batched reads follow one protocol (``_read_begin`` / ``_read_end``): storage
@@ -1839,22 +1304,22 @@ cdef class PageTable:
         ``_read_begin`` and ``_read_end``.
         """
         cdef int64_t count = cnp.PyArray_DIM(<cnp.ndarray>seq_array, 0), bad
-        cdef const int64_t* seqs = _i64(seq_array)
-        cdef int32_t* rows = _i32(rows_array)
+        cdef const int64_t* seqs = i64(seq_array)
+        cdef int32_t* rows = i32(rows_array)
         cdef TableView view = self._view()
         if count == 0:
             return -1
         if release:
             with nogil:
-                bad = _resolve_rows(&view, seqs, rows, count)
+                bad = resolve_rows(&view, seqs, rows, count)
         else:
-            bad = _resolve_rows(&view, seqs, rows, count)
+            bad = resolve_rows(&view, seqs, rows, count)
         return bad
 
     cdef int _raise_unresolved(self, object seq_array, int64_t bad) except -1:
         cdef int64_t value
         if bad >= 0:
-            value = _i64(seq_array)[bad]
+            value = i64(seq_array)[bad]
             if value < 0:
                 raise ValueError(f"seq_ids must be in 0..{INT64_MAX}, got {value} at index {bad}")
             raise KeyError(f"sequence id {value} (seq_ids[{bad}]) is not in the table")
@@ -1878,8 +1343,8 @@ cdef class PageTable:
         """
         seq_array = _int64_ids(seq_ids, "seq_ids")
         cdef int64_t count = cnp.PyArray_DIM(<cnp.ndarray>seq_array, 0), stamp, bad = -1
-        rows = _empty(count, cnp.NPY_INT32)
-        lengths = _empty(count, cnp.NPY_INT32)
+        rows = empty(count, cnp.NPY_INT32)
+        lengths = empty(count, cnp.NPY_INT32)
         cdef int attempt
         cdef bint consistent
         for attempt in range(READ_ATTEMPTS):
@@ -1887,7 +1352,7 @@ cdef class PageTable:
             try:
                 bad = self._resolve(seq_array, rows, attempt == 0)
                 if bad < 0:
-                    self._capture(rows, NULL, _i32(lengths))
+                    self._capture(rows, NULL, i32(lengths))
             finally:
                 consistent = self._read_end(stamp)
             if consistent:
@@ -1919,7 +1384,7 @@ cdef class PageTable:
         """
         seq_array = _int64_ids(seq_ids, "seq_ids")
         cdef int64_t count = cnp.PyArray_DIM(<cnp.ndarray>seq_array, 0), stamp, bad = -1
-        rows = _empty(count, cnp.NPY_INT32)
+        rows = empty(count, cnp.NPY_INT32)
         cdef int attempt
         cdef bint consistent
         for attempt in range(READ_ATTEMPTS):
@@ -1953,15 +1418,15 @@ cdef class PageTable:
         seq_array, pos_array = _pair(seq_ids, positions)
         cdef int64_t n = cnp.PyArray_DIM(<cnp.ndarray>seq_array, 0)
         hint_array = _row_hints(rows, n)
-        blocks = _empty(n, cnp.NPY_INT32)
-        offsets = _empty(n, cnp.NPY_INT32)
+        blocks = empty(n, cnp.NPY_INT32)
+        offsets = empty(n, cnp.NPY_INT32)
         if n == 0:
             return blocks, offsets
-        cdef const int64_t* seqs = _i64(seq_array)
-        cdef const int32_t* hints = _i32(hint_array) if hint_array is not None else NULL
-        cdef const int64_t* pos = _i64(pos_array)
-        cdef int32_t* block_out = _i32(blocks)
-        cdef int32_t* offset_out = _i32(offsets)
+        cdef const int64_t* seqs = i64(seq_array)
+        cdef const int32_t* hints = i32(hint_array) if hint_array is not None else NULL
+        cdef const int64_t* pos = i64(pos_array)
+        cdef int32_t* block_out = i32(blocks)
+        cdef int32_t* offset_out = i32(offsets)
         cdef TableView view
         cdef int64_t bad = -1, stamp
         cdef int attempt
@@ -1972,10 +1437,10 @@ cdef class PageTable:
                 view = self._view()
                 if attempt == 0:
                     with nogil:
-                        bad = _lookup_range(&view, seqs, hints, pos, block_out, offset_out, 0, n)
+                        bad = lookup_range(&view, seqs, hints, pos, block_out, offset_out, 0, n)
                 else:
                     # Read again with the GIL held: no change can run meanwhile.
-                    bad = _lookup_range(&view, seqs, hints, pos, block_out, offset_out, 0, n)
+                    bad = lookup_range(&view, seqs, hints, pos, block_out, offset_out, 0, n)
             finally:
                 consistent = self._read_end(stamp)
             if consistent:
@@ -2042,31 +1507,33 @@ cdef class PageTable:
         seq_array, pos_array = _pair(seq_ids, positions)
         cdef int64_t n = cnp.PyArray_DIM(<cnp.ndarray>seq_array, 0)
         hint_array = _row_hints(rows, n)
+        out_array = None
         if out is None:
-            result = _empty(n, cnp.NPY_INT64)
+            result = empty(n, cnp.NPY_INT64)
         else:
-            check_output_vector(out, n, cnp.NPY_INT64)
-            if (strict or shares_memory(out, seq_array) or shares_memory(out, pos_array)
-                    or (hint_array is not None and shares_memory(out, hint_array))):
-                result = _empty(n, cnp.NPY_INT64)
+            out_array = output_vector(out, n, cnp.NPY_INT64)
+            if (strict or shares_memory(out_array, seq_array) or shares_memory(out_array, pos_array)
+                    or (hint_array is not None and shares_memory(out_array, hint_array))):
+                result = empty(n, cnp.NPY_INT64)
             else:
-                result = out
+                result = out_array
         if n == 0:
             return result if out is None else out
         self._slot_mapping_into(seq_array, pos_array, result, hint_array)
         if strict:
             self._raise_unmapped(seq_array, pos_array, result)
-        if out is not None and result is not out:
-            memcpy(cnp.PyArray_DATA(<cnp.ndarray>out), cnp.PyArray_DATA(<cnp.ndarray>result),
+        if out is None:
+            return result
+        if result is not out_array:
+            memcpy(cnp.PyArray_DATA(<cnp.ndarray>out_array), cnp.PyArray_DATA(<cnp.ndarray>result),
                    <size_t>n * sizeof(int64_t))
-            return out
-        return result
+        return out
 
     cdef int _slot_mapping_into(self, seq_array, pos_array, result, hint_array=None) except -1:
-        cdef const int64_t* seqs = _i64(seq_array)
-        cdef const int32_t* hints = _i32(hint_array) if hint_array is not None else NULL
-        cdef const int64_t* pos = _i64(pos_array)
-        cdef int64_t* out = _i64(result)
+        cdef const int64_t* seqs = i64(seq_array)
+        cdef const int32_t* hints = i32(hint_array) if hint_array is not None else NULL
+        cdef const int64_t* pos = i64(pos_array)
+        cdef int64_t* out = i64(result)
         cdef int64_t n = cnp.PyArray_DIM(<cnp.ndarray>seq_array, 0)
         cdef TableView view
         cdef int64_t bad = -1, chunk, num_chunks = 0, begin, end, stamp
@@ -2077,23 +1544,23 @@ cdef class PageTable:
         cdef bint parallel = n >= PARALLEL_THRESHOLD and threads > 1
         if parallel:
             num_chunks = (n + PARALLEL_CHUNK - 1) // PARALLEL_CHUNK
-            chunk_results = _empty(num_chunks, cnp.NPY_INT64)
-            chunk_bad = _i64(chunk_results)
+            chunk_results = empty(num_chunks, cnp.NPY_INT64)
+            chunk_bad = i64(chunk_results)
         for attempt in range(READ_ATTEMPTS):
             stamp = self._read_begin()
             try:
                 view = self._view()
                 if attempt > 0:
                     # Read again with the GIL held: no change can run meanwhile.
-                    bad = _slot_mapping_range(&view, seqs, hints, pos, out, 0, n)
+                    bad = slot_mapping_range(&view, seqs, hints, pos, out, 0, n)
                 elif not parallel:
                     with nogil:
-                        bad = _slot_mapping_range(&view, seqs, hints, pos, out, 0, n)
+                        bad = slot_mapping_range(&view, seqs, hints, pos, out, 0, n)
                 else:
                     for chunk in prange(num_chunks, nogil=True, schedule="dynamic"):
                         begin = chunk * PARALLEL_CHUNK
                         end = min(begin + PARALLEL_CHUNK, n)
-                        chunk_bad[chunk] = _slot_mapping_range(&view, seqs, hints, pos, out,
+                        chunk_bad[chunk] = slot_mapping_range(&view, seqs, hints, pos, out,
                                                                begin, end)
             finally:
                 consistent = self._read_end(stamp)
@@ -2133,13 +1600,14 @@ cdef class PageTable:
         """
         seq_array = _int64_ids(seq_ids, "seq_ids")
         cdef int64_t count = cnp.PyArray_DIM(<cnp.ndarray>seq_array, 0)
+        out_array = None
         if out is not None:
-            check_output(out, (count, -1), _INT32)
-        rows = _empty(count, cnp.NPY_INT32)
-        num_blocks = _empty(count, cnp.NPY_INT32)
-        starts = _empty(count, cnp.NPY_INT64)
-        cdef int32_t* lengths = _i32(num_blocks)
-        cdef int64_t* start_data = _i64(starts)
+            out_array = check_output(out, (count, -1), _INT32)
+        rows = empty(count, cnp.NPY_INT32)
+        num_blocks = empty(count, cnp.NPY_INT32)
+        starts = empty(count, cnp.NPY_INT64)
+        cdef int32_t* lengths = i32(num_blocks)
+        cdef int64_t* start_data = i64(starts)
         cdef int64_t b, j, length, width = 0, stamp, bad = -1
         cdef int32_t* target
         cdef int32_t* dest
@@ -2158,27 +1626,27 @@ cdef class PageTable:
                         width = max(width, <int64_t>lengths[b])
                     if out is None:
                         table = np.empty((count, width), dtype=np.int32)
-                    elif out.shape[1] >= width:
-                        table = out
-                        width = out.shape[1]
+                    elif out_array.shape[1] >= width:
+                        table = out_array
+                        width = out_array.shape[1]
                     else:
                         table = None
                     if table is not None and count and width:
-                        target = _i32(table)
+                        target = i32(table)
                         if attempt == 0:
                             with nogil:
-                                _copy_padded(self._pool, start_data, lengths, count, target, width)
+                                copy_padded(self._pool, start_data, lengths, count, target, width)
                         else:
-                            _copy_padded(self._pool, start_data, lengths, count, target, width)
+                            copy_padded(self._pool, start_data, lengths, count, target, width)
             finally:
                 consistent = self._read_end(stamp)
             if consistent:
                 self._raise_unresolved(seq_array, bad)
                 if table is None:
                     raise ValueError(
-                        f"out is {out.shape[1]} blocks wide but the longest sequence in the batch "
+                        f"out is {out_array.shape[1]} blocks wide but the longest sequence in the batch "
                         f"has {width} blocks")
-                return table, num_blocks
+                return (table if out is None else out), num_blocks
         raise RuntimeError(_READ_KEPT_CHANGING)
 
     def to_csr(self, seq_ids):
@@ -2203,13 +1671,13 @@ cdef class PageTable:
         """
         seq_array = _int64_ids(seq_ids, "seq_ids")
         cdef int64_t count = cnp.PyArray_DIM(<cnp.ndarray>seq_array, 0)
-        rows = _empty(count, cnp.NPY_INT32)
-        lengths = _empty(count, cnp.NPY_INT32)
-        starts = _empty(count, cnp.NPY_INT64)
-        indptr = _empty(count + 1, cnp.NPY_INT32)
-        cdef int32_t* length_data = _i32(lengths)
-        cdef int64_t* start_data = _i64(starts)
-        cdef int32_t* indptr_data = _i32(indptr)
+        rows = empty(count, cnp.NPY_INT32)
+        lengths = empty(count, cnp.NPY_INT32)
+        starts = empty(count, cnp.NPY_INT64)
+        indptr = empty(count + 1, cnp.NPY_INT32)
+        cdef int32_t* length_data = i32(lengths)
+        cdef int64_t* start_data = i64(starts)
+        cdef int32_t* indptr_data = i32(indptr)
         cdef int64_t b, total = 0, stamp, bad = -1
         cdef int32_t* target
         cdef int attempt
@@ -2226,19 +1694,19 @@ cdef class PageTable:
                     for b in range(count):
                         total += length_data[b]
                     indices = None
-                    if total <= C_INT32_MAX:
+                    if total <= INT32_MAX:
                         total = 0
                         for b in range(count):
                             indptr_data[b] = <int32_t>total
                             total += length_data[b]
                         indptr_data[count] = <int32_t>total
-                        indices = _empty(total, cnp.NPY_INT32)
-                        target = _i32(indices)
+                        indices = empty(total, cnp.NPY_INT32)
+                        target = i32(indices)
                         if attempt == 0:
                             with nogil:
-                                _copy_packed(self._pool, start_data, length_data, count, target)
+                                copy_packed(self._pool, start_data, length_data, count, target)
                         else:
-                            _copy_packed(self._pool, start_data, length_data, count, target)
+                            copy_packed(self._pool, start_data, length_data, count, target)
             finally:
                 consistent = self._read_end(stamp)
             if consistent:
@@ -2268,8 +1736,8 @@ cdef class PageTable:
         ValueError
             If ``child_id`` is already in the table.
         """
-        cdef seq_id_t parent = _seq_arg(parent_id)
-        cdef seq_id_t child = _seq_arg(child_id)
+        cdef seq_id_t parent = seq_arg(parent_id, "parent_id")
+        cdef seq_id_t child = seq_arg(child_id, "child_id")
         cdef row_t parent_row, child_row
         cdef const int32_t[::1] view
         self._begin_write()
@@ -2277,16 +1745,16 @@ cdef class PageTable:
             # Checked inside the change: no other thread's change can come between
             # these checks and the creation below.
             parent_row = self._row_or_raise(parent, "parent_id")
-            if self._find_row(child) >= 0:
+            if self.find_row(child) >= 0:
                 raise ValueError(f"child_id {child} is already in the table")
             blocks = self._row_array(parent_row)
             view = blocks
-            child_row = self._create_row(child)
+            child_row = self.create_row(child)
             if blocks.shape[0]:
                 try:
-                    self._append_to_row(child_row, &view[0], blocks.shape[0])
+                    self.append_to_row(child_row, &view[0], blocks.shape[0])
                 except BaseException:
-                    self._drop_row(child_row)    # a failed call changes nothing
+                    self.drop_row(child_row)    # a failed call changes nothing
                     raise
         finally:
             self._writing = 0
@@ -2304,28 +1772,19 @@ cdef class PageTable:
         IndexError
             If ``block_index`` is not in ``0 .. num_blocks - 1``.
         """
-        cdef seq_id_t seq_id = _seq_arg(sequence_id)
+        cdef seq_id_t seq_id = seq_arg(sequence_id, "sequence_id")
         index = as_index(block_index, "block_index")
-        cdef block_id_t block = _block_arg(block_id)
+        cdef block_id_t block = block_arg(block_id, "block_id")
         cdef row_t row = self._row_or_raise(seq_id, "sequence_id")
         if self._writing or self._owned:    # nothing below lets another thread run
             self._refuse_write()
-        if not 0 <= index < self._row_len[row]:
+        if not 0 <= index < self._rows.length[row]:
             raise IndexError(
                 f"block_index {index} is out of range for sequence {seq_id} "
-                f"with {self._row_len[row]} blocks")
-        old = self._row_data(row)[<int64_t>index]
-        self._set_block_at(row, index, block)
+                f"with {self._rows.length[row]} blocks")
+        old = self.row_blocks(row)[<int64_t>index]
+        self.set_block_at(row, index, block)
         return old
-
-    cdef void _set_block_at(self, row_t row, int64_t index, block_id_t block) noexcept nogil:
-        self._row_data(row)[index] = block
-        self._next_version += 1
-        self._row_version[row] = self._next_version
-        if index < self._row_len[row] - 1:
-            # Only appends and a new last block keep a mirror's copy of the row's
-            # prefix valid; an edit further in asks mirrors to rewrite the row.
-            self._row_rewrite[row] = self._next_version
 
     def versions(self, seq_ids):
         """Return change stamps of sequences, for mirrors that upload only what changed.
@@ -2348,11 +1807,11 @@ cdef class PageTable:
         """
         seq_array = _int64_ids(seq_ids, "seq_ids")
         cdef int64_t count = cnp.PyArray_DIM(<cnp.ndarray>seq_array, 0), i, stamp
-        cdef const int64_t* seqs = _i64(seq_array)
-        version = _empty(count, cnp.NPY_INT64)
-        rewrite = _empty(count, cnp.NPY_INT64)
-        cdef int64_t* version_out = _i64(version)
-        cdef int64_t* rewrite_out = _i64(rewrite)
+        cdef const int64_t* seqs = i64(seq_array)
+        version = empty(count, cnp.NPY_INT64)
+        rewrite = empty(count, cnp.NPY_INT64)
+        cdef int64_t* version_out = i64(version)
+        cdef int64_t* rewrite_out = i64(rewrite)
         cdef row_t row
         cdef int attempt
         cdef bint consistent
@@ -2378,9 +1837,9 @@ cdef class PageTable:
         cdef int64_t i
         cdef row_t row
         for i in range(count):
-            row = self._find_row(seqs[i])
-            version_out[i] = self._row_version[row] if row >= 0 else -1
-            rewrite_out[i] = self._row_rewrite[row] if row >= 0 else -1
+            row = self.find_row(seqs[i])
+            version_out[i] = self._rows.version[row] if row >= 0 else -1
+            rewrite_out[i] = self._rows.rewrite[row] if row >= 0 else -1
 
     def _set_owned(self, owned):
         """Private: mark the table owned by a manager, or not (tests corrupt it this way)."""
@@ -2393,13 +1852,10 @@ cdef class PageTable:
             "pool_tail": self._pool_tail,
             "pool_garbage": self._pool_garbage,
             "total_blocks": self._total_blocks,
-            "index_capacity": self._index_mask + 1,
+            "index_capacity": self._index.mask + 1,
             "rows_capacity": self._rows_capacity,
             "nbytes": sum(array.nbytes for array in (
-                self._pool_arr, self._index_keys_arr, self._index_rows_arr,
-                self._row_start_arr, self._row_len_arr, self._row_cap_arr, self._row_seq_arr,
-                self._row_order_arr, self._row_pending_arr, self._row_version_arr,
-                self._row_rewrite_arr, self._free_stack_arr)),
+                self._pool_arr, self._rows_storage) + self._index_storage),
         }
 
     def _check_invariants(self):
@@ -2407,18 +1863,20 @@ cdef class PageTable:
         cdef row_t row
         cdef int64_t live_rows = 0, blocks = 0, reserved = 0
         for row in range(self._rows_used):
-            if self._row_seq[row] < 0:
+            if self._rows.seq[row] < 0:
                 continue
             live_rows += 1
-            blocks += self._row_len[row]
-            reserved += self._row_cap[row]
-            assert self._row_len[row] <= self._row_cap[row], "row longer than its room"
-            assert 0 <= self._row_start[row] and self._row_start[row] + self._row_cap[row] <= self._pool_tail, \
+            blocks += self._rows.length[row]
+            reserved += self._rows.capacity[row]
+            assert self._rows.length[row] <= self._rows.capacity[row], "row longer than its room"
+            assert 0 <= self._rows.start[row] and self._rows.start[row] + self._rows.capacity[row] <= self._pool_tail, \
                 "row outside the pool"
-            assert self._find_row(self._row_seq[row]) == row, "index does not find row"
+            assert self.find_row(self._rows.seq[row]) == row, "index does not find row"
         assert live_rows == self._num_sequences, "sequence count mismatch"
         assert blocks == self._total_blocks, "block count mismatch"
         assert self._pool_tail <= self._pool_capacity, "tail past capacity"
         assert reserved + self._pool_garbage == self._pool_tail, "pool accounting mismatch"
-        keys = self._index_keys_arr
-        assert int((keys != EMPTY_KEY).sum()) == self._num_sequences, "index count mismatch"
+        assert idmap_count(&self._index) == self._num_sequences, "index count mismatch"
+
+
+_state.register("PageTable", PageTable._from_state)

@@ -1,0 +1,111 @@
+# An open-addressing map from non-negative int64 ids to int32 values, for nogil code.
+#
+# Linear probing with Fibonacci hashing; removal is backward-shift deletion, so there
+# are no tombstones and lookups never degrade after churn.  Empty slots hold key -1,
+# which is why keys must be >= 0.  The map does not own memory: its owner allocates
+# ``capacity`` (a power of two) keys and values, fills the keys with -1 (every byte
+# 0xFF) and points the struct at them; growing means filling a larger pair of arrays
+# with ``idmap_insert`` and switching the pointers.  Every operation is ``cdef inline``
+# so that a kernel in another module probes it at no call cost.
+from libc.stdint cimport int32_t, int64_t, uint64_t
+
+
+cdef extern from *:
+    """
+    #define PAGETABLE_FIBONACCI 0x9E3779B97F4A7C15ULL
+    """
+    uint64_t IDMAP_FIBONACCI "PAGETABLE_FIBONACCI"
+
+
+cdef enum:
+    IDMAP_EMPTY = -1
+
+
+cdef struct IdMap:
+    int64_t* keys       # capacity entries; IDMAP_EMPTY where unused
+    int32_t* values
+    int64_t mask        # capacity - 1
+    int32_t shift       # 64 - log2(capacity): the slot is the hash's top bits
+
+
+cdef inline uint64_t idmap_home(int64_t key, int32_t shift) noexcept nogil:
+    """The slot where ``key``'s probe starts."""
+    return (<uint64_t>key * IDMAP_FIBONACCI) >> shift
+
+
+cdef inline int32_t idmap_shift_for(int64_t capacity) noexcept nogil:
+    """``shift`` of a map with ``capacity`` (a power of two) slots."""
+    cdef int32_t bits = 0
+    while (<int64_t>1 << bits) < capacity:
+        bits += 1
+    return 64 - bits
+
+
+cdef inline int32_t idmap_find(const IdMap* map, int64_t key) noexcept nogil:
+    """Value of ``key`` (>= 0), or -1 if it is absent.
+
+    A plain probe loop: the branch that finds a key in its home slot is predicted,
+    so the value load issues before the key compare resolves.  Owners keep the map
+    sparse to make that prediction right nearly every time.
+    """
+    cdef uint64_t mask = <uint64_t>map.mask
+    cdef uint64_t slot = idmap_home(key, map.shift)
+    cdef int64_t found
+    while True:
+        found = map.keys[slot]
+        if found == key:
+            return map.values[slot]
+        if found == IDMAP_EMPTY:
+            return -1
+        slot = (slot + 1) & mask
+
+
+cdef inline void idmap_insert(IdMap* map, int64_t key, int32_t value) noexcept nogil:
+    """Add ``key`` (>= 0, known absent); the owner keeps a free slot available."""
+    cdef uint64_t slot = idmap_home(key, map.shift)
+    while map.keys[slot] != IDMAP_EMPTY:
+        slot = (slot + 1) & <uint64_t>map.mask
+    map.keys[slot] = key
+    map.values[slot] = value
+
+
+cdef inline void idmap_remove(IdMap* map, int64_t key) noexcept nogil:
+    """Remove ``key`` if present.
+
+    Backward-shift deletion: later members of the probe chain move into the hole, so
+    no tombstone is needed and every chain stays unbroken.
+    """
+    cdef uint64_t mask = <uint64_t>map.mask
+    cdef uint64_t hole = idmap_home(key, map.shift)
+    cdef uint64_t probe, home
+    while map.keys[hole] != key:
+        if map.keys[hole] == IDMAP_EMPTY:
+            return
+        hole = (hole + 1) & mask
+    probe = hole
+    while True:
+        probe = (probe + 1) & mask
+        if map.keys[probe] == IDMAP_EMPTY:
+            break
+        home = idmap_home(map.keys[probe], map.shift)
+        # The entry at ``probe`` may move into ``hole`` only if its home slot is not
+        # cyclically within (hole, probe].
+        if hole <= probe:
+            if hole < home and home <= probe:
+                continue
+        else:
+            if hole < home or home <= probe:
+                continue
+        map.keys[hole] = map.keys[probe]
+        map.values[hole] = map.values[probe]
+        hole = probe
+    map.keys[hole] = IDMAP_EMPTY
+    map.values[hole] = -1
+
+
+cdef inline int64_t idmap_count(const IdMap* map) noexcept nogil:
+    """Number of keys held (a scan of every slot; for checks, not hot paths)."""
+    cdef int64_t slot, count = 0
+    for slot in range(map.mask + 1):
+        count += map.keys[slot] != IDMAP_EMPTY
+    return count

@@ -1,0 +1,6 @@
+from typing import final
+
+@final
+class SequenceRegistry:
+    """The KV-cache manager's record of its sequences (its interface is C only)."""
+    def __init__(self) -> None: ...

@@ -1,0 +1,88 @@
+"""What the manager's calls return: AppendResult, and OutOfBlocksError for a full pool."""
+
+cimport cython
+
+import numpy as np
+
+from pagetable._convert import as_int_array
+
+
+class OutOfBlocksError(RuntimeError):
+    """The pool has fewer free blocks than a call needs; the call changed nothing.
+
+    A ``RuntimeError`` rather than a ``MemoryError``: running out of KV blocks is the
+    normal back-pressure signal an engine's scheduler handles (by preempting), not a
+    failure of host memory, and catching ``MemoryError`` must not swallow it.
+
+    Attributes
+    ----------
+    requested : int
+        Blocks the call needed.
+    available : int
+        Blocks that were free.
+    """
+
+    def __init__(self, requested, available):
+        super().__init__(f"need {requested} free blocks, only {available} available")
+        self.requested = requested
+        self.available = available
+
+    def __reduce__(self):
+        return (type(self), (self.requested, self.available))
+
+
+cdef class AppendResult:
+    """What an engine needs after a growth call.
+
+    Attributes
+    ----------
+    slots : numpy.ndarray of int64
+        The cache slot (``block_id * block_size + offset``) of every new token,
+        sequence by sequence in input order: the K/V write kernel's slot mapping.
+    copy_src, copy_dst : numpy.ndarray of int32
+        Copy-on-write block copies to perform before writing, pairwise.
+    """
+
+    def __init__(self, slots, copy_src, copy_dst):
+        slots = as_int_array(slots, "slots")
+        copy_src = as_int_array(copy_src, "copy_src", np.dtype(np.int32))
+        copy_dst = as_int_array(copy_dst, "copy_dst", np.dtype(np.int32))
+        if copy_src.shape[0] != copy_dst.shape[0]:
+            raise ValueError(
+                f"copy_src and copy_dst must have the same length, "
+                f"got {copy_src.shape[0]} and {copy_dst.shape[0]}")
+        self.slots = slots
+        self.copy_src = copy_src
+        self.copy_dst = copy_dst
+
+    def __repr__(self):
+        return (f"AppendResult(slots={self.slots!r}, copy_src={self.copy_src!r}, "
+                f"copy_dst={self.copy_dst!r})")
+
+    def __eq__(self, other):
+        if not isinstance(other, AppendResult):
+            return NotImplemented
+        return (np.array_equal(self.slots, other.slots)
+                and np.array_equal(self.copy_src, other.copy_src)
+                and np.array_equal(self.copy_dst, other.copy_dst))
+
+    __hash__ = None
+
+    def __reduce__(self):
+        # Through __init__, which checks what it is given.
+        return (AppendResult, (self.slots, self.copy_src, self.copy_dst))
+
+
+cdef AppendResult new_result():
+    """An empty AppendResult, made before a change so that making it cannot fail after."""
+    cdef AppendResult result = AppendResult.__new__(AppendResult)
+    result.slots = _EMPTY_INT64
+    result.copy_src = _EMPTY_INT32
+    result.copy_dst = _EMPTY_INT32
+    return result
+
+
+cdef object _EMPTY_INT32 = np.empty(0, dtype=np.int32)
+_EMPTY_INT32.flags.writeable = False
+cdef object _EMPTY_INT64 = np.empty(0, dtype=np.int64)
+_EMPTY_INT64.flags.writeable = False

@@ -1,0 +1,319 @@
+# The table's kernels: pure nogil loops over a TableView, a plain-pointer snapshot.
+#
+# Each batched kernel returns the index of the first entry it could not handle (a
+# negative sequence id), or -1; the caller raises once it holds the GIL again.  All
+# are ``cdef inline`` so that every module that cimports them runs them at no call
+# cost.  Another thread may change the table while a kernel runs without the GIL:
+# each kernel reads a row's start and length once (relaxed atomic loads) and checks
+# them against ``pool_capacity`` before indexing the pool, and the caller runs a read
+# that overlapped a change again (see PageTable's read protocol).
+from libc.stdint cimport int32_t, int64_t, uint64_t
+from libc.string cimport memcpy
+
+from pagetable._types cimport block_id_t, seq_id_t, row_t, PAD
+from pagetable._idmap cimport IdMap, idmap_find
+
+
+cdef struct TableView:
+    IdMap index                  # sequence id -> row
+    int64_t* row_start
+    int32_t* row_len
+    int64_t* row_seq             # sequence id of each row, -1 for a free row
+    int64_t rows_used            # rows 0 .. rows_used - 1 exist (some may be free)
+    int32_t* pool
+    int64_t pool_capacity        # entries of pool; never shrinks while a read is in flight
+    int64_t block_size
+    int32_t block_shift          # log2(block_size) when a power of two, else -1
+    int64_t block_mask           # block_size - 1 when a power of two
+
+
+# Loads of row metadata in kernels that run without the GIL.  Another thread may
+# change a row meanwhile; each field is read exactly once (the compiler may not read
+# it again later and see a different value), and the kernel checks what it read
+# before indexing the pool with it.  On x86-64 and ARM64 these are plain loads.
+cdef extern from *:
+    """
+    #if defined(__GNUC__) || defined(__clang__)
+    static inline int64_t pagetable_load_i64(const int64_t* p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
+    static inline int32_t pagetable_load_i32(const int32_t* p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
+    #else
+    static inline int64_t pagetable_load_i64(const int64_t* p) { return *(const volatile int64_t*)p; }
+    static inline int32_t pagetable_load_i32(const int32_t* p) { return *(const volatile int32_t*)p; }
+    #endif
+    """
+    int64_t load_i64 "pagetable_load_i64" (const int64_t* p) noexcept nogil
+    int32_t load_i32 "pagetable_load_i32" (const int32_t* p) noexcept nogil
+
+cdef extern from *:
+    """
+    #define PAGETABLE_EXACT_DOUBLE_LIMIT (1LL << 52)
+    """
+    int64_t EXACT_DOUBLE_LIMIT "PAGETABLE_EXACT_DOUBLE_LIMIT"
+
+cdef inline row_t view_find(const TableView* view, seq_id_t seq_id) noexcept nogil:
+    """Row of ``seq_id`` (>= 0), or -1."""
+    return idmap_find(&view.index, seq_id)
+
+
+cdef inline row_t hinted_find(const TableView* view, const int32_t* hints, int64_t k,
+                               seq_id_t seq_id) noexcept nogil:
+    """Row of ``seq_id`` (>= 0), trying the caller's row hint ``hints[k]`` first.
+
+    A hint is used only if that row holds ``seq_id`` now, so a stale or wrong hint
+    costs a probe and nothing else.  ``hints`` may be NULL.
+    """
+    cdef row_t row
+    if hints != NULL:
+        row = hints[k]
+        if <uint64_t><int64_t>row < <uint64_t>view.rows_used and view.row_seq[row] == seq_id:
+            return row
+    return view_find(view, seq_id)
+
+
+# Exact quotient by a block size that is not a power of two, for 0 <= pos < 2**52:
+# a double-precision reciprocal is off by at most one there, and one correction step
+# fixes it.  Hardware 64-bit division would cost tens of cycles per token.
+
+cdef inline int64_t exact_quotient(int64_t pos, int64_t block_size, double reciprocal) noexcept nogil:
+    cdef int64_t quotient = <int64_t>(<double>pos * reciprocal)
+    cdef int64_t remainder = pos - quotient * block_size
+    if remainder < 0:
+        quotient -= 1
+    elif remainder >= block_size:
+        quotient += 1
+    return quotient
+
+
+cdef inline int64_t block_of(int64_t pos, const TableView* view, int64_t limit,
+                              double reciprocal) noexcept nogil:
+    """Logical block index of a mapped position ``0 <= pos < limit``."""
+    if view.block_shift >= 0:
+        return pos >> view.block_shift
+    if limit <= EXACT_DOUBLE_LIMIT:
+        return exact_quotient(pos, view.block_size, reciprocal)
+    return pos // view.block_size
+
+
+cdef inline int64_t end_of_run(const int64_t* seq_ids, int64_t begin, int64_t end) noexcept nogil:
+    """End of the run of equal ids starting at ``begin``."""
+    cdef seq_id_t seq_id = seq_ids[begin]
+    cdef int64_t i = begin + 1
+    while i < end and seq_ids[i] == seq_id:
+        i += 1
+    return i
+
+
+cdef inline void run_slots(const TableView* view, row_t row, const int64_t* positions,
+                            int64_t* out, int64_t count) noexcept nogil:
+    """Slots of ``count`` positions of one sequence (``row``, or -1 if unknown)."""
+    cdef int64_t k, pos, block_index
+    cdef int64_t start = load_i64(view.row_start + row) if row >= 0 else 0
+    cdef int64_t length = load_i32(view.row_len + row) if row >= 0 else 0
+    cdef const int32_t* data
+    cdef int64_t block_size = view.block_size
+    cdef int32_t shift = view.block_shift
+    cdef int64_t mask = view.block_mask
+    cdef int64_t limit
+    cdef double reciprocal
+    if start < 0 or start + length > view.pool_capacity:
+        length = 0      # torn by a change in another thread: the caller reads again
+    limit = length * block_size      # positions 0 .. limit - 1 are mapped
+    if length <= 0:
+        for k in range(count):
+            out[k] = PAD
+        return
+    data = view.pool + start
+    if shift >= 0:
+        for k in range(count):
+            pos = positions[k]
+            # One unsigned compare rejects negative and past-the-end positions alike.
+            if <uint64_t>pos < <uint64_t>limit:
+                out[k] = (<int64_t>data[pos >> shift] << shift) | (pos & mask)
+            else:
+                out[k] = PAD
+    elif limit <= EXACT_DOUBLE_LIMIT:
+        reciprocal = 1.0 / <double>block_size
+        for k in range(count):
+            pos = positions[k]
+            if <uint64_t>pos < <uint64_t>limit:
+                block_index = exact_quotient(pos, block_size, reciprocal)
+                out[k] = <int64_t>data[block_index] * block_size + (pos - block_index * block_size)
+            else:
+                out[k] = PAD
+    else:
+        for k in range(count):
+            pos = positions[k]
+            if <uint64_t>pos < <uint64_t>limit:
+                block_index = pos // block_size
+                out[k] = <int64_t>data[block_index] * block_size + (pos - block_index * block_size)
+            else:
+                out[k] = PAD
+
+
+cdef inline void run_lookup(const TableView* view, row_t row, const int64_t* positions,
+                             int32_t* blocks_out, int32_t* offsets_out, int64_t count) noexcept nogil:
+    """Block ids and offsets of ``count`` positions of one sequence."""
+    cdef int64_t k, pos, block_index
+    cdef int64_t start = load_i64(view.row_start + row) if row >= 0 else 0
+    cdef int64_t length = load_i32(view.row_len + row) if row >= 0 else 0
+    cdef const int32_t* data
+    cdef int64_t block_size = view.block_size
+    cdef int64_t limit
+    cdef double reciprocal = 1.0 / <double>block_size
+    if start < 0 or start + length > view.pool_capacity:
+        length = 0      # torn by a change in another thread: the caller reads again
+    limit = length * block_size
+    if length <= 0:
+        for k in range(count):
+            blocks_out[k] = PAD
+            offsets_out[k] = PAD
+        return
+    data = view.pool + start
+    for k in range(count):
+        pos = positions[k]
+        if <uint64_t>pos < <uint64_t>limit:
+            block_index = block_of(pos, view, limit, reciprocal)
+            blocks_out[k] = data[block_index]
+            offsets_out[k] = <int32_t>(pos - block_index * block_size)
+        else:
+            blocks_out[k] = PAD
+            offsets_out[k] = PAD
+
+
+cdef enum:
+    # Tokens outside long runs are mapped one by one, in stretches this long; after
+    # each stretch the scan looks for a long run again.
+    INTERLEAVED_BATCH = 64
+
+
+cdef inline int64_t interleaved_slots(const TableView* view, const int64_t* seq_ids,
+                                       const int32_t* hints, const int64_t* positions,
+                                       int64_t* out, int64_t count) noexcept nogil:
+    """Slots of ``count`` tokens of mixed ids, one probe (or row hint) each.
+
+    Returns the index of the first negative id, or -1.
+    """
+    cdef int64_t k, pos, block_index, limit, entry
+    cdef int64_t block_size = view.block_size
+    cdef int32_t shift = view.block_shift
+    cdef int64_t mask = view.block_mask
+    cdef uint64_t capacity = <uint64_t>view.pool_capacity
+    cdef double reciprocal = 1.0 / <double>block_size
+    cdef seq_id_t seq_id
+    cdef row_t row
+    for k in range(count):
+        seq_id = seq_ids[k]
+        if seq_id < 0:
+            return k
+        row = hinted_find(view, hints, k, seq_id)
+        pos = positions[k]
+        limit = (load_i32(view.row_len + row) if row >= 0 else 0) * block_size
+        if <uint64_t>pos >= <uint64_t>limit:
+            out[k] = PAD
+            continue
+        block_index = pos >> shift if shift >= 0 else block_of(pos, view, limit, reciprocal)
+        entry = load_i64(view.row_start + row) + block_index
+        # A row torn by a change in another thread must not send the read outside
+        # the pool; the caller reads again in that case.
+        if <uint64_t>entry >= capacity:
+            out[k] = PAD
+        elif shift >= 0:
+            out[k] = (<int64_t>view.pool[entry] << shift) | (pos & mask)
+        else:
+            out[k] = <int64_t>view.pool[entry] * block_size + (pos - block_index * block_size)
+    return -1
+
+
+cdef inline int64_t slot_mapping_range(const TableView* view, const int64_t* seq_ids,
+                                 const int32_t* hints, const int64_t* positions,
+                                 int64_t* out, int64_t begin, int64_t end) noexcept nogil:
+    """Slots for entries ``begin .. end - 1``, one hash probe per run of equal ids.
+
+    ``hints`` (NULL, or one row hint per entry) replaces probes whose hint is right.
+    Returns the index of the first negative sequence id, or -1.
+    """
+    cdef int64_t i = begin, run_end, batch_end, bad
+    while i < end:
+        if seq_ids[i] < 0:
+            return i
+        run_end = end_of_run(seq_ids, i, end)
+        if run_end - i >= 4:
+            run_slots(view, hinted_find(view, hints, i, seq_ids[i]), positions + i,
+                       out + i, run_end - i)
+            i = run_end
+            continue
+        # Short runs: the batch is interleaved here.
+        batch_end = min(i + INTERLEAVED_BATCH, end)
+        bad = interleaved_slots(view, seq_ids + i, hints + i if hints != NULL else NULL,
+                                 positions + i, out + i, batch_end - i)
+        if bad >= 0:
+            return i + bad
+        i = batch_end
+    return -1
+
+
+cdef inline int64_t lookup_range(const TableView* view, const int64_t* seq_ids,
+                           const int32_t* hints, const int64_t* positions,
+                           int32_t* blocks_out, int32_t* offsets_out,
+                           int64_t begin, int64_t end) noexcept nogil:
+    """Block ids and offsets for entries ``begin .. end - 1``; see ``slot_mapping_range``."""
+    cdef int64_t i = begin, run_end
+    while i < end:
+        if seq_ids[i] < 0:
+            return i
+        run_end = end_of_run(seq_ids, i, end)
+        run_lookup(view, hinted_find(view, hints, i, seq_ids[i]), positions + i,
+                    blocks_out + i, offsets_out + i, run_end - i)
+        i = run_end
+    return -1
+
+
+cdef inline int64_t resolve_rows(const TableView* view, const int64_t* seq_ids, int32_t* rows,
+                           int64_t count) noexcept nogil:
+    """Fill ``rows`` with each id's row; return the first negative or unknown index, else -1."""
+    cdef int64_t i
+    cdef seq_id_t seq_id, current = -1
+    cdef row_t row = -1
+    for i in range(count):
+        seq_id = seq_ids[i]
+        # Checked for every entry: -1, the "no id yet" of ``current``, would pass
+        # as a repeat of it otherwise.
+        if seq_id < 0:
+            return i
+        if seq_id != current:
+            current = seq_id
+            row = view_find(view, seq_id)
+            if row < 0:
+                return i
+        rows[i] = row
+    return -1
+
+
+cdef inline int compare_pairs(const void* a, const void* b) noexcept nogil:
+    """qsort order of (int64, int64) pairs: by the first, then the second."""
+    cdef const int64_t* x = <const int64_t*>a
+    cdef const int64_t* y = <const int64_t*>b
+    if x[0] != y[0]:
+        return (x[0] > y[0]) - (x[0] < y[0])
+    return (x[1] > y[1]) - (x[1] < y[1])
+
+
+cdef inline void copy_padded(const int32_t* pool, const int64_t* starts, const int32_t* lengths,
+                       int64_t count, int32_t* target, int64_t width) noexcept nogil:
+    """Rows ``pool[starts[b] : starts[b] + lengths[b]]`` into a ``count x width`` table, padded."""
+    cdef int64_t b, j
+    cdef int32_t* dest
+    for b in range(count):
+        dest = target + b * width
+        memcpy(dest, pool + starts[b], <size_t>lengths[b] * sizeof(int32_t))
+        for j in range(lengths[b], width):
+            dest[j] = PAD
+
+
+cdef inline void copy_packed(const int32_t* pool, const int64_t* starts, const int32_t* lengths,
+                       int64_t count, int32_t* target) noexcept nogil:
+    """Rows ``pool[starts[b] : starts[b] + lengths[b]]`` one after another into ``target``."""
+    cdef int64_t b, write = 0
+    for b in range(count):
+        memcpy(target + write, pool + starts[b], <size_t>lengths[b] * sizeof(int32_t))
+        write += lengths[b]

@@ -19,7 +19,7 @@ figure of the core issue is ``Memory.track_bytes_per_block`` (fresh subprocess).
 
 import numpy as np
 
-from .workloads import (append_stream, baselines, lognormal_workload, page_table_class,
+from .workloads import (append_stream, baselines, lognormal_workload, memory, page_table_class,
                         queries, slot_seed_table, slot_table, table_batch, tokens)
 
 BLOCK_SIZES = [16, 24]          # a power of two and not
@@ -269,26 +269,16 @@ class Memory:
     timeout = 300
 
     def track_bytes_per_block_pagetable(self, build):
-        return baselines.measure_memory("pagetable", build)["rss_per_block"]
+        return memory.measure_memory("pagetable", build)["rss_per_block"]
 
     def track_peak_bytes_per_block_pagetable(self, build):
-        return baselines.measure_memory("pagetable", build)["peak_rss_per_block"]
+        return memory.measure_memory("pagetable", build)["peak_rss_per_block"]
 
     def track_bytes_per_block_dict_of_lists(self, build):
-        return baselines.measure_memory("dict_of_lists", build)["rss_per_block"]
+        return memory.measure_memory("dict_of_lists", build)["rss_per_block"]
 
     def peakmem_pagetable(self, build):
-        inputs = self._inputs(build)
-        (baselines.grow_table if build == "grow" else baselines.bulk_table)("pagetable", inputs)
+        memory.build_table("pagetable", build, memory.build_inputs(build))
 
     def peakmem_dict_of_lists(self, build):
-        inputs = self._inputs(build)
-        (baselines.grow_table if build == "grow" else baselines.bulk_table)("dict_of_lists", inputs)
-
-    @staticmethod
-    def _inputs(build):
-        lengths = baselines.lognormal_lengths()
-        seq_ids = baselines.sequence_ids(len(lengths))
-        if build == "grow":
-            return baselines.grow_inputs(lengths, seq_ids)
-        return baselines.bulk_inputs(lengths, seq_ids)
+        memory.build_table("dict_of_lists", build, memory.build_inputs(build))

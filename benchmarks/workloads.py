@@ -1,28 +1,36 @@
 """Workloads and baselines for the asv suites, plus per-process caches of built tables.
 
-The generators and baselines themselves live in ``pagetable/_bench_baselines.py``
-(benchmark-only code, one copy shared with pytest-benchmark and
-``python -m pagetable bench``).  That file is loaded here by path from this checkout,
-not imported from the installed package, so that ``asv continuous main HEAD`` times
-every commit on the same workloads even when the commit under test predates the file.
+The generators and baselines themselves live in ``pagetable/cli/`` (``workloads.py``,
+``_baselines.py``, ``_memory.py``: benchmark-only code, one copy shared with
+pytest-benchmark, the memory test and ``pagetable bench``).  That folder is loaded here
+by path from this checkout, under a private name, not imported from the installed
+package, so that ``asv continuous main HEAD`` times every commit on the same workloads
+even when the commit under test predates the folder.
 """
 
 import functools
+import importlib
 import importlib.util
 import pathlib
 import sys
 
-_NAME = "_pagetable_bench_baselines"
-_PATH = pathlib.Path(__file__).resolve().parent.parent / "pagetable" / "_bench_baselines.py"
+_NAME = "_pagetable_cli_checkout"
+_FOLDER = pathlib.Path(__file__).resolve().parent.parent / "pagetable" / "cli"
 
-if _NAME in sys.modules:
-    baselines = sys.modules[_NAME]
-elif _PATH.exists():
-    _spec = importlib.util.spec_from_file_location(_NAME, _PATH)
-    baselines = sys.modules[_NAME] = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(baselines)
+if _NAME not in sys.modules and (_FOLDER / "workloads.py").exists():
+    _spec = importlib.util.spec_from_file_location(
+        _NAME, _FOLDER / "__init__.py", submodule_search_locations=[str(_FOLDER)])
+    sys.modules[_NAME] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(sys.modules[_NAME])
+    _PACKAGE = _NAME
+elif _NAME in sys.modules:
+    _PACKAGE = _NAME
 else:  # benchmarks copied away from the checkout: use the installed package's copy
-    from pagetable import _bench_baselines as baselines
+    _PACKAGE = "pagetable.cli"
+
+workloads = importlib.import_module(_PACKAGE + ".workloads")
+baselines = importlib.import_module(_PACKAGE + "._baselines")
+memory = importlib.import_module(_PACKAGE + "._memory")
 
 
 def page_table_class():
@@ -36,7 +44,7 @@ def page_table_class():
 @functools.lru_cache(maxsize=None)
 def slot_table(block_size):
     """(workload, PageTable, vLLM dense table) for the 1,024-sequence slot-mapping table."""
-    workload = baselines.TableWorkload.slot_mapping_table(block_size)
+    workload = workloads.TableWorkload.slot_mapping_table(block_size)
     return workload, workload.build_pagetable(page_table_class()), workload.build_dense_table()
 
 
@@ -49,26 +57,26 @@ def slot_seed_table(block_size):
 @functools.lru_cache(maxsize=None)
 def tokens(block_size, num_tokens, order):
     """A token batch over ``slot_table(block_size)``; order is "grouped" or "interleaved"."""
-    return baselines.token_batch(slot_table(block_size)[0], num_tokens, order == "interleaved")
+    return workloads.token_batch(slot_table(block_size)[0], num_tokens, order == "interleaved")
 
 
 @functools.lru_cache(maxsize=None)
 def queries(block_size, count):
     """Python lists of (sequence id, position) for the Python-loop suites."""
-    return baselines.random_queries(slot_table(block_size)[0], count)
+    return workloads.random_queries(slot_table(block_size)[0], count)
 
 
 @functools.lru_cache(maxsize=None)
 def table_batch(num_sequences):
     """(workload, PageTable, dict of lists) of sequences with up to 2,048 blocks."""
-    workload = baselines.TableWorkload.block_table_batch(num_sequences)
+    workload = workloads.TableWorkload.block_table_batch(num_sequences)
     return workload, workload.build_pagetable(page_table_class()), workload.build_dict_of_lists()
 
 
 @functools.lru_cache(maxsize=None)
 def lognormal_workload(num_sequences):
     """Long-tailed sequences (median 32 blocks, capped at 4,096), as in the memory goal."""
-    return baselines.TableWorkload.make(baselines.lognormal_lengths(num_sequences))
+    return workloads.TableWorkload.make(workloads.lognormal_lengths(num_sequences))
 
 
 @functools.lru_cache(maxsize=None)
@@ -79,6 +87,6 @@ def append_stream(num_blocks, order="interleaved"):
     "grouped": each sequence's blocks together (prefill).
     """
     per_sequence = max(num_blocks // 1024, 1)
-    owners, blocks = baselines.append_stream(min(num_blocks, 1024), per_sequence,
+    owners, blocks = workloads.append_stream(min(num_blocks, 1024), per_sequence,
                                              grouped=order == "grouped")
     return owners, blocks, owners.tolist(), blocks.tolist()

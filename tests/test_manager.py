@@ -363,7 +363,7 @@ def test_random_workload_matches_reference(block_size, seed):
 def test_simulate_runs_checked_against_the_reference(tmp_path, capsys, extra):
     import json
 
-    from pagetable.simulate import main
+    from pagetable.cli import main
 
     out = tmp_path / "figures.json"
     assert main(["simulate", "--steps", "60", "--rate", "2", "--quiet", "--json", str(out)] + extra) == 0
@@ -377,10 +377,10 @@ def test_simulate_runs_checked_against_the_reference(tmp_path, capsys, extra):
 
 
 def test_simulate_rejects_bad_options(capsys):
-    from pagetable.simulate import main
+    from pagetable.cli import main
 
     with pytest.raises(SystemExit):
-        main(["--block-size", "0"])
+        main(["simulate", "--block-size", "0"])
     assert "--block-size" in capsys.readouterr().err
 
 

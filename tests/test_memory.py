@@ -1,33 +1,34 @@
-"""Resident memory per mapped block, measured in a fresh process (Linux only)."""
+"""Resident memory per mapped block, measured in a fresh process (Linux only).
 
-import json
-import subprocess
+The workload and the measurement are those of ``pagetable bench`` and the asv suites
+(``pagetable.cli.workloads.lognormal_lengths``, ``pagetable.cli._memory``).
+"""
+
 import sys
 
 import pytest
 
 from conftest import child_env
 
+from pagetable.cli import _memory, workloads
+
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 
 
-@pytest.mark.parametrize("mode", ["per-sequence", "round-robin"])
-def test_under_ten_bytes_per_block(mode, tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "pagetable._memory", "--mode", mode],
-        capture_output=True, text=True, check=True, timeout=300,
-        cwd=tmp_path, env=child_env(),
-    )
-    figures = json.loads(result.stdout)
-    assert figures["total_blocks"] > 400_000
+@pytest.fixture(autouse=True)
+def _child_imports_this_build(monkeypatch, tmp_path):
+    # The measuring child runs outside the source tree and must import this build.
+    monkeypatch.setenv("PYTHONPATH", child_env()["PYTHONPATH"])
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.mark.parametrize("build", ["grow", "prefill"])
+def test_under_ten_bytes_per_block(build):
+    figures = _memory.measure_memory("pagetable", build)
+    assert figures["blocks"] == int(workloads.lognormal_lengths().sum()) > 400_000
     # Peak resident growth while building, transients included.
-    assert figures["peak_bytes_per_block"] < 10.0, figures
+    assert figures["peak_rss_per_block"] < 10.0, figures
 
 
-def test_dict_of_lists_baseline_is_far_heavier(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "pagetable._memory", "--mode", "dict"],
-        capture_output=True, text=True, check=True, timeout=300,
-        cwd=tmp_path, env=child_env(),
-    )
-    assert json.loads(result.stdout)["bytes_per_block"] > 30.0
+def test_dict_of_lists_baseline_is_far_heavier():
+    assert _memory.measure_memory("dict_of_lists", "bulk")["rss_per_block"] > 30.0

@@ -6,14 +6,16 @@ Skipped by the ordinary test run (pyproject's addopts has ``--benchmark-skip``);
 
 No test asserts on time.  Each checks that pagetable and its baseline compute the same
 thing, so a benchmark can never time a wrong answer.  The workloads and baselines are
-those of ``python -m pagetable bench`` and the asv suites (``pagetable._bench_baselines``).
+those of ``pagetable bench`` and the asv suites (``pagetable.cli.workloads`` and
+``pagetable.cli._baselines``).
 """
 
 import numpy as np
 import pytest
 
 from pagetable import PageTable
-from pagetable import _bench_baselines as bl
+from pagetable.cli import _baselines as bl
+from pagetable.cli import workloads
 
 # Short rounds: CI runs the whole file once per submission on two busy cores.
 FAST = {"max_time": 0.3, "min_rounds": 5, "warmup": False}
@@ -25,7 +27,7 @@ def bench(group):
 
 @pytest.fixture(scope="module", params=[16, 24], ids=lambda size: f"bs{size}")
 def slot_case(request):
-    workload = bl.TableWorkload.slot_mapping_table(request.param)
+    workload = workloads.TableWorkload.slot_mapping_table(request.param)
     return workload, workload.build_pagetable(PageTable), workload.build_dense_table()
 
 
@@ -40,7 +42,7 @@ class TestSlotMapping:
     @staticmethod
     def _batch(slot_case, tokens, order):
         workload, table, dense = slot_case
-        return workload, table, dense, bl.token_batch(workload, tokens, order == "interleaved")
+        return workload, table, dense, workloads.token_batch(workload, tokens, order == "interleaved")
 
     @staticmethod
     def _group(slot_case, tokens, order):
@@ -90,8 +92,8 @@ LOOKUP = bench("lookup 1048576 tokens bs16 grouped")
 
 @pytest.fixture(scope="module")
 def lookup_case():
-    workload = bl.TableWorkload.slot_mapping_table(16)
-    batch = bl.token_batch(workload, 1 << 20)
+    workload = workloads.TableWorkload.slot_mapping_table(16)
+    batch = workloads.token_batch(workload, 1 << 20)
     return workload.build_pagetable(PageTable), workload.build_dense_table(), batch
 
 
@@ -115,8 +117,8 @@ def test_lookup_vllm_formula(benchmark, lookup_case):
 
 @pytest.fixture(scope="module")
 def loop_case():
-    workload = bl.TableWorkload.slot_mapping_table(16)
-    seq_ids, positions = bl.random_queries(workload, 10_000)
+    workload = workloads.TableWorkload.slot_mapping_table(16)
+    seq_ids, positions = workloads.random_queries(workload, 10_000)
     return (workload.build_pagetable(PageTable), workload.build_dict_of_lists(),
             seq_ids, positions)
 
@@ -147,7 +149,7 @@ APPEND = bench("append 32768 blocks over 1024 sequences")
 
 @pytest.fixture(scope="module")
 def append_case():
-    owners, blocks = bl.append_stream(1024, 32)
+    owners, blocks = workloads.append_stream(1024, 32)
     return owners, blocks, owners.tolist(), blocks.tolist()
 
 
@@ -192,7 +194,7 @@ def test_append_dict_setdefault_loop(benchmark, append_case):
 
 @pytest.fixture(scope="module")
 def lognormal_case():
-    workload = bl.TableWorkload.make(bl.lognormal_lengths(2048))
+    workload = workloads.TableWorkload.make(workloads.lognormal_lengths(2048))
     return workload, workload.seq_ids.tolist()
 
 
@@ -248,7 +250,7 @@ def test_remove_sequence_dict_of_lists(benchmark, lognormal_case):
 
 @pytest.fixture(scope="module")
 def table_case():
-    workload = bl.TableWorkload.block_table_batch(256)
+    workload = workloads.TableWorkload.block_table_batch(256)
     return (workload.build_pagetable(PageTable), workload.build_dict_of_lists(),
             workload.seq_ids, workload.seq_ids.tolist())
 

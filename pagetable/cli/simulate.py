@@ -1,14 +1,15 @@
-"""``python -m pagetable simulate``: a continuous-batching serving simulation.
+"""``pagetable simulate``: a continuous-batching serving simulation of the KV-cache manager.
 
 An engine's scheduler drives :class:`pagetable.KVCacheManager` step by step on a
 synthetic workload, and the same decisions drive the pure-Python reference manager in
 lockstep: every result (slots, copies, block tables, sequence lengths) is checked
 equal, and the host time of the table work is measured for both.
 
-Workload (embedded, seeded): Poisson arrivals (``--rate`` requests per step); prompt
-and output lengths lognormal, clipped, with means matching the datasets in the vLLM
-paper (Kwon et al., SOSP 2023, Fig. 11): ShareGPT about 161 prompt / 338 output tokens,
-Alpaca about 19 / 58.  ``--n`` samples per request share the prompt through ``fork``.
+Workload (seeded, :func:`pagetable.cli.workloads.serving_requests`): Poisson arrivals
+(``--rate`` requests per step); prompt and output lengths lognormal, clipped, with means
+matching the datasets in the vLLM paper (Kwon et al., SOSP 2023, Fig. 11): ShareGPT
+about 161 prompt / 338 output tokens, Alpaca about 19 / 58.  ``--n`` samples per
+request share the prompt through ``fork``.
 
 Each step, as an engine would:
 
@@ -24,6 +25,10 @@ Each step, as an engine would:
 4. finished sequences are freed.
 
 "Table work" is the time spent inside manager calls (steps 1-4), nothing else.
+
+A pool too small for the load thrashes: requests are preempted over and over and few
+finish.  The summary says so in a ``warning:`` line, since its figures then describe
+recomputation rather than serving.
 """
 
 from __future__ import annotations
@@ -31,40 +36,27 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
-import os
-import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from pagetable import KVCacheManager, OutOfBlocksError
 from pagetable.reference_manager import ReferenceKVCacheManager
 
-# (mean, sigma, low, high) of the lognormal length distributions, clipped to [low, high].
-WORKLOADS = {
-    "sharegpt": {"prompt": (161.0, 1.0, 4, 1024), "output": (338.0, 0.9, 4, 1024)},
-    "alpaca": {"prompt": (19.0, 0.6, 2, 256), "output": (58.0, 0.8, 2, 512)},
-}
+from . import _options, workloads
+from ._progress import Progress
 
+HELP = "continuous-batching serving simulation of the KV-cache manager, checked and timed"
 
-def _lognormal_mu(mean: float, sigma: float, low: int, high: int) -> float:
-    """The ``mu`` whose clipped, rounded lognormal has the given mean (bisection)."""
-    z = np.random.default_rng(12345).standard_normal(200_000)
-    lo, hi = math.log(max(low, 1)) - 3 * sigma, math.log(high) + 3 * sigma
-    for _ in range(60):
-        mu = (lo + hi) / 2
-        value = np.clip(np.rint(np.exp(mu + sigma * z)), low, high).mean()
-        lo, hi = (mu, hi) if value < mean else (lo, mu)
-    return (lo + hi) / 2
-
-
-def _lengths(rng: np.random.Generator, spec: tuple, size: int) -> np.ndarray:
-    mean, sigma, low, high = spec
-    mu = _lognormal_mu(mean, sigma, low, high)
-    return np.clip(np.rint(rng.lognormal(mu, sigma, size)), low, high).astype(np.int64)
+# The most sequences (requests x samples) one run may draw: its Python bookkeeping
+# costs about a kilobyte each, so this stays within a few gigabytes.
+MAX_SEQUENCES = 2_000_000
+# A larger pool than any run here fills; the pure-Python reference holds a list entry
+# per block (2**22 blocks: about 0.2 GB and 0.2 s to build).
+MAX_NUM_BLOCKS = 1 << 22
 
 
 @dataclass
@@ -82,16 +74,11 @@ class Request:
 
 def make_workload(args: argparse.Namespace) -> list[Request]:
     """Every request that arrives within ``args.steps`` steps, seeded."""
-    rng = np.random.default_rng(args.seed)
-    arrivals = rng.poisson(args.rate, size=args.steps)
-    total = int(arrivals.sum())
-    spec = WORKLOADS[args.workload]
-    prompts = _lengths(rng, spec["prompt"], total)
-    outputs = _lengths(rng, spec["output"], total * args.n).reshape(total, args.n)
-    steps = np.repeat(np.arange(args.steps), arrivals)
+    steps, prompts, outputs = workloads.serving_requests(args.workload, args.steps, args.rate,
+                                                         args.n, args.seed)
     return [
         Request(i, int(steps[i]), int(prompts[i]), outputs[i].tolist(), [0] * args.n, [-1] * args.n)
-        for i in range(total)
+        for i in range(len(prompts))
     ]
 
 
@@ -108,10 +95,11 @@ class TableWork:
         self.reference_ns = 0
         self.calls = 0
 
-    def __call__(self, name: str, *args):
+    def __call__(self, name: str, *args: Any) -> Any:
         clock = time.perf_counter_ns
         start = clock()
-        error = None
+        error: OutOfBlocksError | None = None
+        result: Any
         try:
             result = getattr(self.fast, name)(*args)
         except OutOfBlocksError as exc:
@@ -120,6 +108,7 @@ class TableWork:
         self.calls += 1
         if self.reference is not None:
             start = clock()
+            expected: Any
             try:
                 expected = getattr(self.reference, name)(*args)
             except OutOfBlocksError:
@@ -131,7 +120,7 @@ class TableWork:
             raise error
         return result
 
-    def query(self, name: str):
+    def query(self, name: str) -> Any:
         """A property read (free blocks), timed and compared like a call."""
         clock = time.perf_counter_ns
         start = clock()
@@ -146,7 +135,7 @@ class TableWork:
         return value
 
 
-def _same(a, b) -> bool:
+def _same(a: Any, b: Any) -> bool:
     if isinstance(a, np.ndarray):
         return isinstance(b, np.ndarray) and a.dtype == b.dtype and np.array_equal(a, b)
     if isinstance(a, tuple):
@@ -156,35 +145,7 @@ def _same(a, b) -> bool:
     return a == b
 
 
-class Progress:
-    """A one-line progress bar on stderr, drawn only when stderr is a terminal."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total = total
-        self.enabled = enabled and sys.stderr.isatty()
-        self.last = 0.0
-        self.start = time.perf_counter()
-
-    def update(self, done: int, text: str = "") -> None:
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        if now - self.last < 0.1 and done < self.total:
-            return
-        self.last = now
-        width = 30
-        filled = int(width * done / max(self.total, 1))
-        bar = "#" * filled + "-" * (width - filled)
-        sys.stderr.write(f"\r[{bar}] {done}/{self.total} steps {now - self.start:5.1f}s {text}\x1b[K")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
-
-
-def simulate(args: argparse.Namespace) -> dict:
+def simulate(args: argparse.Namespace) -> dict[str, Any]:
     """Run the simulation and return its figures."""
     requests = make_workload(args)
     block_size = args.block_size
@@ -205,10 +166,13 @@ def simulate(args: argparse.Namespace) -> dict:
     running_seqs = np.zeros(args.steps, dtype=np.int64)
     used_blocks = np.zeros(args.steps, dtype=np.int64)
     sample_every = max(1, args.steps // 250)
-    utilisation_steps, utilisation, shared_saved = [], [], []
+    utilisation_steps: list[int] = []
+    utilisation: list[float] = []
+    shared_saved: list[int] = []
+    live_lengths: list[float] = []
     totals = dict(prefill_tokens=0, decode_tokens=0, recomputed_tokens=0, preemptions=0,
                   finished_requests=0, copies=0, admitted=0, rejected=0)
-    progress = Progress(args.steps, not args.quiet)
+    progress = Progress(args.steps, "steps", enabled=not args.quiet)
 
     def live_ids(request: Request) -> list[int]:
         return [s for s in request.seq_ids if s >= 0]
@@ -339,12 +303,13 @@ def simulate(args: argparse.Namespace) -> dict:
         running_seqs[step] = num_running_seqs
         used_blocks[step] = fast.num_blocks - fast.num_free_blocks
         if step % sample_every == 0 and num_running_seqs:
-            stored, allocated, saved = _memory(fast, [s for r in running for s in live_ids(r)])
+            stored, allocated, saved, mean_length = _memory(fast, [s for r in running for s in live_ids(r)])
             utilisation_steps.append(step)
             utilisation.append(stored / allocated if allocated else 1.0)
             shared_saved.append(saved)
-        progress.update(step + 1, f"running {num_running_seqs:4d} waiting {len(waiting):4d} "
-                                  f"free blocks {fast.num_free_blocks:6d}")
+            live_lengths.append(mean_length)
+        progress.update(step + 1, f"running {num_running_seqs} waiting {len(waiting)} "
+                                  f"free {fast.num_free_blocks}")
     progress.close()
     wall = time.perf_counter() - wall_start
     if gc_was_enabled:
@@ -363,46 +328,69 @@ def simulate(args: argparse.Namespace) -> dict:
     return _figures(args, dict(
         requests=requests, totals=totals, wall=wall, per_step_fast=per_step_fast,
         per_step_reference=per_step_reference, running_seqs=running_seqs, used_blocks=used_blocks,
-        utilisation_steps=utilisation_steps, utilisation=utilisation, shared_saved=shared_saved))
+        utilisation_steps=utilisation_steps, utilisation=utilisation, shared_saved=shared_saved,
+        live_lengths=live_lengths))
 
 
-def _memory(manager: KVCacheManager, seq_ids: list[int]) -> tuple[int, int, int]:
-    """(tokens stored, slots allocated, blocks saved by sharing) over the live sequences."""
+def _memory(manager: KVCacheManager, seq_ids: list[int]) -> tuple[int, int, int, float]:
+    """(tokens stored, slots allocated, blocks saved by sharing, mean sequence length) over
+    the live sequences."""
     indptr, indices, last = manager.flashinfer_layout(seq_ids)
+    pages = indptr[1:] - indptr[:-1]
+    lengths = np.where(pages > 0, (pages - 1) * manager.block_size + last, 0)
     fill = np.full(indices.shape[0], manager.block_size, dtype=np.int64)
     has_pages = indptr[1:] > indptr[:-1]
     fill[indptr[1:][has_pages] - 1] = last[has_pages]
     unique, first = np.unique(indices, return_index=True)
-    return int(fill[first].sum()), int(unique.shape[0]) * manager.block_size, int(indices.shape[0] - unique.shape[0])
+    return (int(fill[first].sum()), int(unique.shape[0]) * manager.block_size,
+            int(indices.shape[0] - unique.shape[0]), float(lengths.mean()) if lengths.size else 0.0)
 
 
-def _percentiles(values: np.ndarray) -> dict:
+def _percentiles(values: np.ndarray) -> dict[str, float | None]:
+    """p50, p99 and mean of ``values``; None each when there are none (JSON has no nan)."""
     if values.size == 0:
-        return {"p50_us": float("nan"), "p99_us": float("nan"), "mean_us": float("nan")}
+        return {"p50_us": None, "p99_us": None, "mean_us": None}
     return {"p50_us": float(np.percentile(values, 50)), "p99_us": float(np.percentile(values, 99)),
             "mean_us": float(values.mean())}
 
 
-def _figures(args: argparse.Namespace, run: dict) -> dict:
+def _ratio(reference: float | None, fast: float | None) -> float | None:
+    return reference / fast if reference is not None and fast else None
+
+
+def thrashing(figures: dict[str, Any]) -> bool:
+    """Whether preemption dominates the run: more preemptions than finished requests.
+
+    The default run preempts 42 times and finishes 564 requests; an eight-block pool
+    preempts 923 times and finishes none.  The threshold of ten spares short runs in
+    which a handful of preemptions outnumber the few requests that had time to finish.
+    """
+    preemptions = figures["preemptions"]
+    return preemptions >= 10 and preemptions > figures["requests_finished"]
+
+
+def _figures(args: argparse.Namespace, run: dict[str, Any]) -> dict[str, Any]:
     fast_us, reference_us = run["per_step_fast"], run["per_step_reference"]
     running_seqs = run["running_seqs"]
     active = running_seqs > 0
-    full = running_seqs >= min(256, args.max_batch)
+    full = running_seqs >= args.max_batch
     totals = run["totals"]
-    figures = {
-        "config": {k: v for k, v in vars(args).items() if k not in ("plot", "json")},
+    figures: dict[str, Any] = {
+        "config": {k: v for k, v in vars(args).items() if k not in ("plot", "json", "command")},
         "steps": args.steps,
         "requests_arrived": len(run["requests"]),
         "requests_finished": totals["finished_requests"],
         "tokens": totals["prefill_tokens"] + totals["decode_tokens"],
         **totals,
         "mean_running_sequences": float(running_seqs.mean()),
-        "max_running_sequences": int(running_seqs.max()) if args.steps else 0,
-        "steps_at_256_running": int(full.sum()),
-        "peak_used_blocks": int(run["used_blocks"].max()) if args.steps else 0,
+        "max_running_sequences": int(running_seqs.max()),
+        "max_batch": args.max_batch,
+        "steps_at_max_batch": int(full.sum()),
+        "peak_used_blocks": int(run["used_blocks"].max()),
         "wall_s": run["wall"],
         "table_work_pagetable": _percentiles(fast_us[active]),
-        "kv_utilisation_mean": float(np.mean(run["utilisation"])) if run["utilisation"] else float("nan"),
+        "kv_utilisation_mean": float(np.mean(run["utilisation"])) if run["utilisation"] else None,
+        "live_sequence_tokens_mean": float(np.mean(run["live_lengths"])) if run["live_lengths"] else None,
         "blocks_saved_by_sharing_mean": float(np.mean(run["shared_saved"])) if run["shared_saved"] else 0.0,
         "blocks_saved_by_sharing_max": int(max(run["shared_saved"], default=0)),
         "checked_equal": not args.no_reference,
@@ -414,25 +402,34 @@ def _figures(args: argparse.Namespace, run: dict) -> dict:
             "utilisation": run["utilisation"],
         },
     }
+    figures["thrashing"] = thrashing(figures)
     if not args.no_reference:
-        figures["table_work_reference"] = _percentiles(reference_us[active])
-        figures["ratio_p50"] = figures["table_work_reference"]["p50_us"] / figures["table_work_pagetable"]["p50_us"]
-        figures["ratio_mean"] = figures["table_work_reference"]["mean_us"] / figures["table_work_pagetable"]["mean_us"]
+        fast, reference = figures["table_work_pagetable"], _percentiles(reference_us[active])
+        figures["table_work_reference"] = reference
+        figures["ratio_p50"] = _ratio(reference["p50_us"], fast["p50_us"])
+        figures["ratio_mean"] = _ratio(reference["mean_us"], fast["mean_us"])
         if full.any():
-            figures["at_256_running"] = {
-                "pagetable": _percentiles(fast_us[full]),
-                "reference": _percentiles(reference_us[full]),
-            }
-            figures["at_256_running"]["ratio_p50"] = (
-                figures["at_256_running"]["reference"]["p50_us"] / figures["at_256_running"]["pagetable"]["p50_us"])
+            at: dict[str, Any] = {"pagetable": _percentiles(fast_us[full]),
+                                  "reference": _percentiles(reference_us[full])}
+            at["ratio_p50"] = _ratio(at["reference"]["p50_us"], at["pagetable"]["p50_us"])
+            figures["at_max_batch"] = at
     return figures
 
 
-def _summary(figures: dict) -> str:
+def _us(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _times(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}x"
+
+
+def _summary(figures: dict[str, Any]) -> str:
     c = figures["config"]
+    max_batch = figures["max_batch"]
     lines = [
         f"pagetable simulate: {c['workload']} workload, rate {c['rate']} req/step, n={c['n']}, "
-        f"block size {c['block_size']}, {c['num_blocks']} blocks, max batch {c['max_batch']}, seed {c['seed']}",
+        f"block size {c['block_size']}, {c['num_blocks']} blocks, max batch {max_batch}, seed {c['seed']}",
         f"  steps              {figures['steps']}  ({figures['wall_s']:.1f} s wall)",
         f"  requests           {figures['requests_arrived']} arrived, {figures['admitted']} admitted "
         f"(incl. re-admissions), {figures['requests_finished']} finished, {figures['preemptions']} preemptions"
@@ -441,43 +438,57 @@ def _summary(figures: dict) -> str:
         f"{figures['recomputed_tokens']} recomputed, {figures['decode_tokens']} decode), "
         f"{figures['copies']} copy-on-write copies",
         f"  running sequences  mean {figures['mean_running_sequences']:.0f}, max {figures['max_running_sequences']}, "
-        f"{figures['steps_at_256_running']} steps at 256; peak blocks used {figures['peak_used_blocks']}",
+        f"{figures['steps_at_max_batch']} steps at {max_batch} (max batch); "
+        f"peak blocks used {figures['peak_used_blocks']}",
     ]
     fast = figures["table_work_pagetable"]
-    if "table_work_reference" in figures:
+    if fast["p50_us"] is None:
+        lines.append("  table work / step  none: no step had a running sequence")
+    elif "table_work_reference" in figures:
         ref = figures["table_work_reference"]
         lines += [
             "  table work / step  p50 us    p99 us    mean us",
-            f"    pagetable        {fast['p50_us']:8.1f}  {fast['p99_us']:8.1f}  {fast['mean_us']:8.1f}",
-            f"    reference        {ref['p50_us']:8.1f}  {ref['p99_us']:8.1f}  {ref['mean_us']:8.1f}",
-            f"    ratio            {figures['ratio_p50']:8.1f}x (p50)  {figures['ratio_mean']:.1f}x (mean); "
+            f"    pagetable        {_us(fast['p50_us']):>8}  {_us(fast['p99_us']):>8}  {_us(fast['mean_us']):>8}",
+            f"    reference        {_us(ref['p50_us']):>8}  {_us(ref['p99_us']):>8}  {_us(ref['mean_us']):>8}",
+            f"    ratio            {_times(figures['ratio_p50']):>9} (p50)  {_times(figures['ratio_mean'])} (mean); "
             f"results checked equal every step",
         ]
-        if "at_256_running" in figures:
-            at = figures["at_256_running"]
+        if "at_max_batch" in figures:
+            at = figures["at_max_batch"]
             lines.append(
-                f"    at 256 running   pagetable p50 {at['pagetable']['p50_us']:.1f} us, reference p50 "
-                f"{at['reference']['p50_us']:.1f} us: {at['ratio_p50']:.1f}x")
+                f"    at {max_batch} running   pagetable p50 {_us(at['pagetable']['p50_us'])} us, reference p50 "
+                f"{_us(at['reference']['p50_us'])} us: {_times(at['ratio_p50'])}")
     else:
-        lines.append(f"  table work / step  pagetable p50 {fast['p50_us']:.1f} us, p99 {fast['p99_us']:.1f} us "
+        lines.append(f"  table work / step  pagetable p50 {_us(fast['p50_us'])} us, p99 {_us(fast['p99_us'])} us "
                      f"(reference skipped)")
     util = figures["kv_utilisation_mean"]
-    lines.append(f"  KV utilisation     {100 * util:.1f}% of allocated slots hold tokens "
-                 f"({100 * (1 - util):.1f}% waste; vLLM paper: under 4%)")
+    if util is None:
+        lines.append("  KV utilisation     - (no step had a running sequence)")
+    else:
+        # What is not used is the unfilled tail of each sequence's last block: under one
+        # block per sequence, so the shorter the sequences the larger the share.
+        lines += [
+            f"  KV utilisation     {100 * util:.1f}% of allocated slots hold tokens ({100 * (1 - util):.1f}% unused)",
+            f"                     unused: each sequence's part-filled last block (under {c['block_size']} "
+            f"slots each; live sequences average {figures['live_sequence_tokens_mean']:.0f} tokens)",
+        ]
     if c["n"] > 1:
         lines.append(f"  sharing            {figures['blocks_saved_by_sharing_mean']:.0f} blocks saved on average "
                      f"(max {figures['blocks_saved_by_sharing_max']}) by forking the prompt")
     lines.append("  no leak: every block back in the pool after freeing all sequences; check() passed")
+    if figures["thrashing"]:
+        lines.append(
+            f"warning: the pool thrashes: {figures['preemptions']} preemptions against "
+            f"{figures['requests_finished']} finished requests, so the figures above measure "
+            f"recomputation, not serving; give it more --num-blocks, or lower --rate or --n")
     return "\n".join(lines)
 
 
-def _plot(figures: dict, path: str) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise SystemExit("--plot needs matplotlib: pip install matplotlib (or pip install 'pagetable[plot]')")
+def _plot(figures: dict[str, Any], path: str) -> None:
+    # run() has checked that matplotlib imports.
+    import matplotlib  # type: ignore[import-not-found]
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # type: ignore[import-not-found]
     series = figures["series"]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
     top.plot(series["utilisation_steps"], [100 * u for u in series["utilisation"]], label="KV utilisation %")
@@ -497,50 +508,58 @@ def _plot(figures: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m pagetable simulate",
-        description="Continuous-batching serving simulation driving the KV-cache manager, "
-                    "checked against and timed next to the pure-Python reference.")
-    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="sharegpt",
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    integer = _options.integer
+    parser.add_argument("--workload", choices=sorted(workloads.SERVING), default="sharegpt",
                         help="length distributions (default sharegpt: ~161 prompt / ~338 output tokens)")
-    parser.add_argument("--steps", type=int, default=1000, help="engine steps to simulate (default 1000)")
-    parser.add_argument("--rate", type=float, default=1.0, help="mean request arrivals per step (default 1.0)")
-    parser.add_argument("--n", type=int, default=1, help="parallel samples per request, via fork (default 1)")
-    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
-    parser.add_argument("--num-blocks", type=int, default=7168, help="KV blocks in the pool (default 7168: tight enough that long requests cause preemptions)")
-    parser.add_argument("--max-batch", type=int, default=256, help="most running sequences (default 256)")
-    parser.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
+    parser.add_argument("--steps", type=integer(1, 1_000_000), default=1000,
+                        help="engine steps to simulate, 1..1,000,000 (default 1000)")
+    parser.add_argument("--rate", type=_options.positive_real(10_000), default=1.0,
+                        help="mean request arrivals per step, in (0, 10000] (default 1.0)")
+    parser.add_argument("--n", type=integer(1, 1024), default=1,
+                        help="parallel samples per request, via fork, 1..1024 (default 1)")
+    parser.add_argument("--block-size", type=integer(1, 2**31 - 1), default=16,
+                        help="tokens per KV block (default 16)")
+    parser.add_argument("--num-blocks", type=integer(1, MAX_NUM_BLOCKS), default=7168,
+                        help="KV blocks in the pool (default 7168: tight enough that long requests "
+                             "cause preemptions)")
+    parser.add_argument("--max-batch", type=integer(1, 1_000_000), default=256,
+                        help="most running sequences (default 256)")
+    parser.add_argument("--seed", type=_options.seed, default=0, help="workload seed, >= 0 (default 0)")
     parser.add_argument("--no-reference", action="store_true", help="skip the pure-Python reference run")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("--plot", metavar="FILE.png", help="draw utilisation and per-step time (matplotlib)")
-    parser.add_argument("--json", metavar="FILE", help="write the figures as JSON")
-    return parser
+    parser.add_argument("--plot", metavar="FILE.png", type=_options.output_file,
+                        help="draw utilisation and per-step time (needs matplotlib)")
+    parser.add_argument("--json", metavar="FILE", type=_options.output_file, help="write the figures as JSON")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m pagetable simulate``; returns the exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["simulate"]:
-        argv = argv[1:]
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    for name in ("steps", "n", "block_size", "num_blocks", "max_batch"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if not args.rate > 0:
-        parser.error(f"--rate must be positive, got {args.rate}")
+def check(args: argparse.Namespace) -> str | None:
+    """What makes this combination of options unable to run, or None."""
     if args.n > args.max_batch:
-        parser.error(f"--n ({args.n}) cannot exceed --max-batch ({args.max_batch})")
-    if args.plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            parser.error("--plot needs matplotlib: pip install matplotlib")
+        return f"--n ({args.n}) cannot exceed --max-batch ({args.max_batch})"
+    sequences = args.rate * args.steps * args.n
+    if sequences > MAX_SEQUENCES:
+        return (f"--rate {args.rate:g} x --steps {args.steps} x --n {args.n} asks for about "
+                f"{sequences:,.0f} sequences; at most {MAX_SEQUENCES:,}")
+    if args.plot and (why := _options.matplotlib_missing()):
+        return why
     try:
         KVCacheManager(args.num_blocks, args.block_size)
     except (ValueError, OverflowError) as exc:
-        parser.error(str(exc))
+        return str(exc)
+    # Admission keeps a 1% watermark free and wants the prompt's blocks plus one per
+    # sample; a pool that cannot fit the shortest request admits nothing at all.
+    watermark = max(1, args.num_blocks // 100)
+    shortest = -(-workloads.serving_shortest_request(args.workload) // args.block_size) + args.n
+    if args.num_blocks - watermark < shortest:
+        return (f"--num-blocks {args.num_blocks} cannot hold any request: admission keeps {watermark} "
+                f"block{'s' if watermark > 1 else ''} free and the shortest {args.workload} request "
+                f"needs {shortest} (use at least {shortest + watermark})")
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the simulation and print its summary; returns the exit status."""
     figures = simulate(args)
     print(_summary(figures))
     if args.json:
@@ -551,7 +570,3 @@ def main(argv: list[str] | None = None) -> int:
         _plot(figures, args.plot)
         print(f"  plot written to {args.plot}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

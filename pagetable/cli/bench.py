@@ -1,13 +1,14 @@
-"""``python -m pagetable bench``: pagetable side by side with its baselines, goal by goal.
+"""``pagetable bench``: pagetable side by side with its baselines, goal by goal.
 
 Every speed goal is a ratio of two timings taken in this process, interleaved
 (ours, baseline, ours, baseline, ...) so that load from other processes hits both
-alike; each figure is the minimum over the repeats.  The workloads and the
-baselines live in :mod:`pagetable._bench_baselines` (benchmark-only code).
+alike; each figure is the minimum over the repeats.  The workloads live in
+:mod:`pagetable.cli.workloads`, the baselines in :mod:`pagetable.cli._baselines` and
+the memory reading in :mod:`pagetable.cli._memory` (benchmark-only code).
 
 Usage::
 
-    python -m pagetable bench [--quick] [--plot FILE.png] [--json FILE]
+    pagetable bench [--quick] [--plot FILE.png] [--json FILE] [--no-memory]
 """
 
 from __future__ import annotations
@@ -16,13 +17,18 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
-from pagetable import _bench_baselines as bl
+from . import _baselines as bl
+from . import _memory, _options, workloads
+from ._progress import Progress
+
+HELP = "time pagetable against its baselines and report each speed goal as a ratio"
 
 
 @dataclass
@@ -41,7 +47,7 @@ class Row:
     unit: str = "s"
 
     @property
-    def met(self):
+    def met(self) -> bool | None:
         if self.target is None:
             return None
         if self.unit == "B":     # memory: an upper bound on our bytes per block
@@ -66,7 +72,8 @@ def _calibrate(function, min_sample):
         number = max(number * 2, int(number * min_sample / max(elapsed, 1e-9)) + 1)
 
 
-def compare(candidates, repeats, min_sample, medians=None):
+def compare(candidates: dict[str, Callable[[], object]], repeats: int, min_sample: float,
+            medians: dict[str, float] | None = None) -> dict[str, float]:
     """Seconds per call of each candidate: the minimum over interleaved repeats.
 
     Parameters
@@ -83,7 +90,7 @@ def compare(candidates, repeats, min_sample, medians=None):
         Filled with the median seconds per call of each candidate, for the JSON.
     """
     numbers = {name: _calibrate(function, min_sample) for name, function in candidates.items()}
-    samples = {name: [] for name in candidates}
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(repeats):
         for name, function in candidates.items():
             number = numbers[name]
@@ -106,29 +113,31 @@ def _check_equal(name, ours, theirs):
 # --------------------------------------------------------------------------- goals
 
 
-def _slot_mapping_rows(PageTable, settings):
+SLOT_CASES = [  # goal, block size, tokens, interleaved, formula target, floor target
+    ("1", 16, 1 << 20, False, 8.0, 1 / 1.6),
+    ("1", 24, 1 << 20, False, 2.5, None),
+    ("", 16, 1 << 20, True, None, None),
+    ("", 16, 1 << 16, False, None, None),   # where a parallel path may start to pay
+    ("2", 16, 8192, False, 3.0, None),
+    ("2", 16, 8192, True, 3.0, None),
+    ("", 24, 8192, False, None, None),
+]
+
+
+def _slot_mapping_rows(PageTable, settings, progress):
     rows = []
-    workloads = {}
+    tables = {}
 
     def setup(block_size):
-        if block_size not in workloads:
-            workload = bl.TableWorkload.slot_mapping_table(block_size)
-            workloads[block_size] = (workload, workload.build_pagetable(PageTable),
-                                     workload.build_dense_table())
-        return workloads[block_size]
+        if block_size not in tables:
+            workload = workloads.TableWorkload.slot_mapping_table(block_size)
+            tables[block_size] = (workload, workload.build_pagetable(PageTable),
+                                  workload.build_dense_table())
+        return tables[block_size]
 
-    cases = [  # goal, block size, tokens, interleaved, formula target, floor target
-        ("1", 16, 1 << 20, False, 8.0, 1 / 1.6),
-        ("1", 24, 1 << 20, False, 2.5, None),
-        ("", 16, 1 << 20, True, None, None),
-        ("", 16, 1 << 16, False, None, None),   # where a parallel path may start to pay
-        ("2", 16, 8192, False, 3.0, None),
-        ("2", 16, 8192, True, 3.0, None),
-        ("", 24, 8192, False, None, None),
-    ]
-    for goal, block_size, tokens, interleaved, formula_target, floor_target in cases:
+    for goal, block_size, tokens, interleaved, formula_target, floor_target in SLOT_CASES:
         workload, table, dense = setup(block_size)
-        batch = bl.token_batch(workload, tokens, interleaved)
+        batch = workloads.token_batch(workload, tokens, interleaved)
         expected = bl.formula_slot_mapping(dense, batch.rows, batch.positions, block_size,
                                            np.empty(tokens, dtype=np.int64))
         ours_out = np.empty(tokens, dtype=np.int64)
@@ -155,41 +164,43 @@ def _slot_mapping_rows(PageTable, settings):
             candidates["input floor"] = lambda: bl.input_stream_floor(
                 batch.seq_ids, batch.positions, floor_out)
         times = compare(candidates, settings["repeats"], settings["min_sample"])
-        size = f"{tokens:,} tok, bs {block_size}, {'interleaved' if interleaved else 'grouped'}"
+        size = f"{tokens:,} tokens, block size {block_size}, {'interleaved' if interleaved else 'grouped'}"
+        progress.advance(f"slot_mapping, {size}")
         rows.append(Row(goal, "slot_mapping", size, times["ours"], "vLLM formula",
                         times["formula"], times["formula"] / times["ours"], formula_target,
                         f">= {formula_target:g}x" if formula_target else "-"))
         if with_hints:
-            rows.append(Row(goal, "slot_mapping, row hints", size, times["hinted"], "vLLM formula",
+            rows.append(Row(goal, "slot_mapping + hints", size, times["hinted"], "vLLM formula",
                             times["formula"], times["formula"] / times["hinted"], formula_target,
                             f">= {formula_target:g}x" if formula_target else "-"))
         if big:
             rows.append(Row(goal, "slot_mapping", size, times["ours"], "memcpy floor",
                             times["floor"], times["floor"] / times["ours"], floor_target,
-                            "within 1.6x (>= 0.625)"))
+                            "within 1.6x"))
             rows.append(Row("", "slot_mapping", size, times["ours"],
-                            "input floor (np.add seq+pos)", times["input floor"],
+                            "input floor", times["input floor"],
                             times["input floor"] / times["ours"], None, "-"))
     # lookup returns (block, offset): shown beside the same formula, for information.
     workload, table, dense = setup(16)
-    batch = bl.token_batch(workload, 1 << 20, False)
+    batch = workloads.token_batch(workload, 1 << 20, False)
     _check_equal("lookup", table.lookup(batch.seq_ids, batch.positions),
                  bl.formula_lookup(dense, batch.rows, batch.positions, 16))
     times = compare({
         "ours": lambda: table.lookup(batch.seq_ids, batch.positions),
         "formula": lambda: bl.formula_lookup(dense, batch.rows, batch.positions, 16),
     }, settings["repeats"], settings["min_sample"])
-    rows.append(Row("", "lookup", "1,048,576 tok, bs 16, grouped", times["ours"],
+    progress.advance("lookup")
+    rows.append(Row("", "lookup", "1,048,576 tokens, block size 16, grouped", times["ours"],
                     "vLLM formula", times["formula"], times["formula"] / times["ours"], None, "-"))
     return rows
 
 
-def _get_block_rows(PageTable, settings):
-    workload = bl.TableWorkload.slot_mapping_table(16)
+def _get_block_rows(PageTable, settings, progress):
+    workload = workloads.TableWorkload.slot_mapping_table(16)
     table = workload.build_pagetable(PageTable)
     seed_table = workload.build_dict_of_lists()
     count = settings["queries"]
-    seq_ids, positions = bl.random_queries(workload, count)
+    seq_ids, positions = workloads.random_queries(workload, count)
     for seq_id, position in zip(seq_ids[:1000], positions[:1000]):
         if table.get_block_for_position(seq_id, position) != seed_table.get_block_for_position(seq_id, position):
             raise AssertionError("get_block_for_position: pagetable and the seed disagree")
@@ -202,16 +213,20 @@ def _get_block_rows(PageTable, settings):
     times = compare({"ours": ours,
                      "seed": lambda: bl.dict_get_block_loop(seed_table, seq_ids, positions)},
                     settings["repeats"], settings["min_sample"])
-    return [Row("3", "get_block_for_position", f"{count:,} calls, Python loop",
+    progress.advance("get_block_for_position")
+    return [Row("3", "get_block_for_position", f"{count:,} calls from a Python loop, time per call",
                 times["ours"] / count, "seed dict of lists", times["seed"] / count,
                 times["seed"] / times["ours"], 2.5, ">= 2.5x")]
 
 
-def _append_rows(PageTable, settings):
+APPEND_ORDERS = (False, True)   # grouped?
+
+
+def _append_rows(PageTable, settings, progress):
     per_sequence = settings["append_blocks_per_sequence"]
     rows = []
-    for grouped in (False, True):
-        owners, blocks = bl.append_stream(1024, per_sequence, grouped=grouped)
+    for grouped in APPEND_ORDERS:
+        owners, blocks = workloads.append_stream(1024, per_sequence, grouped=grouped)
         owner_list, block_list = owners.tolist(), blocks.tolist()
         count = len(block_list)
 
@@ -238,18 +253,20 @@ def _append_rows(PageTable, settings):
             "loop": one_by_one,
             "setdefault": lambda: bl.setdefault_append_loop(owner_list, block_list),
         }, settings["repeats"], settings["min_sample"])
-        size = f"{count:,} blocks, 1,024 seqs, {'grouped' if grouped else 'round-robin'}"
-        rows.append(Row("4", "append_blocks (per block)", size, times["batched"] / count,
+        size = (f"{count:,} blocks over 1,024 sequences, {'grouped' if grouped else 'round-robin'}, "
+                f"time per block")
+        progress.advance("append_blocks")
+        rows.append(Row("4", "append_blocks", size, times["batched"] / count,
                         "append_block loop", times["loop"] / count,
                         times["loop"] / times["batched"], 10.0, ">= 10x"))
-        rows.append(Row("4", "append_block loop (per block)", size, times["loop"] / count,
-                        "dict.setdefault loop", times["setdefault"] / count,
-                        times["setdefault"] / times["loop"], 1.0, "no slower (>= 1x)"))
+        rows.append(Row("4", "append_block loop", size, times["loop"] / count,
+                        "setdefault loop", times["setdefault"] / count,
+                        times["setdefault"] / times["loop"], 1.0, "no slower"))
     return rows
 
 
-def _table_rows(PageTable, settings):
-    workload = bl.TableWorkload.block_table_batch(256)
+def _table_rows(PageTable, settings, progress):
+    workload = workloads.TableWorkload.block_table_batch(256)
     table = workload.build_pagetable(PageTable)
     seed_table = workload.build_dict_of_lists()
     seq_ids = workload.seq_ids
@@ -262,29 +279,37 @@ def _table_rows(PageTable, settings):
         "to_csr": lambda: table.to_csr(seq_ids),
         "to_csr_seed": lambda: seed_table.to_csr(seq_list),
     }, settings["repeats"], settings["min_sample"])
-    size = f"256 seqs <= 2,048 blocks ({workload.total_blocks:,})"
+    progress.advance("block_table, to_csr")
+    size = f"256 sequences of up to 2,048 blocks ({workload.total_blocks:,} blocks)"
     return [
-        Row("5", name, size, times[name], "numpy rows from lists", times[name + "_seed"],
+        Row("5", name, size, times[name], "numpy from lists", times[name + "_seed"],
             times[name + "_seed"] / times[name], 5.0, ">= 5x")
         for name in ("block_table", "to_csr")
     ]
 
 
-def _memory_rows(settings):
+MEMORY_BUILDS = ("grow", "bulk")
+MEMORY_UNITS = 2 + len(MEMORY_BUILDS)   # the seed's two readings, then ours per build
+
+
+def _memory_rows(settings, progress):
     rows = []
-    seed_traced = bl.measure_memory("dict_of_lists", "grow", use_tracemalloc=True)
-    seed = bl.measure_memory("dict_of_lists", "grow")
-    size = f"10,000 seqs lognormal ({seed['blocks']:,} blocks)"
-    for build in ("grow", "bulk"):
-        ours = bl.measure_memory("pagetable", build)
+    seed_traced = _memory.measure_memory("dict_of_lists", "grow", use_tracemalloc=True)
+    progress.advance("memory")
+    seed = _memory.measure_memory("dict_of_lists", "grow")
+    progress.advance("memory")
+    size = (f"bytes per block, 10,000 lognormal sequences ({seed['blocks']:,} blocks); "
+            f"seed dict traced: {seed_traced['traced_per_block']:.1f} B")
+    for build in MEMORY_BUILDS:
+        ours = _memory.measure_memory("pagetable", build)
+        progress.advance("memory")
         # The goal counts transients, so the peak is what is held to 10 B/block.
-        rows.append(Row("6", f"memory, peak RSS ({build})", size, ours["peak_rss_per_block"],
-                        "seed dict of lists, grow", seed["peak_rss_per_block"],
+        rows.append(Row("6", f"peak RSS, {build}", size, ours["peak_rss_per_block"],
+                        "seed dict, grow", seed["peak_rss_per_block"],
                         seed["peak_rss_per_block"] / max(ours["peak_rss_per_block"], 1e-9),
-                        10.0, "< 10 B/block", unit="B"))
-        rows.append(Row("", f"memory, RSS after ({build})", size, ours["rss_per_block"],
-                        f"seed dict ({seed_traced['traced_per_block']:.1f} B/blk traced)",
-                        seed["rss_per_block"],
+                        10.0, "< 10 B", unit="B"))
+        rows.append(Row("", f"RSS after, {build}", size, ours["rss_per_block"],
+                        "seed dict, grow", seed["rss_per_block"],
                         seed["rss_per_block"] / max(ours["rss_per_block"], 1e-9), None, "-",
                         unit="B"))
     return rows
@@ -293,19 +318,19 @@ def _memory_rows(settings):
 # --------------------------------------------------------------------------- sweep / plot
 
 
-def sweep(PageTable, settings):
+def sweep(PageTable: type, settings: dict[str, Any], progress: Progress) -> dict[str, dict[str, list[float]]]:
     """Throughput against batch size, for the plot (and the JSON)."""
-    workload = bl.TableWorkload.slot_mapping_table(16)
+    workload = workloads.TableWorkload.slot_mapping_table(16)
     table = workload.build_pagetable(PageTable)
     dense = workload.build_dense_table()
-    result = {"slot_mapping": {"tokens": [], "pagetable grouped": [], "pagetable interleaved": [],
-                               "vLLM formula": [], "memcpy floor": []},
-              "block_table": {"sequences": [], "pagetable block_table": [],
-                              "pagetable to_csr": [], "numpy rows from lists": [],
-                              "numpy CSR from lists": []}}
+    result: dict[str, dict[str, list[float]]] = {
+        "slot_mapping": {"tokens": [], "pagetable grouped": [], "pagetable interleaved": [],
+                         "vLLM formula": [], "memcpy floor": []},
+        "block_table": {"sequences": [], "pagetable block_table": [], "pagetable to_csr": [],
+                        "numpy rows from lists": [], "numpy CSR from lists": []}}
     for tokens in settings["sweep_tokens"]:
-        grouped = bl.token_batch(workload, tokens, False)
-        mixed = bl.token_batch(workload, tokens, True)
+        grouped = workloads.token_batch(workload, tokens, False)
+        mixed = workloads.token_batch(workload, tokens, True)
         out = np.empty(tokens, dtype=np.int64)
         times = compare({
             "pagetable grouped": lambda: table.slot_mapping(grouped.seq_ids, grouped.positions, out=out),
@@ -313,10 +338,11 @@ def sweep(PageTable, settings):
             "vLLM formula": lambda: bl.formula_slot_mapping(dense, grouped.rows, grouped.positions, 16, grouped.out),
             "memcpy floor": lambda: bl.memcpy_floor(grouped.positions, out),
         }, settings["sweep_repeats"], settings["min_sample"])
+        progress.advance("sweep")
         result["slot_mapping"]["tokens"].append(tokens)
         for name, seconds in times.items():
             result["slot_mapping"][name].append(tokens / seconds)
-    big = bl.TableWorkload.block_table_batch(256)
+    big = workloads.TableWorkload.block_table_batch(256)
     big_table = big.build_pagetable(PageTable)
     seed_table = big.build_dict_of_lists()
     for count in settings["sweep_sequences"]:
@@ -329,6 +355,7 @@ def sweep(PageTable, settings):
             "numpy rows from lists": lambda: seed_table.block_table(seq_list),
             "numpy CSR from lists": lambda: seed_table.to_csr(seq_list),
         }, settings["sweep_repeats"], settings["min_sample"])
+        progress.advance("sweep")
         result["block_table"]["sequences"].append(count)
         for name, seconds in times.items():
             result["block_table"][name].append(blocks / seconds)
@@ -336,15 +363,10 @@ def sweep(PageTable, settings):
 
 
 def plot(result, path):
-    """Draw throughput against batch size; returns False (with a message) without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("--plot needs matplotlib: pip install 'pagetable[plot]' (or pip install matplotlib)",
-              file=sys.stderr)
-        return False
+    """Draw throughput against batch size (``check`` has made sure matplotlib imports)."""
+    import matplotlib  # type: ignore[import-not-found]
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # type: ignore[import-not-found]
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     slot = result["slot_mapping"]
     for name, values in slot.items():
@@ -363,13 +385,12 @@ def plot(result, path):
         axes.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)
-    return True
 
 
 # --------------------------------------------------------------------------- report
 
 
-def machine():
+def machine() -> dict[str, Any]:
     """What the figures came from."""
     model = platform.processor() or platform.machine()
     try:
@@ -387,84 +408,113 @@ def machine():
             "platform": platform.platform()}
 
 
-def _format(value, unit):
+def _format(value: float, unit: str) -> str:
     if unit == "B":
-        return f"{value:.1f} B/blk"
+        return f"{value:.1f} B"
     for scale, suffix in ((1, "s"), (1e-3, "ms"), (1e-6, "us"), (1e-9, "ns")):
         if value >= scale:
             return f"{value / scale:.3g} {suffix}"
     return f"{value / 1e-9:.3g} ns"
 
 
-def format_table(rows):
-    """The table as text (also the form docs/PERFORMANCE.md quotes)."""
-    header = ("goal", "operation", "size", "pagetable", "baseline", "baseline time",
-              "ratio", "goal", "met?")
-    lines = []
+def format_table(rows: list[Row]) -> str:
+    """The table as text, under 100 columns (also the form docs/PERFORMANCE.md quotes).
+
+    Rows of one workload follow the line that names it, so that no column has to hold
+    the workload's description.
+    """
+    header = ("goal", "operation", "pagetable", "baseline", "its time", "ratio", "target", "met?")
+    cells = []
     for row in rows:
         met = row.met
-        lines.append((row.goal, row.operation, row.size, _format(row.ours, row.unit),
-                      row.baseline_name, _format(row.baseline, row.unit),
-                      f"{row.ratio:.2f}x", row.target_text,
+        cells.append((row.goal, row.operation, _format(row.ours, row.unit), row.baseline_name,
+                      _format(row.baseline, row.unit), f"{row.ratio:.2f}x", row.target_text,
                       "-" if met is None else ("yes" if met else "NO")))
-    widths = [max(len(str(line[i])) for line in [header] + lines) for i in range(len(header))]
-    rule = "  ".join("-" * width for width in widths)
-    out = ["  ".join(str(cell).ljust(width) for cell, width in zip(header, widths)), rule]
-    out += ["  ".join(str(cell).ljust(width) for cell, width in zip(line, widths)) for line in lines]
+    widths = [max(len(line[i]) for line in [header, *cells]) for i in range(len(header))]
+
+    def join(line: tuple[str, ...]) -> str:
+        return "  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip()
+
+    out = [join(header), "  ".join("-" * width for width in widths)]
+    size = None
+    for row, line in zip(rows, cells):
+        if row.size != size:
+            size = row.size
+            out.append(size)
+        out.append(join(line))
     return "\n".join(out)
 
 
-QUICK = {"repeats": 15, "min_sample": 0.002, "queries": 10_000, "append_blocks_per_sequence": 32,
+QUICK: dict[str, Any] = {"repeats": 15, "min_sample": 0.002, "queries": 10_000, "append_blocks_per_sequence": 32,
          "sweep_tokens": [1 << 10, 1 << 13, 1 << 16, 1 << 20], "sweep_sequences": [4, 16, 64, 256],
          "sweep_repeats": 3}
-FULL = {"repeats": 41, "min_sample": 0.005, "queries": 100_000, "append_blocks_per_sequence": 64,
+FULL: dict[str, Any] = {"repeats": 41, "min_sample": 0.005, "queries": 100_000, "append_blocks_per_sequence": 64,
         "sweep_tokens": [1 << k for k in range(8, 21, 2)], "sweep_sequences": [1, 4, 16, 64, 256],
         "sweep_repeats": 7}
 
 
-def main(argv=None):
-    """Run the comparison; returns the process exit status (0 even when a goal is missed)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m pagetable bench",
-        description="Time pagetable against its baselines (vLLM's slot-mapping formula, the "
-                    "memcpy floor, the seed's dict of lists) and report each speed goal as a ratio.")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repeats; under a minute")
-    parser.add_argument("--plot", metavar="FILE.png", help="draw throughput against batch size")
-    parser.add_argument("--json", metavar="FILE", help="write every figure as JSON")
+    parser.add_argument("--plot", metavar="FILE.png", type=_options.output_file,
+                        help="draw throughput against batch size (needs matplotlib)")
+    parser.add_argument("--json", metavar="FILE", type=_options.output_file,
+                        help="write every figure as JSON")
     parser.add_argument("--no-memory", action="store_true",
                         help="skip the memory goal (it runs fresh subprocesses)")
-    args = parser.parse_args(argv)
-    settings = QUICK if args.quick else FULL
 
-    if args.plot:   # fail before minutes of timing, not after
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            print("--plot needs matplotlib: pip install 'pagetable[plot]' (or pip install matplotlib)",
-                  file=sys.stderr)
-            return 2
 
+def check(args: argparse.Namespace) -> str | None:
+    """Refuse ``--plot`` without matplotlib before minutes of timing, not after."""
+    return _options.matplotlib_missing() if args.plot else None
+
+
+SECTIONS = (  # (function, units of progress it reports)
+    (_slot_mapping_rows, len(SLOT_CASES) + 1),
+    (_get_block_rows, 1),
+    (_append_rows, len(APPEND_ORDERS)),
+    (_table_rows, 1),
+)
+
+
+def measure(settings: dict[str, Any], memory: bool, with_sweep: bool,
+            progress: Progress) -> tuple[list[Row], dict[str, Any] | None]:
+    """Every row of the table (and the sweep, when asked), reporting to ``progress``."""
     from pagetable import PageTable
 
+    rows: list[Row] = []
+    for section, _ in SECTIONS:
+        rows += section(PageTable, settings, progress)
+    if memory:
+        rows += _memory_rows(settings, progress)
+    return rows, sweep(PageTable, settings, progress) if with_sweep else None
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the comparison; returns the exit status (0 even when a goal is missed)."""
+    settings = QUICK if args.quick else FULL
     info = machine()
     print(f"pagetable {info['pagetable']} on {info['cpu']} ({info['cpus']} CPUs), "
           f"Python {info['python']}, numpy {info['numpy']}, OMP_NUM_THREADS={info['OMP_NUM_THREADS']}")
     print("ratio = baseline time / pagetable time (memory: baseline bytes / ours); "
           f"minimum of {settings['repeats']} interleaved repeats\n", flush=True)
 
+    with_sweep = bool(args.plot or args.json)
+    units = (sum(count for _, count in SECTIONS) + (0 if args.no_memory else MEMORY_UNITS)
+             + (len(settings["sweep_tokens"]) + len(settings["sweep_sequences"]) if with_sweep else 0))
     started = time.perf_counter()
-    rows = []
-    for section in (_slot_mapping_rows, _get_block_rows, _append_rows, _table_rows):
-        rows += section(PageTable, settings)
-    if not args.no_memory:
-        rows += _memory_rows(settings)
+    progress = Progress(units, "timings")
+    try:
+        rows, sweep_result = measure(settings, not args.no_memory, with_sweep, progress)
+    finally:
+        progress.close()
     print(format_table(rows))
 
-    result = {"machine": info, "quick": args.quick, "settings": settings,
-              "rows": [dict(asdict(row), met=row.met) for row in rows]}
-    if args.plot or args.json:
-        result["sweep"] = sweep(PageTable, settings)
-    if args.plot and plot(result["sweep"], args.plot):
+    result: dict[str, Any] = {"machine": info, "quick": args.quick, "settings": settings,
+                              "rows": [dict(asdict(row), met=row.met) for row in rows]}
+    if sweep_result is not None:
+        result["sweep"] = sweep_result
+    if args.plot:
+        plot(result["sweep"], args.plot)
         print(f"\nplot written to {args.plot}")
     if args.json:
         with open(args.json, "w") as handle:
@@ -472,7 +522,3 @@ def main(argv=None):
         print(f"figures written to {args.json}")
     print(f"\n({time.perf_counter() - started:.0f} s)")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

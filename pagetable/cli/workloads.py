@@ -1,0 +1,266 @@
+"""Every workload the benchmark harnesses and the simulation run on, seeded, in one place.
+
+``pagetable bench``, the asv suites (``benchmarks/``), the pytest-benchmark tests
+(``tests/benchmarks/``), the memory test and ``pagetable simulate`` all draw their
+inputs here, so the same name always means the same numbers.  The module depends on
+numpy only: asv loads this folder by path from the checkout (see
+``benchmarks/workloads.py``) while it times an older commit whose package predates it.
+
+Table workloads
+---------------
+``TableWorkload.slot_mapping_table``
+    The speed goals' table: 1,024 sequences of 1..511 blocks.
+``TableWorkload.block_table_batch``
+    256 sequences of up to 2,048 blocks, for ``block_table`` / ``to_csr``.
+``lognormal_lengths``
+    The memory workload: 10,000 sequences, lognormal with median 32 blocks, capped at
+    4,096; ``grow_inputs`` and ``bulk_inputs`` lay it out for building a table one
+    block per sequence per step (decode) or from one grouped batch (prefill).
+
+Serving workload
+----------------
+``serving_requests``
+    Poisson arrivals per engine step; prompt and output lengths lognormal, clipped, with
+    means matching the datasets in the vLLM paper (Kwon et al., SOSP 2023, Fig. 11):
+    ShareGPT about 161 prompt / 338 output tokens, Alpaca about 19 / 58.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+PAD_SLOT_ID = -1
+
+# The slot-mapping workload of the speed goals: 1,024 sequences of 1..511 blocks.
+SLOT_SEQUENCES = 1024
+SLOT_MAX_BLOCKS = 511
+# The block_table / to_csr workload: 256 sequences of up to 2,048 blocks.
+TABLE_SEQUENCES = 256
+TABLE_MAX_BLOCKS = 2048
+# The memory workload: 10,000 sequences, lognormal lengths, median 32, capped at 4,096.
+MEMORY_SEQUENCES = 10_000
+MEMORY_MEDIAN_BLOCKS = 32
+MEMORY_SIGMA = 1.0
+MEMORY_CAP_BLOCKS = 4096
+
+
+def sequence_ids(count, seed=0):
+    """Distinct, scattered int64 sequence ids (not 0..count-1, so no table can cheat)."""
+    rng = np.random.default_rng(seed)
+    return rng.permutation(count).astype(np.int64) * 7919 + 1_000_003
+
+
+def uniform_lengths(count, low, high, seed=0):
+    """Blocks per sequence, uniform in ``low..high`` inclusive (int64)."""
+    rng = np.random.default_rng(seed + 1)
+    return rng.integers(low, high + 1, size=count, dtype=np.int64)
+
+
+def lognormal_lengths(count=MEMORY_SEQUENCES, median=MEMORY_MEDIAN_BLOCKS,
+                      sigma=MEMORY_SIGMA, cap=MEMORY_CAP_BLOCKS, seed=0):
+    """Long-tailed blocks per sequence: lognormal with the given median, 1..cap (int64)."""
+    rng = np.random.default_rng(seed + 2)
+    lengths = np.rint(rng.lognormal(np.log(median), sigma, size=count))
+    return np.clip(lengths, 1, cap).astype(np.int64)
+
+
+@dataclass
+class TableWorkload:
+    """A set of sequences and their physical blocks, buildable into every layout.
+
+    ``indices[indptr[i]:indptr[i + 1]]`` are sequence ``seq_ids[i]``'s block ids in
+    order.  Block ids are a random permutation of ``0..total-1``, as an allocator
+    hands them out after some churn.
+    """
+
+    block_size: int
+    seq_ids: np.ndarray            # int64 [B]
+    lengths: np.ndarray            # int64 [B]
+    indptr: np.ndarray             # int64 [B + 1]
+    indices: np.ndarray            # int32 [total]
+    _block_owner: np.ndarray | None = field(default=None, repr=False)
+
+    @classmethod
+    def make(cls, lengths, block_size=16, seed=0):
+        lengths = np.asarray(lengths, dtype=np.int64)
+        seq_ids = sequence_ids(len(lengths), seed)
+        indptr = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=indptr[1:])
+        rng = np.random.default_rng(seed + 3)
+        indices = rng.permutation(int(indptr[-1])).astype(np.int32)
+        return cls(block_size, seq_ids, lengths, indptr, indices)
+
+    @classmethod
+    def slot_mapping_table(cls, block_size=16, seed=0):
+        """The speed goals' table: 1,024 sequences of 1..511 blocks."""
+        return cls.make(uniform_lengths(SLOT_SEQUENCES, 1, SLOT_MAX_BLOCKS, seed), block_size, seed)
+
+    @classmethod
+    def block_table_batch(cls, num_sequences=TABLE_SEQUENCES, block_size=16, seed=0):
+        """Sequences of 1..2,048 blocks, for block_table / to_csr."""
+        return cls.make(uniform_lengths(num_sequences, 1, TABLE_MAX_BLOCKS, seed), block_size, seed)
+
+    @property
+    def total_blocks(self):
+        return int(self.indptr[-1])
+
+    @property
+    def block_owners(self):
+        """The sequence id of every entry of ``indices`` (int64 [total])."""
+        if self._block_owner is None:
+            self._block_owner = np.repeat(self.seq_ids, self.lengths)
+        return self._block_owner
+
+    def build_pagetable(self, page_table_class):
+        """The table under test, filled with one ``append_blocks`` call."""
+        table = page_table_class(self.block_size)
+        table.append_blocks(self.block_owners, self.indices)
+        return table
+
+    def build_dict_of_lists(self):
+        """The seed's layout holding the same blocks."""
+        from ._baselines import DictOfListsPageTable
+
+        table = DictOfListsPageTable(self.block_size)
+        for i, seq_id in enumerate(self.seq_ids.tolist()):
+            table.blocks[seq_id] = self.indices[self.indptr[i]:self.indptr[i + 1]].tolist()
+        return table
+
+    def build_dense_table(self):
+        """vLLM's persistent block table: int32 [B, W], row i is ``seq_ids[i]``, padded."""
+        width = int(self.lengths.max()) if len(self.lengths) else 0
+        dense = np.full((len(self.seq_ids), width), PAD_SLOT_ID, dtype=np.int32)
+        for i in range(len(self.seq_ids)):
+            dense[i, :self.lengths[i]] = self.indices[self.indptr[i]:self.indptr[i + 1]]
+        return dense
+
+
+@dataclass
+class TokenBatch:
+    """One step's tokens: sequence id, position and (for the formula) dense-table row."""
+
+    seq_ids: np.ndarray            # int64 [N]
+    positions: np.ndarray          # int64 [N]
+    rows: np.ndarray               # int64 [N]
+    out: np.ndarray                # int64 [N], preallocated output
+
+    def __len__(self):
+        return len(self.positions)
+
+
+def token_batch(workload, num_tokens, interleaved=False, seed=0):
+    """``num_tokens`` mapped tokens spread over every sequence of ``workload``.
+
+    Each sequence gets a share proportional to its length, as one contiguous run of
+    positions starting at a random mapped position (a prefill chunk, or a decode
+    window).  Grouped: runs follow each other, as engines batch tokens.
+    Interleaved: the same tokens in one random order.
+    """
+    rng = np.random.default_rng(seed + 4)
+    capacity = workload.lengths * workload.block_size
+    if num_tokens > capacity.sum():
+        raise ValueError(f"num_tokens={num_tokens} exceeds the table's {capacity.sum()} mapped positions")
+    share = capacity * (num_tokens / capacity.sum())
+    counts = np.floor(share).astype(np.int64)
+    # Hand the remainder to the largest fractional shares that still have room.
+    remainder = num_tokens - int(counts.sum())
+    order = np.argsort(-(share - counts), kind="stable")
+    order = order[counts[order] < capacity[order]]
+    counts[order[:remainder]] += 1
+    starts = (rng.random(len(counts)) * (capacity - counts + 1)).astype(np.int64)
+
+    rows = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+    run_starts = np.zeros(len(counts), dtype=np.int64)
+    np.cumsum(counts[:-1], out=run_starts[1:])
+    positions = np.arange(num_tokens, dtype=np.int64) - np.repeat(run_starts - starts, counts)
+    if interleaved:
+        permutation = rng.permutation(num_tokens)
+        rows, positions = rows[permutation], positions[permutation]
+    rows = np.ascontiguousarray(rows)
+    positions = np.ascontiguousarray(positions)
+    seq_ids = np.ascontiguousarray(workload.seq_ids[rows])
+    return TokenBatch(seq_ids, positions, rows, np.empty(num_tokens, dtype=np.int64))
+
+
+def random_queries(workload, count, seed=0):
+    """``count`` (sequence id, mapped position) pairs as Python int lists, for Python loops."""
+    rng = np.random.default_rng(seed + 5)
+    rows = rng.integers(0, len(workload.seq_ids), size=count)
+    positions = (rng.random(count) * workload.lengths[rows] * workload.block_size).astype(np.int64)
+    return workload.seq_ids[rows].tolist(), positions.tolist()
+
+
+def append_stream(num_sequences, blocks_per_sequence, grouped=False, seed=0):
+    """Blocks to append (int64 seq ids, int32 block ids).
+
+    Round-robin (default): one block per sequence per step, as decoding appends them.
+    Grouped: each sequence's blocks together, as a prefill appends them.
+    """
+    seq_ids = sequence_ids(num_sequences, seed)
+    if grouped:
+        owners = np.repeat(seq_ids, blocks_per_sequence)
+    else:
+        owners = np.tile(seq_ids, blocks_per_sequence)
+    blocks = np.random.default_rng(seed + 6).permutation(len(owners)).astype(np.int32)
+    return owners, blocks
+
+
+def grow_inputs(lengths, seq_ids):
+    """Sequence ids longest first (so each step's ids are a prefix) and every block id."""
+    order = np.argsort(-lengths, kind="stable")
+    blocks = np.random.default_rng(7).permutation(int(lengths.sum())).astype(np.int32)
+    return seq_ids[order], lengths[order], blocks
+
+
+def bulk_inputs(lengths, seq_ids):
+    """One grouped batch holding every block: (owners, block ids, seq ids, lengths)."""
+    blocks = np.random.default_rng(7).permutation(int(lengths.sum())).astype(np.int32)
+    return np.repeat(seq_ids, lengths), blocks, seq_ids, lengths
+
+
+# --------------------------------------------------------------------------- serving
+
+# (mean, sigma, low, high) of the lognormal length distributions, clipped to [low, high].
+SERVING = {
+    "sharegpt": {"prompt": (161.0, 1.0, 4, 1024), "output": (338.0, 0.9, 4, 1024)},
+    "alpaca": {"prompt": (19.0, 0.6, 2, 256), "output": (58.0, 0.8, 2, 512)},
+}
+
+
+def _lognormal_mu(mean: float, sigma: float, low: int, high: int) -> float:
+    """The ``mu`` whose clipped, rounded lognormal has the given mean (bisection)."""
+    z = np.random.default_rng(12345).standard_normal(200_000)
+    lo, hi = math.log(max(low, 1)) - 3 * sigma, math.log(high) + 3 * sigma
+    for _ in range(60):
+        mu = (lo + hi) / 2
+        value = np.clip(np.rint(np.exp(mu + sigma * z)), low, high).mean()
+        lo, hi = (mu, hi) if value < mean else (lo, mu)
+    return (lo + hi) / 2
+
+
+def _serving_lengths(rng: np.random.Generator, spec: tuple[float, float, int, int], size: int) -> np.ndarray:
+    mean, sigma, low, high = spec
+    mu = _lognormal_mu(mean, sigma, low, high)
+    return np.clip(np.rint(rng.lognormal(mu, sigma, size)), low, high).astype(np.int64)
+
+
+def serving_requests(workload: str, steps: int, rate: float, samples: int,
+                     seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every request arriving within ``steps`` engine steps: (arrival step, prompt tokens,
+    output tokens per sample), int64 arrays of shapes ``[R]``, ``[R]``, ``[R, samples]``."""
+    rng = np.random.default_rng(seed)
+    arrivals = rng.poisson(rate, size=steps)
+    total = int(arrivals.sum())
+    spec: dict[str, Any] = SERVING[workload]
+    prompts = _serving_lengths(rng, spec["prompt"], total)
+    outputs = _serving_lengths(rng, spec["output"], total * samples).reshape(total, samples)
+    return np.repeat(np.arange(steps, dtype=np.int64), arrivals), prompts, outputs
+
+
+def serving_shortest_request(workload: str) -> int:
+    """The fewest prompt tokens a request of ``workload`` can have."""
+    return int(SERVING[workload]["prompt"][2])

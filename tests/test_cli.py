@@ -1,0 +1,258 @@
+"""The ``pagetable`` command line, run as a user runs it: a child process, outside the tree.
+
+Bad values end the run before any work with one ``error:`` line and status 2; the help
+lists the commands; a closed stdout ends the run quietly; the progress bar draws only on
+a terminal and never wider than it; the simulation summary tells the truth about small
+pools and small batches.
+"""
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import child_env
+
+from pagetable.cli import _progress, bench, main
+
+
+def run_cli(args, cwd, **kwargs):
+    return subprocess.run([sys.executable, "-m", "pagetable", *args], capture_output=True, text=True,
+                          cwd=cwd, env=child_env(), timeout=120, **kwargs)
+
+
+def assert_refused(result):
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("pagetable"), result.stderr
+    assert result.stdout == ""
+    return errors[0]
+
+
+BAD_VALUES = [
+    ["simulate", "--rate", "inf"],
+    ["simulate", "--rate", "nan"],
+    ["simulate", "--rate", "0"],
+    ["simulate", "--rate", "-1"],
+    ["simulate", "--seed", "-1"],
+    ["simulate", "--steps", "0"],
+    ["simulate", "--steps", "10000000000"],
+    ["simulate", "--steps", "1.5"],
+    ["simulate", "--n", "0"],
+    ["simulate", "--n", "4", "--max-batch", "2"],
+    ["simulate", "--block-size", "0"],
+    ["simulate", "--block-size", "4294967296"],
+    ["simulate", "--num-blocks", "-3"],
+    ["simulate", "--num-blocks", "1"],
+    ["simulate", "--num-blocks", "100000000000"],
+    ["simulate", "--max-batch", "0"],
+    ["simulate", "--rate", "10000", "--steps", "1000000"],
+    ["simulate", "--workload", "nope"],
+    ["demo", "--seed", "-1"],
+    ["demo", "--block-size", "0"],
+    ["demo", "--sequences", "0"],
+    ["demo", "--sequences", "1000000000"],
+]
+
+
+@pytest.mark.parametrize("args", BAD_VALUES, ids=" ".join)
+def test_a_bad_value_is_one_error_line_and_status_2(args, capsys):
+    # In this process, for speed (the next test runs the same refusals as a user does).
+    with pytest.raises(SystemExit) as exit:
+        main(args)
+    assert exit.value.code == 2
+    captured = capsys.readouterr()
+    line = assert_refused(subprocess.CompletedProcess(args, 2, captured.out, captured.err))
+    option = next(a for a in args if a.startswith("--"))
+    assert option in line, line
+
+
+@pytest.mark.parametrize("args", [["simulate", "--rate", "inf"], ["simulate", "--seed", "-1"],
+                                  ["demo", "--seed", "-1"], ["demo", "--block-size", "0"]],
+                         ids=" ".join)
+def test_a_bad_value_in_a_child_process(args, tmp_path):
+    assert_refused(run_cli(args, tmp_path))
+
+
+@pytest.mark.parametrize("command", ["simulate", "bench"])
+@pytest.mark.parametrize("option", ["--json", "--plot"])
+def test_an_unwritable_output_is_refused_before_the_run(command, option, tmp_path):
+    missing = str(tmp_path / "no such folder" / "out")
+    assert "no folder" in assert_refused(run_cli([command, option, missing], tmp_path))
+    with pytest.raises(SystemExit) as exit:
+        main([command, option, str(tmp_path)])   # a folder
+    assert exit.value.code == 2
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_help_lists_every_command_in_one_line(tmp_path):
+    result = run_cli(["--help"], tmp_path)
+    assert result.returncode == 0 and result.stdout.startswith("usage: pagetable ")
+    lines = result.stdout.splitlines()
+    for command in ("demo", "simulate", "bench"):
+        assert any(line.split()[:1] == [command] for line in lines), result.stdout
+    assert "``" not in result.stdout and ":mod:" not in result.stdout
+
+
+def test_an_unknown_command_is_named(tmp_path):
+    result = run_cli(["foo"], tmp_path)
+    line = assert_refused(result)
+    assert line == "pagetable: error: unknown command 'foo' (choose from demo, simulate, bench)"
+
+
+def test_a_closed_stdout_ends_quietly(tmp_path):
+    read_end, write_end = os.pipe()
+    os.close(read_end)   # as `pagetable demo | head -1` once head has exited
+    try:
+        result = subprocess.run([sys.executable, "-m", "pagetable", "demo", "--sequences", "64"],
+                                stdout=write_end, stderr=subprocess.PIPE, text=True,
+                                cwd=tmp_path, env=child_env(), timeout=120)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 141 and result.stderr == ""
+
+
+def test_demo_runs(tmp_path):
+    result = run_cli(["demo", "--sequences", "64", "--block-size", "3"], tmp_path)
+    assert result.returncode == 0 and result.stderr == ""
+    assert "decode step slot mapping: 64 tokens" in result.stdout
+
+
+# ----------------------------------------------------------------------- progress bar
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("width", [80, 40])
+def test_progress_redraws_in_place_within_the_width(width, monkeypatch):
+    monkeypatch.setenv("COLUMNS", str(width))
+    stream = FakeTerminal()
+    progress = _progress.Progress(1000, "steps", stream=stream, interval=0)
+    for done in range(1, 1001, 37):
+        progress.update(done, "running 256 waiting 1024 free blocks 7168 and some more text")
+    progress.update(1000)
+    progress.close()
+    written = stream.getvalue()
+    assert "\n" not in written   # nothing scrolls
+    draws = written.split("\r")[1:]
+    assert len(draws) == len(range(1, 1001, 37)) + 2
+    for draw in draws:
+        assert draw.endswith(_progress.CLEAR_TO_END)
+        assert len(draw) - len(_progress.CLEAR_TO_END) <= width - 1, draw
+    assert "ETA" in draws[1] and draws[-1] == _progress.CLEAR_TO_END   # erased at the end
+
+
+def test_progress_draws_nothing_off_a_terminal():
+    stream = io.StringIO()
+    progress = _progress.Progress(10, stream=stream, interval=0)
+    for done in range(11):
+        progress.update(done)
+    progress.close()
+    assert stream.getvalue() == ""
+
+
+def test_simulate_on_a_pipe_prints_no_progress(tmp_path):
+    result = run_cli(["simulate", "--steps", "30", "--no-reference"], tmp_path)
+    assert result.returncode == 0 and result.stderr == ""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pseudo-terminal")
+def test_simulate_on_a_terminal_redraws_one_line(tmp_path):
+    import pty
+    import select
+
+    master, slave = pty.openpty()
+    env = dict(child_env(), COLUMNS="40")
+    process = subprocess.Popen([sys.executable, "-m", "pagetable", "simulate", "--steps", "400",
+                                "--no-reference"], stdout=subprocess.PIPE, stderr=slave,
+                               cwd=tmp_path, env=env)
+    os.close(slave)
+    chunks = []
+    while True:   # read as it comes, so that the terminal's buffer never fills
+        ready, _, _ = select.select([master], [], [], 0.2)
+        if ready:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:   # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        elif process.poll() is not None:
+            break
+    stdout = process.communicate(timeout=120)[0]
+    os.close(master)
+    assert process.returncode == 0
+    drawn = b"".join(chunks).decode()
+    assert drawn and "\n" not in drawn
+    for draw in drawn.split("\r")[1:]:
+        assert len(draw.replace(_progress.CLEAR_TO_END, "")) <= 39, draw
+    assert b"pagetable simulate:" in stdout
+
+
+# ----------------------------------------------------------------------- simulation summary
+
+
+def test_the_summary_uses_the_real_max_batch(tmp_path):
+    out = tmp_path / "figures.json"
+    result = run_cli(["simulate", "--steps", "80", "--rate", "2", "--max-batch", "8", "--json", str(out)],
+                     tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "256" not in result.stdout
+    assert "steps at 8 (max batch)" in result.stdout and "at 8 running" in result.stdout
+    figures = json.loads(out.read_text())
+    assert figures["max_batch"] == 8 and figures["steps_at_max_batch"] > 0
+    assert "at_max_batch" in figures and not any("256" in key for key in figures)
+
+
+def test_a_thrashing_pool_is_called_so(tmp_path):
+    result = run_cli(["simulate", "--num-blocks", "8", "--steps", "150", "--no-reference"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "warning: the pool thrashes" in result.stdout
+
+
+def test_the_default_pool_does_not_warn(tmp_path):
+    result = run_cli(["simulate", "--steps", "150", "--no-reference"], tmp_path)
+    assert result.returncode == 0 and "warning" not in result.stdout
+
+
+@pytest.mark.parametrize("blocks", ["1", "2"])
+def test_a_pool_too_small_for_any_request_is_refused_without_nan(blocks, tmp_path):
+    result = run_cli(["simulate", "--num-blocks", blocks], tmp_path)
+    line = assert_refused(result)
+    assert "cannot hold any request" in line and "nan" not in result.stderr
+
+
+def test_the_smallest_pool_that_runs_prints_no_nan(tmp_path):
+    out = tmp_path / "figures.json"
+    result = run_cli(["simulate", "--num-blocks", "3", "--steps", "60", "--json", str(out)], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "nan" not in result.stdout.lower()
+    json.loads(out.read_text(), parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))
+
+
+# ----------------------------------------------------------------------- bench
+
+
+def test_the_bench_table_fits_in_100_columns(monkeypatch):
+    """Every row the bench makes, on tiny settings; the memory readings are stood in for."""
+    def reading(table_kind, build, use_tracemalloc=False, timeout=300):
+        per_block = {"pagetable": 8.25, "dict_of_lists": 123.4}[table_kind]
+        return {"blocks": 534_659, "rss_per_block": per_block, "peak_rss_per_block": per_block,
+                "traced_per_block": per_block}
+
+    monkeypatch.setattr(bench._memory, "measure_memory", reading)
+    settings = dict(bench.QUICK, repeats=1, min_sample=1e-5, queries=100, append_blocks_per_sequence=2)
+    progress = _progress.Progress(1, enabled=False)
+    rows, _ = bench.measure(settings, memory=True, with_sweep=False, progress=progress)
+    table = bench.format_table(rows)
+    assert len(rows) > 20
+    for line in table.splitlines():
+        assert len(line) <= 100, line

@@ -24,6 +24,7 @@ from libc.string cimport memcpy
 from pagetable._types cimport block_id_t, seq_id_t, slot_t, row_t, PAD
 from pagetable._accept cimport int_vector, seq_arg
 from pagetable._allocator cimport BlockAllocator, allocator_from_arrays
+from pagetable._blocks cimport BlockGeometry, block_geometry, block_index, block_offset, blocks_for
 from pagetable._buffers cimport empty
 from pagetable._persist cimport Persistent
 from pagetable._registry cimport SequenceRegistry
@@ -64,10 +65,6 @@ cdef enum:
     READ_ATTEMPTS = 4
 
 
-cdef inline int64_t _blocks_for(int64_t tokens, int64_t block_size) noexcept nogil:
-    return (tokens + block_size - 1) // block_size
-
-
 cdef inline int64_t _with_room_to_grow(int64_t blocks) noexcept nogil:
     """Row capacity to reserve for a new sequence of ``blocks`` blocks.
 
@@ -78,16 +75,6 @@ cdef inline int64_t _with_room_to_grow(int64_t blocks) noexcept nogil:
     move, for about one int32 per 4 blocks.
     """
     return blocks + (blocks >> 2) + 4
-
-
-cdef inline int32_t _log2_or_minus_one(int64_t value) noexcept nogil:
-    """log2(value) for a power of two, else -1."""
-    cdef int32_t shift = 0
-    if value & (value - 1):
-        return -1
-    while (<int64_t>1 << shift) < value:
-        shift += 1
-    return shift
 
 
 cdef inline object _int64_vector(values, str name):
@@ -156,8 +143,7 @@ cdef class KVCacheManager(Persistent):
         BlockAllocator _allocator
         SequenceRegistry _sequences
         int64_t _block_size
-        int32_t _block_shift      # log2(block_size) for a power of two, else -1:
-        int64_t _block_mask       # shifts instead of divisions on the hot paths
+        BlockGeometry _geometry   # shifts instead of divisions on the hot paths
         object _pending_arr       # int32 by block id: planning scratch, all zero between calls
         int32_t[::1] _pending
         int32_t _writing          # a change in progress (see _begin_write)
@@ -173,8 +159,7 @@ cdef class KVCacheManager(Persistent):
             raise ValueError(
                 f"num_blocks * block_size must be below 2**31, got {num_blocks} * {block_size}")
         self._block_size = block_size
-        self._block_shift = _log2_or_minus_one(block_size)
-        self._block_mask = block_size - 1
+        self._geometry = block_geometry(block_size)
         self._table = PageTable(block_size)
         self._allocator = BlockAllocator(num_blocks)
         # Both are the manager's alone: their own changing methods refuse to run, so
@@ -286,21 +271,14 @@ cdef class KVCacheManager(Persistent):
                 f"sequences={len(self)}, free_blocks={self.num_free_blocks})")
 
     # -- C helpers -----------------------------------------------------------------------
-    cdef inline int64_t _block_index(self, int64_t position) noexcept nogil:
-        if self._block_shift >= 0:
-            return position >> self._block_shift
-        return position // self._block_size
-
     cdef inline int64_t _block_offset(self, int64_t position) noexcept nogil:
-        if self._block_shift >= 0:
-            return position & self._block_mask
-        return position % self._block_size
+        return block_offset(&self._geometry, position)
 
     cdef inline int64_t _blocks_needed(self, int64_t tokens) noexcept nogil:
-        return self._block_index(tokens + self._block_size - 1)
+        return blocks_for(&self._geometry, tokens)
 
     cdef inline slot_t _slot(self, const block_id_t* data, int64_t position) noexcept nogil:
-        return (<slot_t>data[self._block_index(position)] * self._block_size
+        return (<slot_t>data[block_index(&self._geometry, position)] * self._block_size
                 + self._block_offset(position))
 
     cdef int64_t _find_slots(self, const int64_t* seq_ids, Py_ssize_t n, int32_t* slots,
@@ -903,10 +881,10 @@ cdef class KVCacheManager(Persistent):
             if self._sequences.rows[slot] != self._table.find_row(seq):
                 raise AssertionError(f"the manager's record of sequence {seq} names another row")
             tokens = self._sequences.tokens[slot]
-            if length != _blocks_for(tokens, self._block_size):
+            if length != self._blocks_needed(tokens):
                 raise AssertionError(
                     f"sequence {seq} holds {tokens} tokens in {length} blocks "
-                    f"(block_size {self._block_size} needs {_blocks_for(tokens, self._block_size)})")
+                    f"(block_size {self._block_size} needs {self._blocks_needed(tokens)})")
             if length:
                 if blocks.min() < 0 or blocks.max() >= num_blocks:
                     raise AssertionError(f"sequence {seq} maps a block outside the pool: {blocks}")

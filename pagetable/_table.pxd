@@ -12,6 +12,7 @@ cimport cython
 from libc.stdint cimport int32_t, int64_t
 
 from pagetable._types cimport block_id_t, seq_id_t, row_t
+from pagetable._blocks cimport BlockGeometry
 from pagetable._idmap cimport IdMap, idmap_find
 from pagetable._persist cimport Persistent
 from pagetable._rows cimport Rows
@@ -26,8 +27,7 @@ cdef int wait_while_set(int32_t* flag, str message) except -1
 cdef class PageTable(Persistent):
     cdef:
         int32_t _block_size
-        int32_t _block_shift       # log2(block_size) when a power of two, else -1
-        int32_t _block_mask        # block_size - 1 when a power of two
+        BlockGeometry _geometry    # the block size, with its shift and mask
 
         IdMap _index               # sequence id -> row
         object _index_storage      # (keys, values) arrays the index points into

@@ -36,6 +36,7 @@ from pagetable._types cimport block_id_t, seq_id_t, slot_t, row_t, PAD
 from pagetable._accept cimport (
     block_arg, int_vector, is_kernel_vector, output_vector, seq_arg, shares_memory)
 from pagetable._persist cimport Persistent
+from pagetable._blocks cimport block_geometry, block_index, block_offset
 from pagetable._buffers cimport empty, i32, i64, new_map, zeroed
 from pagetable._idmap cimport (
     idmap_count, idmap_find, idmap_insert, idmap_remove, idmap_shift_for)
@@ -319,16 +320,8 @@ cdef class PageTable(Persistent):
         pass
 
     def __cinit__(self, block_size=16, *args, **kwargs):
-        cdef int64_t size = _check_block_size(block_size)
-        self._block_size = <int32_t>size
-        if size & (size - 1) == 0:
-            self._block_shift = 0
-            while (1 << self._block_shift) < size:
-                self._block_shift += 1
-            self._block_mask = <int32_t>(size - 1)
-        else:
-            self._block_shift = -1
-            self._block_mask = 0
+        self._geometry = block_geometry(_check_block_size(block_size))
+        self._block_size = <int32_t>self._geometry.size
         self._num_free_rows = 0
         self._busy = 0
         self._writing = 0
@@ -556,8 +549,8 @@ cdef class PageTable(Persistent):
         view.pool = self._pool
         view.pool_capacity = self._pool_capacity
         view.block_size = self._block_size
-        view.block_shift = self._block_shift
-        view.block_mask = self._block_mask
+        view.block_shift = self._geometry.shift
+        view.block_mask = self._geometry.mask
         return view
 
     cdef int _compact(self) except -1:
@@ -918,7 +911,7 @@ cdef class PageTable(Persistent):
         cdef seq_id_t seq_id = seq_arg(sequence_id, "sequence_id")
         cdef int overflow = 0
         cdef long long pos
-        cdef int64_t block_index
+        cdef int64_t index
         cdef row_t row
         if type(token_pos) is not int:
             token_pos = as_index(token_pos, "token_pos")
@@ -930,14 +923,10 @@ cdef class PageTable(Persistent):
         row = self.find_row(seq_id)
         if row < 0:
             return None
-        if self._block_shift >= 0:
-            block_index = pos >> self._block_shift
-        else:
-            block_index = pos // self._block_size
-        if block_index >= self._rows.length[row]:
+        index = block_index(&self._geometry, pos)
+        if index >= self._rows.length[row]:
             return None
-        return (self._pool[self._rows.start[row] + block_index],
-                pos - block_index * self._block_size)
+        return (self._pool[self._rows.start[row] + index], block_offset(&self._geometry, pos))
 
     def get_sequence_blocks(self, sequence_id):
         """Return a sequence's block ids in logical order, or ``None`` if it is unknown.

@@ -2,7 +2,7 @@
 
 Every suite takes a ``manager`` parameter: ``"pagetable"`` is
 :class:`pagetable.KVCacheManager`, ``"reference"`` is
-:class:`pagetable.reference_manager.ReferenceKVCacheManager` on the same state, so
+:class:`pagetable.reference.ReferenceKVCacheManager` on the same state, so
 ``asv compare`` and the graphs show the two side by side.  Mutating operations run
 once per sample (``number = 1``) on state rebuilt by ``setup``; the state is warmed by
 a few decode steps first, as in a running engine.
@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 from pagetable import KVCacheManager
-from pagetable.reference_manager import ReferenceKVCacheManager
+from pagetable.reference import ReferenceKVCacheManager
 
 MANAGERS = {"pagetable": KVCacheManager, "reference": ReferenceKVCacheManager}
 KINDS = list(MANAGERS)

@@ -19,7 +19,7 @@ from pagetable._results import AppendResult, OutOfBlocksError
 from pagetable._manager import KVCacheManager
 from pagetable._state import CorruptStateError, load
 
-__version__ = "0.1.0"
+from pagetable._version import __version__
 
 __all__ = [
     "PAD_SLOT_ID",

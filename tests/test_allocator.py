@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from pagetable import BlockAllocator, OutOfBlocksError
-from pagetable.reference_manager import ReferenceBlockAllocator
+from pagetable.reference import ReferenceBlockAllocator
 
 ALLOCATORS = [
     pytest.param((BlockAllocator, OutOfBlocksError), id="cython"),

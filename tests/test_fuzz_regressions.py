@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pagetable import BlockAllocator, KVCacheManager, PageTable
-from pagetable.reference_manager import ReferenceKVCacheManager
+from pagetable.reference import ReferenceKVCacheManager
 
 
 def unaligned_int64(values):

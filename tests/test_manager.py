@@ -9,7 +9,7 @@ import pytest
 
 from conftest import run_racing
 from pagetable import AppendResult, KVCacheManager, OutOfBlocksError
-from pagetable.reference_manager import ReferenceKVCacheManager
+from pagetable.reference import ReferenceKVCacheManager
 
 BLOCK_SIZES = [1, 3, 16]
 OUT_OF_BLOCKS = OutOfBlocksError

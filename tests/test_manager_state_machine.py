@@ -7,7 +7,7 @@ from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from pagetable import KVCacheManager, OutOfBlocksError
-from pagetable.reference_manager import ReferenceKVCacheManager
+from pagetable.reference import ReferenceKVCacheManager
 
 OUT_OF_BLOCKS = OutOfBlocksError
 

@@ -42,7 +42,7 @@ import time
 import numpy as np
 
 from pagetable import KVCacheManager, OutOfBlocksError
-from pagetable.reference_manager import ReferenceKVCacheManager
+from pagetable.reference import ReferenceKVCacheManager
 
 
 def rss_kib():

@@ -35,7 +35,7 @@ import numpy as np
 
 from pagetable import BlockAllocator, KVCacheManager, OutOfBlocksError, PageTable
 from pagetable.reference import ReferencePageTable
-from pagetable.reference_manager import ReferenceKVCacheManager
+from pagetable.reference import ReferenceKVCacheManager
 
 
 def same(table, ref):

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from pagetable import KVCacheManager, OutOfBlocksError
-from pagetable.reference_manager import ReferenceKVCacheManager
+from pagetable.reference import ReferenceKVCacheManager
 
 from . import _options, workloads
 from ._progress import Progress

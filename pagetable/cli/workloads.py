@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-PAD_SLOT_ID = -1
+PAD_SLOT_ID = -1  # pagetable.PAD_SLOT_ID; this module is loaded by path and imports only numpy
 
 # The slot-mapping workload of the speed goals: 1,024 sequences of 1..511 blocks.
 SLOT_SEQUENCES = 1024

@@ -9,9 +9,9 @@ side by side:
   the raw arguments, in plain Python, whether each call must succeed (and with which
   normalized integers) or which documented exception it must raise;
 * :class:`pagetable.KVCacheManager` against
-  :class:`pagetable.reference_manager.ReferenceKVCacheManager`;
+  :class:`pagetable.reference.ReferenceKVCacheManager`;
 * :class:`pagetable.BlockAllocator` against
-  :class:`pagetable.reference_manager.ReferenceBlockAllocator`.
+  :class:`pagetable.reference.ReferenceBlockAllocator`.
 
 The references receive *normalized* arguments (clean int64 arrays and Python ints,
 produced by the oracle), never the raw ones: the library and its reference share
@@ -57,7 +57,7 @@ if __name__ == "__main__":
 import pagetable
 from pagetable import PAD_SLOT_ID, BlockAllocator, KVCacheManager, OutOfBlocksError, PageTable
 from pagetable.reference import ReferencePageTable
-from pagetable.reference_manager import ReferenceBlockAllocator, ReferenceKVCacheManager
+from pagetable.reference import ReferenceBlockAllocator, ReferenceKVCacheManager
 
 INT32_MAX = 2**31 - 1
 INT64_MAX = 2**63 - 1

@@ -12,7 +12,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-PAD_SLOT_ID = -1
+from pagetable._table import PAD_SLOT_ID
 
 
 class ReferencePageTable:

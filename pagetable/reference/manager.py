@@ -18,7 +18,7 @@ from pagetable._convert import INT64_MAX, as_index, as_int_array, check_range
 # callers catch one OutOfBlocksError; every decision below is plain Python.
 from pagetable._results import AppendResult, OutOfBlocksError
 
-PAD_SLOT_ID = -1
+from pagetable._table import PAD_SLOT_ID
 BLOCK_ID_MAX = 2**31 - 1
 
 

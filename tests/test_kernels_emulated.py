@@ -7,7 +7,8 @@ against the source's declarations, canaries around every array, every launch run
 thread orders).
 
 The device table itself is built the way ``DeviceBlockTable.sync`` builds it: the host
-planner in ``pagetable.gpu`` packs the updates and the emulated scatter kernel applies them.
+planner (``pagetable.gpu._planner``) packs the updates and the emulated scatter kernel
+applies them.
 """
 
 import importlib.util
@@ -523,12 +524,12 @@ def _gpu_test_cases():
 def fake_cupy(kernels, monkeypatch):
     fake = make_fake_cupy(kernels)
     monkeypatch.setitem(sys.modules, "cupy", fake)
-    monkeypatch.setattr(gpu, "_usable_cupy", None)
-    gpu._raw_module.cache_clear()
-    gpu._kernel.cache_clear()
+    monkeypatch.setattr(gpu._device, "_usable_cupy", None)
+    gpu._device._raw_module.cache_clear()
+    gpu._device._kernel.cache_clear()
     yield fake
-    gpu._raw_module.cache_clear()
-    gpu._kernel.cache_clear()
+    gpu._device._raw_module.cache_clear()
+    gpu._device._kernel.cache_clear()
 
 
 @pytest.mark.parametrize("test_name, arguments", _gpu_test_cases())
@@ -542,7 +543,7 @@ def test_gpu_suite_on_emulated_device(fake_cupy, test_name, arguments):
 
 def test_device_block_table_reports_what_is_missing(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", None)  # makes `import cupy` fail
-    monkeypatch.setattr(gpu, "_usable_cupy", None)
+    monkeypatch.setattr(gpu._device, "_usable_cupy", None)
     assert not gpu.is_available()
     with pytest.raises(gpu.GPUUnavailableError, match="needs CuPy, which is not installed"):
         gpu.DeviceBlockTable(PageTable(16), 4, 4)

@@ -10,7 +10,7 @@
 # AMD steps are then skipped with a message).  Idempotent; quick once hipcc is installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SOURCE=pagetable/kernels/pagetable_kernels.cu
+SOURCE=pagetable/gpu/pagetable_kernels.cu
 PYTHON=${PYTHON:-python3}
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT

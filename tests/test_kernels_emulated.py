@@ -7,13 +7,15 @@ against the source's declarations, canaries around every array, every launch run
 thread orders).
 
 The device table itself is built the way ``DeviceBlockTable.sync`` builds it: the host
-planner in ``pagetable.gpu`` packs the updates and the emulated scatter kernel applies them.
+planner (``pagetable.gpu._planner``) packs the updates and the emulated scatter kernel
+applies them.
 """
 
 import importlib.util
 import itertools
 import os
 import re
+import subprocess
 import sys
 
 import numpy as np
@@ -22,6 +24,7 @@ import pytest
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # under --import-mode=importlib
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from conftest import child_env  # noqa: E402
 from kernel_emulation.emulation import build_emulated_kernels, find_compiler  # noqa: E402
 from kernel_emulation.fake_cupy import make_fake_cupy  # noqa: E402
 from pagetable import PAD_SLOT_ID, PageTable  # noqa: E402
@@ -523,12 +526,12 @@ def _gpu_test_cases():
 def fake_cupy(kernels, monkeypatch):
     fake = make_fake_cupy(kernels)
     monkeypatch.setitem(sys.modules, "cupy", fake)
-    monkeypatch.setattr(gpu, "_usable_cupy", None)
-    gpu._raw_module.cache_clear()
-    gpu._kernel.cache_clear()
+    monkeypatch.setattr(gpu._device, "_usable_cupy", None)
+    gpu._device._raw_module.cache_clear()
+    gpu._device._kernel.cache_clear()
     yield fake
-    gpu._raw_module.cache_clear()
-    gpu._kernel.cache_clear()
+    gpu._device._raw_module.cache_clear()
+    gpu._device._kernel.cache_clear()
 
 
 @pytest.mark.parametrize("test_name, arguments", _gpu_test_cases())
@@ -542,10 +545,34 @@ def test_gpu_suite_on_emulated_device(fake_cupy, test_name, arguments):
 
 def test_device_block_table_reports_what_is_missing(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", None)  # makes `import cupy` fail
-    monkeypatch.setattr(gpu, "_usable_cupy", None)
+    monkeypatch.setattr(gpu._device, "_usable_cupy", None)
     assert not gpu.is_available()
     with pytest.raises(gpu.GPUUnavailableError, match="needs CuPy, which is not installed"):
         gpu.DeviceBlockTable(PageTable(16), 4, 4)
+
+
+def test_importing_gpu_never_imports_cupy(tmp_path):
+    """Only a device function imports CuPy: here a "cupy" that counts its imports and fails."""
+    (tmp_path / "cupy").mkdir()
+    (tmp_path / "cupy" / "__init__.py").write_text(
+        "import sys\n"
+        "sys.cupy_imports = getattr(sys, 'cupy_imports', 0) + 1\n"
+        "raise ImportError('a stand-in')\n"
+    )
+    script = (
+        "import sys\n"
+        "from pagetable import gpu\n"
+        "gpu.kernel_signatures(); gpu.launch_shape_per_item(5)\n"
+        "gpu._HostMirror(2, 4, 16).assign([3])\n"
+        "assert getattr(sys, 'cupy_imports', 0) == 0, 'cupy imported before a device function'\n"
+        "assert not gpu.is_available()\n"
+        "assert sys.cupy_imports == 1, 'is_available() did not try the stand-in'\n"
+    )
+    env = child_env()
+    env["PYTHONPATH"] = str(tmp_path) + os.pathsep + env["PYTHONPATH"]
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            cwd=tmp_path, env=env, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_device_block_table_argument_errors(fake_cupy):

@@ -1,4 +1,4 @@
-// Runs the CUDA/HIP kernels of pagetable/kernels/pagetable_kernels.cu as plain C++.
+// Runs the CUDA/HIP kernels of pagetable/gpu/pagetable_kernels.cu as plain C++.
 //
 // The launch coordinates (blockIdx, threadIdx, blockDim, gridDim) become globals, and a
 // launcher calls the kernel once per (block, thread) in turn.  That is exact for kernels

@@ -17,7 +17,11 @@ import time
 import numpy as np
 
 from pagetable import KVCacheManager
-from pagetable.reference import ReferenceKVCacheManager
+
+try:
+    from pagetable.reference import ReferenceKVCacheManager
+except ImportError:  # commits before the reference models became a subpackage
+    from pagetable.reference_manager import ReferenceKVCacheManager  # type: ignore[no-redef]
 
 MANAGERS = {"pagetable": KVCacheManager, "reference": ReferenceKVCacheManager}
 KINDS = list(MANAGERS)

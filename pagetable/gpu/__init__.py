@@ -18,7 +18,7 @@ Importing this package never imports CuPy.  :func:`is_available` says whether Cu
 device are present; anything that needs them raises :class:`GPUUnavailableError` naming
 what is missing.
 
-Sentinel: :data:`PAD_SLOT_ID` (-1), the same value as ``pagetable.PAD_SLOT_ID``, marks
+Sentinel: :data:`PAD_SLOT_ID` (-1), ``pagetable.PAD_SLOT_ID`` itself, marks
 every unmapped entry, padding included.
 """
 

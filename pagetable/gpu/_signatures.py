@@ -14,8 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-PAD_SLOT_ID: int = -1
-"""The sentinel for "not mapped", the same value as ``pagetable.PAD_SLOT_ID``."""
+from pagetable._table import PAD_SLOT_ID
 
 KERNEL_SOURCE_PATH: Path = Path(__file__).resolve().parent / "pagetable_kernels.cu"
 """Path of the one kernel source shared by ROCm and CUDA."""

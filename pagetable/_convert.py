@@ -149,7 +149,6 @@ def check_output(out: object, shape: tuple[int, ...], dtype: np.dtype, name: str
     """
     if not isinstance(out, np.ndarray):
         out = _view_without_copy(out, name)
-    assert isinstance(out, np.ndarray)
     if out.dtype != dtype:
         raise TypeError(f"{name} must have dtype {np.dtype(dtype)} in native byte order, got {out.dtype.str}")
     if out.ndim != len(shape):

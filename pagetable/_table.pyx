@@ -1,4 +1,4 @@
-"""The PageTable: sequence id -> ordered physical block ids, in contiguous numpy arrays.
+"""The PageTable: sequence id -> ordered physical block ids, in contiguous arrays.
 
 Layout
 ------
@@ -7,14 +7,15 @@ Layout
   after it (``capacity``).  A row that outgrows its room moves to the end of the pool;
   the room it leaves is garbage that a compaction reclaims once it is a sizeable part
   of the pool.  Memory therefore follows the blocks actually mapped.
-* Per-row metadata arrays (start, length, capacity, sequence id, insertion stamp).
-* An open-addressing hash index (linear probing, Fibonacci hashing) from sequence id
-  to row, in two arrays.  Removal uses backward-shift deletion, so there are no
-  tombstones and lookups never degrade.
+* Per-row metadata (start, length, capacity, sequence id, insertion order, change
+  stamps): one struct of arrays, see ``_rows.pxd``.
+* An index from sequence id to row: the open-addressing map of ``_idmap.pxd``.
 
-Batched kernels resolve a sequence id once per run of equal ids, which makes the
-usual grouped batches (all tokens of a sequence together) cost one hash probe per
-sequence; interleaved batches stay correct and pay one probe per token.
+The kernels (``_table_kernels.pxd``) resolve a sequence id once per run of equal ids,
+which makes the usual grouped batches (all tokens of a sequence together) cost one
+hash probe per sequence; interleaved batches stay correct and pay one probe per token.
+This module holds storage and its growth, the read and write protocol that makes the
+table safe to read from other threads, and the Python API.
 """
 
 cimport cython

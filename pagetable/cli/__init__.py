@@ -28,17 +28,29 @@ COMMANDS = ("demo", "simulate", "bench")
 DEFAULT_COMMAND = "demo"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with errors as one line: ``pagetable simulate: error: ...``.
+
+    The usage block argparse prints before an error is left out; the line names the
+    ``--help`` that shows it.
+    """
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line: one subparser per subcommand."""
     from pagetable import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG,
         description="The page table of a paged KV cache: a demo, a serving simulation and "
                     f"benchmarks. Without a command, runs `{PROG} {DEFAULT_COMMAND}`.",
         epilog=f"`{PROG} COMMAND --help` describes a command's options.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    commands = parser.add_subparsers(title="commands", metavar="COMMAND", dest="command")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND", dest="command",
+                                     parser_class=_Parser)
     for name in COMMANDS:
         module = importlib.import_module(f"{__name__}.{name}")
         doc = (module.__doc__ or "").strip()

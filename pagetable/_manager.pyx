@@ -405,7 +405,7 @@ cdef class KVCacheManager(Persistent):
             tokens = self._sequences.tokens[slots[i]]
             length = self._table.row_length(row)
             slot_count += count
-            if self._block_offset(tokens):
+            if self._block_offset(tokens) and length > 0:   # length > 0 holds; a tampered table may break it
                 last = self._table.row_blocks(row)[length - 1]
                 if refcount[last] - pending[last] > 1:
                     need += 1
@@ -568,7 +568,7 @@ cdef class KVCacheManager(Persistent):
             row = sequences.rows[slot_ids[i]]
             tokens = sequences.tokens[slot_ids[i]]
             length = self._table.row_length(row)
-            if self._block_offset(tokens):
+            if self._block_offset(tokens) and length > 0:   # length > 0 holds; a tampered table may break it
                 data = self._table.row_blocks(row)
                 last = data[length - 1]
                 if refcount[last] > 1:

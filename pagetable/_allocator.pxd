@@ -32,12 +32,35 @@ cdef class BlockAllocator(Persistent):
     cdef inline const int32_t* refcounts(self) noexcept nogil:
         return &self._refcount[0]
 
-    # Pop ``n <= free_count()`` blocks into ``out``, each with reference count 1.
-    cdef void take(self, int64_t n, block_id_t* out) noexcept nogil
-    # Drop one reference from each of ``n`` held blocks; a block reaching 0 is free.
-    cdef void release(self, const block_id_t* blocks, int64_t n) noexcept nogil
-    # Add one reference to each of ``n`` held blocks.
-    cdef void retain(self, const block_id_t* blocks, int64_t n) noexcept nogil
+    # The per-block loops are inline: the manager runs them once per sequence.
+    cdef inline void take(self, int64_t n, block_id_t* out) noexcept nogil:
+        """Pop ``n <= free_count()`` blocks into ``out``, each with reference count 1."""
+        cdef int64_t i
+        cdef block_id_t block
+        for i in range(n):
+            self._num_free -= 1
+            block = self._free_stack[self._num_free]
+            self._refcount[block] = 1
+            out[i] = block
+
+    cdef inline void release(self, const block_id_t* blocks, int64_t n) noexcept nogil:
+        """Drop one reference from each of ``n`` held blocks; a block reaching 0 is free."""
+        cdef int64_t i
+        cdef block_id_t block
+        for i in range(n):
+            block = blocks[i]
+            self._refcount[block] -= 1
+            # The bound holds whenever counts match the table; it keeps a pool that
+            # was tampered with from writing past its stack.
+            if self._refcount[block] == 0 and self._num_free < self._num_blocks:
+                self._free_stack[self._num_free] = block
+                self._num_free += 1
+
+    cdef inline void retain(self, const block_id_t* blocks, int64_t n) noexcept nogil:
+        """Add one reference to each of ``n`` held blocks."""
+        cdef int64_t i
+        for i in range(n):
+            self._refcount[blocks[i]] += 1
     # Copy counts and stack into int32 arrays of ``block_count()``; return the stack height.
     cdef Py_ssize_t capture(self, object refcount, object free_stack) noexcept
 

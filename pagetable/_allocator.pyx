@@ -136,34 +136,6 @@ cdef class BlockAllocator(Persistent):
         return f"BlockAllocator(num_blocks={self._num_blocks}, num_free={self._num_free})"
 
     # -- C level --------------------------------------------------------------------
-    cdef void take(self, int64_t n, block_id_t* out) noexcept nogil:
-        """Pop ``n`` blocks (the caller checked ``n <= _num_free``) with refcount 1."""
-        cdef int64_t i
-        cdef block_id_t block
-        for i in range(n):
-            self._num_free -= 1
-            block = self._free_stack[self._num_free]
-            self._refcount[block] = 1
-            out[i] = block
-
-    cdef void release(self, const block_id_t* blocks, int64_t n) noexcept nogil:
-        """Drop one reference from each block (the caller checked they are held)."""
-        cdef int64_t i
-        cdef block_id_t block
-        for i in range(n):
-            block = blocks[i]
-            self._refcount[block] -= 1
-            # The bound holds whenever counts match the table; it keeps a pool that
-            # was tampered with from writing past its stack.
-            if self._refcount[block] == 0 and self._num_free < self._num_blocks:
-                self._free_stack[self._num_free] = block
-                self._num_free += 1
-
-    cdef void retain(self, const block_id_t* blocks, int64_t n) noexcept nogil:
-        cdef int64_t i
-        for i in range(n):
-            self._refcount[blocks[i]] += 1
-
     cdef int64_t _check_ids(self, const int64_t[::1] ids) noexcept nogil:
         """Index of the first id outside the pool, or -1."""
         cdef Py_ssize_t i

@@ -27,7 +27,7 @@ from pagetable._allocator cimport BlockAllocator, allocator_from_arrays
 from pagetable._blocks cimport BlockGeometry, block_geometry, block_index, block_offset, blocks_for
 from pagetable._buffers cimport empty
 from pagetable._persist cimport Persistent
-from pagetable._registry cimport SequenceRegistry
+from pagetable._registry cimport SequenceRegistry, SequenceSlot
 from pagetable._results cimport AppendResult, new_result
 from pagetable._table cimport PageTable, wait_while_set
 
@@ -296,10 +296,10 @@ cdef class KVCacheManager(Persistent):
                 error[0] = PLAN_UNKNOWN
                 return i
             if distinct:
-                if self._sequences.marks[slot] == mark:
+                if self._sequences.slots[slot].mark == mark:
                     error[0] = PLAN_DUPLICATE
                     return i
-                self._sequences.marks[slot] = mark
+                self._sequences.slots[slot].mark = mark
             slots[i] = slot
         error[0] = PLAN_OK
         return -1
@@ -394,6 +394,7 @@ cdef class KVCacheManager(Persistent):
         cdef block_id_t last
         cdef const int32_t* refcount = self._allocator.refcounts()
         cdef int32_t* pending = &self._pending[0]
+        cdef const SequenceSlot* records = self._sequences.slots   # nothing below moves them
         for i in range(n):
             count = counts[i * count_stride]
             if count == 0:
@@ -401,8 +402,8 @@ cdef class KVCacheManager(Persistent):
             if count > limit:
                 need += self._allocator.block_count() + 1   # can never fit
                 continue
-            row = self._sequences.rows[slots[i]]
-            tokens = self._sequences.tokens[slots[i]]
+            row = records[slots[i]].row
+            tokens = records[slots[i]].tokens
             length = self._table.row_length(row)
             slot_count += count
             if self._block_offset(tokens) and length > 0:   # length > 0 holds; a tampered table may break it
@@ -415,7 +416,7 @@ cdef class KVCacheManager(Persistent):
         if copies:
             for i in range(n):
                 if counts[i * count_stride]:
-                    row = self._sequences.rows[slots[i]]
+                    row = records[slots[i]].row
                     length = self._table.row_length(row)
                     if length:
                         pending[self._table.row_blocks(row)[length - 1]] = 0
@@ -539,8 +540,8 @@ cdef class KVCacheManager(Persistent):
         for i in range(n):
             count = counts[i * stride]
             if count:
-                row = sequences.rows[slot_ids[i]]
-                add = self._blocks_needed(sequences.tokens[slot_ids[i]] + count) - self._table.row_length(row)
+                row = sequences.slots[slot_ids[i]].row
+                add = self._blocks_needed(sequences.slots[slot_ids[i]].tokens + count) - self._table.row_length(row)
                 if add > 0:
                     self._table.reserve_row(row, self._table.row_length(row) + add)
         fresh = empty(need, cnp.NPY_INT32)
@@ -561,12 +562,13 @@ cdef class KVCacheManager(Persistent):
         cdef block_id_t* data
         cdef block_id_t last
         self._allocator.take(need, fresh_data)
+        cdef SequenceSlot* records = sequences.slots   # nothing below moves them
         for i in range(n):
             count = counts[i * stride]
             if count == 0:
                 continue
-            row = sequences.rows[slot_ids[i]]
-            tokens = sequences.tokens[slot_ids[i]]
+            row = records[slot_ids[i]].row
+            tokens = records[slot_ids[i]].tokens
             length = self._table.row_length(row)
             if self._block_offset(tokens) and length > 0:   # length > 0 holds; a tampered table may break it
                 data = self._table.row_blocks(row)
@@ -589,7 +591,7 @@ cdef class KVCacheManager(Persistent):
             for p in range(tokens, tokens + count):
                 slot_data[written] = self._slot(data, p)
                 written += 1
-            sequences.tokens[slot_ids[i]] = <int32_t>(tokens + count)
+            records[slot_ids[i]].tokens = <int32_t>(tokens + count)
         return result
 
     def can_append(self, seq_ids, num_new_tokens=1):
@@ -622,7 +624,7 @@ cdef class KVCacheManager(Persistent):
             raise ValueError(f"child_id = {child} already exists")
         self._sequences.reserve(1)
         cdef row_t child_row = self._table.create_row(child)
-        cdef row_t parent_row = self._sequences.rows[parent_slot]
+        cdef row_t parent_row = self._sequences.slots[parent_slot].row
         cdef int32_t length = self._table.row_length(parent_row)
         try:
             self._table.reserve_row(child_row, _with_room_to_grow(length))
@@ -634,7 +636,7 @@ cdef class KVCacheManager(Persistent):
         cdef const block_id_t* blocks = self._table.row_blocks(parent_row)
         self._table.append_to_row(child_row, blocks, length)
         self._allocator.retain(blocks, length)
-        self._sequences.add(child, child_row, self._sequences.tokens[parent_slot])
+        self._sequences.add(child, child_row, self._sequences.slots[parent_slot].tokens)
 
     def free_sequence(self, seq_ids):
         """Remove one sequence (an int) or many (an array-like); release their blocks.
@@ -657,7 +659,7 @@ cdef class KVCacheManager(Persistent):
         cdef Py_ssize_t i
         cdef row_t row
         for i in range(cnp.PyArray_DIM(slots, 0)):
-            row = self._sequences.rows[slot_ids[i]]
+            row = self._sequences.slots[slot_ids[i]].row
             self._allocator.release(self._table.row_blocks(row), self._table.row_length(row))
             self._sequences.remove(slot_ids[i])
             self._table.drop_row(row)
@@ -682,7 +684,7 @@ cdef class KVCacheManager(Persistent):
             # From here on nothing can let another thread run.
             out_data = <int32_t*>cnp.PyArray_DATA(out)
             for i in range(n):
-                out_data[i] = self._sequences.tokens[slot_ids[i]]
+                out_data[i] = self._sequences.slots[slot_ids[i]].tokens
             return out
         raise RuntimeError(_READ_KEPT_CHANGING)
 
@@ -695,7 +697,7 @@ cdef class KVCacheManager(Persistent):
         ids = _int64_vector(seq_ids, "seq_ids")
         cdef Py_ssize_t i, j, n
         cdef const int32_t* slot_ids
-        cdef const int32_t* rows = self._sequences.rows
+        cdef const SequenceSlot* records = self._sequences.slots
         cdef int32_t width, length
         cdef cnp.npy_intp shape[2]
         cdef block_id_t* out
@@ -706,11 +708,11 @@ cdef class KVCacheManager(Persistent):
             slots = self._slots(ids, False)
             n = cnp.PyArray_DIM(slots, 0)
             slot_ids = <const int32_t*>cnp.PyArray_DATA(slots)
-            rows = self._sequences.rows
+            records = self._sequences.slots
             width = 0
             for i in range(n):
-                if self._table.row_length(rows[slot_ids[i]]) > width:
-                    width = self._table.row_length(rows[slot_ids[i]])
+                if self._table.row_length(records[slot_ids[i]].row) > width:
+                    width = self._table.row_length(records[slot_ids[i]].row)
             shape[0] = n
             shape[1] = width
             table = cnp.PyArray_EMPTY(2, shape, cnp.NPY_INT32, 0)
@@ -719,8 +721,8 @@ cdef class KVCacheManager(Persistent):
             # From here on nothing can let another thread run: the widths hold.
             out = <block_id_t*>cnp.PyArray_DATA(table)
             for i in range(n):
-                length = self._table.row_length(rows[slot_ids[i]])
-                memcpy(out, self._table.row_blocks(rows[slot_ids[i]]), <size_t>length * sizeof(block_id_t))
+                length = self._table.row_length(records[slot_ids[i]].row)
+                memcpy(out, self._table.row_blocks(records[slot_ids[i]].row), <size_t>length * sizeof(block_id_t))
                 for j in range(length, width):
                     out[j] = PAD
                 out += width
@@ -743,7 +745,7 @@ cdef class KVCacheManager(Persistent):
         ids = _int64_vector(seq_ids, "seq_ids")
         cdef Py_ssize_t i, n
         cdef const int32_t* slot_ids
-        cdef const int32_t* rows = self._sequences.rows
+        cdef const SequenceSlot* records = self._sequences.slots
         cdef int64_t nnz, tokens, epoch
         cdef int32_t* indptr_data
         cdef block_id_t* indices_data
@@ -756,10 +758,10 @@ cdef class KVCacheManager(Persistent):
             slots = self._slots(ids, False)
             n = cnp.PyArray_DIM(slots, 0)
             slot_ids = <const int32_t*>cnp.PyArray_DATA(slots)
-            rows = self._sequences.rows
+            records = self._sequences.slots
             nnz = 0
             for i in range(n):
-                nnz += self._table.row_length(rows[slot_ids[i]])
+                nnz += self._table.row_length(records[slot_ids[i]].row)
             indptr = empty(n + 1, cnp.NPY_INT32)
             indices = empty(nnz, cnp.NPY_INT32)
             last_page_len = empty(n, cnp.NPY_INT32)
@@ -772,12 +774,12 @@ cdef class KVCacheManager(Persistent):
             at = 0
             indptr_data[0] = 0
             for i in range(n):
-                length = self._table.row_length(rows[slot_ids[i]])
-                memcpy(indices_data + at, self._table.row_blocks(rows[slot_ids[i]]),
+                length = self._table.row_length(records[slot_ids[i]].row)
+                memcpy(indices_data + at, self._table.row_blocks(records[slot_ids[i]].row),
                        <size_t>length * sizeof(block_id_t))
                 at += length
                 indptr_data[i + 1] = <int32_t>at
-                tokens = self._sequences.tokens[slot_ids[i]]
+                tokens = self._sequences.slots[slot_ids[i]].tokens
                 last_data[i] = <int32_t>(self._block_offset(tokens - 1) + 1) if tokens else 0
             return indptr, indices, last_page_len
         raise RuntimeError(_READ_KEPT_CHANGING)
@@ -808,7 +810,7 @@ cdef class KVCacheManager(Persistent):
             id_data = <const int64_t*>cnp.PyArray_DATA(seq_ids)
             for i in range(count):
                 slot = self._sequences.find(id_data[i])
-                token_data[i] = self._sequences.tokens[slot] if slot >= 0 else -1
+                token_data[i] = self._sequences.slots[slot].tokens if slot >= 0 else -1
             num_free = self._allocator.capture(refcount, free_stack)
             state = _state.header("KVCacheManager")
             state["block_size"] = np.array(self._block_size, dtype=np.int64)
@@ -878,9 +880,9 @@ cdef class KVCacheManager(Persistent):
             slot = self._sequences.find(seq)
             if slot < 0:
                 raise AssertionError(f"sequence {seq} has no token count in the manager")
-            if self._sequences.rows[slot] != self._table.find_row(seq):
+            if self._sequences.slots[slot].row != self._table.find_row(seq):
                 raise AssertionError(f"the manager's record of sequence {seq} names another row")
-            tokens = self._sequences.tokens[slot]
+            tokens = self._sequences.slots[slot].tokens
             if length != self._blocks_needed(tokens):
                 raise AssertionError(
                     f"sequence {seq} holds {tokens} tokens in {length} blocks "

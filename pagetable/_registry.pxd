@@ -11,6 +11,14 @@ from libc.stdint cimport int32_t, int64_t
 from pagetable._idmap cimport IdMap, idmap_find
 
 
+# One sequence's record: what a step reads and writes of it sits in one cache line.
+cdef struct SequenceSlot:
+    int64_t seq_id      # -1 for a free slot
+    int64_t mark        # last duplicate-check mark that saw the slot (see mark_new)
+    int32_t tokens      # tokens the sequence holds
+    int32_t row         # its row in the manager's table
+
+
 @cython.final
 cdef class SequenceRegistry:
     cdef:
@@ -22,11 +30,7 @@ cdef class SequenceRegistry:
         int32_t _num_free          # entries of _free_slots
         int64_t _count             # sequences held
         int64_t _mark              # the current duplicate-check mark (see mark_new)
-        # Per slot:
-        int64_t* seq_ids           # sequence id, -1 for a free slot
-        int32_t* tokens            # tokens the sequence holds
-        int32_t* rows              # its row in the manager's table
-        int64_t* marks             # last duplicate-check mark that saw the slot
+        SequenceSlot* slots        # one record per slot
         int32_t* _free_slots       # recycled slots, a stack
 
     cdef inline int32_t find(self, int64_t seq_id) noexcept nogil:
@@ -43,7 +47,7 @@ cdef class SequenceRegistry:
         return self._used
 
     # A fresh mark for a duplicate check: a slot is a repeat in a batch when
-    # ``marks[slot]`` already equals the mark, and is marked by setting it.
+    # ``slots[slot].mark`` already equals the mark, and is marked by setting it.
     cdef inline int64_t mark_new(self) noexcept nogil:
         self._mark += 1
         return self._mark

@@ -6,6 +6,7 @@ from libc.string cimport memcpy, memset
 
 from pagetable._buffers cimport i32, i64, zeroed
 from pagetable._idmap cimport idmap_insert, idmap_remove, idmap_shift_for
+from pagetable._registry cimport SequenceSlot
 
 cnp.import_array()
 
@@ -31,29 +32,19 @@ cdef class SequenceRegistry:
         self._rebuild_index(2 * MIN_SLOTS)
 
     cdef int _grow_slots(self, int64_t capacity) except -1:
-        """Give the per-slot arrays room for ``capacity`` slots, keeping what they hold."""
-        cdef Py_ssize_t stride = (capacity * 4 + 7) // 8 * 8    # bytes of an int32 field
-        cdef Py_ssize_t nbytes = 2 * capacity * 8 + 3 * stride
-        storage = zeroed((nbytes + 7) // 8, cnp.NPY_INT64)
+        """Give the records room for ``capacity`` slots, keeping what they hold."""
+        cdef Py_ssize_t records = capacity * sizeof(SequenceSlot)    # a multiple of 8
+        storage = zeroed((records + capacity * 4 + 7) // 8, cnp.NPY_INT64)
         cdef char* base = <char*>cnp.PyArray_DATA(<cnp.ndarray>storage)
-        cdef int64_t* seq_ids = <int64_t*>base
-        cdef int64_t* marks = <int64_t*>(base + capacity * 8)
-        cdef int32_t* tokens = <int32_t*>(base + 2 * capacity * 8)
-        cdef int32_t* rows = <int32_t*>(base + 2 * capacity * 8 + stride)
-        cdef int32_t* free_slots = <int32_t*>(base + 2 * capacity * 8 + 2 * stride)
+        cdef SequenceSlot* slots = <SequenceSlot*>base
+        cdef int32_t* free_slots = <int32_t*>(base + records)
         if self._used:
-            memcpy(seq_ids, self.seq_ids, <size_t>self._used * 8)
-            memcpy(marks, self.marks, <size_t>self._used * 8)
-            memcpy(tokens, self.tokens, <size_t>self._used * 4)
-            memcpy(rows, self.rows, <size_t>self._used * 4)
+            memcpy(slots, self.slots, <size_t>self._used * sizeof(SequenceSlot))
         if self._num_free:
             memcpy(free_slots, self._free_slots, <size_t>self._num_free * 4)
         retired = self._storage
         self._storage = storage
-        self.seq_ids = seq_ids
-        self.marks = marks
-        self.tokens = tokens
-        self.rows = rows
+        self.slots = slots
         self._free_slots = free_slots
         self._capacity = <int32_t>capacity
         del retired
@@ -71,8 +62,8 @@ cdef class SequenceRegistry:
         self._index.mask = capacity - 1
         self._index.shift = idmap_shift_for(capacity)
         for slot in range(self._used):
-            if self.seq_ids[slot] >= 0:
-                idmap_insert(&self._index, self.seq_ids[slot], slot)
+            if self.slots[slot].seq_id >= 0:
+                idmap_insert(&self._index, self.slots[slot].seq_id, slot)
         del retired
         return 0
 
@@ -98,19 +89,19 @@ cdef class SequenceRegistry:
         else:
             slot = self._used
             self._used += 1
-        self.seq_ids[slot] = seq_id
-        self.tokens[slot] = tokens
-        self.rows[slot] = row
-        self.marks[slot] = 0
+        self.slots[slot].seq_id = seq_id
+        self.slots[slot].mark = 0
+        self.slots[slot].tokens = tokens
+        self.slots[slot].row = row
         idmap_insert(&self._index, seq_id, slot)
         self._count += 1
         return slot
 
     cdef void remove(self, int32_t slot) noexcept nogil:
-        idmap_remove(&self._index, self.seq_ids[slot])
-        self.seq_ids[slot] = -1
-        self.tokens[slot] = 0
-        self.rows[slot] = -1
+        idmap_remove(&self._index, self.slots[slot].seq_id)
+        self.slots[slot].seq_id = -1
+        self.slots[slot].tokens = 0
+        self.slots[slot].row = -1
         self._free_slots[self._num_free] = slot
         self._num_free += 1
         self._count -= 1

@@ -112,7 +112,8 @@ cdef class PageTable(Persistent):
 
     # ---- inside the table ---------------------------------------------------------
     # Every change to a row bumps the table's stamp and the row's (``rewrite``: also
-    # the stamp of changes other than appends); nothing else writes them.
+    # the stamp of changes other than appends); nothing else writes them.  Dropping a
+    # row bumps only the table's stamp (a re-created row gets fresh stamps).
     cdef inline void _touch(self, row_t row, bint rewrite) noexcept nogil:
         self._next_version += 1
         self._rows.version[row] = self._next_version

@@ -27,10 +27,12 @@ def run_cli(args, cwd, **kwargs):
 def assert_refused(result):
     assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
     assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1 and errors[0].startswith("pagetable"), result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pagetable") and "error:" in lines[0], \
+        result.stderr
+    assert lines[0].endswith("--help`)"), lines[0]     # where to read the usage
     assert result.stdout == ""
-    return errors[0]
+    return lines[0].rsplit(" (see `", 1)[0]
 
 
 BAD_VALUES = [

@@ -3,11 +3,15 @@
 # Linear probing with Fibonacci hashing; removal is backward-shift deletion, so there
 # are no tombstones and lookups never degrade after churn.  Empty slots hold key -1,
 # which is why keys must be >= 0.  The map does not own memory: its owner allocates
-# ``capacity`` (a power of two) keys and values, fills the keys with -1 (every byte
-# 0xFF) and points the struct at them; growing means filling a larger pair of arrays
-# with ``idmap_insert`` and switching the pointers.  Every operation is ``cdef inline``
-# so that a kernel in another module probes it at no call cost.
+# its storage with ``idmap_storage`` and points the struct at it with ``idmap_attach``;
+# growing means attaching a larger storage and filling it with ``idmap_insert``.
+# Every operation is ``cdef inline`` so that a kernel in another module probes it at
+# no call cost.
+cimport numpy as cnp
 from libc.stdint cimport int32_t, int64_t, uint64_t
+from libc.string cimport memset
+
+from pagetable._buffers cimport i32, i64, zeroed
 
 
 cdef extern from *:
@@ -39,6 +43,28 @@ cdef inline int32_t idmap_shift_for(int64_t capacity) noexcept nogil:
     while (<int64_t>1 << bits) < capacity:
         bits += 1
     return 64 - bits
+
+
+cdef inline object idmap_storage(int64_t capacity):
+    """``(keys, values)`` arrays for a map of ``capacity`` slots (a power of two), all empty.
+
+    Allocating may let another thread run (a large array is a mapping of its own);
+    the caller attaches the storage afterwards, at a point where no other thread can.
+    """
+    keys = zeroed(capacity, cnp.NPY_INT64)
+    # Every byte 0xFF: each key reads as IDMAP_EMPTY (-1).
+    memset(cnp.PyArray_DATA(<cnp.ndarray>keys), 0xFF, <size_t>capacity * sizeof(int64_t))
+    return keys, zeroed(capacity, cnp.NPY_INT32)
+
+
+cdef inline void idmap_attach(IdMap* map, object storage) noexcept:
+    """Point ``map`` at ``storage`` from ``idmap_storage`` (the caller keeps it alive)."""
+    keys, values = storage
+    cdef int64_t capacity = cnp.PyArray_DIM(<cnp.ndarray>keys, 0)
+    map.keys = i64(keys)
+    map.values = i32(values)
+    map.mask = capacity - 1
+    map.shift = idmap_shift_for(capacity)
 
 
 cdef inline int32_t idmap_find(const IdMap* map, int64_t key) noexcept nogil:

@@ -2,10 +2,10 @@
 
 cimport numpy as cnp
 from libc.stdint cimport int32_t, int64_t, INT32_MAX
-from libc.string cimport memcpy, memset
+from libc.string cimport memcpy
 
-from pagetable._buffers cimport i32, i64, zeroed
-from pagetable._idmap cimport idmap_insert, idmap_remove, idmap_shift_for
+from pagetable._buffers cimport zeroed
+from pagetable._idmap cimport idmap_attach, idmap_insert, idmap_remove, idmap_storage
 from pagetable._registry cimport SequenceSlot
 
 cnp.import_array()
@@ -52,15 +52,10 @@ cdef class SequenceRegistry:
 
     cdef int _rebuild_index(self, int64_t capacity) except -1:
         cdef int32_t slot
-        keys = zeroed(capacity, cnp.NPY_INT64)
-        memset(cnp.PyArray_DATA(<cnp.ndarray>keys), 0xFF, <size_t>capacity * 8)  # all -1: empty
-        values = zeroed(capacity, cnp.NPY_INT32)
+        storage = idmap_storage(capacity)
         retired = self._index_storage
-        self._index_storage = (keys, values)
-        self._index.keys = i64(keys)
-        self._index.values = i32(values)
-        self._index.mask = capacity - 1
-        self._index.shift = idmap_shift_for(capacity)
+        self._index_storage = storage
+        idmap_attach(&self._index, storage)
         for slot in range(self._used):
             if self.slots[slot].seq_id >= 0:
                 idmap_insert(&self._index, self.slots[slot].seq_id, slot)

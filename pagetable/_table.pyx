@@ -21,7 +21,7 @@ table safe to read from other threads, and the Python API.
 cimport cython
 from cython.parallel cimport prange
 from libc.stdint cimport int32_t, int64_t, uint64_t
-from libc.string cimport memcpy, memmove, memcmp, memset
+from libc.string cimport memcpy, memmove, memcmp
 from libc.stdlib cimport qsort
 
 import mmap as _mmap
@@ -40,7 +40,7 @@ from pagetable._persist cimport Persistent
 from pagetable._blocks cimport block_geometry, block_index, block_offset
 from pagetable._buffers cimport empty, i32, i64, new_map, zeroed
 from pagetable._idmap cimport (
-    idmap_count, idmap_find, idmap_insert, idmap_remove, idmap_shift_for)
+    idmap_attach, idmap_count, idmap_find, idmap_insert, idmap_remove, idmap_storage)
 from pagetable._rows cimport Rows, rows_layout
 from pagetable._table_kernels cimport (
     TableView, compare_pairs, copy_packed, copy_padded, load_i32, load_i64,
@@ -445,20 +445,14 @@ cdef class PageTable(Persistent):
     cdef int _rebuild_index(self, int64_t capacity) except -1:
         """Give the index ``capacity`` slots (a power of two) and reinsert every row."""
         cdef row_t row
-        keys = zeroed(capacity, cnp.NPY_INT64)
-        # Every byte 0xFF: each key reads as IDMAP_EMPTY (-1).
-        memset(cnp.PyArray_DATA(<cnp.ndarray>keys), 0xFF, <size_t>capacity * sizeof(int64_t))
-        values = zeroed(capacity, cnp.NPY_INT32)
+        storage = idmap_storage(capacity)
         # Allocation above may let another thread run; the switch below may not.  The
         # old arrays stay referenced until every pointer is switched: freeing a mapped
         # array releases the GIL (munmap), and no thread may see a stale pointer then.
         self._wait_for_readers()
         retired = self._index_storage
-        self._index_storage = (keys, values)
-        self._index.keys = i64(keys)
-        self._index.values = i32(values)
-        self._index.mask = capacity - 1
-        self._index.shift = idmap_shift_for(capacity)
+        self._index_storage = storage
+        idmap_attach(&self._index, storage)
         for row in range(self._rows_used):
             if self._rows.seq[row] >= 0:
                 idmap_insert(&self._index, self._rows.seq[row], row)
@@ -558,9 +552,8 @@ cdef class PageTable(Persistent):
         """Move every live row, in pool order, to the front of the pool.
 
         Rows only move towards the front, in start order, so ``memmove`` never
-        overwrites data that is still to be read.  The order comes from numpy's sort
-        (a C ``qsort`` with a comparison callback made decode steps with compaction
-        10-20% slower).
+        overwrites data that is still to be read.  The order comes from numpy's
+        stable sort of the live rows' starts.
         """
         cdef int64_t write = 0, i, n
         cdef row_t row

@@ -25,6 +25,7 @@ MODULES = [
     "pagetable._accept",      # the acceptance layer: every argument check
     "pagetable._buffers",     # anonymous mappings and the arrays on them
     "pagetable._persist",     # save / load / copy / pickle, once for every class
+    "pagetable._guard",       # the change and ownership flags a manager sets
     "pagetable._table",       # PageTable (with _idmap, _rows, _table_kernels .pxd)
     "pagetable._allocator",   # BlockAllocator
     "pagetable._results",     # AppendResult and OutOfBlocksError

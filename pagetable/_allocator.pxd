@@ -6,11 +6,11 @@ cimport cython
 from libc.stdint cimport int32_t, int64_t
 
 from pagetable._types cimport block_id_t
-from pagetable._persist cimport Persistent
+from pagetable._guard cimport Guarded
 
 
 @cython.final
-cdef class BlockAllocator(Persistent):
+cdef class BlockAllocator(Guarded):
     cdef:
         int32_t _num_blocks
         int32_t _num_free
@@ -18,8 +18,6 @@ cdef class BlockAllocator(Persistent):
         object _free_stack_arr    # int32 [num_blocks]; entries 0 .. _num_free - 1 are free
         int32_t[::1] _refcount
         int32_t[::1] _free_stack
-        int32_t _writing          # set while a KVCacheManager change is in progress
-        int32_t _owned            # set while a KVCacheManager owns the pool
 
     # ---- the interface the manager uses -------------------------------------------
     cdef inline int32_t block_count(self) noexcept nogil:
@@ -63,18 +61,6 @@ cdef class BlockAllocator(Persistent):
             self._refcount[blocks[i]] += 1
     # Copy counts and stack into int32 arrays of ``block_count()``; return the stack height.
     cdef Py_ssize_t capture(self, object refcount, object free_stack) noexcept
-
-    cdef inline bint is_changing(self) noexcept nogil:
-        return self._writing != 0
-
-    cdef inline void mark_changing(self, bint changing) noexcept nogil:
-        self._writing = 1 if changing else 0
-
-    cdef inline bint is_owned(self) noexcept nogil:
-        return self._owned != 0
-
-    cdef inline void mark_owned(self, bint owned) noexcept nogil:
-        self._owned = 1 if owned else 0
 
     # ---- inside the allocator -------------------------------------------------------
     cdef int _check_writable(self) except -1

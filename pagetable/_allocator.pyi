@@ -3,16 +3,15 @@ from typing import final
 import numpy as np
 import numpy.typing as npt
 
-from pagetable._persist import Persistent
+from pagetable._guard import Guarded
 
 _IntArray = npt.ArrayLike
 
 __test__: dict[str, str]
 
 @final
-class BlockAllocator(Persistent):
+class BlockAllocator(Guarded):
     def __init__(self, num_blocks: int) -> None: ...
-    def _set_owned(self, owned: bool) -> None: ...
     def _state(self) -> dict[str, np.ndarray]: ...
     @staticmethod
     def _from_state(state: object) -> BlockAllocator: ...

@@ -21,7 +21,7 @@ from libc.string cimport memcpy
 from pagetable._types cimport block_id_t
 from pagetable._accept cimport int_vector
 from pagetable._buffers cimport empty
-from pagetable._persist cimport Persistent
+from pagetable._guard cimport Guarded
 
 import numpy as np
 
@@ -39,7 +39,7 @@ _OWNED_ALLOCATOR = (
     "manager (or work on a copy)")
 
 
-cdef class BlockAllocator(Persistent):
+cdef class BlockAllocator(Guarded):
     """Reference-counted pool of physical KV-cache blocks ``0 .. num_blocks - 1``.
 
     Parameters
@@ -76,10 +76,6 @@ cdef class BlockAllocator(Persistent):
         if self._writing:
             raise RuntimeError(_CONCURRENT_WRITE)
         return 0
-
-    def _set_owned(self, owned):
-        """Private: mark the pool owned by a manager, or not (tests corrupt it this way)."""
-        self._owned = 1 if owned else 0
 
     # -- state ------------------------------------------------------------------------
     def _state(self):

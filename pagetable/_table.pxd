@@ -14,7 +14,7 @@ from libc.stdint cimport int32_t, int64_t
 from pagetable._types cimport block_id_t, seq_id_t, row_t
 from pagetable._blocks cimport BlockGeometry
 from pagetable._idmap cimport IdMap, idmap_find
-from pagetable._persist cimport Persistent
+from pagetable._guard cimport Guarded
 from pagetable._rows cimport Rows
 from pagetable._table_kernels cimport TableView
 
@@ -24,7 +24,7 @@ cdef int wait_while_set(int32_t* flag, str message) except -1
 
 
 @cython.final
-cdef class PageTable(Persistent):
+cdef class PageTable(Guarded):
     cdef:
         int32_t _block_size
         BlockGeometry _geometry    # the block size, with its shift and mask
@@ -51,12 +51,8 @@ cdef class PageTable(Persistent):
 
         # Batched reads in flight without the GIL (other threads may run meanwhile).
         # Storage is never reallocated or compacted while this is non-zero.
+        # (The change and ownership flags, _writing and _owned, come from Guarded.)
         int32_t _busy
-        # A change in progress that may let other threads run (allocating or freeing
-        # mapped memory releases the GIL).  Another change meanwhile raises.
-        int32_t _writing
-        # Set while a KVCacheManager owns the table: changes from outside it raise.
-        int32_t _owned
 
     # ---- the interface other modules use ----------------------------------------
     # Lookups touch no Python object (safe without the GIL).
@@ -96,19 +92,6 @@ cdef class PageTable(Persistent):
     # ``(seq_ids int64, lengths int32, blocks int32 or None)`` of one state, in
     # insertion order (see PageTable.snapshot in _table.pyx).
     cdef object snapshot(self, bint with_blocks, bint hold_gil=*)
-
-    # Guards, for a manager that owns the table and changes it from C.
-    cdef inline bint is_changing(self) noexcept nogil:
-        return self._writing != 0
-
-    cdef inline void mark_changing(self, bint changing) noexcept nogil:
-        self._writing = 1 if changing else 0
-
-    cdef inline bint is_owned(self) noexcept nogil:
-        return self._owned != 0
-
-    cdef inline void mark_owned(self, bint owned) noexcept nogil:
-        self._owned = 1 if owned else 0
 
     # ---- inside the table ---------------------------------------------------------
     # Every change to a row bumps the table's stamp and the row's (``rewrite``: also

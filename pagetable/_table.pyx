@@ -36,7 +36,7 @@ from libc.stdint cimport INT32_MAX, INT64_MAX
 from pagetable._types cimport block_id_t, seq_id_t, slot_t, row_t, PAD
 from pagetable._accept cimport (
     block_arg, int_vector, is_kernel_vector, output_vector, seq_arg, shares_memory)
-from pagetable._persist cimport Persistent
+from pagetable._guard cimport Guarded
 from pagetable._blocks cimport block_geometry, block_index, block_offset
 from pagetable._buffers cimport empty, i32, i64, new_map, zeroed
 from pagetable._idmap cimport (
@@ -283,7 +283,7 @@ cdef PageTable _table_from_rows(int64_t block_size, object seq_ids, object lengt
 
 # --------------------------------------------------------------------------- the class
 
-cdef class PageTable(Persistent):
+cdef class PageTable(Guarded):
     """Map each sequence's logical token positions to (physical block, offset).
 
     Parameters
@@ -1824,10 +1824,6 @@ cdef class PageTable(Persistent):
             row = self.find_row(seqs[i])
             version_out[i] = self._rows.version[row] if row >= 0 else -1
             rewrite_out[i] = self._rows.rewrite[row] if row >= 0 else -1
-
-    def _set_owned(self, owned):
-        """Private: mark the table owned by a manager, or not (tests corrupt it this way)."""
-        self._owned = 1 if owned else 0
 
     def _memory_stats(self):
         """Return a dict describing the storage (for tests and memory reports)."""

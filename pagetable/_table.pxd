@@ -125,6 +125,7 @@ cdef class PageTable(Guarded):
     cdef object _row_array(self, row_t row)
     cdef int _capture(self, object rows_array, int64_t* starts, int32_t* lengths) except -1
     cdef int64_t _resolve(self, object seq_array, object rows_array, bint release) except -2
+    cdef int _rows_of(self, object seq_array, object rows, int32_t* lengths) except -1
     cdef void _versions_into(self, const int64_t* seqs, int64_t count, int64_t* version_out,
                              int64_t* rewrite_out) noexcept nogil
     cdef int _raise_unresolved(self, object seq_array, int64_t bad) except -1

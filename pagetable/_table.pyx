@@ -1326,23 +1326,10 @@ cdef class PageTable(Guarded):
             If a sequence id is not in the table.
         """
         seq_array = _int64_ids(seq_ids, "seq_ids")
-        cdef int64_t count = cnp.PyArray_DIM(<cnp.ndarray>seq_array, 0), stamp, bad = -1
-        rows = empty(count, cnp.NPY_INT32)
+        cdef int64_t count = cnp.PyArray_DIM(<cnp.ndarray>seq_array, 0)
         lengths = empty(count, cnp.NPY_INT32)
-        cdef int attempt
-        cdef bint consistent
-        for attempt in range(READ_ATTEMPTS):
-            stamp = self._read_begin()
-            try:
-                bad = self._resolve(seq_array, rows, attempt == 0)
-                if bad < 0:
-                    self._capture(rows, NULL, i32(lengths))
-            finally:
-                consistent = self._read_end(stamp)
-            if consistent:
-                self._raise_unresolved(seq_array, bad)
-                return lengths
-        raise RuntimeError(_READ_KEPT_CHANGING)
+        self._rows_of(seq_array, empty(count, cnp.NPY_INT32), i32(lengths))
+        return lengths
 
     def rows(self, seq_ids):
         """Return each sequence's row in this table, as hints for batched reads.
@@ -1367,19 +1354,29 @@ cdef class PageTable(Guarded):
             If a sequence id is not in the table.
         """
         seq_array = _int64_ids(seq_ids, "seq_ids")
-        cdef int64_t count = cnp.PyArray_DIM(<cnp.ndarray>seq_array, 0), stamp, bad = -1
-        rows = empty(count, cnp.NPY_INT32)
+        rows = empty(cnp.PyArray_DIM(<cnp.ndarray>seq_array, 0), cnp.NPY_INT32)
+        self._rows_of(seq_array, rows, NULL)
+        return rows
+
+    cdef int _rows_of(self, object seq_array, object rows, int32_t* lengths) except -1:
+        """Fill ``rows`` with each id's row (and ``lengths``, unless NULL), all of one state.
+
+        Raises for a negative or unknown id; see the read protocol above.
+        """
+        cdef int64_t stamp, bad = -1
         cdef int attempt
         cdef bint consistent
         for attempt in range(READ_ATTEMPTS):
             stamp = self._read_begin()
             try:
                 bad = self._resolve(seq_array, rows, attempt == 0)
+                if bad < 0 and lengths != NULL:
+                    self._capture(rows, NULL, lengths)
             finally:
                 consistent = self._read_end(stamp)
             if consistent:
                 self._raise_unresolved(seq_array, bad)
-                return rows
+                return 0
         raise RuntimeError(_READ_KEPT_CHANGING)
 
     def lookup(self, seq_ids, positions, strict=False, rows=None):

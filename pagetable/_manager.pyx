@@ -394,7 +394,7 @@ cdef class KVCacheManager(Persistent):
         cdef block_id_t last
         cdef const int32_t* refcount = self._allocator.refcounts()
         cdef int32_t* pending = &self._pending[0]
-        cdef const SequenceSlot* records = self._sequences.slots   # nothing below moves them
+        cdef const SequenceSlot* records = self._sequences.slots
         for i in range(n):
             count = counts[i * count_stride]
             if count == 0:
@@ -532,7 +532,8 @@ cdef class KVCacheManager(Persistent):
         cdef int64_t need = plan.need, num_copies = plan.num_copies, num_slots = plan.num_slots
         if need > self._allocator.free_count():
             raise OutOfBlocksError(need, self._allocator.free_count())
-        cdef SequenceRegistry sequences = self._sequences
+        # Nothing in this call adds to the registry, so its records stay where they are.
+        cdef SequenceSlot* records = self._sequences.slots
         cdef row_t row
         cdef int64_t add, count
         # Reserve every row's room first, so a MemoryError here leaves nothing changed
@@ -540,8 +541,8 @@ cdef class KVCacheManager(Persistent):
         for i in range(n):
             count = counts[i * stride]
             if count:
-                row = sequences.slots[slot_ids[i]].row
-                add = self._blocks_needed(sequences.slots[slot_ids[i]].tokens + count) - self._table.row_length(row)
+                row = records[slot_ids[i]].row
+                add = self._blocks_needed(records[slot_ids[i]].tokens + count) - self._table.row_length(row)
                 if add > 0:
                     self._table.reserve_row(row, self._table.row_length(row) + add)
         fresh = empty(need, cnp.NPY_INT32)
@@ -562,7 +563,6 @@ cdef class KVCacheManager(Persistent):
         cdef block_id_t* data
         cdef block_id_t last
         self._allocator.take(need, fresh_data)
-        cdef SequenceSlot* records = sequences.slots   # nothing below moves them
         for i in range(n):
             count = counts[i * stride]
             if count == 0:

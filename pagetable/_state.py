@@ -367,4 +367,4 @@ def load_kind(source: PathOrFile, kind: str) -> object:
     """Load a file that must hold an object of ``kind``; ``CorruptStateError`` otherwise."""
     state = read(source)
     check_kind(state, kind)
-    return rebuild(state)
+    return _BUILDERS[kind](state)

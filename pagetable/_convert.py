@@ -127,15 +127,14 @@ def _view_without_copy(out: object, name: str) -> np.ndarray:
             raise TypeError(
                 f"{name} ({type(out).__name__}) cannot be written in place from the host: {exc}"
             ) from None
-    if hasattr(out, "__array_interface__") or isinstance(out, (memoryview, bytearray)):
-        return np.asarray(out)
-    try:
-        memoryview(out)  # type: ignore[arg-type]
-    except TypeError:
-        raise TypeError(
-            f"{name} must be a numpy.ndarray or a writeable buffer (DLPack, buffer protocol), "
-            f"got {type(out).__name__}"
-        ) from None
+    if not hasattr(out, "__array_interface__"):
+        try:
+            memoryview(out)  # type: ignore[arg-type]
+        except TypeError:
+            raise TypeError(
+                f"{name} must be a numpy.ndarray or a writeable buffer (DLPack, buffer protocol), "
+                f"got {type(out).__name__}"
+            ) from None
     return np.asarray(out)
 
 

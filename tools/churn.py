@@ -60,8 +60,7 @@ def mirror(kv):
     ref._allocator._refcount = kv.allocator._refcounts().tolist()
     ref._allocator._free_stack = kv.allocator._free_blocks().tolist()
     for seq, (count, blocks) in sequences(kv).items():
-        ref._blocks[seq] = blocks
-        ref._tokens[seq] = count
+        ref._adopt_sequence(seq, blocks, count)
     ref.check()
     return ref
 

@@ -1,0 +1,456 @@
+"""Hypothesis drives prefix caching on the Cython manager and the reference side by side.
+
+Prompts are drawn from a few shared prefixes with random suffixes (some with extra
+keys), so that hits, misses, duplicates and evictions all happen; sequences grow,
+fork, are freed, and the cache is reset.  After every call both managers must give
+the same answer (or raise the same exception), hold the same blocks, report the same
+events and counters, and pass ``check()``.
+
+The machine also keeps its own account, independent of either manager:
+
+- a simulated KV memory, ``slot -> token id``, written as an engine would (each
+  call's copy-on-write copies first, then its new tokens at the slots returned);
+  every position of every live sequence must read back its own token through the
+  block table.  A wrong hit, a block reused while still shared, or a copy that
+  lost tokens shows here;
+- the set of hashes a KV-aware router holds from the events alone, whose size must
+  be ``num_cached_blocks``;
+- the statistics, counted from the results and events.
+
+Where the Cython manager does not take the prefix-caching arguments yet, the machine
+runs on the reference alone against its own account.
+"""
+
+import dataclasses
+
+import numpy as np
+import pytest
+from hypothesis import settings, strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from pagetable import KVCacheManager, OutOfBlocksError
+from pagetable.reference import ReferenceKVCacheManager
+
+try:
+    from pagetable.prefix import ExtraKeys
+except ImportError:
+    ExtraKeys = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Keys:
+    lora_name: object = None
+    lora_path: object = None
+    lora_id: object = None
+    mm: tuple = ()
+    cache_salt: object = None
+
+
+def make_keys(**fields):
+    """Extra keys as the project's ExtraKeys where it exists, else a stand-in."""
+    if ExtraKeys is not None:
+        return ExtraKeys(**fields)
+    return _Keys(**fields)
+
+
+def fast_manager(num_blocks, block_size, **options):
+    """The Cython manager with prefix caching, or None where it has none yet."""
+    try:
+        return KVCacheManager(num_blocks, block_size, **options)
+    except TypeError:
+        return None
+
+
+HAS_FAST = fast_manager(1, 1, enable_prefix_caching=True, enable_kv_cache_events=True) is not None
+
+TOKEN_ID_MAX = 2**31 - 1
+
+
+def outcome(call):
+    """The call's result as plain data, or the name of the exception it raised."""
+    try:
+        result = call()
+    except OutOfBlocksError as exc:
+        return ("OutOfBlocksError", exc.requested, exc.available)
+    except (KeyError, ValueError, TypeError, OverflowError) as exc:
+        return type(exc).__name__
+    if result is None or isinstance(result, (int, np.integer)):
+        return result
+    plain = (result.slots.tolist(), result.copy_src.tolist(), result.copy_dst.tolist())
+    if hasattr(result, "num_cached_tokens"):
+        plain += (result.num_cached_tokens,)
+    return plain
+
+
+def event_data(event):
+    """An event as a plain tuple (type name, then its fields)."""
+    name = type(event).__name__.lstrip("_")
+    if name == "BlockStored":
+        return (name, list(event.block_hashes), event.parent_block_hash, list(event.token_ids),
+                event.block_size, event.lora_id, event.medium, event.lora_name,
+                event.extra_keys, event.group_idx)
+    if name == "BlockRemoved":
+        return (name, list(event.block_hashes), event.medium, event.group_idx)
+    return (name,)
+
+
+def stats_data(manager):
+    s = manager.prefix_cache_stats
+    return (s.requests, s.queries, s.hits, s.evictions, s.hit_rate)
+
+
+class PrefixMachine(RuleBasedStateMachine):
+    @initialize(
+        block_size=st.sampled_from([1, 2, 3, 4]),
+        num_blocks=st.integers(3, 32),
+        algorithm=st.sampled_from(["sha256", "sha256_cbor", "xxhash", "xxhash_cbor"]),
+        seeded=st.booleans(),
+        event_hash_format=st.sampled_from(["int", "bytes"]),
+        data=st.data(),
+    )
+    def make(self, block_size, num_blocks, algorithm, seeded, event_hash_format, data):
+        # The xxhash algorithms draw a random seed per implementation without one.
+        seed = "machine" if seeded or algorithm.startswith("xxhash") else None
+        options = dict(enable_prefix_caching=True, enable_kv_cache_events=True,
+                       hash_algorithm=algorithm, hash_seed=seed,
+                       event_hash_format=event_hash_format, data_parallel_rank=1)
+        self.ref = ReferenceKVCacheManager(num_blocks, block_size, **options)
+        self.fast = fast_manager(num_blocks, block_size, **options)
+        self.B = block_size
+        # Shared prefixes: a system prompt of a few blocks, a longer one that extends
+        # it, and one unrelated; suffix tokens come from a small alphabet so that
+        # suffixes repeat too.
+        system = data.draw(st.lists(st.integers(0, 1000), min_size=2 * block_size,
+                                    max_size=3 * block_size + 1), label="system")
+        longer = system + data.draw(st.lists(st.integers(0, 1000), min_size=block_size,
+                                             max_size=2 * block_size), label="longer")
+        other = data.draw(st.lists(st.integers(0, 1000), min_size=1, max_size=2 * block_size),
+                          label="other")
+        self.prefixes = [[], system, longer, other]
+        self.keys = [None, None,
+                     make_keys(lora_name="adapter", lora_path="/adapters/a", lora_id=3),
+                     make_keys(cache_salt="tenant"),
+                     make_keys(mm=(("image", block_size // 2, block_size + 1),))]
+        self.live = []
+        self.tokens = {}          # the machine's own token list of every live sequence
+        self.keys_of = {}
+        self.memory = {}          # simulated KV memory: slot -> token id
+        self.router = set()       # the hashes the events say are cached
+        self.counted = [0, 0, 0, 0]   # requests, queries, hits, evictions
+        self.history = []         # every prompt added, with its keys
+        self.next_id = 0
+
+    # -- helpers ----------------------------------------------------------------------
+    def fresh_id(self):
+        seq = self.next_id * 7919 + (self.next_id % 2) * 2**33
+        self.next_id += 1
+        return seq
+
+    def managers(self):
+        return [self.ref] if self.fast is None else [self.ref, self.fast]
+
+    def both(self, call):
+        """Run ``call`` on each manager; the outcomes must agree; the events it
+        recorded are compared and fed to the router's account."""
+        results = [outcome(lambda m=m: call(m)) for m in self.managers()]
+        batches = [m.take_events() for m in self.managers()]
+        events = [[event_data(e) for e in batch.events] for batch in batches]
+        if self.fast is not None:
+            assert results[1] == results[0], ("fast", results[1], "reference", results[0])
+            assert events[1] == events[0], ("fast", events[1], "reference", events[0])
+            assert batches[1].data_parallel_rank == batches[0].data_parallel_rank
+        assert batches[0].data_parallel_rank == 1
+        self.follow(events[0])
+        return results[0]
+
+    def follow(self, events):
+        """The router's view: stored hashes in, removed ones out; within one call every
+        eviction comes before every store."""
+        stored_yet = False
+        for event in events:
+            if event[0] == "BlockStored":
+                stored_yet = True
+                hashes = event[1]
+                assert len(event[3]) == len(hashes) * self.B and event[4] == self.B
+                assert event[6] == "GPU" and event[9] == 0
+                for h in hashes:
+                    assert h not in self.router, f"hash {h!r} stored twice"
+                    self.router.add(h)
+            elif event[0] == "BlockRemoved":
+                assert not stored_yet, "an eviction after a store in one call"
+                assert len(event[1]) == 1 and event[1][0] in self.router
+                self.router.discard(event[1][0])
+                self.counted[3] += 1
+            else:
+                self.router.clear()
+
+    def write(self, slots, token_ids, copy_src=(), copy_dst=()):
+        """What the engine does with a result: copy first, then write."""
+        for src, dst in zip(copy_src, copy_dst):
+            for offset in range(self.B):
+                source = src * self.B + offset
+                if source in self.memory:
+                    self.memory[dst * self.B + offset] = self.memory[source]
+                else:
+                    self.memory.pop(dst * self.B + offset, None)
+        assert len(slots) == len(token_ids)
+        for slot, token in zip(slots, token_ids):
+            self.memory[slot] = token
+
+    def slots_of(self, seq, start, stop):
+        row = self.ref.block_table([seq])[0]
+        return [int(row[p // self.B]) * self.B + p % self.B for p in range(start, stop)]
+
+    def unchanged(self):
+        """What a call that raises, or a query, must leave as it was."""
+        return [(m.num_free_blocks, m.num_cached_blocks, stats_data(m),
+                 m.block_table(self.live).tolist(), m.seq_lens(self.live).tolist())
+                for m in self.managers()]
+
+    def cap(self, n):
+        return ((n - 1) // self.B if n else 0) * self.B
+
+    prompts = st.tuples(st.integers(0, 3), st.lists(st.integers(0, 3), max_size=9),
+                        st.integers(0, 4), st.integers(0, 12))
+
+    def prompt(self, drawn):
+        prefix, suffix, keys, cut = drawn
+        tokens = self.prefixes[prefix] + suffix
+        if prefix and cut < len(tokens) and cut % 3 == 0:
+            tokens = tokens[:len(tokens) - cut]     # a prefix of a prefix, now and then
+        return tokens, self.keys[keys]
+
+    # -- rules ------------------------------------------------------------------------
+    @rule(drawn=prompts, give_count=st.booleans())
+    def add(self, drawn, give_count):
+        tokens, keys = self.prompt(drawn)
+        self.add_prompt(tokens, keys, give_count)
+
+    @precondition(lambda self: self.history)
+    @rule(data=st.data(), give_count=st.booleans())
+    def add_again(self, data, give_count):
+        # A prompt seen before (its sequence may be live, freed or evicted), cut or
+        # extended: hits, revivals of cached-free blocks and duplicates.
+        tokens, keys = data.draw(st.sampled_from(self.history))
+        cut = data.draw(st.integers(0, len(tokens)))
+        more = data.draw(st.lists(st.integers(0, 3), max_size=self.B + 1))
+        self.add_prompt(tokens[:cut] + more if data.draw(st.booleans()) else tokens, keys, give_count)
+
+    def add_prompt(self, tokens, keys, give_count):
+        seq = self.fresh_id()
+        expected = self.both(lambda m: m.count_cached_tokens(tokens, keys))
+        before = self.unchanged()
+        count = len(tokens) if give_count else None
+        result = self.both(lambda m: m.add_sequence(seq, count, token_ids=tokens, extra_keys=keys))
+        if isinstance(result, tuple) and result[0] == "OutOfBlocksError":
+            assert self.unchanged() == before
+            self.preempt()
+            return
+        slots, copy_src, copy_dst, cached = result
+        assert cached == expected and cached % self.B == 0 and cached <= self.cap(len(tokens))
+        assert copy_src == copy_dst == []
+        assert slots == self.slots_of(seq, cached, len(tokens))
+        self.write(slots, tokens[cached:])
+        self.live.append(seq)
+        self.tokens[seq] = list(tokens)
+        self.keys_of[seq] = keys
+        self.history.append((list(tokens), keys))
+        self.counted[0] += 1
+        self.counted[1] += len(tokens)
+        self.counted[2] += cached
+        # Right after the add every full block's hash is in the map (its own block's,
+        # or a duplicate's): the whole prompt up to the cap is a hit now.
+        full = len(tokens) // self.B * self.B
+        assert self.both(lambda m: m.count_cached_tokens(tokens, keys)) == min(full, self.cap(len(tokens)))
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data(), per_sequence=st.booleans())
+    def append(self, data, per_sequence):
+        ids = data.draw(st.lists(st.sampled_from(self.live), min_size=1, max_size=4, unique=True))
+        if per_sequence:
+            counts = data.draw(st.lists(st.integers(0, 2 * self.B + 1), min_size=len(ids),
+                                        max_size=len(ids)))
+        else:
+            counts = [data.draw(st.integers(0, 3))] * len(ids)
+        new = [data.draw(st.lists(st.integers(0, 3), min_size=k, max_size=k)) for k in counts]
+        flat = [t for tokens in new for t in tokens]
+        argument = counts if per_sequence else counts[0]
+        can = [m.can_append(ids, argument) for m in self.managers()]
+        assert len(set(can)) == 1
+        before = self.unchanged()
+        result = self.both(lambda m: m.append_tokens(ids, argument, token_ids=flat))
+        if isinstance(result, tuple) and result[0] == "OutOfBlocksError":
+            assert not can[0] and self.unchanged() == before
+            self.preempt()
+            return
+        assert can[0]
+        slots, copy_src, copy_dst = result[:3]
+        expected_slots = []
+        for s, k in zip(ids, counts):
+            n = len(self.tokens[s])
+            expected_slots += self.slots_of(s, n, n + k)
+        assert slots == expected_slots
+        self.write(slots, flat, copy_src, copy_dst)
+        for s, tokens in zip(ids, new):
+            self.tokens[s] += tokens
+
+    @precondition(lambda self: self.live)
+    @rule()
+    def decode_step(self):
+        # One token for every live sequence, as an engine's decode step: token 0..3
+        # chosen by position, so that forks decoding in step often fill equal blocks.
+        flat = [len(self.tokens[s]) % 4 for s in self.live]
+        result = self.both(lambda m: m.append_tokens(self.live, 1, token_ids=flat))
+        if isinstance(result, tuple) and result[0] == "OutOfBlocksError":
+            self.preempt()
+            return
+        self.write(result[0], flat, result[1], result[2])
+        for s, t in zip(self.live, flat):
+            self.tokens[s].append(t)
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data(), count=st.integers(1, 5))
+    def fork_and_append_together(self, data, count):
+        # Parent and child write into their shared last block in one call: the first
+        # copies it, the second then owns it; equal tokens make equal hashes.
+        parent = data.draw(st.sampled_from(self.live))
+        child = self.fresh_id()
+        assert self.both(lambda m: m.fork(parent, child)) is None
+        self.live.append(child)
+        self.tokens[child] = list(self.tokens[parent])
+        self.keys_of[child] = self.keys_of[parent]
+        order = data.draw(st.permutations([parent, child]))
+        same = data.draw(st.booleans())
+        first = data.draw(st.lists(st.integers(0, 3), min_size=count, max_size=count))
+        second = first if same else data.draw(st.lists(st.integers(0, 3), min_size=count, max_size=count))
+        result = self.both(lambda m: m.append_tokens(order, count, token_ids=first + second))
+        if isinstance(result, tuple) and result[0] == "OutOfBlocksError":
+            return
+        self.write(result[0], first + second, result[1], result[2])
+        self.tokens[order[0]] += first
+        self.tokens[order[1]] += second
+
+    def preempt(self):
+        """What a scheduler does when the pool is full: free the oldest sequence."""
+        if self.live:
+            oldest = self.live[0]
+            assert self.both(lambda m: m.free_sequence(oldest)) is None
+            self.live.remove(oldest)
+            del self.tokens[oldest], self.keys_of[oldest]
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data())
+    def fork(self, data):
+        parent = data.draw(st.sampled_from(self.live))
+        child = self.fresh_id()
+        assert self.both(lambda m: m.fork(parent, child)) is None
+        self.live.append(child)
+        self.tokens[child] = list(self.tokens[parent])
+        self.keys_of[child] = self.keys_of[parent]
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data())
+    def free(self, data):
+        ids = data.draw(st.lists(st.sampled_from(self.live), min_size=1, max_size=3, unique=True))
+        free_before = self.ref.num_free_blocks
+        assert self.both(lambda m: m.free_sequence(ids if len(ids) > 1 else ids[0])) is None
+        released = self.ref.num_free_blocks - free_before
+        for s in ids:
+            self.live.remove(s)
+            del self.tokens[s], self.keys_of[s]
+        # Blocks no longer referenced by any live sequence are exactly those released.
+        held = {b for row in self.ref.block_table(self.live).tolist() for b in row if b >= 0}
+        assert self.ref.num_blocks - self.ref.num_free_blocks == len(held)
+        assert released >= 0
+
+    @rule(drawn=prompts, what=st.sampled_from(["count", "count", "count", "reset"]))
+    def count_or_reset(self, drawn, what):
+        if what == "reset":
+            cached = self.ref.num_cached_blocks
+            free = self.ref.num_free_blocks
+            assert self.both(lambda m: m.reset_prefix_cache()) == cached
+            assert self.ref.num_cached_blocks == 0 and self.ref.num_free_blocks == free
+            assert not self.router
+            return
+        tokens, keys = self.prompt(drawn)
+        before = self.unchanged()
+        found = self.both(lambda m: m.count_cached_tokens(tokens, keys))
+        assert found % self.B == 0 and found <= self.cap(len(tokens))
+        assert self.unchanged() == before
+
+    @rule(which=st.integers(0, 7), bad=st.sampled_from([-1, TOKEN_ID_MAX + 1]))
+    def bad_call(self, which, bad):
+        # Bad token ids, a missing or short token_ids, an existing id: the same
+        # exception from both, and nothing changes.
+        before = self.unchanged()
+        seq = self.fresh_id()
+        live = self.live[0] if self.live else None
+        calls = [
+            lambda m: m.add_sequence(seq, token_ids=[1, bad]),
+            lambda m: m.add_sequence(seq, 3),
+            lambda m: m.add_sequence(seq, 3, token_ids=[1, 2]),
+            lambda m: m.count_cached_tokens([bad]),
+        ]
+        if live is not None:
+            calls += [
+                lambda m: m.add_sequence(live, token_ids=[1]),
+                lambda m: m.append_tokens([live], 1),
+                lambda m: m.append_tokens([live], 2, token_ids=[1]),
+                lambda m: m.append_tokens([live], 1, token_ids=[bad]),
+            ]
+        assert isinstance(self.both(calls[which % len(calls)]), str)
+        assert self.unchanged() == before
+
+    # -- after every step -------------------------------------------------------------
+    @invariant()
+    def agree(self):
+        if not hasattr(self, "ref"):
+            return
+        ref, live = self.ref, self.live
+        B = self.B
+        for m in self.managers():
+            m.check()
+        assert ref.num_cached_blocks == len(self.router)
+        assert stats_data(ref)[:4] == tuple(self.counted)
+        assert len(ref) == len(live)
+        table = ref.block_table(live).tolist()
+        for seq, row in zip(live, table):
+            tokens = self.tokens[seq]
+            assert ref.sequence_tokens(seq) == tokens
+            # Through the block table, every position reads its own token back.
+            for p, token in enumerate(tokens):
+                assert self.memory.get(row[p // B] * B + p % B) == token, (seq, p)
+            # And the reference's record of each block says the same.
+            for j in range(-(-len(tokens) // B)):
+                assert ref.block_tokens(row[j]) == tokens[j * B:(j + 1) * B]
+        if self.fast is None:
+            return
+        fast = self.fast
+        assert fast.num_free_blocks == ref.num_free_blocks
+        assert fast.num_cached_blocks == ref.num_cached_blocks
+        assert stats_data(fast) == stats_data(ref)
+        assert len(fast) == len(ref)
+        assert fast.seq_lens(live).tolist() == ref.seq_lens(live).tolist()
+        assert fast.block_table(live).tolist() == table
+        every_block = np.arange(ref.num_blocks)
+        assert fast.allocator.refcount(every_block).tolist() == ref.allocator.refcount(every_block).tolist()
+        assert fast.allocator._free_blocks().tolist() == ref.allocator._free_stack
+
+    def teardown(self):
+        if not hasattr(self, "ref"):
+            return
+        if self.live:
+            self.both(lambda m: m.free_sequence(self.live))
+        for m in self.managers():
+            assert m.num_free_blocks == m.num_blocks
+            m.check()
+
+
+PrefixMachine.TestCase.settings = settings(max_examples=100, stateful_step_count=40, deadline=None)
+TestPrefixMachine = PrefixMachine.TestCase
+
+
+@pytest.mark.skipif(HAS_FAST, reason="the Cython manager has prefix caching")
+def test_the_machine_runs_on_the_reference_alone():
+    pytest.skip("KVCacheManager takes no prefix-caching arguments yet: the machine "
+                "held the reference against its own account only")

@@ -54,6 +54,7 @@ __all__ = [
     "dynamo_block_hash",
     "dynamo_block_hashes",
     "event_block_hash",
+    "event_extra_keys",
     "hash_block_tokens",
     "hash_function",
     "hash_prompt",
@@ -450,10 +451,40 @@ class ExtraKeys:
         multimodal key as an ``(identifier, offset)`` pair, the salt alone; None when
         :meth:`for_block` is None.  Arguments as :meth:`for_block`.
         """
-        keys = self.for_block(index, block_size)
-        if keys is None:
-            return None
-        return tuple(key[1:] if key[0] == "mm" else key[1] for key in keys)
+        return event_extra_keys(self.for_block(index, block_size))
+
+
+def event_extra_keys(block_keys: tuple[tuple[object, ...], ...] | None) -> tuple[object, ...] | None:
+    """One block's tagged extra keys in the untagged form KV events publish.
+
+    vLLM's ``to_event_extra_keys`` for one entry: ``("mm", identifier, offset)``
+    becomes the pair ``(identifier, offset)``, any other key its value alone
+    (``("lora", name, path)`` gives ``name``, ``("cache_salt", salt)`` gives ``salt``).
+
+    Parameters
+    ----------
+    block_keys : tuple of tagged keys, or None
+        As :meth:`ExtraKeys.for_block` returns them.
+
+    Returns
+    -------
+    tuple or None
+        None for None.
+
+    Raises
+    ------
+    TypeError
+        ``block_keys`` is not None or a tuple of non-empty tuples whose first item is
+        a str tag.
+    """
+    if block_keys is None:
+        return None
+    if not isinstance(block_keys, tuple):
+        raise TypeError(f"block_keys must be a tuple or None, got {type(block_keys).__name__}")
+    for i, key in enumerate(block_keys):
+        if not isinstance(key, tuple) or len(key) < 2 or not isinstance(key[0], str):
+            raise TypeError(f"block_keys[{i}] must be a tagged key such as ('mm', id, offset), got {key!r}")
+    return tuple(key[1:] if key[0] == "mm" else key[1] for key in block_keys)
 
 
 # ---------------------------------------------------------------- block hashes

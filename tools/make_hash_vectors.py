@@ -301,12 +301,14 @@ def build(vllm: types.SimpleNamespace) -> dict:
         set_env("PYTHONHASHSEED", "0")
         vllm.kv.init_none_hash(hash_fn)
         parent = vllm.kv.hash_block_tokens(hash_fn, None, [1, 2, 3, 4])
-        cases = [
+        cases: list[tuple[bytes | None, list[int], tuple | None]] = [
             (None, BOUNDARY_TOKENS, None),
             (b"", BOUNDARY_TOKENS, None),
             (parent, BOUNDARY_TOKENS, None),
             (parent, [65536] * 3, (("lora", "x", "/x"), ("mm", "h", -3), ("cache_salt", "s"))),
         ]
+        # Canonical CBOR shows only on floats (shortest form) and maps (sorted keys).
+        cases.append((parent, [1, 2], (("custom", 1.5, {"b": 1, "a": 2}),)))
         cases += [(None, [token], None) for token in BOUNDARY_TOKENS]
         cases += [(parent, [token], (("mm", "h", token),)) for token in BOUNDARY_TOKENS]
         for parent_hash, tokens, extra_keys in cases:
@@ -335,10 +337,10 @@ def build(vllm: types.SimpleNamespace) -> dict:
                     case["name"] = name
                     out["chains"].append(case)
 
-    # to_event_extra_keys on its own: the list shapes events carry.
+    # to_event_extra_keys on its own, for lists of entries.  (None and [] give None.)
     out["to_event_extra_keys"] = [
         {"input": jsonable(keys), "output": jsonable(vllm.kv.to_event_extra_keys(keys))}
-        for keys in [None, [], [None], [None, None],
+        for keys in [[None], [None, None],
                      [(("lora", "n", "/p"), ("mm", "i", 0), ("cache_salt", "s")), None],
                      [(("mm", "i", -4), ("mm", "j", 2))]]
     ]

@@ -373,7 +373,7 @@ class ExtraKeys:
     lora_name: str | None = None
     lora_path: str | None = None
     lora_id: int | None = None
-    mm: tuple[tuple[str, int, int], ...] = ()
+    mm: Sequence[tuple[str, int, int]] = ()  # stored as a tuple of tuples
     cache_salt: str | None = None
     # The end (offset + length) of each item, ascending: the first item overlapping a
     # block is found by bisection instead of a scan from the first item.

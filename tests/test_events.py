@@ -1,22 +1,25 @@
-"""KV-cache events in vLLM's schema.
+"""KV-cache events in vLLM's schema, and the ZeroMQ publisher that sends them.
 
 The schema is declared here a second time, independently of ``pagetable.events``, as
 msgspec structs written from vLLM v0.33's ``vllm/distributed/kv_events.py`` the way a
 consumer (a router) declares it: the bytes ``encode_batch`` writes must be the bytes
 msgspec writes for these structs, and what vLLM's decoder reads from them must be what
-went in.
+went in.  The publisher is exercised over real sockets on the loopback interface and
+``inproc``; every receive waits with a timeout.
 """
 
 import collections
 import inspect
 import subprocess
 import sys
+import time
 from typing import Any, Optional, Union
 
 import numpy as np
 import pytest
 
 msgspec = pytest.importorskip("msgspec")
+zmq = pytest.importorskip("zmq")
 
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
@@ -31,6 +34,11 @@ from pagetable.events import (  # noqa: E402
     KVEventBatch,
     decode_batch,
     encode_batch,
+)
+from pagetable.publisher import (  # noqa: E402
+    NullEventPublisher,
+    ZmqEventPublisher,
+    offset_endpoint_port,
 )
 
 from conftest import child_env  # noqa: E402
@@ -464,8 +472,10 @@ def test_bad_arguments_raise_naming_the_argument(make, exc, match):
 def test_importing_needs_neither_msgspec_nor_zmq(tmp_path):
     code = (
         "import sys\n"
-        "import pagetable.events\n"
+        "import pagetable.events, pagetable.publisher\n"
         "b = pagetable.events.KVEventBatch(1.0, [pagetable.events.AllBlocksCleared()])\n"
+        "with pagetable.publisher.NullEventPublisher() as p:\n"
+        "    p.publish(b)\n"
         "assert 'msgspec' not in sys.modules and 'zmq' not in sys.modules, sorted(sys.modules)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -480,3 +490,381 @@ def test_missing_msgspec_names_the_extra(monkeypatch):
         encode_batch(KVEventBatch(1.0, []))
     with pytest.raises(ModuleNotFoundError, match=r"pip install 'pagetable\[events\]'"):
         decode_batch(b"\x93\xcb\x3f\xf8\x00\x00\x00\x00\x00\x00\x90\xc0")
+    with pytest.raises(ModuleNotFoundError, match="msgspec"):
+        ZmqEventPublisher("tcp://127.0.0.1:0")
+
+
+def test_missing_zmq_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "zmq", None)
+    with pytest.raises(ModuleNotFoundError, match=r"pyzmq: pip install 'pagetable\[events\]'"):
+        ZmqEventPublisher("tcp://127.0.0.1:0")
+
+
+# ----------------------------------------------------------------- publisher helpers
+
+TIMEOUT_MS = 5000
+
+
+def recv(socket, timeout_ms=TIMEOUT_MS):
+    if not socket.poll(timeout_ms):
+        pytest.fail(f"nothing arrived within {timeout_ms} ms")
+    return socket.recv_multipart()
+
+
+def subscriber(endpoint, topic):
+    """A SUB socket connected to ``endpoint`` whose subscription has reached the publisher.
+
+    A PUB socket drops what it sends before a subscription arrives, so wait for the
+    TCP handshake and then give the subscription a moment to follow it.
+    """
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
+    if endpoint.startswith("tcp://"):
+        after_handshake(sub, lambda: sub.connect(endpoint))
+    else:
+        sub.connect(endpoint)
+        time.sleep(0.1)
+    return sub
+
+
+def after_handshake(sock, start):
+    """Run ``start`` (a connect or a bind) and wait for ``sock``'s first TCP handshake."""
+    monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    try:
+        start()
+        assert monitor.poll(TIMEOUT_MS), "no ZeroMQ handshake"
+        monitor.recv_multipart()
+    finally:
+        sock.disable_monitor()
+        monitor.close(linger=0)
+    # A bound socket attaches the new connection (and a SUB sends its subscription
+    # on it) only when its owner next touches it; reading its events does that.
+    sock.getsockopt(zmq.EVENTS)
+    time.sleep(0.1)
+
+
+def dealer(endpoint):
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    return sock
+
+
+def replay(sock, start_seq):
+    """Ask for every batch from ``start_seq``; the replies up to the end marker."""
+    sock.send_multipart((b"", start_seq.to_bytes(8, "big")))
+    replies = []
+    while True:
+        frames = recv(sock)
+        assert frames[0] == b""
+        replies.append(frames[1:])
+        if frames[2] == ZmqEventPublisher.END_SEQ:
+            return replies
+
+
+def batches(n, rank=None):
+    """``n`` distinct pairs (ours, schema's)."""
+    return [both(1000.0 + i, [("BlockRemoved", dict(block_hashes=[i], medium="GPU", group_idx=0)),
+                              ("BlockStored", dict(STORED_MIN, block_hashes=[100 + i, 200 + i]))],
+                 rank) for i in range(n)]
+
+
+# ----------------------------------------------------------------- publisher, live
+
+
+def test_subscriber_receives_batches_in_sequence_over_tcp():
+    with ZmqEventPublisher("tcp://127.0.0.1:0", topic="kv", data_parallel_rank=3) as publisher:
+        assert publisher.endpoint.startswith("tcp://127.0.0.1:")
+        assert not publisher.endpoint.endswith(":0")
+        sub = subscriber(publisher.endpoint, "kv")
+        try:
+            pairs = batches(4)
+            pairs[2][0].data_parallel_rank = 1   # set explicitly: left as it is
+            pairs[2][1].data_parallel_rank = 1
+            for ours, _ in pairs:
+                publisher.publish(ours)
+            for seq, (ours, theirs) in enumerate(pairs):
+                topic, seq_bytes, payload = recv(sub)
+                assert topic == b"kv"
+                assert seq_bytes == seq.to_bytes(8, "big") and len(seq_bytes) == 8
+                if theirs.data_parallel_rank is None:
+                    theirs.data_parallel_rank = 3
+                assert SCHEMA_DECODER.decode(payload) == theirs
+                assert payload == ENCODER.encode(theirs)
+                assert decode_batch(payload) == ours
+            assert [ours.data_parallel_rank for ours, _ in pairs] == [3, 3, 1, 3]
+            assert not sub.poll(50)
+        finally:
+            sub.close(linger=0)
+
+
+def test_subscriber_of_another_topic_gets_nothing():
+    with ZmqEventPublisher("tcp://127.0.0.1:0", topic="kv@engine-1") as publisher:
+        wanted = subscriber(publisher.endpoint, "kv@engine-1")
+        other = subscriber(publisher.endpoint, "kv@engine-2")
+        try:
+            publisher.publish(batches(1)[0][0])
+            assert recv(wanted)[0] == b"kv@engine-1"
+            assert not other.poll(200)
+        finally:
+            wanted.close(linger=0)
+            other.close(linger=0)
+
+
+def test_inproc_endpoint_takes_the_rank_suffix():
+    with ZmqEventPublisher("inproc://pagetable-test-kv", topic="", data_parallel_rank=2) as publisher:
+        assert publisher.endpoint == "inproc://pagetable-test-kv_dp2"
+        sub = subscriber(publisher.endpoint, "")
+        try:
+            (ours, theirs), = batches(1)
+            publisher.publish(ours)
+            topic, seq_bytes, payload = recv(sub)
+            theirs.data_parallel_rank = 2
+            assert (topic, seq_bytes) == (b"", (0).to_bytes(8, "big"))
+            assert SCHEMA_DECODER.decode(payload) == theirs
+        finally:
+            sub.close(linger=0)
+
+
+def test_batch_that_cannot_be_encoded_takes_no_sequence_number(caplog):
+    with ZmqEventPublisher("tcp://127.0.0.1:0", topic="kv") as publisher:
+        sub = subscriber(publisher.endpoint, "kv")
+        try:
+            bad = KVEventBatch(1.0, [BlockRemoved([1], "GPU")])
+            bad.events[0].medium = object()
+            (good, theirs), = batches(1, rank=0)
+            publisher.publish(bad)
+            publisher.publish(good)
+            topic, seq_bytes, payload = recv(sub)
+            assert seq_bytes == (0).to_bytes(8, "big")
+            assert SCHEMA_DECODER.decode(payload) == theirs
+        finally:
+            sub.close(linger=0)
+    assert "cannot encode" in caplog.text
+
+
+def test_shutdown_sends_what_was_queued_and_refuses_more():
+    publisher = ZmqEventPublisher("tcp://127.0.0.1:0", topic="kv")
+    sub = subscriber(publisher.endpoint, "kv")
+    try:
+        pairs = batches(50)
+        for ours, _ in pairs:
+            publisher.publish(ours)
+        publisher.shutdown()
+        assert publisher.closed and not publisher._thread.is_alive()
+        seqs = [int.from_bytes(recv(sub)[1], "big") for _ in pairs]
+        assert seqs == list(range(50))
+        with pytest.raises(RuntimeError, match="shut down"):
+            publisher.publish(pairs[0][0])
+        publisher.shutdown()   # again: nothing happens
+    finally:
+        sub.close(linger=0)
+        publisher.shutdown()
+
+
+def port_of(endpoint):
+    return int(endpoint.rpartition(":")[2])
+
+
+def test_a_terminated_context_stops_the_thread_and_publish_says_so(caplog):
+    class Terminated:
+        """Stands in for the PUB socket of a context someone has terminated."""
+
+        closed = False
+
+        def send_multipart(self, frames):
+            raise zmq.ContextTerminated()
+
+        def close(self, linger=None):
+            self.closed = True
+
+    publisher = ZmqEventPublisher("tcp://127.0.0.1:0")
+    try:
+        publisher._pub.close(linger=0)    # the thread is idle, waiting on its queue
+        publisher._pub = Terminated()
+        publisher.publish(KVEventBatch(1.0, []))
+        publisher._thread.join(5.0)
+        assert not publisher._thread.is_alive() and publisher._pub.closed
+        with pytest.raises(RuntimeError, match="thread has stopped"):
+            publisher.publish(KVEventBatch(1.0, []))
+        assert "context was terminated" in caplog.text
+    finally:
+        publisher.shutdown()
+
+
+def test_context_manager_shuts_down_and_frees_the_port():
+    # A wildcard host binds (as in vLLM); a named host with a port connects.
+    with ZmqEventPublisher("tcp://*:0") as publisher:
+        assert publisher.endpoint.startswith("tcp://0.0.0.0:")
+        port = port_of(publisher.endpoint)
+    assert publisher.closed and not publisher._thread.is_alive()
+    # ZeroMQ closes a socket on its I/O thread, soon after the publisher's thread ends.
+    deadline = time.monotonic() + 3.0
+    while True:
+        try:
+            again = ZmqEventPublisher(f"tcp://*:{port}")
+            break
+        except OSError:
+            assert time.monotonic() < deadline, f"port {port} still bound"
+            time.sleep(0.02)
+    with again:
+        assert port_of(again.endpoint) == port
+
+
+def test_a_named_host_with_a_port_is_connected_to():
+    context = zmq.Context.instance()
+    sink = context.socket(zmq.SUB)   # what a proxy would bind
+    sink.setsockopt(zmq.LINGER, 0)
+    sink.setsockopt(zmq.SUBSCRIBE, b"")
+    port = sink.bind_to_random_port("tcp://127.0.0.1")
+    publishers = []
+    try:
+        after_handshake(sink, lambda: publishers.append(
+            ZmqEventPublisher(f"tcp://127.0.0.1:{port}", topic="kv")))
+        with publishers[0] as publisher:
+            assert publisher.endpoint == f"tcp://127.0.0.1:{port}"
+            (ours, theirs), = batches(1, rank=0)
+            publisher.publish(ours)
+            topic, seq_bytes, payload = recv(sink)
+            assert (topic, seq_bytes) == (b"kv", bytes(8))
+            assert SCHEMA_DECODER.decode(payload) == theirs
+    finally:
+        sink.close(linger=0)
+        for publisher in publishers:
+            publisher.shutdown()
+
+
+def test_binding_a_port_in_use_raises_os_error_naming_the_endpoint():
+    with ZmqEventPublisher("tcp://*:0") as publisher:
+        port = port_of(publisher.endpoint)
+        with pytest.raises(OSError, match=rf"endpoint 'tcp://\*:{port}'.*in use"):
+            ZmqEventPublisher(f"tcp://*:{port}")
+        with pytest.raises(OSError, match="replay_endpoint"):
+            ZmqEventPublisher("tcp://127.0.0.1:0", replay_endpoint=f"tcp://*:{port}")
+
+
+# ----------------------------------------------------------------- publisher, replay
+
+
+def test_replay_sends_the_rest_then_the_end_marker():
+    with ZmqEventPublisher("tcp://127.0.0.1:0", replay_endpoint="tcp://127.0.0.1:0",
+                           topic="kv") as publisher:
+        assert publisher.replay_endpoint.startswith("tcp://127.0.0.1:")
+        sub = subscriber(publisher.endpoint, "kv")
+        client = dealer(publisher.replay_endpoint)
+        try:
+            pairs = batches(5, rank=0)
+            for ours, _ in pairs:
+                publisher.publish(ours)
+            live = [recv(sub) for _ in pairs]    # all five sent, so all five buffered
+            replies = replay(client, 2)
+            assert replies[:-1] == live[2:]
+            assert replies[-1] == [b"", (-1).to_bytes(8, "big", signed=True), b""]
+            for (topic, seq_bytes, payload), (_, theirs) in zip(replies[:-1], pairs[2:]):
+                assert topic == b"kv"
+                assert SCHEMA_DECODER.decode(payload) == theirs
+            assert [int.from_bytes(r[1], "big") for r in replay(client, 0)[:-1]] == [0, 1, 2, 3, 4]
+            assert replay(client, 5) == [[b"", ZmqEventPublisher.END_SEQ, b""]]
+        finally:
+            sub.close(linger=0)
+            client.close(linger=0)
+
+
+def test_replay_keeps_only_the_last_buffer_steps_and_ignores_bad_requests():
+    with ZmqEventPublisher("tcp://127.0.0.1:0", replay_endpoint="tcp://127.0.0.1:0",
+                           buffer_steps=2, topic="kv") as publisher:
+        sub = subscriber(publisher.endpoint, "kv")
+        client = dealer(publisher.replay_endpoint)
+        try:
+            for ours, _ in batches(5):
+                publisher.publish(ours)
+            for _ in range(5):
+                recv(sub)
+            client.send_multipart((b"", b"\x00" * 8, b"extra frame"))   # four frames: ignored
+            assert [int.from_bytes(r[1], "big") for r in replay(client, 0)[:-1]] == [3, 4]
+        finally:
+            sub.close(linger=0)
+            client.close(linger=0)
+
+
+# ----------------------------------------------------------------- publisher, arguments
+
+
+@pytest.mark.parametrize(
+    "endpoint, rank, expected",
+    [
+        ("tcp://*:5557", 0, "tcp://*:5557"),
+        ("tcp://*:5557", 2, "tcp://*:5559"),
+        ("tcp://10.0.0.1:6000", 1, "tcp://10.0.0.1:6001"),
+        ("tcp://[::1]:6000", 1, "tcp://[::1]:6001"),
+        ("tcp://127.0.0.1:0", 4, "tcp://127.0.0.1:0"),
+        ("inproc://kv", 1, "inproc://kv_dp1"),
+        ("ipc:///tmp/kv", 0, "ipc:///tmp/kv"),
+        (None, 3, None),
+    ],
+)
+def test_offset_endpoint_port(endpoint, rank, expected):
+    assert offset_endpoint_port(endpoint, rank) == expected
+
+
+@pytest.mark.parametrize(
+    "endpoint, rank, match",
+    [
+        ("ipc:///tmp/kv", 1, "tcp:// or inproc://"),
+        ("tcp://*:65535", 1, "past port 65535"),
+        ("tcp://*", 1, "port"),
+        ("localhost:5557", 0, "ZeroMQ address"),
+    ],
+)
+def test_offset_endpoint_port_refuses(endpoint, rank, match):
+    with pytest.raises(ValueError, match=match):
+        offset_endpoint_port(endpoint, rank)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(endpoint=5557), TypeError, "endpoint must be a str"),
+        (dict(endpoint="*:5557"), ValueError, "endpoint must be a ZeroMQ address"),
+        (dict(endpoint="tcp://*"), ValueError, "endpoint must end in a port"),
+        (dict(endpoint="tcp://*:99999"), ValueError, "endpoint must end in a port"),
+        (dict(endpoint="bogus://x"), ValueError, "endpoint 'bogus://x' is not an address"),
+        (dict(replay_endpoint=b"tcp://*:1"), TypeError, "replay_endpoint must be a str"),
+        (dict(replay_endpoint="tcp://*:0", data_parallel_rank=1, endpoint="ipc:///tmp/x"),
+         ValueError, "endpoint must be tcp:// or inproc://"),
+        (dict(buffer_steps=-1), ValueError, "buffer_steps"),
+        (dict(buffer_steps=1.5), TypeError, "buffer_steps"),
+        (dict(hwm=-1), ValueError, "hwm"),
+        (dict(hwm="1"), TypeError, "hwm"),
+        (dict(max_queue_size=-1), ValueError, "max_queue_size"),
+        (dict(topic=b"kv"), TypeError, "topic"),
+        (dict(data_parallel_rank=-1), ValueError, "data_parallel_rank"),
+        (dict(data_parallel_rank=True), TypeError, "data_parallel_rank"),
+    ],
+)
+def test_bad_publisher_arguments_raise_naming_them(kwargs, exc, match):
+    kwargs = dict(dict(endpoint="tcp://127.0.0.1:0"), **kwargs)
+    with pytest.raises(exc, match=match):
+        ZmqEventPublisher(**kwargs)
+
+
+def test_publish_refuses_what_is_not_a_batch():
+    with ZmqEventPublisher("tcp://127.0.0.1:0") as publisher:
+        with pytest.raises(TypeError, match="batch must be a KVEventBatch"):
+            publisher.publish(SchemaKVEventBatch(1.0, []))
+        assert publisher.topic == "" and publisher.replay_endpoint is None
+        assert publisher.data_parallel_rank == 0
+
+
+def test_null_publisher_checks_like_the_real_one():
+    with NullEventPublisher(data_parallel_rank=5) as publisher:
+        batch = KVEventBatch(1.0, [AllBlocksCleared()])
+        publisher.publish(batch)
+        assert batch.data_parallel_rank == 5
+        with pytest.raises(TypeError, match="batch"):
+            publisher.publish([AllBlocksCleared()])
+    with pytest.raises(RuntimeError, match="shut down"):
+        publisher.publish(batch)
+    with pytest.raises(ValueError, match="data_parallel_rank"):
+        NullEventPublisher(-1)

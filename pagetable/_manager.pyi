@@ -1,4 +1,4 @@
-from typing import final
+from typing import Sequence, final
 
 import numpy as np
 import numpy.typing as npt
@@ -51,6 +51,12 @@ class KVCacheManager(Persistent):
         token_ids: _IntArray | None = None,
         extra_keys: ExtraKeys | None = None,
     ) -> AppendResult: ...
+    def add_sequences(
+        self,
+        seq_ids: _IntArray,
+        token_ids: Sequence[_IntArray],
+        extra_keys: Sequence[ExtraKeys | None] | None = None,
+    ) -> list[AppendResult]: ...
     def count_cached_tokens(self, token_ids: _IntArray, extra_keys: ExtraKeys | None = None) -> int: ...
     def reset_prefix_cache(self) -> int: ...
     def take_events(self) -> KVEventBatch: ...

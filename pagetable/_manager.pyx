@@ -514,6 +514,68 @@ cdef class KVCacheManager(Persistent):
         finally:
             self._end_write()
 
+    def add_sequences(self, seq_ids, token_ids, extra_keys=None):
+        """Admit several prompts in order, each as ``add_sequence`` would, while they fit.
+
+        Parameters
+        ----------
+        seq_ids : 1-D array-like of int
+            Distinct new sequence ids.
+        token_ids : sequence of 1-D array-likes of int
+            Each prompt's token ids (one entry per id).
+        extra_keys : sequence of ExtraKeys or None, optional
+            One entry per prompt (None for a prompt without), or None for all.
+
+        Returns
+        -------
+        list of AppendResult
+            One per admitted prompt, in order.  Admission stops at the first prompt the
+            pool cannot hold (that prompt and the ones after it are not added), so a
+            shorter list than ``seq_ids`` is the scheduler's back-pressure signal; a
+            later prompt may hit blocks an earlier one of the same call registered.
+
+        Raises
+        ------
+        ValueError, KeyError, TypeError
+            A bad argument anywhere in the call; checked before anything changes.
+        """
+        ids = _int64_vector(seq_ids, "seq_ids")
+        cdef Py_ssize_t i, n = cnp.PyArray_DIM(ids, 0)
+        if not isinstance(token_ids, (list, tuple)):
+            raise TypeError(f"token_ids must be a list of arrays, one per sequence, got {type(token_ids).__name__}")
+        if len(token_ids) != n:
+            raise ValueError(f"token_ids has {len(token_ids)} prompts for {n} seq_ids")
+        if extra_keys is None:
+            extra_keys = [None] * n
+        elif not isinstance(extra_keys, (list, tuple)) or len(extra_keys) != n:
+            raise ValueError(f"extra_keys must be None or a list of {n} entries (one per prompt)")
+        self._begin_write()
+        try:
+            prompts = []
+            seen = set()
+            for i in range(n):
+                seq = int(ids[i])
+                if seq < 0:
+                    raise ValueError(f"seq_ids[{i}] = {seq} is negative; sequence ids are 0..2**63-1")
+                if seq in seen:
+                    raise ValueError(f"seq_ids[{i}] = {seq} appears more than once")
+                if self._sequences.find(seq) >= 0:
+                    raise ValueError(f"seq_ids[{i}] = {seq} already exists")
+                seen.add(seq)
+                try:
+                    prompts.append(self._prompt(None, token_ids[i], extra_keys[i]))
+                except (TypeError, ValueError, OverflowError) as error:
+                    raise type(error)(f"prompt {i}: {error}") from None
+            results = []
+            for i in range(n):
+                try:
+                    results.append(self._add_sequence(int(ids[i]), prompts[i][0], prompts[i][1], extra_keys[i]))
+                except OutOfBlocksError:
+                    break
+            return results
+        finally:
+            self._end_write()
+
     cdef object _prompt(self, num_tokens, token_ids, extra_keys):
         """Check a prompt's arguments; return ``(num_tokens, token ids or None)``."""
         ids = None

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import child_env
@@ -258,3 +259,65 @@ def test_the_bench_table_fits_in_100_columns(monkeypatch):
     assert len(rows) > 20
     for line in table.splitlines():
         assert len(line) <= 100, line
+
+
+# ----------------------------------------------------------------------- prefix caching
+
+
+def test_the_best_hits_of_a_hand_built_trace():
+    from pagetable.cli._best_hits import best_hits
+
+    trace = [
+        ([1, 2, 3, 4, 5], [[6, 7, 8]]),        # nothing cached yet
+        ([1, 2, 3, 4, 5, 6, 7, 8, 9], [[]]),   # the whole of the first request's 4 blocks
+        ([1, 2, 3, 4], [[]]),                  # capped at (4 - 1) // 2 = 1 block
+        ([9, 9, 3, 4, 5, 6], [[]]),            # [3, 4] is cached, but under another parent
+        ([1, 2, 9, 9, 5, 6], [[]]),            # [1, 2] only
+        ([1, 2, 9, 9, 5, 6, 0], [[]]),         # the chain the request before stored
+        ([], [[]]),                            # an empty prompt hits nothing
+        ([1], [[2]]),                          # neither does a one-token one
+        ([4, 4, 4], [[5], [6]]),               # two samples, two different second blocks
+        ([4, 4, 4, 6, 1], [[]]),               # sample 1's sequence, capped at 2 blocks
+        ([4, 4, 4, 5], [[]]),                  # sample 0's, capped at 1 block
+    ]
+    bound = best_hits(2, trace)
+    assert bound.per_request == [0, 8, 2, 0, 2, 6, 0, 0, 0, 4, 2]
+    assert bound.requests == len(trace)
+    assert bound.queries == sum(len(prompt) for prompt, _ in trace)
+    assert bound.hits == 24 and bound.hit_blocks == 12
+    assert bound.hit_rate == 24 / bound.queries
+
+
+def test_the_best_hits_of_a_block_size_of_one():
+    from pagetable.cli._best_hits import best_hits
+
+    bound = best_hits(1, [([7, 8, 9], [[10]]), ([7, 8, 9, 10, 11], [[]]), ([7, 8], [[]])])
+    assert bound.per_request == [0, 4, 1]
+
+
+def test_the_shared_prefix_workload_is_seeded_and_resends_its_history():
+    from pagetable.cli import workloads
+
+    first = workloads.shared_prefix_requests(300, 1.0, 2, seed=3)
+    again = workloads.shared_prefix_requests(300, 1.0, 2, seed=3)
+    other = workloads.shared_prefix_requests(300, 1.0, 2, seed=4)
+    assert len(first) == len(again) and all(
+        np.array_equal(a.prompt, b.prompt) and all(np.array_equal(x, y) for x, y in zip(a.outputs, b.outputs))
+        for a, b in zip(first, again))
+    assert not all(np.array_equal(a.prompt, b.prompt) for a, b in zip(first, other))
+    system = {turn.prompt[:1024].tobytes() for turn in first}
+    assert 1 < len(system) <= 4            # a few system prompts, shared by every conversation
+    follow_ups = 0
+    for index, turn in enumerate(first):
+        assert len(turn.outputs) == 2 and turn.prompt.size + max(o.size for o in turn.outputs) <= 8192
+        assert ((turn.arrival >= 0) == (turn.turn == 0)) and (turn.think > 0) == (turn.turn > 0)
+        assert 0 <= turn.prompt.min() and turn.prompt.max() < workloads.VOCAB_SIZE
+        if turn.next >= 0:
+            follow_up = first[turn.next]
+            assert turn.next > index and follow_up.conversation == turn.conversation
+            assert follow_up.turn == turn.turn + 1
+            history = np.concatenate([turn.prompt, turn.outputs[0]])
+            assert follow_up.prompt.size > history.size
+            assert np.array_equal(follow_up.prompt[:history.size], history)
+            follow_ups += 1
+    assert follow_ups > 0

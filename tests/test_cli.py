@@ -55,6 +55,17 @@ BAD_VALUES = [
     ["simulate", "--max-batch", "0"],
     ["simulate", "--rate", "10000", "--steps", "1000000"],
     ["simulate", "--workload", "nope"],
+    # The offending option first: the test looks for it in the error line.
+    ["simulate", "--turns", "0", "--workload", "shared-prefix"],
+    ["simulate", "--turns", "17", "--workload", "shared-prefix"],
+    ["simulate", "--system-prompts", "0", "--workload", "shared-prefix"],
+    ["simulate", "--system-prompt-tokens", "0", "--workload", "shared-prefix"],
+    ["simulate", "--system-prompt-tokens", "5000", "--workload", "shared-prefix"],
+    ["simulate", "--system-prompts", "3"],                     # sharegpt has none
+    ["simulate", "--hash-algorithm", "sha256"],                # without --prefix-caching
+    ["simulate", "--hash-algorithm", "md5", "--prefix-caching"],
+    ["simulate", "--rate", "2000", "--steps", "1000", "--workload", "shared-prefix"],   # token ids
+    ["simulate", "--num-blocks", "64", "--workload", "shared-prefix", "--system-prompt-tokens", "4096"],
     ["demo", "--seed", "-1"],
     ["demo", "--block-size", "0"],
     ["demo", "--sequences", "0"],
@@ -321,3 +332,27 @@ def test_the_shared_prefix_workload_is_seeded_and_resends_its_history():
             assert np.array_equal(follow_up.prompt[:history.size], history)
             follow_ups += 1
     assert follow_ups > 0
+
+
+def test_shared_prefix_without_caching_hits_nothing_and_names_the_best(tmp_path):
+    out = tmp_path / "figures.json"
+    result = run_cli(["simulate", "--workload", "shared-prefix", "--steps", "120", "--rate", "2",
+                      "--system-prompt-tokens", "256", "--json", str(out)], tmp_path)
+    assert result.returncode == 0, result.stderr
+    cache = json.loads(out.read_text())["prefix_cache"]
+    assert cache["enabled"] is False and cache["hit_rate"] == 0.0 and cache["hit_tokens"] == 0
+    assert cache["prefill_tokens_saved"] == 0 and cache["evictions"] == 0 and cache["manager_stats"] is None
+    # Every conversation starts from one of four system prompts of 16 blocks: after the
+    # first four requests, each hits at least those.
+    assert cache["requests"] > 8 and cache["best_hit_tokens"] >= 256 * (cache["requests"] - 4)
+    assert 0 < cache["best_hit_rate"] < 1
+    assert "prefix cache       off" in result.stdout and "best possible on this trace" in result.stdout
+
+
+def test_a_workload_without_token_ids_reports_no_best(tmp_path):
+    out = tmp_path / "figures.json"
+    result = run_cli(["simulate", "--steps", "40", "--no-reference", "--json", str(out)], tmp_path)
+    assert result.returncode == 0, result.stderr
+    cache = json.loads(out.read_text())["prefix_cache"]
+    assert cache["best_hit_rate"] is None and cache["hit_rate"] == 0.0
+    assert "prefix cache" not in result.stdout

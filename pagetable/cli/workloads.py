@@ -309,15 +309,15 @@ class ChatTurn:
 
 
 def shared_prefix_requests(steps: int, rate: float, samples: int, seed: int, system_prompts: int = 4,
-                           system_prompt_tokens: int = 1024, turns: float = 4.0) -> list[ChatTurn]:
+                           system_prompt_tokens: int = 1024, turns: float = 4) -> list[ChatTurn]:
     """Every turn of the conversations that start within ``steps`` engine steps.
 
     Each conversation starts from one of ``system_prompts`` prompts of
     ``system_prompt_tokens`` tokens (uniformly), has a geometric number of turns of mean
     ``turns`` (at most ``SHARED_PREFIX_MAX_TURNS``, and stopping before a turn whose
     prompt and answer would overflow ``SHARED_PREFIX_CONTEXT``), and starts at Poisson
-    times of rate ``rate / turns`` per step, so that, with its later turns, about
-    ``rate`` requests arrive per step.  Turn ``k``'s prompt is turn ``k-1``'s prompt,
+    times of rate ``rate / turns`` per step, so that, once its later turns have come,
+    about ``rate`` requests arrive per step in the long run.  Turn ``k``'s prompt is turn ``k-1``'s prompt,
     sample 0's answer to it and a new user message.  The list holds each conversation's
     turns in order, conversations by start step.
     """

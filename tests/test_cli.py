@@ -356,3 +356,50 @@ def test_a_workload_without_token_ids_reports_no_best(tmp_path):
     cache = json.loads(out.read_text())["prefix_cache"]
     assert cache["best_hit_rate"] is None and cache["hit_rate"] == 0.0
     assert "prefix cache" not in result.stdout
+
+
+def _caching_run(tmp_path, *extra):
+    out = tmp_path / "figures.json"
+    result = run_cli(["simulate", "--workload", "shared-prefix", "--prefix-caching", "--steps", "150",
+                      "--rate", "2", "--system-prompt-tokens", "256", "--json", str(out), *extra], tmp_path)
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(out.read_text())
+    assert figures["checked_equal"]       # the reference ran beside, caching too
+    return result.stdout, figures
+
+
+def test_prefix_caching_figures_are_consistent_under_eviction(tmp_path):
+    printed, figures = _caching_run(tmp_path, "--num-blocks", "150")
+    cache = figures["prefix_cache"]
+    assert cache["enabled"] and cache["hash_algorithm"] == "sha256"
+    assert cache["evictions"] > 0
+    assert 0 < cache["hit_tokens"] <= cache["best_hit_tokens"] <= cache["prompt_tokens"]
+    assert 0 < cache["hit_rate"] <= cache["best_hit_rate"] < 1
+    assert cache["hit_rate"] == cache["hit_tokens"] / cache["prompt_tokens"]
+    assert cache["hit_tokens"] % 16 == 0 and cache["best_hit_tokens"] % 16 == 0
+    # Saved counts every admission, re-admissions too; the manager counts every lookup.
+    assert cache["prefill_tokens_saved"] >= cache["hit_tokens"]
+    assert cache["blocks_saved"] == cache["prefill_tokens_saved"] // 16
+    stats = cache["manager_stats"]
+    assert stats["evictions"] == cache["evictions"]
+    assert stats["requests"] >= figures["admitted"] >= cache["requests"]
+    assert stats["hits"] >= cache["prefill_tokens_saved"] and stats["queries"] >= cache["prompt_tokens"]
+    assert "best possible on this trace" in printed and "evictions" in printed
+
+
+def test_without_eviction_the_best_hit_rate_is_reached(tmp_path):
+    # Nothing is evicted and a turn is sent only after the answer before it is done, so
+    # every block the bound counts is in the cache when it is looked up.
+    printed, figures = _caching_run(tmp_path, "--num-blocks", "20000")
+    cache = figures["prefix_cache"]
+    assert cache["evictions"] == 0 and figures["preemptions"] == 0
+    assert cache["hit_tokens"] == cache["best_hit_tokens"] > 0
+
+
+def test_random_token_ids_share_nothing(tmp_path):
+    out = tmp_path / "figures.json"
+    result = run_cli(["simulate", "--prefix-caching", "--steps", "60", "--rate", "2", "--json", str(out)], tmp_path)
+    assert result.returncode == 0, result.stderr
+    cache = json.loads(out.read_text())["prefix_cache"]
+    assert cache["enabled"] and cache["requests"] > 0
+    assert cache["hit_rate"] == 0.0 and cache["best_hit_rate"] == 0.0 and cache["manager_stats"]["hits"] == 0

@@ -257,16 +257,27 @@ def simulate(args: argparse.Namespace) -> dict[str, Any]:
         """Prefill a request's samples; None (and nothing changed) if the pool is short."""
         nonlocal next_seq, num_running_seqs, first_hits
         samples = [i for i, s in enumerate(request.seq_ids) if s != -2]
-        # Enough free blocks for the whole prompt: with caching, more than it takes, since
-        # its hit blocks are shared (and the cached-free ones among them count as free).
-        if table.query("num_free_blocks") - watermark < -(-request.prompt_len // block_size) + len(samples):
-            return None
+        room = table.query("num_free_blocks") - watermark
+        need = -(-request.prompt_len // block_size) + len(samples)
+        if room < need:
+            if not caching:
+                return None
+            # Hit blocks that other sequences hold cost nothing.  The pool is short, so
+            # the lookup is worth its hashing; a cached-free hit block is counted free and
+            # still taken, so this admission may use the watermark by that many blocks,
+            # and add_sequence itself refuses (changing nothing) what cannot fit at all.
+            hit_blocks = table("count_cached_tokens", request.prompt_ids) // block_size
+            if room < need - hit_blocks:
+                return None
         ids = list(range(next_seq, next_seq + len(samples)))
+        try:
+            if caching:
+                added = table("add_sequence", ids[0], request.prompt_len, token_ids=request.prompt_ids)
+            else:
+                added = table("add_sequence", ids[0], request.prompt_len)
+        except OutOfBlocksError:
+            return None
         next_seq += len(samples)
-        if caching:
-            added = table("add_sequence", ids[0], request.prompt_len, token_ids=request.prompt_ids)
-        else:
-            added = table("add_sequence", ids[0], request.prompt_len)
         slots = [added.slots]
         for child in ids[1:]:
             table("fork", ids[0], child)

@@ -304,6 +304,8 @@ class VllmAdmission:
             enable_caching=True)
         hash_function = vllm["hashing"].get_hash_fn_by_name(hash_algorithm)
         utils.init_none_hash(hash_function)
+        # The seed of NONE_HASH (random per process for xxhash): pagetable is given it.
+        self.hash_seed = utils.get_none_hash_seed()
         self.hasher = utils.get_request_block_hasher(block_size, hash_function)
         self.request_class = vllm["request"].Request
         self.requests: list[Any] = []
@@ -340,12 +342,17 @@ class VllmAdmission:
 class PagetableAdmission:
     """pagetable's admission: one ``add_sequence(seq_id, token_ids=...)``, which hashes."""
 
-    def __init__(self, block_size: int, num_blocks: int, hash_algorithm: str, as_array: bool) -> None:
+    def __init__(self, block_size: int, num_blocks: int, hash_algorithm: str, hash_seed: str,
+                 as_array: bool) -> None:
         from pagetable import KVCacheManager
 
         self.name = "pagetable (int64 array)" if as_array else "pagetable (list)"
-        self.manager = KVCacheManager(num_blocks, block_size, enable_prefix_caching=True,
-                                      hash_algorithm=hash_algorithm)
+        try:
+            self.manager = KVCacheManager(num_blocks, block_size, enable_prefix_caching=True,
+                                          hash_algorithm=hash_algorithm, hash_seed=hash_seed)
+        except TypeError as exc:
+            raise SystemExit(f"bench_vllm_admission: error: this pagetable build has no prefix caching "
+                             f"({exc}); --vllm-only times vLLM alone") from None
         self.as_array = as_array
         self.seq_ids: list[int] = []
 
@@ -421,6 +428,19 @@ def _summarise(rounds: list[dict[str, Any]], misses: list[bool]) -> dict[str, An
     return figures
 
 
+def _check_hashes(vllm_side: VllmAdmission, prompts: list[list[int]], args: argparse.Namespace) -> None:
+    """vLLM's block hashes of every prompt equal pagetable.prefix's (before any timing)."""
+    from pagetable.prefix import hash_prompt
+
+    for index, prompt in enumerate(prompts):
+        request = vllm_side.request_class(f"check-{index}", prompt, SamplingParams(max_tokens=1), None)
+        vllm_side.hash(request)
+        ours = hash_prompt(prompt, args.block_size, algorithm=args.hash_algorithm, seed=vllm_side.hash_seed)
+        if vllm_side.block_hashes(request) != ours:
+            raise SystemExit(f"bench_vllm_admission: error: prompt {index}: vLLM's block hashes differ from "
+                             f"pagetable.prefix.hash_prompt's")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--vllm", default="/work/vllm",
@@ -467,10 +487,12 @@ def main(argv: list[str] | None = None) -> int:
     prompts = workloads.shared_prefix_prompts(args.requests, args.prefixes, args.prefix_tokens,
                                               args.suffix_tokens, args.seed)
     max_model_len = args.prefix_tokens + args.suffix_tokens + args.block_size
-    sides: list[Any] = [VllmAdmission(vllm, args.block_size, args.num_blocks, max_model_len, args.hash_algorithm)]
+    vllm_side = VllmAdmission(vllm, args.block_size, args.num_blocks, max_model_len, args.hash_algorithm)
+    sides: list[Any] = [vllm_side]
     if not args.vllm_only:
-        sides += [PagetableAdmission(args.block_size, args.num_blocks, args.hash_algorithm, as_array)
-                  for as_array in (False, True)]
+        _check_hashes(vllm_side, prompts, args)
+        sides += [PagetableAdmission(args.block_size, args.num_blocks, args.hash_algorithm, vllm_side.hash_seed,
+                                     as_array) for as_array in (False, True)]
     # The first request of each prefix finds nothing cached in a cold round.
     misses = [i < args.prefixes and not args.warm for i in range(args.requests)]
 

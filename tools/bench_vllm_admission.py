@@ -458,8 +458,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--hash-algorithm", default="sha256", choices=("sha256", "sha256_cbor", "xxhash", "xxhash_cbor"),
                         help="block hash on both sides (default sha256)")
     parser.add_argument("--warm", action="store_true",
-                        help="keep the cache between rounds (default: reset it, so every round starts cold "
-                             "and only the first request of each prefix misses)")
+                        help="keep the cache between rounds, after an untimed round that fills it, so every "
+                             "full block hits (default: reset it, so every round starts cold and only the "
+                             "first request of each prefix misses)")
     parser.add_argument("--vllm-only", action="store_true", help="time vLLM alone (no pagetable side)")
     parser.add_argument("--seed", type=int, default=0, help="prompt seed (default 0)")
     parser.add_argument("--json", metavar="FILE", help="write every figure as JSON")
@@ -496,6 +497,10 @@ def main(argv: list[str] | None = None) -> int:
     # The first request of each prefix finds nothing cached in a cold round.
     misses = [i < args.prefixes and not args.warm for i in range(args.requests)]
 
+    if args.warm:
+        # An untimed first round fills each cache, so that every timed round finds the same.
+        for side in sides:
+            run_round(side, prompts, reset=False)
     results: dict[str, list[dict[str, Any]]] = {side.name: [] for side in sides}
     for round_index in range(args.rounds):
         shift = round_index % len(sides)

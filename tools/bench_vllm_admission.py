@@ -102,7 +102,7 @@ class _WheelSource:
         raise SystemExit(f"bench_vllm_admission: error: {relative} is neither under {self.folder} nor in the wheel")
 
     def version(self) -> str:
-        if self.wheel is not None:
+        if self.wheel is not None and self.wheel.filename:
             return os.path.basename(self.wheel.filename).split("-")[1]
         return "unknown"
 
@@ -172,8 +172,9 @@ def _module(name: str, package: bool = False, **attributes: Any) -> types.Module
     return module
 
 
-def install_vllm(where: str) -> dict[str, types.ModuleType]:
-    """Makes vLLM's KV-cache manager importable; returns its modules by short name."""
+def install_vllm(where: str) -> tuple[dict[str, types.ModuleType], str]:
+    """Makes vLLM's KV-cache manager importable; returns its modules by short name and
+    the wheel's version."""
     source = _WheelSource(where)
     if any(name == "vllm" or name.startswith("vllm.") for name in sys.modules):
         raise SystemExit("bench_vllm_admission: error: a vllm package is already imported")
@@ -192,11 +193,10 @@ def install_vllm(where: str) -> dict[str, types.ModuleType]:
         def __repr__(self) -> str:
             return f"torch.{self.name}"
 
-    torch = _module("torch", package=True, dtype=_DType, Tensor=type("Tensor", (), {}),
+    _module("torch", package=True, dtype=_DType, Tensor=type("Tensor", (), {}),
                     float16=_DType("float16", 2), bfloat16=_DType("bfloat16", 2),
                     float32=_DType("float32", 4), uint8=_DType("uint8", 1), int8=_DType("int8", 1))
     _module("torch.nn", Module=type("Module", (), {}))
-    torch.nn = sys.modules["torch.nn"]
 
     _module("vllm.envs", VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=True)
     _module("vllm.logger", init_logger=lambda name: _Logger(logging.getLogger(name), {}))
@@ -239,21 +239,18 @@ def install_vllm(where: str) -> dict[str, types.ModuleType]:
     _lift(source, "vllm.v1.utils", VLLM_DEFINITIONS["vllm.v1.utils"], utils)
 
     sys.meta_path.insert(0, _WheelFinder(source, VLLM_MODULES))
-    from vllm.v1.metrics.cache_hit_source import CacheHitSource
+    cache_hit_source = importlib.import_module("vllm.v1.metrics.cache_hit_source")
 
     stats = _module("vllm.v1.metrics.stats")
     stats.__dict__.update(dataclass=dataclasses.dataclass, field=dataclasses.field,
-                          CacheHitSource=CacheHitSource, Any=Any, TYPE_CHECKING=False)
+                          CacheHitSource=cache_hit_source.CacheHitSource, Any=Any, TYPE_CHECKING=False)
     _lift(source, "vllm.v1.metrics.stats", VLLM_DEFINITIONS["vllm.v1.metrics.stats"], stats)
 
-    import vllm.utils.hashing as hashing
-    import vllm.v1.core.kv_cache_manager as kv_cache_manager
-    import vllm.v1.core.kv_cache_utils as kv_cache_utils
-    import vllm.v1.kv_cache_interface as kv_cache_interface
-    import vllm.v1.request as request
-
-    return {"hashing": hashing, "kv_cache_manager": kv_cache_manager, "kv_cache_utils": kv_cache_utils,
-            "kv_cache_interface": kv_cache_interface, "request": request, "version": source.version()}
+    modules = {name: importlib.import_module(f"vllm.{path}") for name, path in (
+        ("hashing", "utils.hashing"), ("kv_cache_manager", "v1.core.kv_cache_manager"),
+        ("kv_cache_utils", "v1.core.kv_cache_utils"), ("kv_cache_interface", "v1.kv_cache_interface"),
+        ("request", "v1.request"))}
+    return modules, source.version()
 
 
 def _prompt_length(prompt_token_ids, prompt_embeds) -> int:
@@ -288,9 +285,9 @@ class VllmAdmission:
 
     name = "vLLM"
 
-    def __init__(self, vllm: dict[str, Any], block_size: int, num_blocks: int, max_model_len: int,
+    def __init__(self, vllm: dict[str, types.ModuleType], block_size: int, num_blocks: int, max_model_len: int,
                  hash_algorithm: str) -> None:
-        import torch  # the stand-in
+        torch = sys.modules["torch"]   # the stand-in install_vllm put there
 
         interface, utils = vllm["kv_cache_interface"], vllm["kv_cache_utils"]
         spec = interface.FullAttentionSpec(block_size=block_size, num_kv_heads=8, head_size=128,
@@ -482,7 +479,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    vllm = install_vllm(args.vllm)
+    vllm, version = install_vllm(args.vllm)
     from pagetable.cli import workloads
 
     prompts = workloads.shared_prefix_prompts(args.requests, args.prefixes, args.prefix_tokens,
@@ -518,11 +515,11 @@ def main(argv: list[str] | None = None) -> int:
                                  f"{theirs['hits'][first]}")
 
     figures = {name: _summarise(rounds, misses) for name, rounds in results.items()}
-    report = _report(args, vllm["version"], prompts, figures, sides)
+    report = _report(args, version, prompts, figures, sides)
     print(report["text"])
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"config": vars(args), "vllm_version": vllm["version"], "sides": figures,
+            json.dump({"config": vars(args), "vllm_version": version, "sides": figures,
                        "ratios": report["ratios"],
                        "per_request_ns": {name: [{"hash": r["hash_ns"], "admit": r["admit_ns"]} for r in rounds]
                                           for name, rounds in results.items()}}, f, indent=1)

@@ -30,6 +30,7 @@ MODULES = [
     "pagetable._allocator",   # BlockAllocator
     "pagetable._results",     # AppendResult and OutOfBlocksError
     "pagetable._registry",    # the manager's record of its sequences
+    "pagetable._prefix_cache",  # block hashes, the hash -> block map, events
     "pagetable._manager",     # KVCacheManager
 ]
 

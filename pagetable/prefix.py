@@ -444,6 +444,24 @@ class ExtraKeys:
             raise ValueError(f"index must be >= 0, got {index}")
         return self._keys(index, block_size)
 
+    def _to_json(self) -> dict[str, object]:
+        """The fields as JSON-ready values (a saved manager's state holds them)."""
+        return {"lora_name": self.lora_name, "lora_path": self.lora_path,
+                "lora_id": self.lora_id, "mm": [list(item) for item in self.mm],
+                "cache_salt": self.cache_salt}
+
+    @staticmethod
+    def _from_json(fields: object) -> "ExtraKeys":
+        """The ExtraKeys ``_to_json`` gave ``fields`` of; raises on anything else."""
+        if not isinstance(fields, dict) or set(fields) != {
+                "lora_name", "lora_path", "lora_id", "mm", "cache_salt"}:
+            raise ValueError(f"not the fields of an ExtraKeys: {fields!r}")
+        mm = fields["mm"]
+        if not isinstance(mm, list) or not all(isinstance(item, list) for item in mm):
+            raise ValueError(f"mm must be a list of [identifier, offset, length], got {mm!r}")
+        return ExtraKeys(fields["lora_name"], fields["lora_path"], fields["lora_id"],
+                         [tuple(item) for item in mm], fields["cache_salt"])
+
     def event_keys(self, index: int, block_size: int) -> tuple[object, ...] | None:
         """The untagged extra keys of block ``index``, as vLLM's KV events publish them.
 

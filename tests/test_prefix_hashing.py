@@ -185,20 +185,24 @@ def test_event_extra_keys_matches_vllm(case):
     assert [jsonable(event_extra_keys(tuples(keys))) for keys in case["input"]] == case["output"]
 
 
-def test_vectors_cover_the_rules_that_surprise():
-    """The cases whose vLLM answers are not what a reader might guess are in the file."""
+def test_the_rules_that_surprise():
+    """vLLM's answers a reader might not guess, in the vectors and from pagetable alike."""
     chains = {(c["name"], c["algorithm"], c["block_size"]): c for c in VECTORS["chains"]
               if c["seed"] in (None, "0")}
     # An empty salt adds no key.
     assert chains["salt_empty", "sha256", 16]["block_extra_keys"] == [None, None, None]
+    assert ExtraKeys(cache_salt="").for_block(0, 16) is None
     # An item begun in an earlier block keeps its offset, negative, in later blocks.
     assert chains["mm_spanning_blocks", "sha256", 16]["block_extra_keys"][1] == [["mm", "img-b", -11]]
+    assert ExtraKeys(mm=[("img-b", 5, 30)]).for_block(1, 16) == (("mm", "img-b", -11),)
     # The events' LoRA key is the name alone; the hashed one carries the path too.
     lora = chains["lora", "sha256", 16]
     assert lora["block_extra_keys"][0] == [["lora", "sql-lora", "/adapters/sql-lora"]]
     assert lora["event_extra_keys"][0] == ["sql-lora"]
-    # A list of blocks none of which has keys is published as a list of None.
+    assert ExtraKeys("sql-lora", "/adapters/sql-lora").event_keys(0, 16) == ("sql-lora",)
+    # Blocks none of which has keys are published as a list of None, not as None.
     assert chains["none", "sha256", 16]["event_extra_keys"] == [None, None, None]
+    assert [event_extra_keys(None)] * 3 == [None, None, None]
 
 
 # ---------------------------------------------------------- seeds and algorithms
@@ -260,9 +264,11 @@ def test_a_missing_package_says_how_to_install_it(missing, algorithms, monkeypat
     if missing == "xxhash":
         with pytest.raises(ModuleNotFoundError, match=re.escape(INSTALL_HINT)):
             dynamo_block_hash([1])
-    # What needs no optional package still works, and so does a digest size.
+    # What needs no optional package still works.
     assert len(hash_prompt([1, 2], 1)) == 2
-    assert [digest_size(a) for a in algorithms] == [digest_size(a) for a in algorithms]
+    sizes = {"sha256_cbor": 32, "xxhash": 16, "xxhash_cbor": 16}
+    assert [digest_size(a) for a in algorithms] == [sizes[a] for a in algorithms]
+    assert [resolve_seed(a, 5) for a in algorithms] == ["5", "5"]
 
 
 def test_imports_without_xxhash_or_cbor2():

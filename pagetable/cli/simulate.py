@@ -785,6 +785,11 @@ def check(args: argparse.Namespace) -> str | None:
         _managers(argparse.Namespace(**{**vars(args), "no_reference": True}))
     except (ValueError, OverflowError) as exc:
         return str(exc)
+    if args.prefix_caching and not args.no_reference:
+        try:
+            ReferenceKVCacheManager(1, 1, enable_prefix_caching=True)
+        except TypeError:
+            return "--prefix-caching: this build's reference model has no prefix caching; add --no-reference"
     # Admission keeps a 1% watermark free and wants the prompt's blocks plus one per
     # sample; a pool that cannot fit the shortest request admits nothing at all.
     watermark = max(1, args.num_blocks // 100)

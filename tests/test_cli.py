@@ -363,13 +363,42 @@ def _caching_run(tmp_path, *extra):
     result = run_cli(["simulate", "--workload", "shared-prefix", "--prefix-caching", "--steps", "150",
                       "--rate", "2", "--system-prompt-tokens", "256", "--json", str(out), *extra], tmp_path)
     assert result.returncode == 0, result.stderr
-    figures = json.loads(out.read_text())
-    assert figures["checked_equal"]       # the reference ran beside, caching too
-    return result.stdout, figures
+    return result.stdout, json.loads(out.read_text())
+
+
+def _reference_caches():
+    from pagetable.reference import ReferenceKVCacheManager
+
+    try:
+        ReferenceKVCacheManager(1, 1, enable_prefix_caching=True)
+    except TypeError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _reference_caches(), reason="the reference model has no prefix caching in this build")
+def test_prefix_caching_is_checked_against_the_reference_every_step(tmp_path):
+    # A short pool: evictions, preemptions and re-admissions all happen.
+    printed, figures = _caching_run(tmp_path, "--num-blocks", "150", "--n", "2")
+    assert figures["checked_equal"] and "results checked equal every step" in printed
+    assert figures["prefix_cache"]["evictions"] > 0 and figures["preemptions"] > 0 and figures["copies"] > 0
+
+
+def test_prefix_caching_without_a_caching_reference_is_refused(tmp_path, monkeypatch):
+    from pagetable.cli import simulate
+
+    class Plain:
+        def __init__(self, num_blocks, block_size):
+            pass
+
+    monkeypatch.setattr(simulate, "ReferenceKVCacheManager", Plain)
+    with pytest.raises(SystemExit) as exit:
+        main(["simulate", "--prefix-caching", "--steps", "5"])
+    assert exit.value.code == 2
 
 
 def test_prefix_caching_figures_are_consistent_under_eviction(tmp_path):
-    printed, figures = _caching_run(tmp_path, "--num-blocks", "150")
+    printed, figures = _caching_run(tmp_path, "--num-blocks", "150", "--no-reference")
     cache = figures["prefix_cache"]
     assert cache["enabled"] and cache["hash_algorithm"] == "sha256"
     assert cache["evictions"] > 0
@@ -390,7 +419,7 @@ def test_prefix_caching_figures_are_consistent_under_eviction(tmp_path):
 def test_without_eviction_the_best_hit_rate_is_reached(tmp_path):
     # Nothing is evicted and a turn is sent only after the answer before it is done, so
     # every block the bound counts is in the cache when it is looked up.
-    printed, figures = _caching_run(tmp_path, "--num-blocks", "20000")
+    printed, figures = _caching_run(tmp_path, "--num-blocks", "20000", "--no-reference")
     cache = figures["prefix_cache"]
     assert cache["evictions"] == 0 and figures["preemptions"] == 0
     assert cache["hit_tokens"] == cache["best_hit_tokens"] > 0
@@ -398,7 +427,8 @@ def test_without_eviction_the_best_hit_rate_is_reached(tmp_path):
 
 def test_random_token_ids_share_nothing(tmp_path):
     out = tmp_path / "figures.json"
-    result = run_cli(["simulate", "--prefix-caching", "--steps", "60", "--rate", "2", "--json", str(out)], tmp_path)
+    result = run_cli(["simulate", "--prefix-caching", "--steps", "60", "--rate", "2", "--no-reference",
+                      "--json", str(out)], tmp_path)
     assert result.returncode == 0, result.stderr
     cache = json.loads(out.read_text())["prefix_cache"]
     assert cache["enabled"] and cache["requests"] > 0

@@ -622,8 +622,9 @@ def _summary(figures: dict[str, Any]) -> str:
         ]
     lines += _prefix_cache_summary(figures["prefix_cache"])
     if c["n"] > 1:
+        how = "forking the prompt and by prefix-cache hits" if c["prefix_caching"] else "forking the prompt"
         lines.append(f"  sharing            {figures['blocks_saved_by_sharing_mean']:.0f} blocks saved on average "
-                     f"(max {figures['blocks_saved_by_sharing_max']}) by forking the prompt")
+                     f"(max {figures['blocks_saved_by_sharing_max']}) by {how}")
     lines.append("  no leak: every block back in the pool after freeing all sequences; check() passed")
     if figures["thrashing"]:
         lines.append(

@@ -787,8 +787,9 @@ def check(args: argparse.Namespace) -> str | None:
     except (ValueError, OverflowError) as exc:
         return str(exc)
     if args.prefix_caching and not args.no_reference:
+        caching: dict[str, Any] = {"enable_prefix_caching": True}
         try:
-            ReferenceKVCacheManager(1, 1, enable_prefix_caching=True)
+            ReferenceKVCacheManager(1, 1, **caching)
         except TypeError:
             return "--prefix-caching: this build's reference model has no prefix caching; add --no-reference"
     # Admission keeps a 1% watermark free and wants the prompt's blocks plus one per

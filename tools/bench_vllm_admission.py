@@ -3,27 +3,42 @@
 An engine admits a waiting request in two calls to vLLM's ``KVCacheManager``:
 ``get_computed_blocks(request)`` finds the longest cached prefix and
 ``allocate_slots(request, ...)`` takes its hit blocks and fresh blocks for the rest; the
-request's block hashes were computed when the ``Request`` was made.  pagetable does the
-same in one ``add_sequence(seq_id, token_ids=...)``, hashing included.  This script times
-both on one workload (``pagetable.cli.workloads.shared_prefix_prompts``: requests that
-share a few long prefixes, so most blocks hit), same block size, same pool, in one
-process, alternating which side goes first, over several rounds, and prints the time per
-request and the ratio, with the block hashes counted in (hashing on both sides) and out
-(the admission alone on both sides).  Both sides' hits are compared request by request.
+request's block hashes were computed when the ``Request`` was made
+(``Request.update_block_hashes``, through ``get_request_block_hasher``).  pagetable does
+the same in one ``add_sequence(seq_id, token_ids=...)``, hashing included.  This script
+times both on one workload (``pagetable.cli.workloads.shared_prefix_prompts``: requests
+that share a few long prefixes, so most blocks hit), same block size, same pool, same
+hash algorithm and seed, in one process, alternating which side goes first, over
+several rounds, and prints the time per request and the ratio:
+
+* with hashing on both sides: vLLM's hashing plus its two calls, against
+  ``add_sequence``;
+* without hashing on both sides: vLLM's two calls alone, against ``add_sequence``
+  less the same prompt's hashing by the same manager code timed alone just before
+  (``count_cached_tokens`` on a manager whose cache is empty), a difference of two
+  timings, so only its median is given.
+
+pagetable is timed twice, given the prompt as the list vLLM gets and as an int64 array.
+Before any timing every prompt's block hashes from vLLM's hasher are checked equal to
+``pagetable.prefix.hash_prompt``'s; while timing, both sides' hits are checked equal
+request by request.
 
 vLLM is not installed: its pure-Python KV-cache manager is loaded from an unpacked vLLM
-wheel (``--vllm DIR``: a folder holding ``vllm/`` unpacked, or the ``.whl`` itself, or
-both), and the modules it imports for configuration, torch, platforms, logging and
-metrics are replaced at run time by the small stand-ins below, which hold just what the
-admission path reads.  Nothing of vLLM is copied into this repository.
+wheel (``--vllm DIR``: a folder holding ``vllm/`` unpacked and/or the ``vllm-*.whl``;
+files missing from the folder are read from the wheel), and the modules it imports for
+configuration, torch, platforms, logging, events and metrics are replaced at run time by
+the small stand-ins below, which hold just what the admission path reads; a few plain
+definitions (``ConstantList``, the stats classes) are run from the wheel's own text.
+Nothing of vLLM is copied into this repository.
 
     PYTHONPATH=. python tools/bench_vllm_admission.py             # from the checkout's root
-    PYTHONPATH=. python tools/bench_vllm_admission.py --rounds 2 --json out.json
+    PYTHONPATH=. python tools/bench_vllm_admission.py --warm --json out.json
     PYTHONPATH=. python tools/bench_vllm_admission.py --vllm-only  # vLLM's half alone
 
 Timing notes: the garbage collector is off inside the timed loops and runs between
-them; every request is timed on its own with ``perf_counter_ns``; the medians are the
-figures to read on a noisy machine.
+them; every request is timed on its own with ``perf_counter_ns``; on a shared machine
+a few requests in a hundred take milliseconds longer on either side, so the medians are
+the figures to read.
 """
 
 from __future__ import annotations
@@ -207,8 +222,9 @@ def install_vllm(where: str) -> tuple[dict[str, types.ModuleType], str]:
         register_custom_kv_cache_specs=lambda vllm_config: None))
     _module("vllm.utils", package=True, length_from_prompt_token_ids_or_embeds=_prompt_length)
     _module("vllm.utils.torch_utils", get_dtype_size=lambda dtype: dtype.itemsize)
+    # Only the default of a Mamba spec's field is read (at import).
     _module("vllm.v1.attention.backends.registry", MambaAttentionBackendEnum=enum.Enum(
-        "MambaAttentionBackendEnum", ["MAMBA", "MAMBA2", "SHORT_CONV", "LINEAR", "GDN_ATTN"]))
+        "MambaAttentionBackendEnum", ["MAMBA2"]))
     _module("vllm.v1.attention.backend", MultipleOf=type("MultipleOf", (), {}))
 
     # Events are off on both sides; the names must exist for the imports.
@@ -228,7 +244,7 @@ def install_vllm(where: str) -> tuple[dict[str, types.ModuleType], str]:
         from_sampling_params=lambda sampling_params: None))
     _module("vllm.v1.kv_hints", KvHintsEnvelope=type("KvHintsEnvelope", (), {}))
     _module("vllm.v1.engine", EngineCoreEvent=type("EngineCoreEvent", (), {}),
-            EngineCoreEventType=enum.IntEnum("EngineCoreEventType", ["QUEUED", "SCHEDULED", "PREEMPTED"]),
+            EngineCoreEventType=enum.IntEnum("EngineCoreEventType", ["QUEUED"]),
             EngineCoreRequest=type("EngineCoreRequest", (), {}),
             FinishReason=enum.IntEnum("FinishReason", ["STOP", "LENGTH", "ABORT", "ERROR", "REPETITION"]))
     # Lifted definitions: run from the wheel's own text.

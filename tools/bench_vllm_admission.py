@@ -369,7 +369,7 @@ class PagetableAdmission:
         from pagetable import KVCacheManager
 
         self.name = "pagetable (int64 array)" if as_array else "pagetable (list)"
-        options = dict(enable_prefix_caching=True, hash_algorithm=hash_algorithm, hash_seed=hash_seed)
+        options: dict[str, Any] = dict(enable_prefix_caching=True, hash_algorithm=hash_algorithm, hash_seed=hash_seed)
         try:
             self.manager = KVCacheManager(num_blocks, block_size, **options)
             self.hashing_only = KVCacheManager(num_blocks, block_size, **options)

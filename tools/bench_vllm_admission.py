@@ -489,7 +489,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-blocks", type=int, default=None,
                         help="blocks each pool hands out (default: a round's need plus a quarter)")
     parser.add_argument("--rounds", type=int, default=5, help="rounds, alternating the order (default 5)")
-    parser.add_argument("--hash-algorithm", default="sha256", choices=("sha256", "sha256_cbor", "xxhash", "xxhash_cbor"),
+    parser.add_argument("--hash-algorithm", default="sha256",
+                        choices=("sha256", "sha256_cbor", "xxhash", "xxhash_cbor"),
                         help="block hash on both sides (default sha256)")
     parser.add_argument("--warm", action="store_true",
                         help="keep the cache between rounds, after an untimed round that fills it, so every "

@@ -41,6 +41,7 @@ import numpy as np
 from pagetable import _state
 from pagetable._convert import as_index, check_range
 from pagetable import prefix as _prefix
+from pagetable.events import _event_batch
 from pagetable._results import OutOfBlocksError
 
 _CONCURRENT_WRITE = (
@@ -84,6 +85,16 @@ cdef inline int64_t _with_room_to_grow(int64_t blocks) noexcept nogil:
 cdef inline object _int64_vector(values, str name):
     """``values`` as the int64 vector the loops read (see ``_accept.pxd``)."""
     return int_vector(values, name, cnp.NPY_INT64)
+
+
+cdef int _check_token_ids(object ids) except -1:
+    """Raise naming the first negative entry of an int32 array of token ids."""
+    cdef const int32_t* data = <const int32_t*>cnp.PyArray_DATA(ids)
+    cdef Py_ssize_t i
+    for i in range(cnp.PyArray_DIM(ids, 0)):
+        if data[i] < 0:
+            raise ValueError(f"token_ids[{i}] = {data[i]} is negative; token ids are 0..2**31-1")
+    return 0
 
 
 cdef struct _StepPlan:
@@ -510,9 +521,7 @@ cdef class KVCacheManager(Persistent):
             ids = int_vector(token_ids, "token_ids", cnp.NPY_INT32)
             if ids is token_ids:
                 ids = ids.copy()      # hashing may let another thread run: keep them still
-            if cnp.PyArray_DIM(ids, 0) and ids.min() < 0:
-                bad = int(np.argmax(ids < 0))
-                raise ValueError(f"token_ids[{bad}] = {ids[bad]} is negative; token ids are 0..2**31-1")
+            _check_token_ids(ids)
             if num_tokens is None:
                 num_tokens = cnp.PyArray_DIM(ids, 0)
         elif self._cache is not None:
@@ -664,14 +673,13 @@ cdef class KVCacheManager(Persistent):
         """
         if self._cache is None or self._cache.events is None:
             raise RuntimeError("take_events() needs KVCacheManager(..., enable_kv_cache_events=True)")
-        from pagetable.events import KVEventBatch
         self._begin_write()
         try:
             events = self._cache.events
             self._cache.events = []
         finally:
             self._end_write()
-        return KVEventBatch(time.time(), events, self._dp_rank)
+        return _event_batch(time.time(), events, self._dp_rank)
 
     def _block_hash(self, block):
         """The hash recorded for what ``block`` holds (bytes), or None (tests use it)."""
@@ -763,9 +771,7 @@ cdef class KVCacheManager(Persistent):
                 raise ValueError(
                     f"token_ids has {cnp.PyArray_DIM(ids, 0)} entries but the call adds "
                     f"{num_slots} tokens")
-            if num_slots and ids.min() < 0:
-                bad = int(np.argmax(ids < 0))
-                raise ValueError(f"token_ids[{bad}] = {ids[bad]} is negative; token ids are 0..2**31-1")
+            _check_token_ids(ids)
             id_data = <const int32_t*>cnp.PyArray_DATA(ids)
         elif cache is not None:
             raise ValueError("token_ids is required when prefix caching is on")
@@ -841,8 +847,9 @@ cdef class KVCacheManager(Persistent):
             if cache is not None:
                 for p in range(written - count, written):
                     cache.tokens[slot_data[p]] = id_data[p]
-                if (tokens + count) // self._block_size > tokens // self._block_size:
-                    cache.filled(data, tokens // self._block_size, (tokens + count) // self._block_size,
+                if block_index(&self._geometry, tokens + count) > block_index(&self._geometry, tokens):
+                    cache.filled(data, block_index(&self._geometry, tokens),
+                                 block_index(&self._geometry, tokens + count),
                                  self._keys.get(slot_ids[i]) if self._keys else None, NULL)
         return result
 

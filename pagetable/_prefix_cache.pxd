@@ -46,7 +46,9 @@ cdef class PrefixCache:
         int32_t digest_size
         str seed                    # the string NONE_HASH was derived from
         bytes none_hash
-        object _digest_fn           # bytes -> digest bytes
+        object _digest_fn           # bytes -> digest bytes (the XXH3 algorithms)
+        object _sha256              # hashlib.sha256 (the SHA-256 algorithms), else None
+        bint _c_xxhash              # XXH3 digests by the compiled-in library
         object _cbor_dumps          # cbor2.dumps for extra keys (CBOR algorithms)
         IdMap _map                  # hash key -> block
         object _map_storage

@@ -7,5 +7,7 @@ class PrefixCache:
     def _block_extra(self, block: int) -> object: ...
     def _lookup(self, digest: bytes) -> int: ...
 
+C_XXHASH_COMPILED: bool
+
 __test__: dict[str, str]
 __pyx_capi__: dict[str, object]  # C functions for cimport

@@ -13,7 +13,7 @@ cimport cython
 cimport numpy as cnp
 from cpython.bytearray cimport PyByteArray_AS_STRING
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_GET_SIZE, PyBytes_AS_STRING
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t, INT64_MAX
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t, INT64_MAX
 from libc.string cimport memcmp, memcpy, memset
 
 from pagetable._types cimport block_id_t
@@ -29,6 +29,37 @@ from pagetable import prefix
 from pagetable.prefix import event_extra_keys
 
 cnp.import_array()
+
+cdef extern from *:
+    """
+    #if defined(PAGETABLE_HAVE_XXHASH)
+    #define XXH_INLINE_ALL
+    #include <xxhash.h>
+    #define PAGETABLE_C_XXHASH 1
+    /* XXH3-128 in its canonical (big-endian) bytes, as xxhash.xxh3_128_digest gives. */
+    static inline void pagetable_xxh3_128(const void* data, size_t n, unsigned char* out) {
+        XXH128_canonical_t canonical;
+        XXH128_canonicalFromHash(&canonical, XXH3_128bits(data, n));
+        memcpy(out, canonical.digest, 16);
+    }
+    #else
+    #define PAGETABLE_C_XXHASH 0
+    static inline void pagetable_xxh3_128(const void* data, size_t n, unsigned char* out) {
+        (void)data; (void)n; (void)out;
+    }
+    #endif
+    """
+    bint C_XXHASH "PAGETABLE_C_XXHASH"
+    void c_xxh3_128 "pagetable_xxh3_128"(const void* data, size_t n, unsigned char* out) noexcept nogil
+
+# Whether block digests of the XXH3 algorithms are computed by the compiled-in xxHash
+# library (else by the xxhash package); the tests and benchmarks report it.
+C_XXHASH_COMPILED = bool(C_XXHASH)
+
+cdef enum:
+    # Ids per block that ``_pickle_block`` writes: 5 bytes each at most, so that a
+    # block stays far inside one 64 KiB pickle frame.
+    MAX_HAND_PICKLED = 8192
 
 _ALGORITHMS = {"sha256": ALG_SHA256, "sha256_cbor": ALG_SHA256_CBOR,
                "xxhash": ALG_XXHASH, "xxhash_cbor": ALG_XXHASH_CBOR}
@@ -77,6 +108,64 @@ cdef inline Py_ssize_t _cbor_block(uint8_t* out, const uint8_t* parent, int32_t 
     return n
 
 
+cdef inline Py_ssize_t _pickle_int(uint8_t* out, uint32_t value) noexcept nogil:
+    """A non-negative int below 2**31 as pickle writes it (BININT1, BININT2 or BININT)."""
+    if value < 0x100:
+        out[0] = 0x4B                      # BININT1
+        out[1] = <uint8_t>value
+        return 2
+    if value < 0x10000:
+        out[0] = 0x4D                      # BININT2, little-endian
+        out[1] = <uint8_t>value
+        out[2] = <uint8_t>(value >> 8)
+        return 3
+    out[0] = 0x4A                          # BININT, 4 bytes little-endian
+    out[1] = <uint8_t>value
+    out[2] = <uint8_t>(value >> 8)
+    out[3] = <uint8_t>(value >> 16)
+    out[4] = <uint8_t>(value >> 24)
+    return 5
+
+
+cdef inline Py_ssize_t _pickle_block(uint8_t* out, const uint8_t* parent, int32_t digest_size,
+                                     const int32_t* token_ids, int64_t count) noexcept nogil:
+    """``pickle.dumps((parent, tuple(token_ids), None), protocol=5)``, byte for byte.
+
+    What CPython's pickler writes for that one shape: the protocol, one frame, the
+    parent as SHORT_BINBYTES, the ids as BININT1/2/BININT in a MARK ... TUPLE (or
+    TUPLE1..3 for up to three), None, TUPLE3, with a MEMOIZE after each bytes and
+    tuple object.  Only for frames below 64 KiB (the pickler's frame size), which
+    ``compute`` checks; the tests hold it against pickle itself.
+    """
+    cdef Py_ssize_t n = 11, frame
+    cdef int64_t i
+    out[0] = 0x80                          # PROTO 5
+    out[1] = 5
+    out[2] = 0x95                          # FRAME, its 8-byte length filled in below
+    out[n] = 0x43                          # SHORT_BINBYTES
+    out[n + 1] = <uint8_t>digest_size
+    memcpy(out + n + 2, parent, <size_t>digest_size)
+    n += 2 + digest_size
+    out[n] = 0x94                          # MEMOIZE
+    n += 1
+    if count > 3:
+        out[n] = 0x28                      # MARK
+        n += 1
+    for i in range(count):
+        n += _pickle_int(out + n, <uint32_t>token_ids[i])
+    out[n] = 0x74 if count > 3 else 0x84 + <uint8_t>count   # TUPLE, or TUPLE1 .. TUPLE3
+    out[n + 1] = 0x94                      # MEMOIZE
+    out[n + 2] = 0x4E                      # NONE
+    out[n + 3] = 0x87                      # TUPLE3
+    out[n + 4] = 0x94                      # MEMOIZE
+    out[n + 5] = 0x2E                      # STOP
+    n += 6
+    frame = n - 11
+    for i in range(8):
+        out[3 + i] = <uint8_t>(frame >> (8 * i))
+    return n
+
+
 @cython.final
 cdef class PrefixCache:
     """Block hashes, the hash -> block map and the token ids of every block (C use only)."""
@@ -92,21 +181,36 @@ cdef class PrefixCache:
         """The hash of one full block into ``out`` (``digest_size`` bytes)."""
         cdef Py_ssize_t n
         cdef object data
+        cdef uint8_t* buffer = <uint8_t*>PyByteArray_AS_STRING(self._buffer)
         if self._cbor:
-            n = _cbor_block(<uint8_t*>PyByteArray_AS_STRING(self._buffer), parent,
-                            self.digest_size, token_ids, self._block_size)
+            n = _cbor_block(buffer, parent, self.digest_size, token_ids, self._block_size)
             if extra is None:
-                (<uint8_t*>PyByteArray_AS_STRING(self._buffer))[n] = 0xF6   # null
-                data = PyBytes_FromStringAndSize(PyByteArray_AS_STRING(self._buffer), n + 1)
+                buffer[n] = 0xF6   # null
+                if self._c_xxhash:
+                    c_xxh3_128(buffer, n + 1, out)
+                    return 0
+                data = PyBytes_FromStringAndSize(<char*>buffer, n + 1)
             else:
                 data = (PyBytes_FromStringAndSize(PyByteArray_AS_STRING(self._buffer), n)
                         + self._cbor_dumps(extra, canonical=True))
+        elif extra is None and self._block_size <= MAX_HAND_PICKLED:
+            n = _pickle_block(buffer, parent, self.digest_size, token_ids, self._block_size)
+            if self._c_xxhash:
+                c_xxh3_128(buffer, n, out)
+                return 0
+            data = PyBytes_FromStringAndSize(<char*>buffer, n)
         else:
             data = pickle.dumps(
                 (PyBytes_FromStringAndSize(<const char*>parent, self.digest_size),
                  tuple([token_ids[i] for i in range(self._block_size)]), extra),
                 protocol=pickle.HIGHEST_PROTOCOL)
-        digest = self._digest_fn(data)
+        if self._sha256 is not None:
+            digest = self._sha256(data).digest()
+        elif self._c_xxhash:
+            c_xxh3_128(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), out)
+            return 0
+        else:
+            digest = self._digest_fn(data)
         if type(digest) is not bytes or PyBytes_GET_SIZE(digest) != self.digest_size:
             raise RuntimeError(f"the hash function returned {digest!r}, not {self.digest_size} bytes")
         memcpy(out, PyBytes_AS_STRING(digest), <size_t>self.digest_size)
@@ -266,11 +370,6 @@ cdef class PrefixCache:
         return self.find(<const uint8_t*><char*>digest)
 
 
-def _sha256_digest(data):
-    import hashlib
-    return hashlib.sha256(data).digest()
-
-
 cdef PrefixCache new_prefix_cache(BlockAllocator allocator, int64_t block_size,
                                   str algorithm, object seed, bint events,
                                   str event_hash_format, str medium):
@@ -285,17 +384,21 @@ cdef PrefixCache new_prefix_cache(BlockAllocator allocator, int64_t block_size,
     cache.digest_size = prefix.digest_size(algorithm)
     cache.seed = prefix.resolve_seed(algorithm, seed)
     cache.none_hash = prefix.none_hash(algorithm, cache.seed)
+    cache._sha256 = None
+    cache._c_xxhash = False
     if cache._algorithm in (ALG_SHA256, ALG_SHA256_CBOR):
-        cache._digest_fn = _sha256_digest
+        import hashlib
+        cache._sha256 = hashlib.sha256
     else:
         import xxhash
         cache._digest_fn = xxhash.xxh3_128_digest
+        cache._c_xxhash = C_XXHASH
     if cache._cbor:
         import cbor2
         cache._cbor_dumps = cbor2.dumps
     # A block's CBOR head: array, byte string, token array heads (<= 9 + 2 + 9 bytes),
     # the parent, 5 bytes per id, and the null.
-    cache._buffer = bytearray(32 + MAX_DIGEST + 5 * block_size)
+    cache._buffer = bytearray(32 + MAX_DIGEST + 5 * block_size)   # enough for pickle's too
     cdef int64_t capacity = 16
     while capacity < 2 * num_blocks:
         capacity *= 2
@@ -317,8 +420,9 @@ cdef PrefixCache new_prefix_cache(BlockAllocator allocator, int64_t block_size,
     cache.medium = medium
     if events:
         from pagetable import events as event_types
-        cache._stored = event_types.BlockStored
-        cache._removed = event_types.BlockRemoved
+        # The unchecked constructors: everything the cache passes has the right type.
+        cache._stored = event_types._block_stored
+        cache._removed = event_types._block_removed
         cache._cleared = event_types.AllBlocksCleared
         cache.events = []
     allocator.enable_lru()

@@ -30,6 +30,7 @@ MODULES = [
     "pagetable._allocator",   # BlockAllocator
     "pagetable._results",     # AppendResult and OutOfBlocksError
     "pagetable._registry",    # the manager's record of its sequences
+    "pagetable._prefix_cache",  # block hashes, the hash -> block map, events
     "pagetable._manager",     # KVCacheManager
 ]
 
@@ -99,6 +100,22 @@ def _branch_alignment_flags():
     return flags if _compiler_accepts(flags) else []
 
 
+def _xxhash_macros():
+    """Compile XXH3 in from the xxHash library's header when the system has it.
+
+    The prefix cache then digests a block with one inlined C call instead of a call
+    into the ``xxhash`` Python package (same library, same bytes; about 100 ns less
+    per block).  Without the header (``apt-get install libxxhash-dev``) the build
+    falls back to the package silently; ``PAGETABLE_NO_C_XXHASH=1`` forces that.
+    """
+    if os.environ.get("PAGETABLE_NO_C_XXHASH", "0") not in ("", "0"):
+        return []
+    probe = ("#define XXH_INLINE_ALL\n#include <xxhash.h>\n"
+             "#if XXH_VERSION_NUMBER < 800\n#error XXH3 is stable from 0.8\n#endif\n"
+             "int main(void){return XXH3_128bits(\"\", 0).low64 == 0;}\n")
+    return [("PAGETABLE_HAVE_XXHASH", "1")] if _compiler_accepts([], probe) else []
+
+
 OMP_COMPILE, OMP_LINK = _openmp_flags()
 # -g0: no debug information in a release build (it tripled the size of each module).
 EXTRA_COMPILE = ["-O3", "-g0"] + _branch_alignment_flags() if sys.platform != "win32" else ["/O2"]
@@ -111,7 +128,8 @@ extensions = [
         [name.replace(".", os.sep) + ".pyx"],
         include_dirs=[np.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"),
-                       ("PAGETABLE_DEBUG_BUILD", "1" if DEBUG else "0")],
+                       ("PAGETABLE_DEBUG_BUILD", "1" if DEBUG else "0")]
+        + (_xxhash_macros() if name == "pagetable._prefix_cache" else []),
         extra_compile_args=EXTRA_COMPILE + OMP_COMPILE,
         extra_link_args=OMP_LINK,
     )

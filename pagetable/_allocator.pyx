@@ -15,7 +15,7 @@ and the simulation's side-by-side check rely on.
 
 cimport cython
 cimport numpy as cnp
-from libc.stdint cimport int32_t, int64_t, INT32_MAX
+from libc.stdint cimport int32_t, int64_t, uint8_t, INT32_MAX
 from libc.string cimport memcpy
 
 from pagetable._types cimport block_id_t
@@ -69,6 +69,39 @@ cdef class BlockAllocator(Guarded):
         self._num_free = num_blocks
         self._writing = 0
         self._owned = 0
+        self._lru_arr = None
+        self._cached_arr = None
+        self._lru_prev = NULL
+        self._lru_next = NULL
+        self._cached = NULL
+        self._lru_head = -1
+        self._lru_tail = -1
+        self._num_lru = 0
+
+    cdef int enable_lru(self) except -1:
+        if self._cached != NULL:
+            return 0
+        self._lru_arr = np.full(2 * <int64_t>self._num_blocks, -1, dtype=np.int32)
+        self._cached_arr = np.zeros(self._num_blocks, dtype=np.uint8)
+        self._lru_prev = <int32_t*>cnp.PyArray_DATA(<cnp.ndarray>self._lru_arr)
+        self._lru_next = self._lru_prev + self._num_blocks
+        self._cached = <uint8_t*>cnp.PyArray_DATA(<cnp.ndarray>self._cached_arr)
+        return 0
+
+    cdef Py_ssize_t capture_lru(self, object out) noexcept:
+        cdef int32_t* data = <int32_t*>cnp.PyArray_DATA(<cnp.ndarray>out)
+        cdef Py_ssize_t n = 0
+        cdef int32_t block = self._lru_head
+        while block >= 0 and n < self._num_blocks:
+            data[n] = block
+            n += 1
+            block = self._lru_next[block]
+        return n
+
+    cdef object cached_flags(self):
+        if self._cached_arr is None:
+            return None
+        return self._cached_arr.copy()
 
     cdef int _check_writable(self) except -1:
         if self._owned:
@@ -82,7 +115,14 @@ cdef class BlockAllocator(Guarded):
         """The allocator's state dict (plain arrays; see ``pagetable._state``)."""
         refcount = empty(self._num_blocks, cnp.NPY_INT32)
         free_stack = empty(self._num_blocks, cnp.NPY_INT32)
+        lru = empty(self._num_blocks, cnp.NPY_INT32)
         cdef Py_ssize_t num_free = self.capture(refcount, free_stack)
+        cdef Py_ssize_t num_lru = self.capture_lru(lru)
+        if num_lru:
+            # A prefix-caching manager's pool: on its own, a cached-free block is just
+            # free.  They go below the stack, so the stack's order is kept.
+            free_stack = np.concatenate([lru[:num_lru], free_stack[:num_free]])
+            num_free += num_lru
         state = _state.header("BlockAllocator")
         state["num_blocks"] = np.array(self._num_blocks, dtype=np.int64)
         state["refcount"] = refcount
@@ -125,11 +165,11 @@ cdef class BlockAllocator(Guarded):
 
     @property
     def num_free(self):
-        """Blocks currently free."""
-        return self._num_free
+        """Blocks currently free (for a prefix-caching manager's pool, cached-free ones too)."""
+        return self.free_count()
 
     def __repr__(self):
-        return f"BlockAllocator(num_blocks={self._num_blocks}, num_free={self._num_free})"
+        return f"BlockAllocator(num_blocks={self._num_blocks}, num_free={self.free_count()})"
 
     # -- C level --------------------------------------------------------------------
     cdef int64_t _check_ids(self, const int64_t[::1] ids) noexcept nogil:
@@ -271,6 +311,19 @@ cdef BlockAllocator allocator_from_arrays(int64_t num_blocks, object refcount, o
                <size_t>num_free * sizeof(int32_t))
     allocator._num_free = <int32_t>num_free
     return allocator
+
+
+cdef int restore_lru(BlockAllocator allocator, object cached, object lru) except -1:
+    """Give ``allocator`` its cached flags and cached-free list (both validated)."""
+    allocator.enable_lru()
+    cdef const uint8_t[::1] flags = cached
+    cdef const int32_t[::1] order = lru
+    cdef Py_ssize_t i
+    for i in range(flags.shape[0]):
+        allocator._cached[i] = flags[i]
+    for i in range(order.shape[0]):
+        allocator._lru_append(order[i])
+    return 0
 
 
 _state.register("BlockAllocator", BlockAllocator._from_state)

@@ -1,9 +1,12 @@
-from typing import final
+from typing import Sequence, final
 
 import numpy as np
 import numpy.typing as npt
 
 from pagetable._allocator import BlockAllocator
+from pagetable.events import KVEventBatch
+
+from pagetable.prefix import ExtraKeys, PrefixCacheStats
 from pagetable._persist import Persistent
 from pagetable._results import AppendResult
 from pagetable._table import PageTable
@@ -14,7 +17,19 @@ __test__: dict[str, str]
 
 @final
 class KVCacheManager(Persistent):
-    def __init__(self, num_blocks: int, block_size: int = 16) -> None: ...
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int = 16,
+        *,
+        enable_prefix_caching: bool = False,
+        hash_algorithm: str = "sha256",
+        hash_seed: str | int | None = None,
+        enable_kv_cache_events: bool = False,
+        event_hash_format: str = "int",
+        medium: str = "GPU",
+        data_parallel_rank: int | None = None,
+    ) -> None: ...
     @property
     def page_table(self) -> PageTable: ...
     @property
@@ -29,8 +44,39 @@ class KVCacheManager(Persistent):
     def usage(self) -> float: ...
     def __len__(self) -> int: ...
     def __contains__(self, seq_id: object, /) -> bool: ...
-    def add_sequence(self, seq_id: int, num_tokens: int) -> AppendResult: ...
-    def append_tokens(self, seq_ids: _IntArray, num_new_tokens: int | _IntArray = 1) -> AppendResult: ...
+    def add_sequence(
+        self,
+        seq_id: int,
+        num_tokens: int | None = None,
+        token_ids: _IntArray | None = None,
+        extra_keys: ExtraKeys | None = None,
+    ) -> AppendResult: ...
+    def add_sequences(
+        self,
+        seq_ids: _IntArray,
+        token_ids: Sequence[_IntArray],
+        extra_keys: Sequence[ExtraKeys | None] | None = None,
+    ) -> list[AppendResult]: ...
+    def count_cached_tokens(self, token_ids: _IntArray, extra_keys: ExtraKeys | None = None) -> int: ...
+    def reset_prefix_cache(self) -> int: ...
+    def take_events(self) -> KVEventBatch: ...
+    def _block_hash(self, block: int) -> bytes | None: ...
+    @property
+    def prefix_caching(self) -> bool: ...
+    @property
+    def hash_algorithm(self) -> str | None: ...
+    @property
+    def none_hash(self) -> bytes | None: ...
+    @property
+    def num_cached_blocks(self) -> int: ...
+    @property
+    def prefix_cache_stats(self) -> PrefixCacheStats: ...
+    def append_tokens(
+        self,
+        seq_ids: _IntArray,
+        num_new_tokens: int | _IntArray = 1,
+        token_ids: _IntArray | None = None,
+    ) -> AppendResult: ...
     def can_append(self, seq_ids: _IntArray, num_new_tokens: int | _IntArray = 1) -> bool: ...
     def fork(self, parent_id: int, child_id: int) -> None: ...
     def free_sequence(self, seq_ids: int | _IntArray) -> None: ...

@@ -18,25 +18,30 @@ writes in place.
 
 cimport cython
 cimport numpy as cnp
-from libc.stdint cimport int32_t, int64_t, INT32_MAX, INT64_MAX
-from libc.string cimport memcpy
+from libc.stdint cimport int32_t, int64_t, uint8_t, INT32_MAX, INT64_MAX
+from libc.string cimport memcpy, memset
 
 from pagetable._types cimport block_id_t, seq_id_t, slot_t, row_t, PAD
-from pagetable._accept cimport int_vector, seq_arg
-from pagetable._allocator cimport BlockAllocator, allocator_from_arrays
+from pagetable._accept cimport block_arg, int_vector, seq_arg
+from pagetable._allocator cimport BlockAllocator, allocator_from_arrays, restore_lru
 from pagetable._blocks cimport BlockGeometry, block_geometry, block_index, block_offset, blocks_for
 from pagetable._buffers cimport empty
 from pagetable._persist cimport Persistent
+from pagetable._prefix_cache cimport PrefixCache, new_prefix_cache
 from pagetable._registry cimport SequenceRegistry, SequenceSlot
 from pagetable._results cimport AppendResult, new_result
 from pagetable._table cimport PageTable, wait_while_set
 
+import json
 import operator
+import time
 
 import numpy as np
 
 from pagetable import _state
 from pagetable._convert import as_index, check_range
+from pagetable import prefix as _prefix
+from pagetable.events import _event_batch
 from pagetable._results import OutOfBlocksError
 
 _CONCURRENT_WRITE = (
@@ -80,6 +85,16 @@ cdef inline int64_t _with_room_to_grow(int64_t blocks) noexcept nogil:
 cdef inline object _int64_vector(values, str name):
     """``values`` as the int64 vector the loops read (see ``_accept.pxd``)."""
     return int_vector(values, name, cnp.NPY_INT64)
+
+
+cdef int _check_token_ids(object ids) except -1:
+    """Raise naming the first negative entry of an int32 array of token ids."""
+    cdef const int32_t* data = <const int32_t*>cnp.PyArray_DATA(ids)
+    cdef Py_ssize_t i
+    for i in range(cnp.PyArray_DIM(ids, 0)):
+        if data[i] < 0:
+            raise ValueError(f"token_ids[{i}] = {data[i]} is negative; token ids are 0..2**31-1")
+    return 0
 
 
 cdef struct _StepPlan:
@@ -148,11 +163,19 @@ cdef class KVCacheManager(Persistent):
         int32_t[::1] _pending
         int32_t _writing          # a change in progress (see _begin_write)
         int64_t _epoch            # bumped as each change begins and ends (see _read_begin)
+        PrefixCache _cache        # None without prefix caching
+        dict _keys                # registry slot -> ExtraKeys, for sequences that have them
+        object _dp_rank           # data_parallel_rank of event batches
+        str _algorithm
 
-    def __init__(self, num_blocks, block_size=16):
+    def __init__(self, num_blocks, block_size=16, *, enable_prefix_caching=False,
+                 hash_algorithm="sha256", hash_seed=None, enable_kv_cache_events=False,
+                 event_hash_format="int", medium="GPU", data_parallel_rank=None):
         pass
 
-    def __cinit__(self, num_blocks, block_size=16, *args, **kwargs):
+    def __cinit__(self, num_blocks, block_size=16, *args, enable_prefix_caching=False,
+                  hash_algorithm="sha256", hash_seed=None, enable_kv_cache_events=False,
+                  event_hash_format="int", medium="GPU", data_parallel_rank=None, **kwargs):
         block_size = check_range(as_index(block_size, "block_size"), 1, INT32_MAX, "block_size")
         num_blocks = check_range(as_index(num_blocks, "num_blocks"), 1, INT32_MAX, "num_blocks")
         if num_blocks * block_size > INT32_MAX:
@@ -171,6 +194,36 @@ cdef class KVCacheManager(Persistent):
         self._pending = self._pending_arr
         self._epoch = 0
         self._writing = 0
+        self._cache = None
+        self._keys = {}
+        self._algorithm = None
+        self._dp_rank = None
+        if type(enable_prefix_caching) is not bool:
+            raise TypeError(f"enable_prefix_caching must be True or False, got {enable_prefix_caching!r}")
+        if type(enable_kv_cache_events) is not bool:
+            raise TypeError(f"enable_kv_cache_events must be True or False, got {enable_kv_cache_events!r}")
+        if hash_algorithm not in _prefix.ALGORITHMS:
+            raise ValueError(
+                f"hash_algorithm must be one of {', '.join(_prefix.ALGORITHMS)}; got {hash_algorithm!r}")
+        if event_hash_format not in ("int", "bytes"):
+            raise ValueError(f"event_hash_format must be 'int' or 'bytes', got {event_hash_format!r}")
+        if type(medium) is not str:
+            raise TypeError(f"medium must be a str, got {type(medium).__name__}")
+        if data_parallel_rank is not None:
+            data_parallel_rank = check_range(
+                as_index(data_parallel_rank, "data_parallel_rank"), 0, INT32_MAX, "data_parallel_rank")
+        if enable_kv_cache_events and not enable_prefix_caching:
+            raise ValueError(
+                "enable_kv_cache_events=True needs enable_prefix_caching=True: the events "
+                "describe the blocks the prefix cache holds")
+        if not enable_prefix_caching:
+            if hash_seed is not None:
+                raise ValueError("hash_seed is only used with enable_prefix_caching=True")
+            return
+        self._algorithm = hash_algorithm
+        self._dp_rank = data_parallel_rank
+        self._cache = new_prefix_cache(self._allocator, block_size, hash_algorithm, hash_seed,
+                                       enable_kv_cache_events, event_hash_format, medium)
 
     cdef int _begin_write(self) except -1:
         """Start a change, or refuse it while another thread's change is in progress.
@@ -425,20 +478,30 @@ cdef class KVCacheManager(Persistent):
         return need
 
     # -- growth --------------------------------------------------------------------------
-    def add_sequence(self, seq_id, num_tokens):
+    def add_sequence(self, seq_id, num_tokens=None, token_ids=None, extra_keys=None):
         """Start a sequence holding ``num_tokens`` tokens (a prefill).
 
         Parameters
         ----------
         seq_id : int
             New sequence id, 0 .. 2**63 - 1; an existing id raises ``ValueError``.
-        num_tokens : int
+        num_tokens : int, optional
             Tokens in the prompt, >= 0 (0 makes an empty sequence with no block).
+            Defaults to ``len(token_ids)``; must equal it when both are given.
+        token_ids : 1-D array-like of int, optional
+            The prompt's token ids, each 0 .. 2**31 - 1.  Required with prefix
+            caching, which reuses the longest run of cached full blocks matching them.
+        extra_keys : pagetable.prefix.ExtraKeys, optional
+            What besides the tokens the KV depends on (LoRA adapter, multimodal items,
+            cache salt); part of every block hash.  Only with prefix caching.
 
         Returns
         -------
         AppendResult
-            ``slots`` for positions ``0 .. num_tokens - 1``; no copies.
+            ``slots`` for positions ``num_cached_tokens .. num_tokens - 1`` (the tokens
+            the engine computes); no copies.  ``num_cached_tokens`` is the prefix
+            found in the cache (always 0 without prefix caching, and at most
+            ``num_tokens - 1``: the last token is computed for its logits).
 
         Raises
         ------
@@ -447,52 +510,278 @@ cdef class KVCacheManager(Persistent):
         """
         self._begin_write()
         try:
-            return self._add_sequence(seq_id, num_tokens)
+            return self._add_sequence(seq_id, num_tokens, token_ids, extra_keys)
         finally:
             self._end_write()
 
-    cdef object _add_sequence(self, seq_id, num_tokens):
-        cdef int64_t seq = seq_arg(seq_id, "seq_id")
+    def add_sequences(self, seq_ids, token_ids, extra_keys=None):
+        """Admit several prompts in order, each as ``add_sequence`` would, while they fit.
+
+        Parameters
+        ----------
+        seq_ids : 1-D array-like of int
+            Distinct new sequence ids.
+        token_ids : sequence of 1-D array-likes of int
+            Each prompt's token ids (one entry per id).
+        extra_keys : sequence of ExtraKeys or None, optional
+            One entry per prompt (None for a prompt without), or None for all.
+
+        Returns
+        -------
+        list of AppendResult
+            One per admitted prompt, in order.  Admission stops at the first prompt the
+            pool cannot hold (that prompt and the ones after it are not added), so a
+            shorter list than ``seq_ids`` is the scheduler's back-pressure signal; a
+            later prompt may hit blocks an earlier one of the same call registered.
+
+        Raises
+        ------
+        ValueError, KeyError, TypeError
+            A bad argument anywhere in the call; checked before anything changes.
+        """
+        ids = _int64_vector(seq_ids, "seq_ids")
+        cdef Py_ssize_t i, n = cnp.PyArray_DIM(ids, 0)
+        if not isinstance(token_ids, (list, tuple)):
+            raise TypeError(f"token_ids must be a list of arrays, one per sequence, got {type(token_ids).__name__}")
+        if len(token_ids) != n:
+            raise ValueError(f"token_ids has {len(token_ids)} prompts for {n} seq_ids")
+        if extra_keys is None:
+            extra_keys = [None] * n
+        elif not isinstance(extra_keys, (list, tuple)) or len(extra_keys) != n:
+            raise ValueError(f"extra_keys must be None or a list of {n} entries (one per prompt)")
+        self._begin_write()
+        try:
+            prompts = []
+            seen = set()
+            for i in range(n):
+                seq = int(ids[i])
+                if seq < 0:
+                    raise ValueError(f"seq_ids[{i}] = {seq} is negative; sequence ids are 0..2**63-1")
+                if seq in seen:
+                    raise ValueError(f"seq_ids[{i}] = {seq} appears more than once")
+                if self._sequences.find(seq) >= 0:
+                    raise ValueError(f"seq_ids[{i}] = {seq} already exists")
+                seen.add(seq)
+                try:
+                    prompts.append(self._prompt(None, token_ids[i], extra_keys[i]))
+                except (TypeError, ValueError, OverflowError) as error:
+                    raise type(error)(f"prompt {i}: {error}") from None
+            results = []
+            for i in range(n):
+                try:
+                    results.append(self._add_sequence(int(ids[i]), prompts[i][0], prompts[i][1], extra_keys[i]))
+                except OutOfBlocksError:
+                    break
+            return results
+        finally:
+            self._end_write()
+
+    cdef object _prompt(self, num_tokens, token_ids, extra_keys):
+        """Check a prompt's arguments; return ``(num_tokens, token ids or None)``."""
+        ids = None
+        if token_ids is not None:
+            ids = int_vector(token_ids, "token_ids", cnp.NPY_INT32)
+            if ids is token_ids:
+                ids = ids.copy()      # hashing may let another thread run: keep them still
+            _check_token_ids(ids)
+            if num_tokens is None:
+                num_tokens = cnp.PyArray_DIM(ids, 0)
+        elif self._cache is not None:
+            raise ValueError("token_ids is required when prefix caching is on")
+        if num_tokens is None:
+            raise TypeError("add_sequence needs num_tokens or token_ids")
         if type(num_tokens) is not int:
             num_tokens = as_index(num_tokens, "num_tokens")
         if num_tokens < 0:
             raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
+        if ids is not None and cnp.PyArray_DIM(ids, 0) != num_tokens:
+            raise ValueError(
+                f"token_ids has {cnp.PyArray_DIM(ids, 0)} entries but num_tokens is {num_tokens}")
+        if extra_keys is not None:
+            if self._cache is None:
+                raise ValueError("extra_keys is only used with enable_prefix_caching=True")
+            if not isinstance(extra_keys, _prefix.ExtraKeys):
+                raise TypeError(
+                    f"extra_keys must be a pagetable.prefix.ExtraKeys or None, "
+                    f"got {type(extra_keys).__name__}")
+        return num_tokens, ids
+
+    cdef object _add_sequence(self, seq_id, num_tokens, token_ids, extra_keys):
+        cdef int64_t seq = seq_arg(seq_id, "seq_id")
+        num_tokens, ids = self._prompt(num_tokens, token_ids, extra_keys)
         if self._sequences.find(seq) >= 0:
             raise ValueError(f"seq_id = {seq} already exists")
         if num_tokens > <int64_t>self._allocator.block_count() * self._block_size:
             raise OutOfBlocksError(-(-num_tokens // self._block_size), self._allocator.free_count())
         cdef int64_t n = num_tokens
         cdef int64_t need = self._blocks_needed(n)
-        if need > self._allocator.free_count():
-            raise OutOfBlocksError(need, self._allocator.free_count())
+        cdef int64_t num_hit = 0, num_full = 0, available = self._allocator.free_count()
+        cdef PrefixCache cache = self._cache
+        cdef const int32_t* id_data = NULL
+        cdef uint8_t* digests = NULL
+        cdef int32_t* hit_data = NULL
+        cdef int64_t p
+        if cache is not None:
+            id_data = <const int32_t*>cnp.PyArray_DATA(ids)
+            num_full = n // self._block_size
+            hashes = np.empty(num_full * cache.digest_size, dtype=np.uint8)
+            digests = <uint8_t*>cnp.PyArray_DATA(hashes)
+            cache.prompt_hashes(id_data, num_full, extra_keys, digests)
+            hits = empty(num_full, cnp.NPY_INT32)
+            hit_data = <int32_t*>cnp.PyArray_DATA(hits)
+            num_hit = self._longest_hit(digests, num_full, n, hit_data)
+            need -= num_hit
+            for p in range(num_hit):
+                if self._allocator.refcounts()[hit_data[p]] == 0:
+                    available -= 1
+        if need > available:
+            raise OutOfBlocksError(need, available)
         # Everything that can fail comes before the first change.
-        slots = empty(n, cnp.NPY_INT64)
+        slots = empty(n - num_hit * self._block_size, cnp.NPY_INT64)
         blocks = empty(need, cnp.NPY_INT32)
         cdef AppendResult result = new_result()
         cdef slot_t* slot_data = <slot_t*>cnp.PyArray_DATA(slots)
         cdef block_id_t* block_data = <block_id_t*>cnp.PyArray_DATA(blocks)
         cdef const block_id_t* data
-        cdef int64_t p
+        cdef int64_t first = num_hit * self._block_size
         self._sequences.reserve(1)
         cdef row_t row = self._table.create_row(seq)
         try:
-            self._table.reserve_row(row, _with_room_to_grow(need))
+            self._table.reserve_row(row, _with_room_to_grow(need + num_hit))
         except BaseException:
             self._table.drop_row(row)
             raise
+        if num_hit:
+            self._allocator.retain(hit_data, num_hit)
+            self._table.append_to_row(row, hit_data, num_hit)   # room reserved above
         if need:
             self._allocator.take(need, block_data)
             self._table.append_to_row(row, block_data, need)   # room reserved above
-            data = self._table.row_blocks(row)
-            # The GIL stays held: another thread's call may grow the table, and must
-            # not do so while this loop reads it.
-            for p in range(n):
-                slot_data[p] = self._slot(data, p)
-        self._sequences.add(seq, row, <int32_t>n)
+        cdef int32_t slot = self._sequences.add(seq, row, <int32_t>n)
+        data = self._table.row_blocks(row)
+        # The GIL stays held: another thread's call may grow the table, and must
+        # not do so while this loop reads it.
+        for p in range(first, n):
+            slot_data[p - first] = self._slot(data, p)
+        if cache is not None:
+            cache.taken(block_data, need)
+            for p in range(first, n):
+                cache.tokens[slot_data[p - first]] = id_data[p]
+            cache.filled(data, num_hit, num_full, extra_keys, digests + num_hit * cache.digest_size)
+            cache.requests += 1
+            cache.queries += n
+            cache.hits += first
+            if extra_keys is not None:
+                self._keys[slot] = extra_keys
         result.slots = slots
+        result.num_cached_tokens = first
         return result
 
-    def append_tokens(self, seq_ids, num_new_tokens=1):
+    cdef int64_t _longest_hit(self, const uint8_t* digests, int64_t num_full, int64_t n,
+                              int32_t* hit_blocks) noexcept:
+        """Blocks of the longest cached run of a prompt's hashes (at most (n - 1) // B)."""
+        cdef int64_t k, limit = (n - 1) // self._block_size if n > 0 else 0
+        cdef int32_t block
+        if limit > num_full:
+            limit = num_full
+        for k in range(limit):
+            block = self._cache.find(digests + k * self._cache.digest_size)
+            if block < 0:
+                return k
+            hit_blocks[k] = block
+        return limit
+
+    def count_cached_tokens(self, token_ids, extra_keys=None):
+        """Tokens of a prompt that ``add_sequence`` would find in the prefix cache now.
+
+        Changes nothing (no statistics, no eviction order, no events).  0 without
+        prefix caching.
+        """
+        num_tokens, ids = self._prompt(None, token_ids, extra_keys)
+        if self._cache is None:
+            return 0
+        cdef int64_t n = num_tokens
+        cdef int64_t num_full = n // self._block_size
+        hashes = np.empty(num_full * self._cache.digest_size, dtype=np.uint8)
+        hits = empty(num_full, cnp.NPY_INT32)
+        self._cache.prompt_hashes(<const int32_t*>cnp.PyArray_DATA(ids), num_full, extra_keys,
+                                  <uint8_t*>cnp.PyArray_DATA(hashes))
+        self._read_begin()
+        return self._longest_hit(<uint8_t*>cnp.PyArray_DATA(hashes), num_full, n,
+                                 <int32_t*>cnp.PyArray_DATA(hits)) * self._block_size
+
+    def reset_prefix_cache(self):
+        """Forget every cached block; return how many hashes were dropped.
+
+        Cached-free blocks become plain free blocks; blocks that running sequences
+        hold stay theirs but are no longer offered to new prompts (their sequences
+        register their later blocks as usual).  Records one ``AllBlocksCleared``
+        event.  For instance after the model's weights change.  Without prefix
+        caching, returns 0.
+        """
+        if self._cache is None:
+            return 0
+        self._begin_write()
+        try:
+            return self._cache.reset()
+        finally:
+            self._end_write()
+
+    def take_events(self):
+        """The KV-cache events recorded since the last call, as one ``KVEventBatch``.
+
+        ``ts`` is the time of this call (``time.time()``); ``data_parallel_rank`` the
+        manager's.  Empties the record.  Needs ``enable_kv_cache_events=True``.
+        """
+        if self._cache is None or self._cache.events is None:
+            raise RuntimeError("take_events() needs KVCacheManager(..., enable_kv_cache_events=True)")
+        self._begin_write()
+        try:
+            events = self._cache.events
+            self._cache.events = []
+        finally:
+            self._end_write()
+        return _event_batch(time.time(), events, self._dp_rank)
+
+    def _block_hash(self, block):
+        """The hash recorded for what ``block`` holds (bytes), or None (tests use it)."""
+        cdef int32_t b = block_arg(block, "block")
+        if self._cache is None or b >= self._allocator.block_count():
+            return None
+        hashes, _, known, _ = self._cache._arrays()
+        if not known[b]:
+            return None
+        return hashes[b * self._cache.digest_size:(b + 1) * self._cache.digest_size].tobytes()
+
+    @property
+    def prefix_caching(self):
+        """Whether this manager caches prefixes."""
+        return self._cache is not None
+
+    @property
+    def hash_algorithm(self):
+        """The block hash algorithm, or None without prefix caching."""
+        return self._algorithm
+
+    @property
+    def none_hash(self):
+        """The parent hash of every sequence's first block (bytes), or None."""
+        return None if self._cache is None else self._cache.none_hash
+
+    @property
+    def num_cached_blocks(self):
+        """Blocks registered in the prefix cache now (used or cached-free)."""
+        return 0 if self._cache is None else self._cache.registered
+
+    @property
+    def prefix_cache_stats(self):
+        """A ``pagetable.prefix.PrefixCacheStats``: requests, queries, hits (tokens), evictions."""
+        if self._cache is None:
+            return _prefix.PrefixCacheStats(0, 0, 0, 0)
+        return _prefix.PrefixCacheStats(self._cache.requests, self._cache.queries,
+                                        self._cache.hits, self._cache.evictions)
+
+    def append_tokens(self, seq_ids, num_new_tokens=1, token_ids=None):
         """Grow sequences by ``num_new_tokens`` each: one decode step, or more tokens.
 
         Parameters
@@ -501,6 +790,10 @@ cdef class KVCacheManager(Persistent):
             Distinct existing sequence ids.
         num_new_tokens : int or 1-D array-like of int, default 1
             Tokens to add, one count for all or one per sequence; >= 0.
+        token_ids : 1-D array-like of int, optional
+            The new tokens' ids, sequence by sequence in input order (as many as the
+            tokens added), each 0 .. 2**31 - 1.  Required with prefix caching: a block
+            that becomes full is hashed and registered in the cache.
 
         Returns
         -------
@@ -518,11 +811,11 @@ cdef class KVCacheManager(Persistent):
         """
         self._begin_write()
         try:
-            return self._append_tokens(seq_ids, num_new_tokens)
+            return self._append_tokens(seq_ids, num_new_tokens, token_ids)
         finally:
             self._end_write()
 
-    cdef object _append_tokens(self, seq_ids, num_new_tokens):
+    cdef object _append_tokens(self, seq_ids, num_new_tokens, token_ids):
         cdef _StepPlan plan
         inputs = self._plan_step(seq_ids, num_new_tokens, &plan)   # keeps plan's arrays alive
         cdef Py_ssize_t i, n = plan.n
@@ -530,6 +823,20 @@ cdef class KVCacheManager(Persistent):
         cdef const int64_t* counts = plan.counts
         cdef Py_ssize_t stride = plan.stride
         cdef int64_t need = plan.need, num_copies = plan.num_copies, num_slots = plan.num_slots
+        cdef PrefixCache cache = self._cache
+        cdef const int32_t* id_data = NULL
+        if token_ids is not None:
+            ids = int_vector(token_ids, "token_ids", cnp.NPY_INT32)
+            if ids is token_ids:
+                ids = ids.copy()      # hashing may let another thread run: keep them still
+            if cnp.PyArray_DIM(ids, 0) != num_slots:
+                raise ValueError(
+                    f"token_ids has {cnp.PyArray_DIM(ids, 0)} entries but the call adds "
+                    f"{num_slots} tokens")
+            _check_token_ids(ids)
+            id_data = <const int32_t*>cnp.PyArray_DATA(ids)
+        elif cache is not None:
+            raise ValueError("token_ids is required when prefix caching is on")
         if need > self._allocator.free_count():
             raise OutOfBlocksError(need, self._allocator.free_count())
         # Nothing in this call adds to the registry, so its records stay where they are.
@@ -563,6 +870,8 @@ cdef class KVCacheManager(Persistent):
         cdef block_id_t* data
         cdef block_id_t last
         self._allocator.take(need, fresh_data)
+        if cache is not None:
+            cache.taken(fresh_data, need)
         for i in range(n):
             count = counts[i * stride]
             if count == 0:
@@ -582,6 +891,11 @@ cdef class KVCacheManager(Persistent):
                     self._allocator.release(&last, 1)
                     # Through the table, so that device mirrors see the new last block.
                     self._table.set_block_at(row, length - 1, fresh_data[taken])
+                    if cache is not None:
+                        # The copy holds what the shared block holds.
+                        memcpy(cache.tokens + <int64_t>fresh_data[taken] * self._block_size,
+                               cache.tokens + <int64_t>last * self._block_size,
+                               <size_t>self._block_size * sizeof(int32_t))
                     taken += 1
             add = self._blocks_needed(tokens + count) - length
             if add > 0:
@@ -592,6 +906,13 @@ cdef class KVCacheManager(Persistent):
                 slot_data[written] = self._slot(data, p)
                 written += 1
             records[slot_ids[i]].tokens = <int32_t>(tokens + count)
+            if cache is not None:
+                for p in range(written - count, written):
+                    cache.tokens[slot_data[p]] = id_data[p]
+                if block_index(&self._geometry, tokens + count) > block_index(&self._geometry, tokens):
+                    cache.filled(data, block_index(&self._geometry, tokens),
+                                 block_index(&self._geometry, tokens + count),
+                                 self._keys.get(slot_ids[i]) if self._keys else None, NULL)
         return result
 
     def can_append(self, seq_ids, num_new_tokens=1):
@@ -636,7 +957,10 @@ cdef class KVCacheManager(Persistent):
         cdef const block_id_t* blocks = self._table.row_blocks(parent_row)
         self._table.append_to_row(child_row, blocks, length)
         self._allocator.retain(blocks, length)
-        self._sequences.add(child, child_row, self._sequences.slots[parent_slot].tokens)
+        cdef int32_t child_slot = self._sequences.add(
+            child, child_row, self._sequences.slots[parent_slot].tokens)
+        if self._keys and parent_slot in self._keys:
+            self._keys[child_slot] = self._keys[parent_slot]
 
     def free_sequence(self, seq_ids):
         """Remove one sequence (an int) or many (an array-like); release their blocks.
@@ -660,7 +984,14 @@ cdef class KVCacheManager(Persistent):
         cdef row_t row
         for i in range(cnp.PyArray_DIM(slots, 0)):
             row = self._sequences.slots[slot_ids[i]].row
-            self._allocator.release(self._table.row_blocks(row), self._table.row_length(row))
+            if self._cache is None:
+                self._allocator.release(self._table.row_blocks(row), self._table.row_length(row))
+            else:
+                # Tail first: of a sequence's cached blocks, the head is the likeliest
+                # to be shared, so it is the last to be evicted.
+                self._allocator.release_reversed(self._table.row_blocks(row), self._table.row_length(row))
+                if self._keys:
+                    self._keys.pop(slot_ids[i], None)
             self._sequences.remove(slot_ids[i])
             self._table.drop_row(row)
 
@@ -821,8 +1152,43 @@ cdef class KVCacheManager(Persistent):
             state["refcount"] = refcount
             state["free_stack"] = free_stack[:num_free]
             state["tokens"] = tokens
+            if self._cache is not None:
+                self._cache_state(state, refcount, free_stack[:num_free])
             return state
         raise RuntimeError(_READ_KEPT_CHANGING)
+
+    cdef _cache_state(self, dict state, refcount, stack):
+        """Add the prefix cache to a state dict (in the same C section as the rest).
+
+        ``free_stack`` then lists the cached-free blocks (head first) below the free
+        stack, so that on its own the pool's state says "free" of every block no
+        sequence uses; ``prefix_lru_count`` says how many entries are the list.
+        """
+        cdef PrefixCache cache = self._cache
+        lru = empty(self._allocator.block_count(), cnp.NPY_INT32)
+        cdef Py_ssize_t num_lru = self._allocator.capture_lru(lru)
+        hashes, parents, known, tokens = cache._arrays()
+        state["free_stack"] = np.concatenate([lru[:num_lru], stack])
+        state["prefix_lru_count"] = np.array(num_lru, dtype=np.int64)
+        state["prefix_algorithm"] = np.array(self._algorithm)
+        state["prefix_seed"] = np.array(cache.seed)
+        state["prefix_medium"] = np.array(cache.medium)
+        state["prefix_options"] = np.array(
+            [cache.events is not None, cache._int_hashes,
+             -1 if self._dp_rank is None else self._dp_rank], dtype=np.int64)
+        state["prefix_hashes"] = hashes
+        state["prefix_parents"] = parents
+        state["prefix_known"] = known
+        state["prefix_tokens"] = tokens
+        state["prefix_cached"] = self._allocator.cached_flags()
+        state["prefix_stats"] = np.array(
+            [cache.requests, cache.queries, cache.hits, cache.evictions], dtype=np.int64)
+        blocks = {}
+        if cache._extra_used:
+            blocks = {str(b): keys for b, keys in enumerate(cache._extra) if keys is not None}
+        sequences = {str(self._sequences.slots[slot].seq_id): keys._to_json()
+                     for slot, keys in self._keys.items()}
+        state["prefix_extra"] = np.array(json.dumps({"blocks": blocks, "sequences": sequences}))
 
     @staticmethod
     def _from_state(state):
@@ -830,12 +1196,26 @@ cdef class KVCacheManager(Persistent):
         _state.check_kind(state, "KVCacheManager")
         (block_size, num_blocks, seq_ids, lengths, blocks, tokens, refcount,
          free_stack) = _state.manager_state(state)
+        cache_state = _state.prefix_state(state, num_blocks, block_size, free_stack.shape[0])
+        lru = None
+        if cache_state is not None:
+            lru = free_stack[:cache_state["lru_count"]]
+            free_stack = free_stack[cache_state["lru_count"]:]
         table_state = _state.header("PageTable")
         table_state.update(block_size=state["block_size"], seq_ids=seq_ids, lengths=lengths,
                            blocks=blocks)
         cdef PageTable table = PageTable._from_state(table_state)
         cdef BlockAllocator allocator = allocator_from_arrays(num_blocks, refcount, free_stack)
-        cdef KVCacheManager manager = KVCacheManager(num_blocks, block_size)
+        cdef KVCacheManager manager
+        if cache_state is None:
+            manager = KVCacheManager(num_blocks, block_size)
+        else:
+            manager = KVCacheManager(
+                num_blocks, block_size, enable_prefix_caching=True,
+                hash_algorithm=cache_state["algorithm"], hash_seed=cache_state["seed"],
+                enable_kv_cache_events=cache_state["events"],
+                event_hash_format="int" if cache_state["int_hashes"] else "bytes",
+                medium=cache_state["medium"], data_parallel_rank=cache_state["dp_rank"])
         cdef int64_t i, count = seq_ids.shape[0]
         table.mark_owned(True)
         allocator.mark_owned(True)
@@ -844,7 +1224,42 @@ cdef class KVCacheManager(Persistent):
         manager._sequences.reserve(count)
         for i in range(count):
             manager._sequences.add(seq_ids[i], table.find_row(seq_ids[i]), <int32_t>tokens[i])
+        if cache_state is not None:
+            manager._restore_cache(cache_state, lru)
+            try:
+                manager.check()
+            except AssertionError as error:
+                raise _state.CorruptStateError(f"the prefix cache is inconsistent: {error}") from None
         return manager
+
+    cdef _restore_cache(self, dict saved, lru):
+        """Rebuild the prefix cache on the (new) allocator from validated saved arrays."""
+        cdef PrefixCache cache = new_prefix_cache(
+            self._allocator, self._block_size, saved["algorithm"], saved["seed"],
+            saved["events"], "int" if saved["int_hashes"] else "bytes", saved["medium"])
+        self._cache = cache
+        cache._hash_arr[:] = saved["hashes"]
+        cache._parent_arr[:] = saved["parents"]
+        cache._known_arr[:] = saved["known"]
+        cache._tokens_arr[:] = saved["tokens"]
+        restore_lru(self._allocator, saved["cached"], lru)
+        cdef int32_t block
+        for block in np.flatnonzero(saved["cached"]):
+            self._allocator.set_cached(block, False)
+            if not cache._register(block):
+                raise _state.CorruptStateError(f"cached block {block} shares its hash with another")
+        cache.requests, cache.queries, cache.hits, cache.evictions = saved["stats"]
+        if saved["block_extra"]:
+            cache._extra = [None] * self._allocator.block_count()
+            cache._extra_used = True
+            for block, keys in saved["block_extra"].items():
+                cache._extra[block] = keys
+        cdef int32_t slot
+        for seq, keys in saved["sequence_extra"].items():
+            slot = self._sequences.find(seq)
+            if slot < 0:
+                raise _state.CorruptStateError(f"extra keys saved for sequence {seq}, which is not held")
+            self._keys[slot] = keys
 
     def __eq__(self, other):
         if not isinstance(other, KVCacheManager):
@@ -861,7 +1276,11 @@ cdef class KVCacheManager(Persistent):
         - each block's reference count equals the number of table entries naming it;
         - the free stack holds exactly the blocks with count 0, each once;
         - each sequence's block count is ``ceil(tokens / block_size)``;
-        - every block id in the table is inside the pool.
+        - every block id in the table is inside the pool;
+        - with prefix caching: free, used and cached-free blocks partition the pool
+          (cached-free ones each once on the eviction list), every cached block is
+          found under its hash and its hash matches its parent, tokens and extra
+          keys, and every sequence's full blocks are hashed and chained.
         """
         cdef int64_t num_blocks = self._allocator.block_count()
         references = np.zeros(num_blocks, dtype=np.int64)
@@ -908,9 +1327,78 @@ cdef class KVCacheManager(Persistent):
         used_and_free = np.flatnonzero((on_stack == 1) & (references > 0))
         if used_and_free.size:
             raise AssertionError(f"block {int(used_and_free[0])} is both free and in use")
-        lost = np.flatnonzero((on_stack == 0) & (references == 0))
-        if lost.size:
-            raise AssertionError(f"block {int(lost[0])} is neither free nor in use (leaked)")
+        cdef PrefixCache cache = self._cache
+        if cache is None:
+            lost = np.flatnonzero((on_stack == 0) & (references == 0))
+            if lost.size:
+                raise AssertionError(f"block {int(lost[0])} is neither free nor in use (leaked)")
+            return
+        self._check_cache(seq_ids, lengths, all_blocks, references, on_stack)
+
+    cdef _check_cache(self, seq_ids, lengths, all_blocks, references, on_stack):
+        """The prefix cache's invariants (see ``check``)."""
+        cdef PrefixCache cache = self._cache
+        cdef int64_t num_blocks = self._allocator.block_count()
+        cdef int64_t D = cache.digest_size, B = self._block_size
+        cached = self._allocator.cached_flags().astype(bool)
+        lru = empty(num_blocks, cnp.NPY_INT32)
+        lru = lru[:self._allocator.capture_lru(lru)]
+        if lru.size != self._allocator.lru_count():
+            raise AssertionError(
+                f"the cached-free list holds {lru.size} blocks but counts {self._allocator.lru_count()}")
+        on_lru = np.bincount(lru, minlength=num_blocks) if lru.size else np.zeros(num_blocks, np.int64)
+        if (on_lru > 1).any():
+            raise AssertionError(f"block {int(np.argmax(on_lru > 1))} is on the cached-free list twice")
+        # The three states partition the pool.
+        free = (references == 0) & ~cached
+        cached_free = (references == 0) & cached
+        for name, where, expected in (("free", free, on_stack == 1), ("cached-free", cached_free, on_lru == 1)):
+            wrong = np.flatnonzero(where != expected)
+            if wrong.size:
+                b = int(wrong[0])
+                raise AssertionError(
+                    f"block {b} (refcount {references[b]}, cached {bool(cached[b])}) is "
+                    f"{'not ' if where[b] else ''}{name} but is {'' if expected[b] else 'not '}on its list")
+        hashes, parents, known, tokens = cache._arrays()
+        hashes = hashes.reshape(num_blocks, D)
+        parents = parents.reshape(num_blocks, D)
+        if cached.sum() != cache.registered:
+            raise AssertionError(
+                f"{int(cached.sum())} blocks are marked cached but the cache counts {cache.registered}")
+        for b in np.flatnonzero(cached):
+            b = int(b)
+            digest = hashes[b].tobytes()
+            if not known[b]:
+                raise AssertionError(f"cached block {b} has no recorded hash")
+            if cache._lookup(digest) != b:
+                raise AssertionError(f"cached block {b}'s hash leads to block {cache._lookup(digest)}")
+            if cache.recompute(b) != digest:
+                raise AssertionError(
+                    f"cached block {b}'s hash does not match its parent, tokens and extra keys")
+        # Each sequence's full blocks: recorded, chained, and matching their tokens.
+        cdef int64_t first = 0, length, full, k
+        cdef int32_t slot
+        for i in range(seq_ids.shape[0]):
+            length = lengths[i]
+            blocks = all_blocks[first:first + length]
+            first += length
+            slot = self._sequences.find(int(seq_ids[i]))
+            full = self._sequences.slots[slot].tokens // B
+            for k in range(full):
+                b = int(blocks[k])
+                if not known[b]:
+                    raise AssertionError(f"sequence {int(seq_ids[i])}'s full block {k} ({b}) has no hash")
+                expected_parent = cache.none_hash if k == 0 else hashes[int(blocks[k - 1])].tobytes()
+                if parents[b].tobytes() != expected_parent:
+                    raise AssertionError(
+                        f"sequence {int(seq_ids[i])}'s block {k} ({b}) is not chained to its block {k - 1}")
+                if cache.recompute(b) != hashes[b].tobytes():
+                    raise AssertionError(
+                        f"sequence {int(seq_ids[i])}'s block {k} ({b}) does not match its hash")
+            for k in range(full, length):
+                b = int(blocks[k])
+                if cached[b]:
+                    raise AssertionError(f"sequence {int(seq_ids[i])}'s partial block {b} is cached")
 
 
 _state.register("KVCacheManager", KVCacheManager._from_state)

@@ -1,5 +1,6 @@
 # The manager's result types, for modules that build them in C.
 cimport cython
+from libc.stdint cimport int64_t
 
 
 @cython.final
@@ -7,6 +8,7 @@ cdef class AppendResult:
     cdef readonly object slots      # int64 cache slot of every new token
     cdef readonly object copy_src   # int32 copy-on-write sources
     cdef readonly object copy_dst   # int32 copy-on-write destinations
+    cdef readonly int64_t num_cached_tokens   # prompt tokens found in the prefix cache
 
 
 # An empty AppendResult, made before a change so that making it cannot fail after.

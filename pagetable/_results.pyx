@@ -4,7 +4,7 @@ cimport cython
 
 import numpy as np
 
-from pagetable._convert import as_int_array
+from pagetable._convert import as_index, as_int_array
 
 
 class OutOfBlocksError(RuntimeError):
@@ -41,9 +41,12 @@ cdef class AppendResult:
         sequence by sequence in input order: the K/V write kernel's slot mapping.
     copy_src, copy_dst : numpy.ndarray of int32
         Copy-on-write block copies to perform before writing, pairwise.
+    num_cached_tokens : int
+        For ``add_sequence`` with prefix caching: the prompt tokens found in the
+        cache, whose KV is already there (``slots`` starts after them); else 0.
     """
 
-    def __init__(self, slots, copy_src, copy_dst):
+    def __init__(self, slots, copy_src, copy_dst, num_cached_tokens=0):
         slots = as_int_array(slots, "slots")
         copy_src = as_int_array(copy_src, "copy_src", np.dtype(np.int32))
         copy_dst = as_int_array(copy_dst, "copy_dst", np.dtype(np.int32))
@@ -51,26 +54,32 @@ cdef class AppendResult:
             raise ValueError(
                 f"copy_src and copy_dst must have the same length, "
                 f"got {copy_src.shape[0]} and {copy_dst.shape[0]}")
+        num_cached_tokens = as_index(num_cached_tokens, "num_cached_tokens")
+        if num_cached_tokens < 0:
+            raise ValueError(f"num_cached_tokens must be >= 0, got {num_cached_tokens}")
         self.slots = slots
         self.copy_src = copy_src
         self.copy_dst = copy_dst
+        self.num_cached_tokens = num_cached_tokens
 
     def __repr__(self):
+        cached = f", num_cached_tokens={self.num_cached_tokens}" if self.num_cached_tokens else ""
         return (f"AppendResult(slots={self.slots!r}, copy_src={self.copy_src!r}, "
-                f"copy_dst={self.copy_dst!r})")
+                f"copy_dst={self.copy_dst!r}{cached})")
 
     def __eq__(self, other):
         if not isinstance(other, AppendResult):
             return NotImplemented
         return (np.array_equal(self.slots, other.slots)
                 and np.array_equal(self.copy_src, other.copy_src)
-                and np.array_equal(self.copy_dst, other.copy_dst))
+                and np.array_equal(self.copy_dst, other.copy_dst)
+                and self.num_cached_tokens == other.num_cached_tokens)
 
     __hash__ = None
 
     def __reduce__(self):
         # Through __init__, which checks what it is given.
-        return (AppendResult, (self.slots, self.copy_src, self.copy_dst))
+        return (AppendResult, (self.slots, self.copy_src, self.copy_dst, self.num_cached_tokens))
 
 
 cdef AppendResult new_result():
@@ -79,6 +88,7 @@ cdef AppendResult new_result():
     result.slots = _EMPTY_INT64
     result.copy_src = _EMPTY_INT32
     result.copy_dst = _EMPTY_INT32
+    result.num_cached_tokens = 0
     return result
 
 

@@ -31,6 +31,7 @@ built.  A file or pickle that fails any check raises :class:`CorruptStateError`.
 from __future__ import annotations
 
 import io
+import json
 import os
 import zipfile
 from typing import IO, Callable, Union
@@ -49,7 +50,13 @@ _MEMBERS = {
     "format": "U", "version": "iu", "kind": "U",
     "block_size": "iu", "seq_ids": "iu", "lengths": "iu", "blocks": "iu",
     "num_blocks": "iu", "refcount": "iu", "free_stack": "iu", "tokens": "iu",
+    # a prefix-caching KVCacheManager's cache (see prefix_state)
+    "prefix_lru_count": "iu", "prefix_algorithm": "U", "prefix_seed": "U",
+    "prefix_medium": "U", "prefix_options": "iu", "prefix_hashes": "u",
+    "prefix_parents": "u", "prefix_known": "u", "prefix_tokens": "iu", "prefix_cached": "u",
+    "prefix_stats": "iu", "prefix_extra": "U",
 }
+_PREFIX_MEMBERS = [key for key in _MEMBERS if key.startswith("prefix_")]
 _HEADER_LIMIT = 10000  # bytes of a .npy header, numpy's own default bound
 
 PathOrFile = Union[str, "os.PathLike[str]", IO[bytes]]
@@ -319,6 +326,89 @@ def manager_state(state: object) -> tuple[int, int, np.ndarray, np.ndarray, np.n
             f"block {block} has reference count {int(refcount[block])} but the table names "
             f"it {int(references[block])} times")
     return block_size, num_blocks, seq_ids, lengths, blocks, tokens, refcount, free_stack
+
+
+def _string(state: object, key: str) -> str:
+    value = _get(state, key)
+    if value.ndim != 0 or value.dtype.kind != "U":
+        raise CorruptStateError(f"state[{key!r}] must be a string")
+    return str(value.item())
+
+
+def _bytes_vector(state: object, key: str, size: int, high: int = 255) -> np.ndarray:
+    value = _vector(state, key, 0, high, np.uint8)
+    if value.shape[0] != size:
+        raise CorruptStateError(f"state[{key!r}] has {value.shape[0]} entries, expected {size}")
+    return value
+
+
+def _tuples(value: object, key: str) -> object:
+    """JSON lists back into the tuples they were, checking every leaf is a str or int."""
+    if isinstance(value, list):
+        return tuple(_tuples(item, key) for item in value)
+    if isinstance(value, (str, int)) and not isinstance(value, bool):
+        return value
+    raise CorruptStateError(f"{key} holds {value!r}, not a str, int or list")
+
+
+def prefix_state(state: object, num_blocks: int, block_size: int,
+                 free_count: int) -> dict[str, object] | None:
+    """The validated prefix cache of a manager's state, or None if it has none.
+
+    Values are checked one by one here; how they fit together (hashes matching their
+    tokens, the cached-free list matching the flags) is checked by the rebuilt
+    manager's ``check()``.
+    """
+    from pagetable import prefix
+
+    present = [key for key in _PREFIX_MEMBERS if isinstance(state, dict) and key in state]
+    if not present:
+        return None
+    missing = [key for key in _PREFIX_MEMBERS if key not in present]
+    if missing:
+        raise CorruptStateError(f"the prefix cache's state lacks {', '.join(missing)}")
+    algorithm = _string(state, "prefix_algorithm")
+    if algorithm not in prefix.ALGORITHMS:
+        raise CorruptStateError(f"unknown prefix hash algorithm {algorithm!r}")
+    digest = prefix.digest_size(algorithm)
+    options = _vector(state, "prefix_options", -1, INT32_MAX)
+    if options.shape[0] != 3 or not 0 <= options[0] <= 1 or not 0 <= options[1] <= 1:
+        raise CorruptStateError(f"state['prefix_options'] = {options.tolist()} is not valid")
+    stats = _vector(state, "prefix_stats", 0, INT64_MAX)
+    if stats.shape[0] != 4:
+        raise CorruptStateError("state['prefix_stats'] must hold 4 counters")
+    tokens = _vector(state, "prefix_tokens", 0, INT32_MAX, np.int32)
+    if tokens.shape[0] != num_blocks * block_size:
+        raise CorruptStateError(
+            f"state['prefix_tokens'] has {tokens.shape[0]} entries, expected {num_blocks * block_size}")
+    try:
+        extra = json.loads(_string(state, "prefix_extra"))
+        blocks = {int(b): _tuples(keys, "prefix_extra") for b, keys in extra["blocks"].items()}
+        sequences = {int(seq): prefix.ExtraKeys._from_json(keys)
+                     for seq, keys in extra["sequences"].items()}
+    except CorruptStateError:
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
+        raise CorruptStateError(f"state['prefix_extra'] is not valid: {error}") from None
+    if any(not 0 <= b < num_blocks for b in blocks):
+        raise CorruptStateError("state['prefix_extra'] names a block outside the pool")
+    return {
+        "algorithm": algorithm,
+        "seed": _string(state, "prefix_seed"),
+        "medium": _string(state, "prefix_medium"),
+        "events": bool(options[0]),
+        "int_hashes": bool(options[1]),
+        "dp_rank": None if options[2] < 0 else int(options[2]),
+        "lru_count": _scalar(state, "prefix_lru_count", 0, free_count),
+        "hashes": _bytes_vector(state, "prefix_hashes", num_blocks * digest),
+        "parents": _bytes_vector(state, "prefix_parents", num_blocks * digest),
+        "known": _bytes_vector(state, "prefix_known", num_blocks, 1),
+        "cached": _bytes_vector(state, "prefix_cached", num_blocks, 1),
+        "tokens": tokens,
+        "stats": [int(value) for value in stats],
+        "block_extra": blocks,
+        "sequence_extra": sequences,
+    }
 
 
 # --------------------------------------------------------------------- building

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import child_env
@@ -54,6 +55,17 @@ BAD_VALUES = [
     ["simulate", "--max-batch", "0"],
     ["simulate", "--rate", "10000", "--steps", "1000000"],
     ["simulate", "--workload", "nope"],
+    # The offending option first: the test looks for it in the error line.
+    ["simulate", "--turns", "0", "--workload", "shared-prefix"],
+    ["simulate", "--turns", "17", "--workload", "shared-prefix"],
+    ["simulate", "--system-prompts", "0", "--workload", "shared-prefix"],
+    ["simulate", "--system-prompt-tokens", "0", "--workload", "shared-prefix"],
+    ["simulate", "--system-prompt-tokens", "5000", "--workload", "shared-prefix"],
+    ["simulate", "--system-prompts", "3"],                     # sharegpt has none
+    ["simulate", "--hash-algorithm", "sha256"],                # without --prefix-caching
+    ["simulate", "--hash-algorithm", "md5", "--prefix-caching"],
+    ["simulate", "--rate", "2000", "--steps", "1000", "--workload", "shared-prefix"],   # token ids
+    ["simulate", "--num-blocks", "64", "--workload", "shared-prefix", "--system-prompt-tokens", "4096"],
     ["demo", "--seed", "-1"],
     ["demo", "--block-size", "0"],
     ["demo", "--sequences", "0"],
@@ -258,3 +270,166 @@ def test_the_bench_table_fits_in_100_columns(monkeypatch):
     assert len(rows) > 20
     for line in table.splitlines():
         assert len(line) <= 100, line
+
+
+# ----------------------------------------------------------------------- prefix caching
+
+
+def test_the_best_hits_of_a_hand_built_trace():
+    from pagetable.cli._best_hits import best_hits
+
+    trace = [
+        ([1, 2, 3, 4, 5], [[6, 7, 8]]),        # nothing cached yet
+        ([1, 2, 3, 4, 5, 6, 7, 8, 9], [[]]),   # the whole of the first request's 4 blocks
+        ([1, 2, 3, 4], [[]]),                  # capped at (4 - 1) // 2 = 1 block
+        ([9, 9, 3, 4, 5, 6], [[]]),            # [3, 4] is cached, but under another parent
+        ([1, 2, 9, 9, 5, 6], [[]]),            # [1, 2] only
+        ([1, 2, 9, 9, 5, 6, 0], [[]]),         # the chain the request before stored
+        ([], [[]]),                            # an empty prompt hits nothing
+        ([1], [[2]]),                          # neither does a one-token one
+        ([4, 4, 4], [[5], [6]]),               # two samples, two different second blocks
+        ([4, 4, 4, 6, 1], [[]]),               # sample 1's sequence, capped at 2 blocks
+        ([4, 4, 4, 5], [[]]),                  # sample 0's, capped at 1 block
+    ]
+    bound = best_hits(2, trace)
+    assert bound.per_request == [0, 8, 2, 0, 2, 6, 0, 0, 0, 4, 2]
+    assert bound.requests == len(trace)
+    assert bound.queries == sum(len(prompt) for prompt, _ in trace)
+    assert bound.hits == 24 and bound.hit_blocks == 12
+    assert bound.hit_rate == 24 / bound.queries
+
+
+def test_the_best_hits_of_a_block_size_of_one():
+    from pagetable.cli._best_hits import best_hits
+
+    bound = best_hits(1, [([7, 8, 9], [[10]]), ([7, 8, 9, 10, 11], [[]]), ([7, 8], [[]])])
+    assert bound.per_request == [0, 4, 1]
+
+
+def test_the_shared_prefix_workload_is_seeded_and_resends_its_history():
+    from pagetable.cli import workloads
+
+    first = workloads.shared_prefix_requests(300, 1.0, 2, seed=3)
+    again = workloads.shared_prefix_requests(300, 1.0, 2, seed=3)
+    other = workloads.shared_prefix_requests(300, 1.0, 2, seed=4)
+    assert len(first) == len(again) and all(
+        np.array_equal(a.prompt, b.prompt) and all(np.array_equal(x, y) for x, y in zip(a.outputs, b.outputs))
+        for a, b in zip(first, again))
+    assert not all(np.array_equal(a.prompt, b.prompt) for a, b in zip(first, other))
+    system = {turn.prompt[:1024].tobytes() for turn in first}
+    assert 1 < len(system) <= 4            # a few system prompts, shared by every conversation
+    follow_ups = 0
+    for index, turn in enumerate(first):
+        assert len(turn.outputs) == 2 and turn.prompt.size + max(o.size for o in turn.outputs) <= 8192
+        assert ((turn.arrival >= 0) == (turn.turn == 0)) and (turn.think > 0) == (turn.turn > 0)
+        assert 0 <= turn.prompt.min() and turn.prompt.max() < workloads.VOCAB_SIZE
+        if turn.next >= 0:
+            follow_up = first[turn.next]
+            assert turn.next > index and follow_up.conversation == turn.conversation
+            assert follow_up.turn == turn.turn + 1
+            history = np.concatenate([turn.prompt, turn.outputs[0]])
+            assert follow_up.prompt.size > history.size
+            assert np.array_equal(follow_up.prompt[:history.size], history)
+            follow_ups += 1
+    assert follow_ups > 0
+
+
+def test_shared_prefix_without_caching_hits_nothing_and_names_the_best(tmp_path):
+    out = tmp_path / "figures.json"
+    result = run_cli(["simulate", "--workload", "shared-prefix", "--steps", "120", "--rate", "2",
+                      "--system-prompt-tokens", "256", "--json", str(out)], tmp_path)
+    assert result.returncode == 0, result.stderr
+    cache = json.loads(out.read_text())["prefix_cache"]
+    assert cache["enabled"] is False and cache["hit_rate"] == 0.0 and cache["hit_tokens"] == 0
+    assert cache["prefill_tokens_saved"] == 0 and cache["evictions"] == 0 and cache["manager_stats"] is None
+    # Every conversation starts from one of four system prompts of 16 blocks: after the
+    # first four requests, each hits at least those.
+    assert cache["requests"] > 8 and cache["best_hit_tokens"] >= 256 * (cache["requests"] - 4)
+    assert 0 < cache["best_hit_rate"] < 1
+    assert "prefix cache       off" in result.stdout and "best possible on this trace" in result.stdout
+
+
+def test_a_workload_without_token_ids_reports_no_best(tmp_path):
+    out = tmp_path / "figures.json"
+    result = run_cli(["simulate", "--steps", "40", "--no-reference", "--json", str(out)], tmp_path)
+    assert result.returncode == 0, result.stderr
+    cache = json.loads(out.read_text())["prefix_cache"]
+    assert cache["best_hit_rate"] is None and cache["hit_rate"] == 0.0
+    assert "prefix cache" not in result.stdout
+
+
+def _caching_run(tmp_path, *extra):
+    out = tmp_path / "figures.json"
+    result = run_cli(["simulate", "--workload", "shared-prefix", "--prefix-caching", "--steps", "150",
+                      "--rate", "2", "--system-prompt-tokens", "256", "--json", str(out), *extra], tmp_path)
+    assert result.returncode == 0, result.stderr
+    return result.stdout, json.loads(out.read_text())
+
+
+def _reference_caches():
+    from pagetable.reference import ReferenceKVCacheManager
+
+    try:
+        ReferenceKVCacheManager(1, 1, enable_prefix_caching=True)
+    except TypeError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _reference_caches(), reason="the reference model has no prefix caching in this build")
+def test_prefix_caching_is_checked_against_the_reference_every_step(tmp_path):
+    # A short pool: evictions, preemptions and re-admissions all happen.
+    printed, figures = _caching_run(tmp_path, "--num-blocks", "150", "--n", "2")
+    assert figures["checked_equal"] and "results checked equal every step" in printed
+    assert figures["prefix_cache"]["evictions"] > 0 and figures["preemptions"] > 0 and figures["copies"] > 0
+
+
+def test_prefix_caching_without_a_caching_reference_is_refused(tmp_path, monkeypatch):
+    from pagetable.cli import simulate
+
+    class Plain:
+        def __init__(self, num_blocks, block_size):
+            pass
+
+    monkeypatch.setattr(simulate, "ReferenceKVCacheManager", Plain)
+    with pytest.raises(SystemExit) as exit:
+        main(["simulate", "--prefix-caching", "--steps", "5"])
+    assert exit.value.code == 2
+
+
+def test_prefix_caching_figures_are_consistent_under_eviction(tmp_path):
+    printed, figures = _caching_run(tmp_path, "--num-blocks", "150", "--no-reference")
+    cache = figures["prefix_cache"]
+    assert cache["enabled"] and cache["hash_algorithm"] == "sha256"
+    assert cache["evictions"] > 0
+    assert 0 < cache["hit_tokens"] <= cache["best_hit_tokens"] <= cache["prompt_tokens"]
+    assert 0 < cache["hit_rate"] <= cache["best_hit_rate"] < 1
+    assert cache["hit_rate"] == cache["hit_tokens"] / cache["prompt_tokens"]
+    assert cache["hit_tokens"] % 16 == 0 and cache["best_hit_tokens"] % 16 == 0
+    # Saved counts every admission, re-admissions too; the manager counts every lookup.
+    assert cache["prefill_tokens_saved"] >= cache["hit_tokens"]
+    assert cache["blocks_saved"] == cache["prefill_tokens_saved"] // 16
+    stats = cache["manager_stats"]
+    assert stats["evictions"] == cache["evictions"]
+    assert stats["requests"] >= figures["admitted"] >= cache["requests"]
+    assert stats["hits"] >= cache["prefill_tokens_saved"] and stats["queries"] >= cache["prompt_tokens"]
+    assert "best possible on this trace" in printed and "evictions" in printed
+
+
+def test_without_eviction_the_best_hit_rate_is_reached(tmp_path):
+    # Nothing is evicted and a turn is sent only after the answer before it is done, so
+    # every block the bound counts is in the cache when it is looked up.
+    printed, figures = _caching_run(tmp_path, "--num-blocks", "20000", "--no-reference")
+    cache = figures["prefix_cache"]
+    assert cache["evictions"] == 0 and figures["preemptions"] == 0
+    assert cache["hit_tokens"] == cache["best_hit_tokens"] > 0
+
+
+def test_random_token_ids_share_nothing(tmp_path):
+    out = tmp_path / "figures.json"
+    result = run_cli(["simulate", "--prefix-caching", "--steps", "60", "--rate", "2", "--no-reference",
+                      "--json", str(out)], tmp_path)
+    assert result.returncode == 0, result.stderr
+    cache = json.loads(out.read_text())["prefix_cache"]
+    assert cache["enabled"] and cache["requests"] > 0
+    assert cache["hit_rate"] == 0.0 and cache["best_hit_rate"] == 0.0 and cache["manager_stats"]["hits"] == 0

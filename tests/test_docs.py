@@ -9,7 +9,7 @@ import pytest
 import pagetable
 
 DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs"
-RUN = ["guide.md"]          # docs whose ```python blocks are complete programs
+RUN = ["guide.md", "PREFIX_CACHING.md"]   # docs whose ```python blocks are complete programs
 
 
 def python_blocks(name):

@@ -9,7 +9,15 @@ Workload (seeded, :func:`pagetable.cli.workloads.serving_requests`): Poisson arr
 (``--rate`` requests per step); prompt and output lengths lognormal, clipped, with means
 matching the datasets in the vLLM paper (Kwon et al., SOSP 2023, Fig. 11): ShareGPT
 about 161 prompt / 338 output tokens, Alpaca about 19 / 58.  ``--n`` samples per
-request share the prompt through ``fork``.
+request share the prompt through ``fork``.  ``--workload shared-prefix``
+(:func:`pagetable.cli.workloads.shared_prefix_requests`): conversations that start from
+one of a few long system prompts and resend their whole history each turn, with token
+ids; a conversation's next turn arrives a few steps after its answer is finished.
+
+With ``--prefix-caching`` the managers cache full prompt blocks by their chained hash:
+each prompt is admitted with its token ids and each decoded token appended with its
+id; the summary gives the hit rate next to the best any cache could reach on the same
+trace (:func:`pagetable.cli._best_hits.best_hits`: no eviction, same rules).
 
 Each step, as an engine would:
 
@@ -35,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import heapq
 import json
 import time
 from collections import deque
@@ -47,6 +56,7 @@ from pagetable import KVCacheManager, OutOfBlocksError
 from pagetable.reference import ReferenceKVCacheManager
 
 from . import _options, workloads
+from ._best_hits import best_hits
 from ._progress import Progress
 
 HELP = "continuous-batching serving simulation of the KV-cache manager, checked and timed"
@@ -57,6 +67,12 @@ MAX_SEQUENCES = 2_000_000
 # A larger pool than any run here fills; the pure-Python reference holds a list entry
 # per block (2**22 blocks: about 0.2 GB and 0.2 s to build).
 MAX_NUM_BLOCKS = 1 << 22
+# The most token ids a run may hold (8 bytes each), for a workload with token ids.
+MAX_TOKEN_IDS = 200_000_000
+WORKLOADS = (*sorted(workloads.SERVING), "shared-prefix")
+# The shared-prefix workload's own options and their defaults.
+SHARED_PREFIX_DEFAULTS = {"system_prompts": 4, "system_prompt_tokens": 1024, "turns": 4}
+HASH_ALGORITHMS = ("sha256", "sha256_cbor", "xxhash", "xxhash_cbor")
 
 
 @dataclass
@@ -70,16 +86,40 @@ class Request:
     generated: list[int] = field(default_factory=list)   # per sample, kept across preemption
     seq_ids: list[int] = field(default_factory=list)     # live sequence per sample, -1 when done
     preemptions: int = 0
+    # Token ids (int64), when the workload has them or prefix caching needs them.
+    prompt_ids: np.ndarray | None = None
+    output_ids: list[np.ndarray] | None = None
+    # A conversation's next turn: its index in the workload, and the steps it arrives
+    # after this request has finished (shared-prefix).
+    next_turn: int = -1
+    think: int = 0
 
 
 def make_workload(args: argparse.Namespace) -> list[Request]:
-    """Every request that arrives within ``args.steps`` steps, seeded."""
+    """Every request of the run, seeded; a later turn of a conversation has arrival -1
+    until the turn before it has finished."""
+    if args.workload == "shared-prefix":
+        turns = workloads.shared_prefix_requests(args.steps, args.rate, args.n, args.seed, args.system_prompts,
+                                                 args.system_prompt_tokens, args.turns)
+        return [
+            Request(i, t.arrival, int(t.prompt.size), [int(o.size) for o in t.outputs], [0] * args.n,
+                    [-1] * args.n, prompt_ids=t.prompt, output_ids=t.outputs, next_turn=t.next, think=t.think)
+            for i, t in enumerate(turns)
+        ]
     steps, prompts, outputs = workloads.serving_requests(args.workload, args.steps, args.rate,
                                                          args.n, args.seed)
-    return [
+    requests = [
         Request(i, int(steps[i]), int(prompts[i]), outputs[i].tolist(), [0] * args.n, [-1] * args.n)
         for i in range(len(prompts))
     ]
+    if args.prefix_caching:
+        # These workloads have lengths only: random token ids, which share nothing.
+        ids = iter(workloads.random_token_ids(args.seed, np.concatenate([prompts, outputs.reshape(-1)])))
+        for request in requests:
+            request.prompt_ids = next(ids)
+        for request in requests:
+            request.output_ids = [next(ids) for _ in range(args.n)]
+    return requests
 
 
 class TableWork:
@@ -95,13 +135,13 @@ class TableWork:
         self.reference_ns = 0
         self.calls = 0
 
-    def __call__(self, name: str, *args: Any) -> Any:
+    def __call__(self, name: str, *args: Any, **kwargs: Any) -> Any:
         clock = time.perf_counter_ns
         start = clock()
         error: OutOfBlocksError | None = None
         result: Any
         try:
-            result = getattr(self.fast, name)(*args)
+            result = getattr(self.fast, name)(*args, **kwargs)
         except OutOfBlocksError as exc:
             result, error = OutOfBlocksError, exc
         self.fast_ns += clock() - start
@@ -110,7 +150,7 @@ class TableWork:
             start = clock()
             expected: Any
             try:
-                expected = getattr(self.reference, name)(*args)
+                expected = getattr(self.reference, name)(*args, **kwargs)
             except OutOfBlocksError:
                 expected = OutOfBlocksError
             self.reference_ns += clock() - start
@@ -121,7 +161,7 @@ class TableWork:
         return result
 
     def query(self, name: str) -> Any:
-        """A property read (free blocks), timed and compared like a call."""
+        """A property read (free blocks, cache figures), timed and compared like a call."""
         clock = time.perf_counter_ns
         start = clock()
         value = getattr(self.fast, name)
@@ -130,7 +170,7 @@ class TableWork:
             start = clock()
             expected = getattr(self.reference, name)
             self.reference_ns += clock() - start
-            if value != expected:
+            if not _same(value, expected):
                 raise AssertionError(f"{name}: pagetable {value}, the reference {expected}")
         return value
 
@@ -141,25 +181,48 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, tuple):
         return isinstance(b, tuple) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
     if hasattr(a, "slots"):
-        return all(_same(getattr(a, k), getattr(b, k)) for k in ("slots", "copy_src", "copy_dst"))
+        fields = ("slots", "copy_src", "copy_dst", "num_cached_tokens")
+        return all(_same(getattr(a, k, None), getattr(b, k, None)) for k in fields)
+    if hasattr(a, "hit_rate"):
+        return _cache_stats(a) == _cache_stats(b)
     return a == b
+
+
+def _cache_stats(stats: Any) -> dict[str, int]:
+    """A PrefixCacheStats as plain numbers (the managers' classes may differ)."""
+    return {k: int(getattr(stats, k)) for k in ("requests", "queries", "hits", "evictions")}
+
+
+def _managers(args: argparse.Namespace) -> tuple[KVCacheManager, ReferenceKVCacheManager | None]:
+    """The manager under test and its reference, with or without prefix caching."""
+    options: dict[str, Any] = {}
+    if args.prefix_caching:
+        options = {"enable_prefix_caching": True, "hash_algorithm": args.hash_algorithm}
+    fast = KVCacheManager(args.num_blocks, args.block_size, **options)
+    reference = None if args.no_reference else ReferenceKVCacheManager(args.num_blocks, args.block_size, **options)
+    return fast, reference
 
 
 def simulate(args: argparse.Namespace) -> dict[str, Any]:
     """Run the simulation and return its figures."""
+    _fill_defaults(args)
     requests = make_workload(args)
     block_size = args.block_size
-    fast = KVCacheManager(args.num_blocks, block_size)
-    reference = None if args.no_reference else ReferenceKVCacheManager(args.num_blocks, block_size)
+    caching = args.prefix_caching
+    fast, reference = _managers(args)
     table = TableWork(fast, reference)
     watermark = max(1, args.num_blocks // 100)
 
-    pending = deque(requests)            # not yet arrived
+    # Not yet arrived, by (arrival step, request id); later turns join once released.
+    pending = [(r.arrival, r.request_id) for r in requests if r.arrival >= 0]
+    heapq.heapify(pending)
     waiting: deque[Request] = deque()    # arrived, not running
     running: list[Request] = []          # admission order; the last is the newest
     owner: dict[int, tuple[Request, int]] = {}   # seq id -> (request, sample)
     next_seq = 0
     num_running_seqs = 0
+    first_admissions: list[Request] = []          # the trace the best hit rate is computed on
+    first_hits = 0                                # tokens those admissions found cached
 
     per_step_fast = np.zeros(args.steps)
     per_step_reference = np.zeros(args.steps)
@@ -171,7 +234,7 @@ def simulate(args: argparse.Namespace) -> dict[str, Any]:
     shared_saved: list[int] = []
     live_lengths: list[float] = []
     totals = dict(prefill_tokens=0, decode_tokens=0, recomputed_tokens=0, preemptions=0,
-                  finished_requests=0, copies=0, admitted=0, rejected=0)
+                  finished_requests=0, copies=0, admitted=0, rejected=0, arrived=0, cached_tokens=0)
     progress = Progress(args.steps, "steps", enabled=not args.quiet)
 
     def live_ids(request: Request) -> list[int]:
@@ -192,13 +255,30 @@ def simulate(args: argparse.Namespace) -> dict[str, Any]:
 
     def admit(request: Request) -> list[np.ndarray] | None:
         """Prefill a request's samples; None (and nothing changed) if the pool is short."""
-        nonlocal next_seq, num_running_seqs
+        nonlocal next_seq, num_running_seqs, first_hits
         samples = [i for i, s in enumerate(request.seq_ids) if s != -2]
-        if table.query("num_free_blocks") - watermark < -(-request.prompt_len // block_size) + len(samples):
-            return None
+        room = table.query("num_free_blocks") - watermark
+        need = -(-request.prompt_len // block_size) + len(samples)
+        if room < need:
+            if not caching:
+                return None
+            # Hit blocks that other sequences hold cost nothing.  The pool is short, so
+            # the lookup is worth its hashing; a cached-free hit block is counted free and
+            # still taken, so this admission may use the watermark by that many blocks,
+            # and add_sequence itself refuses (changing nothing) what cannot fit at all.
+            hit_blocks = table("count_cached_tokens", request.prompt_ids) // block_size
+            if room < need - hit_blocks:
+                return None
         ids = list(range(next_seq, next_seq + len(samples)))
+        try:
+            if caching:
+                added = table("add_sequence", ids[0], request.prompt_len, token_ids=request.prompt_ids)
+            else:
+                added = table("add_sequence", ids[0], request.prompt_len)
+        except OutOfBlocksError:
+            return None
         next_seq += len(samples)
-        slots = [table("add_sequence", ids[0], request.prompt_len).slots]
+        slots = [added.slots]
         for child in ids[1:]:
             table("fork", ids[0], child)
         progress_made = [request.generated[i] for i in samples]
@@ -206,12 +286,22 @@ def simulate(args: argparse.Namespace) -> dict[str, Any]:
             if not table("can_append", ids, progress_made):
                 table("free_sequence", ids)
                 return None
-            result = table("append_tokens", ids, progress_made)
+            if caching:
+                assert request.output_ids is not None
+                generated = np.concatenate([request.output_ids[i][:request.generated[i]] for i in samples])
+                result = table("append_tokens", ids, progress_made, token_ids=generated)
+            else:
+                result = table("append_tokens", ids, progress_made)
             slots.append(result.slots)
             totals["copies"] += len(result.copy_src)
             totals["recomputed_tokens"] += sum(progress_made)
+        cached = int(added.num_cached_tokens) if caching else 0
+        totals["cached_tokens"] += cached
         if request.preemptions:
             totals["recomputed_tokens"] += request.prompt_len
+        else:
+            first_admissions.append(request)
+            first_hits += cached
         for sample, seq in zip(samples, ids):
             request.seq_ids[sample] = seq
             owner[seq] = (request, sample)
@@ -228,8 +318,9 @@ def simulate(args: argparse.Namespace) -> dict[str, Any]:
     for step in range(args.steps):
         if step % 64 == 0:
             gc.collect()
-        while pending and pending[0].arrival <= step:
-            waiting.append(pending.popleft())
+        while pending and pending[0][0] <= step:
+            waiting.append(requests[heapq.heappop(pending)[1]])
+            totals["arrived"] += 1
         table.fast_ns = table.reference_ns = 0
 
         # 1. Decode: one token for every running sequence.  append_tokens is
@@ -238,7 +329,12 @@ def simulate(args: argparse.Namespace) -> dict[str, Any]:
         while running:
             decode_ids = np.array([s for r in running for s in r.seq_ids if s >= 0], dtype=np.int64)
             try:
-                result = table("append_tokens", decode_ids, 1)
+                if caching:
+                    decoded = np.array([r.output_ids[i][r.generated[i]] for r in running  # type: ignore[index]
+                                        for i, s in enumerate(r.seq_ids) if s >= 0], dtype=np.int64)
+                    result = table("append_tokens", decode_ids, 1, token_ids=decoded)
+                else:
+                    result = table("append_tokens", decode_ids, 1)
             except OutOfBlocksError:
                 preempt(running[-1])
                 continue
@@ -282,7 +378,8 @@ def simulate(args: argparse.Namespace) -> dict[str, Any]:
                 table.reference_ns += time.perf_counter_ns() - start
             del slot_mapping
 
-        # 4. The decoded sequences advance; finished ones are freed.
+        # 4. The decoded sequences advance; finished ones are freed, and a finished
+        # turn of a conversation sends the next one a few steps later.
         finished = []
         for seq in decode_ids.tolist():
             request, sample = owner[seq]
@@ -294,9 +391,16 @@ def simulate(args: argparse.Namespace) -> dict[str, Any]:
                 if all(s == -2 for s in request.seq_ids):
                     running.remove(request)
                     totals["finished_requests"] += 1
+                    if request.next_turn >= 0:
+                        follow_up = requests[request.next_turn]
+                        follow_up.arrival = step + follow_up.think
+                        heapq.heappush(pending, (follow_up.arrival, follow_up.request_id))
         if finished:
             table("free_sequence", np.array(finished, dtype=np.int64))
             num_running_seqs -= len(finished)
+        if caching:
+            table.query("prefix_cache_stats")
+            table.query("num_cached_blocks")
 
         per_step_fast[step] = table.fast_ns / 1e3
         per_step_reference[step] = table.reference_ns / 1e3
@@ -325,11 +429,15 @@ def simulate(args: argparse.Namespace) -> dict[str, Any]:
     if fast.num_free_blocks != fast.num_blocks:
         raise AssertionError(f"leak: {fast.num_blocks - fast.num_free_blocks} blocks not returned")
 
+    cache: dict[str, Any] = {"first_admissions": first_admissions, "first_hits": first_hits}
+    if caching:
+        cache["stats"] = _cache_stats(table.query("prefix_cache_stats"))
+        cache["cached_blocks"] = int(table.query("num_cached_blocks"))
     return _figures(args, dict(
         requests=requests, totals=totals, wall=wall, per_step_fast=per_step_fast,
         per_step_reference=per_step_reference, running_seqs=running_seqs, used_blocks=used_blocks,
         utilisation_steps=utilisation_steps, utilisation=utilisation, shared_saved=shared_saved,
-        live_lengths=live_lengths))
+        live_lengths=live_lengths, cache=cache))
 
 
 def _memory(manager: KVCacheManager, seq_ids: list[int]) -> tuple[int, int, int, float]:
@@ -378,10 +486,10 @@ def _figures(args: argparse.Namespace, run: dict[str, Any]) -> dict[str, Any]:
     figures: dict[str, Any] = {
         "config": {k: v for k, v in vars(args).items() if k not in ("plot", "json", "command")},
         "steps": args.steps,
-        "requests_arrived": len(run["requests"]),
+        "requests_arrived": totals["arrived"],
         "requests_finished": totals["finished_requests"],
         "tokens": totals["prefill_tokens"] + totals["decode_tokens"],
-        **totals,
+        **{k: v for k, v in totals.items() if k not in ("arrived", "cached_tokens")},
         "mean_running_sequences": float(running_seqs.mean()),
         "max_running_sequences": int(running_seqs.max()),
         "max_batch": args.max_batch,
@@ -394,6 +502,7 @@ def _figures(args: argparse.Namespace, run: dict[str, Any]) -> dict[str, Any]:
         "blocks_saved_by_sharing_mean": float(np.mean(run["shared_saved"])) if run["shared_saved"] else 0.0,
         "blocks_saved_by_sharing_max": int(max(run["shared_saved"], default=0)),
         "checked_equal": not args.no_reference,
+        "prefix_cache": _prefix_cache_figures(args, run),
         "series": {
             "per_step_pagetable_us": fast_us.tolist(),
             "per_step_reference_us": reference_us.tolist() if not args.no_reference else None,
@@ -416,6 +525,40 @@ def _figures(args: argparse.Namespace, run: dict[str, Any]) -> dict[str, Any]:
     return figures
 
 
+def _prefix_cache_figures(args: argparse.Namespace, run: dict[str, Any]) -> dict[str, Any]:
+    """Hit rate of the first admissions beside the best on that trace, and what was saved.
+
+    The trace is every request's first admission, in order: a re-admission after
+    preemption finds its own blocks again, which says nothing about the workload.
+    """
+    cache, totals = run["cache"], run["totals"]
+    first = cache["first_admissions"]
+    prompt_tokens = sum(r.prompt_len for r in first)
+    figures: dict[str, Any] = {
+        "enabled": args.prefix_caching,
+        "hash_algorithm": args.hash_algorithm if args.prefix_caching else None,
+        "requests": len(first),
+        "prompt_tokens": prompt_tokens,
+        "hit_tokens": cache["first_hits"],
+        "hit_rate": cache["first_hits"] / prompt_tokens if prompt_tokens else 0.0,
+        "best_hit_tokens": None,
+        "best_hit_rate": None,
+        "prefill_tokens_saved": totals["cached_tokens"],
+        "blocks_saved": totals["cached_tokens"] // args.block_size,
+        "evictions": cache["stats"]["evictions"] if args.prefix_caching else 0,
+        "manager_stats": None,
+        "cached_blocks_at_end": cache.get("cached_blocks", 0),
+    }
+    if args.prefix_caching:
+        stats = cache["stats"]
+        figures["manager_stats"] = dict(stats, hit_rate=stats["hits"] / stats["queries"] if stats["queries"] else 0.0)
+    if first and first[0].prompt_ids is not None:
+        bound = best_hits(args.block_size, [(r.prompt_ids, r.output_ids) for r in first])
+        figures["best_hit_tokens"] = bound.hits
+        figures["best_hit_rate"] = bound.hit_rate
+    return figures
+
+
 def _us(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
@@ -427,9 +570,14 @@ def _times(value: float | None) -> str:
 def _summary(figures: dict[str, Any]) -> str:
     c = figures["config"]
     max_batch = figures["max_batch"]
+    workload = c["workload"]
+    if workload == "shared-prefix":
+        workload += (f" ({c['system_prompts']} system prompts of {c['system_prompt_tokens']} tokens, "
+                     f"{c['turns']} turns on average)")
+    caching = f", prefix caching ({c['hash_algorithm']})" if c["prefix_caching"] else ""
     lines = [
-        f"pagetable simulate: {c['workload']} workload, rate {c['rate']} req/step, n={c['n']}, "
-        f"block size {c['block_size']}, {c['num_blocks']} blocks, max batch {max_batch}, seed {c['seed']}",
+        f"pagetable simulate: {workload} workload, rate {c['rate']} req/step, n={c['n']}, "
+        f"block size {c['block_size']}, {c['num_blocks']} blocks, max batch {max_batch}{caching}, seed {c['seed']}",
         f"  steps              {figures['steps']}  ({figures['wall_s']:.1f} s wall)",
         f"  requests           {figures['requests_arrived']} arrived, {figures['admitted']} admitted "
         f"(incl. re-admissions), {figures['requests_finished']} finished, {figures['preemptions']} preemptions"
@@ -472,9 +620,11 @@ def _summary(figures: dict[str, Any]) -> str:
             f"                     unused: each sequence's part-filled last block (under {c['block_size']} "
             f"slots each; live sequences average {figures['live_sequence_tokens_mean']:.0f} tokens)",
         ]
+    lines += _prefix_cache_summary(figures["prefix_cache"])
     if c["n"] > 1:
+        how = "forking the prompt and by prefix-cache hits" if c["prefix_caching"] else "forking the prompt"
         lines.append(f"  sharing            {figures['blocks_saved_by_sharing_mean']:.0f} blocks saved on average "
-                     f"(max {figures['blocks_saved_by_sharing_max']}) by forking the prompt")
+                     f"(max {figures['blocks_saved_by_sharing_max']}) by {how}")
     lines.append("  no leak: every block back in the pool after freeing all sequences; check() passed")
     if figures["thrashing"]:
         lines.append(
@@ -482,6 +632,27 @@ def _summary(figures: dict[str, Any]) -> str:
             f"{figures['requests_finished']} finished requests, so the figures above measure "
             f"recomputation, not serving; give it more --num-blocks, or lower --rate or --n")
     return "\n".join(lines)
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _prefix_cache_summary(cache: dict[str, Any]) -> list[str]:
+    best = cache["best_hit_rate"]
+    if not cache["enabled"]:
+        if best is None:
+            return []
+        return [f"  prefix cache       off (--prefix-caching turns it on): hit rate 0.0%; best possible on "
+                f"this trace {_percent(best)}"]
+    stats = cache["manager_stats"]
+    return [
+        f"  prefix cache       hit rate {_percent(cache['hit_rate'])} of the prompt tokens of "
+        f"{cache['requests']} first admissions; best possible on this trace {_percent(best)}",
+        f"                     saved {cache['prefill_tokens_saved']:,} prefill tokens ({cache['blocks_saved']:,} "
+        f"blocks) over all admissions; {cache['evictions']:,} evictions; manager: {stats['requests']} "
+        f"lookups, hit rate {_percent(stats['hit_rate'])}",
+    ]
 
 
 def _plot(figures: dict[str, Any], path: str) -> None:
@@ -508,14 +679,33 @@ def _plot(figures: dict[str, Any], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+EPILOG = (
+    "With --prefix-caching the summary (and the JSON's prefix_cache) gives: the hit rate, the "
+    "share of the prompt tokens of every request's first admission that were found cached "
+    "(re-admissions after preemption find their own blocks and are left out); beside it the best "
+    "hit rate possible on that same trace, computed from the trace alone: a cache that never "
+    "evicts, under the manager's rules (full blocks only, a block hits only when its whole prefix "
+    "is identical, at most num_tokens - 1 tokens hit per prompt, everything an admitted request "
+    "holds cached for every later one); the prefill tokens and blocks saved over all admissions; "
+    "the evictions; and the manager's own prefix_cache_stats. Without --prefix-caching the "
+    "shared-prefix workload still reports the best hit rate, so the two runs compare.")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EPILOG
     integer = _options.integer
-    parser.add_argument("--workload", choices=sorted(workloads.SERVING), default="sharegpt",
-                        help="length distributions (default sharegpt: ~161 prompt / ~338 output tokens)")
+    parser.add_argument("--workload", choices=WORKLOADS, default="sharegpt",
+                        help="sharegpt (the default: ~161 prompt / ~338 output tokens) or alpaca (~19 / ~58): "
+                             "lengths only; shared-prefix: conversations with token ids that start from a few "
+                             "long system prompts and resend their whole history each turn (user messages "
+                             "~64 tokens, answers ~128, a next turn ~50 steps after an answer ends, context "
+                             "at most 8192 tokens)")
     parser.add_argument("--steps", type=integer(1, 1_000_000), default=1000,
                         help="engine steps to simulate, 1..1,000,000 (default 1000)")
     parser.add_argument("--rate", type=_options.positive_real(10_000), default=1.0,
-                        help="mean request arrivals per step, in (0, 10000] (default 1.0)")
+                        help="mean request arrivals per step, in (0, 10000] (default 1.0); shared-prefix: "
+                             "conversations start at --rate / --turns per step and each later turn arrives "
+                             "once the answer before it is done, so about --rate per step in the long run")
     parser.add_argument("--n", type=integer(1, 1024), default=1,
                         help="parallel samples per request, via fork, 1..1024 (default 1)")
     parser.add_argument("--block-size", type=integer(1, 2**31 - 1), default=16,
@@ -526,31 +716,90 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=integer(1, 1_000_000), default=256,
                         help="most running sequences (default 256)")
     parser.add_argument("--seed", type=_options.seed, default=0, help="workload seed, >= 0 (default 0)")
-    parser.add_argument("--no-reference", action="store_true", help="skip the pure-Python reference run")
+    parser.add_argument("--system-prompts", type=integer(1, 1024), default=None,
+                        help="shared-prefix: distinct system prompts, 1..1024 (default 4)")
+    parser.add_argument("--system-prompt-tokens", type=integer(1, 4096), default=None,
+                        help="shared-prefix: tokens per system prompt, 1..4096 (default 1024)")
+    parser.add_argument("--turns", type=integer(1, workloads.SHARED_PREFIX_MAX_TURNS), default=None,
+                        help=f"shared-prefix: mean turns per conversation (geometric), "
+                             f"1..{workloads.SHARED_PREFIX_MAX_TURNS} (default 4); conversations start at "
+                             f"--rate / --turns per step")
+    parser.add_argument("--prefix-caching", action="store_true",
+                        help="cache full blocks by their chained hash: prompts are admitted with their token "
+                             "ids and decoded tokens appended with theirs; the summary gives the hit rate, "
+                             "the prefill tokens and blocks saved, the evictions, and the best hit rate "
+                             "possible on the same trace (no eviction, same rules); sharegpt and alpaca get "
+                             "random token ids, which share nothing")
+    parser.add_argument("--hash-algorithm", choices=HASH_ALGORITHMS, default=None,
+                        help="with --prefix-caching: the block hash (default sha256)")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="skip the pure-Python reference run (by default it runs beside, caching too, "
+                             "and every result is checked equal)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--plot", metavar="FILE.png", type=_options.output_file,
                         help="draw utilisation and per-step time (needs matplotlib)")
     parser.add_argument("--json", metavar="FILE", type=_options.output_file, help="write the figures as JSON")
 
 
+def _fill_defaults(args: argparse.Namespace) -> None:
+    """The defaults of the options that only some runs read (left None by the parser)."""
+    if args.workload == "shared-prefix":
+        for name, value in SHARED_PREFIX_DEFAULTS.items():
+            if getattr(args, name) is None:
+                setattr(args, name, value)
+    if args.prefix_caching and args.hash_algorithm is None:
+        args.hash_algorithm = "sha256"
+
+
+def _token_ids_asked(args: argparse.Namespace) -> float:
+    """About how many token ids the run's workload holds."""
+    if args.workload == "shared-prefix":
+        return workloads.shared_prefix_tokens(args.steps, args.rate, args.n, args.system_prompt_tokens, args.turns)
+    if not args.prefix_caching:
+        return 0.0
+    prompt, output = workloads.SERVING[args.workload]["prompt"][0], workloads.SERVING[args.workload]["output"][0]
+    return args.rate * args.steps * (prompt + args.n * output)
+
+
 def check(args: argparse.Namespace) -> str | None:
     """What makes this combination of options unable to run, or None."""
+    if args.workload != "shared-prefix":
+        for name in SHARED_PREFIX_DEFAULTS:
+            if getattr(args, name) is not None:
+                return f"--{name.replace('_', '-')} applies to --workload shared-prefix only"
+    if args.hash_algorithm is not None and not args.prefix_caching:
+        return "--hash-algorithm needs --prefix-caching"
+    _fill_defaults(args)
     if args.n > args.max_batch:
         return f"--n ({args.n}) cannot exceed --max-batch ({args.max_batch})"
     sequences = args.rate * args.steps * args.n
     if sequences > MAX_SEQUENCES:
         return (f"--rate {args.rate:g} x --steps {args.steps} x --n {args.n} asks for about "
                 f"{sequences:,.0f} sequences; at most {MAX_SEQUENCES:,}")
+    tokens = _token_ids_asked(args)
+    if tokens > MAX_TOKEN_IDS:
+        return (f"--rate {args.rate:g} x --steps {args.steps} asks for about {tokens:,.0f} token ids "
+                f"({args.workload}, --n {args.n}); at most {MAX_TOKEN_IDS:,}")
     if args.plot and (why := _options.matplotlib_missing()):
         return why
     try:
-        KVCacheManager(args.num_blocks, args.block_size)
+        _managers(argparse.Namespace(**{**vars(args), "no_reference": True}))
     except (ValueError, OverflowError) as exc:
         return str(exc)
+    if args.prefix_caching and not args.no_reference:
+        caching: dict[str, Any] = {"enable_prefix_caching": True}
+        try:
+            ReferenceKVCacheManager(1, 1, **caching)
+        except TypeError:
+            return "--prefix-caching: this build's reference model has no prefix caching; add --no-reference"
     # Admission keeps a 1% watermark free and wants the prompt's blocks plus one per
     # sample; a pool that cannot fit the shortest request admits nothing at all.
     watermark = max(1, args.num_blocks // 100)
-    shortest = -(-workloads.serving_shortest_request(args.workload) // args.block_size) + args.n
+    if args.workload == "shared-prefix":
+        shortest_prompt = workloads.shared_prefix_shortest_request(args.system_prompt_tokens)
+    else:
+        shortest_prompt = workloads.serving_shortest_request(args.workload)
+    shortest = -(-shortest_prompt // args.block_size) + args.n
     if args.num_blocks - watermark < shortest:
         return (f"--num-blocks {args.num_blocks} cannot hold any request: admission keeps {watermark} "
                 f"block{'s' if watermark > 1 else ''} free and the shortest {args.workload} request "

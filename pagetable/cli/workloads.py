@@ -23,6 +23,13 @@ Serving workload
     Poisson arrivals per engine step; prompt and output lengths lognormal, clipped, with
     means matching the datasets in the vLLM paper (Kwon et al., SOSP 2023, Fig. 11):
     ShareGPT about 161 prompt / 338 output tokens, Alpaca about 19 / 58.
+``shared_prefix_requests``
+    Conversations for prefix caching: a few long system prompts that every conversation
+    starts from, and turns that resend the whole history (previous prompt, previous
+    answer, new user message), with token ids.
+``shared_prefix_prompts``
+    Prompts alone: one of a few long prefixes plus a suffix of their own, for timing
+    prefix-cached admission (``tools/bench_vllm_admission.py``).
 """
 
 from __future__ import annotations
@@ -264,3 +271,118 @@ def serving_requests(workload: str, steps: int, rate: float, samples: int,
 def serving_shortest_request(workload: str) -> int:
     """The fewest prompt tokens a request of ``workload`` can have."""
     return int(SERVING[workload]["prompt"][2])
+
+
+# --------------------------------------------------------------------------- shared prefixes
+
+#: Token ids are drawn from ``0..VOCAB_SIZE-1`` (Llama 2's vocabulary size).
+VOCAB_SIZE = 32_000
+#: A conversation ends before a turn whose prompt and answer would not fit this context.
+SHARED_PREFIX_CONTEXT = 8192
+#: The most turns one conversation has.
+SHARED_PREFIX_MAX_TURNS = 16
+#: (mean, sigma, low, high) of the clipped lognormal lengths of a user message and an
+#: answer: chat turns, shorter than ShareGPT's whole first prompts.
+SHARED_PREFIX_USER = (64.0, 0.8, 4, 512)
+SHARED_PREFIX_ANSWER = (128.0, 0.8, 4, 1024)
+#: Mean engine steps between an answer's last token and the user's next turn.
+SHARED_PREFIX_THINK_STEPS = 50
+
+
+@dataclass
+class ChatTurn:
+    """One request of a conversation: its prompt, each sample's answer, and what follows.
+
+    The first turn of a conversation arrives at ``arrival``; a later turn is sent
+    ``think`` steps after the turn before it has finished (its ``arrival`` is -1 until
+    then).  ``next`` is the index of the conversation's next turn, -1 for its last.
+    A conversation's prompts and sample 0's answers are views of one array.
+    """
+
+    conversation: int
+    turn: int
+    arrival: int
+    think: int
+    prompt: np.ndarray             # int64 [P] token ids
+    outputs: list[np.ndarray]      # per sample, int64 token ids
+    next: int = -1
+
+
+def shared_prefix_requests(steps: int, rate: float, samples: int, seed: int, system_prompts: int = 4,
+                           system_prompt_tokens: int = 1024, turns: float = 4) -> list[ChatTurn]:
+    """Every turn of the conversations that start within ``steps`` engine steps.
+
+    Each conversation starts from one of ``system_prompts`` prompts of
+    ``system_prompt_tokens`` tokens (uniformly), has a geometric number of turns of mean
+    ``turns`` (at most ``SHARED_PREFIX_MAX_TURNS``, and stopping before a turn whose
+    prompt and answer would overflow ``SHARED_PREFIX_CONTEXT``), and starts at Poisson
+    times of rate ``rate / turns`` per step, so that, once its later turns have come,
+    about ``rate`` requests arrive per step in the long run.  Turn ``k``'s prompt is turn ``k-1``'s prompt,
+    sample 0's answer to it and a new user message.  The list holds each conversation's
+    turns in order, conversations by start step.
+    """
+    rng = np.random.default_rng([seed, 7])
+    system = rng.integers(0, VOCAB_SIZE, size=(system_prompts, system_prompt_tokens), dtype=np.int64)
+    starts = rng.poisson(rate / turns, size=steps)
+    user_mu = _lognormal_mu(*SHARED_PREFIX_USER)
+    answer_mu = _lognormal_mu(*SHARED_PREFIX_ANSWER)
+
+    def length(mu: float, spec: tuple[float, float, int, int]) -> int:
+        return int(np.clip(np.rint(rng.lognormal(mu, spec[1])), spec[2], spec[3]))
+
+    def token_ids(count: int) -> np.ndarray:
+        return rng.integers(0, VOCAB_SIZE, size=count, dtype=np.int64)
+
+    requests: list[ChatTurn] = []
+    for conversation, step in enumerate(np.repeat(np.arange(steps, dtype=np.int64), starts).tolist()):
+        num_turns = min(int(rng.geometric(1.0 / turns)), SHARED_PREFIX_MAX_TURNS)
+        pieces = [system[int(rng.integers(system_prompts))]]
+        held = system_prompt_tokens
+        spans: list[tuple[int, int, list[np.ndarray], int]] = []   # prompt end, answer end, others, think
+        for turn in range(num_turns):
+            user = length(user_mu, SHARED_PREFIX_USER)
+            answers = [length(answer_mu, SHARED_PREFIX_ANSWER) for _ in range(samples)]
+            if held + user + max(answers) > SHARED_PREFIX_CONTEXT:
+                break
+            pieces += [token_ids(user), token_ids(answers[0])]
+            others = [token_ids(n) for n in answers[1:]]
+            think = int(rng.geometric(1.0 / SHARED_PREFIX_THINK_STEPS)) if turn else 0
+            spans.append((held + user, held + user + answers[0], others, think))
+            held += user + answers[0]
+        tokens = np.concatenate(pieces)
+        first = len(requests)
+        for turn, (prompt_end, answer_end, others, think) in enumerate(spans):
+            requests.append(ChatTurn(conversation, turn, step if turn == 0 else -1, think, tokens[:prompt_end],
+                                     [tokens[prompt_end:answer_end], *others],
+                                     first + turn + 1 if turn + 1 < len(spans) else -1))
+    return requests
+
+
+def shared_prefix_tokens(steps: int, rate: float, samples: int, system_prompt_tokens: int,
+                         turns: float) -> float:
+    """About how many token ids ``shared_prefix_requests`` holds, from the means alone."""
+    user, answer = SHARED_PREFIX_USER[0], SHARED_PREFIX_ANSWER[0]
+    per_conversation = min(system_prompt_tokens + turns * (user + answer), SHARED_PREFIX_CONTEXT)
+    return steps * rate / turns * (per_conversation + turns * (samples - 1) * answer)
+
+
+def shared_prefix_shortest_request(system_prompt_tokens: int) -> int:
+    """The fewest prompt tokens a shared-prefix request can have."""
+    return system_prompt_tokens + SHARED_PREFIX_USER[2]
+
+
+def shared_prefix_prompts(count: int = 256, prefixes: int = 8, prefix_tokens: int = 2048,
+                          suffix_tokens: int = 128, seed: int = 0) -> list[list[int]]:
+    """``count`` prompts, each one of ``prefixes`` shared prefixes (in turn) followed by
+    ``suffix_tokens`` token ids of its own, as lists of Python ints."""
+    rng = np.random.default_rng([seed, 8])
+    shared = rng.integers(0, VOCAB_SIZE, size=(prefixes, prefix_tokens), dtype=np.int64)
+    own = rng.integers(0, VOCAB_SIZE, size=(count, suffix_tokens), dtype=np.int64)
+    return [shared[i % prefixes].tolist() + own[i].tolist() for i in range(count)]
+
+
+def random_token_ids(seed: int, lengths: np.ndarray) -> list[np.ndarray]:
+    """Independent random token ids (int64), one array per length: prompts that share
+    nothing, for running a workload without token ids of its own with caching on."""
+    rng = np.random.default_rng([seed, 9])
+    return [rng.integers(0, VOCAB_SIZE, size=int(n), dtype=np.int64) for n in lengths]

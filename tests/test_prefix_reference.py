@@ -77,8 +77,10 @@ def described(events):
 
 
 def stored(hashes, parent, tokens, lora_id=None, lora_name=None, extra_keys=None):
+    # A block without keys has None in extra_keys, even when no block has any.
     return ("BlockStored", [low64(h) for h in hashes], None if parent is None else low64(parent),
-            list(tokens), B, lora_id, "GPU", lora_name, extra_keys, 0)
+            list(tokens), B, lora_id, "GPU", lora_name,
+            [None] * len(hashes) if extra_keys is None else extra_keys, 0)
 
 
 def removed(block_hash):
@@ -376,13 +378,13 @@ def test_bad_calls_raise_and_change_nothing():
         m.add_sequence(2, 4, token_ids=[1, 2, 3])
     with pytest.raises(ValueError, match="token_ids"):
         m.add_sequence(2, token_ids=[1, -1])
-    with pytest.raises(ValueError, match="token_ids"):
+    with pytest.raises(OverflowError, match="token_ids"):
         m.add_sequence(2, token_ids=[2**31])
     with pytest.raises(ValueError, match="token_ids"):
         m.append_tokens([1], 1)
     with pytest.raises(ValueError, match="token_ids"):
         m.append_tokens([1], 2, token_ids=[5])
-    with pytest.raises(ValueError, match="token_ids"):
+    with pytest.raises(OverflowError, match="token_ids"):
         m.count_cached_tokens([2**31])
     with pytest.raises(TypeError):
         m.add_sequence(2, token_ids=[1.5])

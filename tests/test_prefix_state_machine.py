@@ -101,19 +101,23 @@ def stats_data(manager):
 
 class PrefixMachine(RuleBasedStateMachine):
     @initialize(
-        block_size=st.sampled_from([1, 2, 3, 4]),
+        block_size=st.sampled_from([1, 2, 3, 4, 8]),
         num_blocks=st.integers(3, 32),
         algorithm=st.sampled_from(["sha256", "sha256_cbor", "xxhash", "xxhash_cbor"]),
         seeded=st.booleans(),
         event_hash_format=st.sampled_from(["int", "bytes"]),
+        medium=st.sampled_from(["GPU", "CPU"]),
+        rank=st.sampled_from([None, 0, 2]),
         data=st.data(),
     )
-    def make(self, block_size, num_blocks, algorithm, seeded, event_hash_format, data):
+    def make(self, block_size, num_blocks, algorithm, seeded, event_hash_format, medium, rank, data):
         # The xxhash algorithms draw a random seed per implementation without one.
         seed = "machine" if seeded or algorithm.startswith("xxhash") else None
         options = dict(enable_prefix_caching=True, enable_kv_cache_events=True,
                        hash_algorithm=algorithm, hash_seed=seed,
-                       event_hash_format=event_hash_format, data_parallel_rank=1)
+                       event_hash_format=event_hash_format, medium=medium,
+                       data_parallel_rank=rank)
+        self.medium, self.rank = medium, rank
         self.ref = ReferenceKVCacheManager(num_blocks, block_size, **options)
         self.fast = fast_manager(num_blocks, block_size, **options)
         self.B = block_size
@@ -159,7 +163,7 @@ class PrefixMachine(RuleBasedStateMachine):
             assert results[1] == results[0], ("fast", results[1], "reference", results[0])
             assert events[1] == events[0], ("fast", events[1], "reference", events[0])
             assert batches[1].data_parallel_rank == batches[0].data_parallel_rank
-        assert batches[0].data_parallel_rank == 1
+        assert batches[0].data_parallel_rank == self.rank
         self.follow(events[0])
         return results[0]
 
@@ -172,12 +176,13 @@ class PrefixMachine(RuleBasedStateMachine):
                 stored_yet = True
                 hashes = event[1]
                 assert len(event[3]) == len(hashes) * self.B and event[4] == self.B
-                assert event[6] == "GPU" and event[9] == 0
+                assert event[6] == self.medium and event[9] == 0
                 for h in hashes:
                     assert h not in self.router, f"hash {h!r} stored twice"
                     self.router.add(h)
             elif event[0] == "BlockRemoved":
                 assert not stored_yet, "an eviction after a store in one call"
+                assert event[2] == self.medium and event[3] == 0
                 assert len(event[1]) == 1 and event[1][0] in self.router
                 self.router.discard(event[1][0])
                 self.counted[3] += 1
@@ -401,6 +406,25 @@ class PrefixMachine(RuleBasedStateMachine):
         assert isinstance(self.both(calls[which % len(calls)]), str)
         assert self.unchanged() == before
 
+    @precondition(lambda self: self.fast is not None)
+    @rule(how=st.sampled_from(["pickle", "file", "copy"]))
+    def reload(self, how):
+        """Carry on with a Cython manager rebuilt from its saved state: the cache, the
+        LRU order, the sequences' tokens and hashes, the counters all come back."""
+        import io
+        import pickle
+
+        if how == "pickle":
+            self.fast = pickle.loads(pickle.dumps(self.fast))
+        elif how == "file":
+            buffer = io.BytesIO()
+            self.fast.save(buffer)
+            buffer.seek(0)
+            self.fast = KVCacheManager.load(buffer)
+        else:
+            self.fast = self.fast.copy()
+        assert self.fast.take_events().events == []
+
     # -- after every step -------------------------------------------------------------
     @invariant()
     def agree(self):
@@ -446,8 +470,52 @@ class PrefixMachine(RuleBasedStateMachine):
             m.check()
 
 
-PrefixMachine.TestCase.settings = settings(max_examples=100, stateful_step_count=40, deadline=None)
+PrefixMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
 TestPrefixMachine = PrefixMachine.TestCase
+
+
+# The machine's findings, each cut down to its smallest case: the Cython manager must
+# give what the contract (and the reference) gives.
+needs_fast = pytest.mark.skipif(not HAS_FAST, reason="the Cython manager has no prefix caching")
+
+
+def side_by_side(steps):
+    """The outcome of the last step on each manager after the steps before it."""
+    answers = []
+    for make in (lambda: ReferenceKVCacheManager(3, 4, enable_prefix_caching=True),
+                 lambda: KVCacheManager(3, 4, enable_prefix_caching=True)):
+        m = make()
+        for step in steps[:-1]:
+            step(m)
+        answers.append(outcome(lambda: steps[-1](m)))
+    return answers
+
+
+@needs_fast
+def test_an_append_that_does_not_fit_raises_out_of_blocks_with_token_ids():
+    # Six blocks for 21 tokens, one held, two free: OutOfBlocksError(5, 2), as without
+    # caching, not a complaint about the token ids' count.
+    reference, fast = side_by_side([
+        lambda m: m.add_sequence(0, token_ids=[5]),
+        lambda m: m.append_tokens([0], 20, token_ids=[0] * 20),
+    ])
+    assert reference == ("OutOfBlocksError", 5, 2)
+    assert fast == reference
+
+
+@needs_fast
+def test_out_of_blocks_on_a_cached_free_hit_reports_need_and_available_after_the_hit():
+    # Blocks 0, 1 cached-free, block 2 held by sequence 1: a 13-token prompt hits
+    # blocks 0 and 1 and needs 2 more, and the hits take both free blocks: the
+    # contract's step 3 gives need = 4 - 2 = 2 and available = 2 - 2 = 0.
+    reference, fast = side_by_side([
+        lambda m: m.add_sequence(0, token_ids=list(range(8))),
+        lambda m: m.add_sequence(1, token_ids=[9]),
+        lambda m: m.free_sequence(0),
+        lambda m: m.add_sequence(2, token_ids=list(range(8)) + [1, 2, 3, 4, 5]),
+    ])
+    assert reference == ("OutOfBlocksError", 2, 0)
+    assert fast == reference
 
 
 @pytest.mark.skipif(HAS_FAST, reason="the Cython manager has prefix caching")

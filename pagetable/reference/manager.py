@@ -19,14 +19,9 @@ from pagetable._convert import INT64_MAX, as_index, as_int_array, check_range
 # callers catch one OutOfBlocksError; every decision below is plain Python.
 from pagetable._results import AppendResult, OutOfBlocksError
 from pagetable._table import PAD_SLOT_ID
-from pagetable.reference._interim import (
-    AllBlocksCleared,
-    BlockRemoved,
-    BlockStored,
-    KVEventBatch,
-    PrefixCacheStats,
-    make_result,
-)
+# The event and statistics types too: plain containers, no decisions in them.
+from pagetable.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
+from pagetable.prefix import PrefixCacheStats
 from pagetable.reference.prefix import (
     EVENT_HASH_FORMATS,
     TOKEN_ID_MAX,
@@ -39,6 +34,16 @@ from pagetable.reference.prefix import (
 )
 
 BLOCK_ID_MAX = 2**31 - 1
+
+
+def _result(slots: list[int], copy_src: list[int], copy_dst: list[int],
+            num_cached_tokens: int = 0) -> AppendResult:
+    return AppendResult(
+        np.array(slots, dtype=np.int64),
+        np.array(copy_src, dtype=np.int32),
+        np.array(copy_dst, dtype=np.int32),
+        num_cached_tokens,
+    )
 
 
 class ReferenceBlockAllocator:
@@ -110,11 +115,14 @@ def _seq_id(value: object, name: str) -> int:
 
 
 def _token_ids(values: object, name: str = "token_ids") -> list[int]:
-    """Token ids as Python ints, each checked to lie in 0..2**31-1."""
+    """Token ids as Python ints, each checked to lie in 0..2**31-1 (below: ValueError,
+    above: OverflowError, as for every range the package checks)."""
     ids = [int(t) for t in as_int_array(values, name)]
     for i, t in enumerate(ids):
-        if not 0 <= t <= TOKEN_ID_MAX:
-            raise ValueError(f"{name}[{i}] = {t} is out of range 0..2**31-1")
+        if t < 0:
+            raise ValueError(f"{name}[{i}] = {t} is negative; token ids are 0..2**31-1")
+        if t > TOKEN_ID_MAX:
+            raise OverflowError(f"{name}[{i}] = {t} does not fit in int32; token ids are 0..2**31-1")
     return ids
 
 
@@ -208,7 +216,7 @@ class ReferenceKVCacheManager:
         return len(self._cache)
 
     @property
-    def prefix_cache_stats(self) -> Any:
+    def prefix_cache_stats(self) -> PrefixCacheStats:
         return PrefixCacheStats(requests=self._requests, queries=self._queries,
                                 hits=self._hits, evictions=self._evictions)
 
@@ -364,7 +372,7 @@ class ReferenceKVCacheManager:
                 lora_id=lora_id,
                 medium=self._medium,
                 lora_name=lora_name,
-                extra_keys=entries if any(e is not None for e in entries) else None,
+                extra_keys=entries,
                 group_idx=0,
             ))
 
@@ -399,7 +407,7 @@ class ReferenceKVCacheManager:
 
     # -- growth -----------------------------------------------------------------------
     def add_sequence(self, seq_id: object, num_tokens: object = None, token_ids: object = None,
-                     extra_keys: Any = None) -> Any:
+                     extra_keys: Any = None) -> AppendResult:
         seq = _seq_id(seq_id, "seq_id")
         ids: list[int | None] | None = None
         if token_ids is not None:
@@ -439,13 +447,13 @@ class ReferenceKVCacheManager:
         self._write(seq, hit * self._block_size, ids[hit * self._block_size:])
         slots = [self._slot(seq, p) for p in range(hit * self._block_size, n)]
         if not self._caching:
-            return make_result(slots, [], [])
+            return _result(slots, [], [])
         self._hashes[seq] = hashes
         self._register(seq, hit)
         self._requests += 1
         self._queries += n
         self._hits += hit * self._block_size
-        return make_result(slots, [], [], hit * self._block_size)
+        return _result(slots, [], [], hit * self._block_size)
 
     def _slot(self, seq: int, position: int) -> int:
         block = self._blocks[seq][position // self._block_size]
@@ -508,7 +516,7 @@ class ReferenceKVCacheManager:
                 first = len(self._hashes[s])
                 self._hashes[s].extend(new_hashes[s])
                 self._register(s, first)
-        return make_result(slots, copy_src, copy_dst)
+        return _result(slots, copy_src, copy_dst)
 
     def can_append(self, seq_ids: object, num_new_tokens: object = 1) -> bool:
         ids = self._known(seq_ids, distinct=True)
@@ -565,7 +573,7 @@ class ReferenceKVCacheManager:
             return 0
         return self._hit_length(self._chain(None, ids, extra_keys, 0), len(ids)) * self._block_size
 
-    def take_events(self) -> Any:
+    def take_events(self) -> KVEventBatch:
         events, self._events = self._events, []
         return KVEventBatch(ts=time.time(), events=events, data_parallel_rank=self._data_parallel_rank)
 

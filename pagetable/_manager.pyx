@@ -87,6 +87,9 @@ cdef inline object _int64_vector(values, str name):
     return int_vector(values, name, cnp.NPY_INT64)
 
 
+_NO_STATS = _prefix.PrefixCacheStats(0, 0, 0, 0)
+
+
 cdef int _check_token_ids(object ids) except -1:
     """Raise naming the first negative entry of an int32 array of token ids."""
     cdef const int32_t* data = <const int32_t*>cnp.PyArray_DATA(ids)
@@ -166,6 +169,7 @@ cdef class KVCacheManager(Persistent):
         PrefixCache _cache        # None without prefix caching
         dict _keys                # registry slot -> ExtraKeys, for sequences that have them
         object _dp_rank           # data_parallel_rank of event batches
+        object _stats             # the last PrefixCacheStats handed out
         str _algorithm
 
     def __init__(self, num_blocks, block_size=16, *, enable_prefix_caching=False,
@@ -195,6 +199,7 @@ cdef class KVCacheManager(Persistent):
         self._epoch = 0
         self._writing = 0
         self._cache = None
+        self._stats = None
         self._keys = {}
         self._algorithm = None
         self._dp_rank = None
@@ -777,9 +782,17 @@ cdef class KVCacheManager(Persistent):
     def prefix_cache_stats(self):
         """A ``pagetable.prefix.PrefixCacheStats``: requests, queries, hits (tokens), evictions."""
         if self._cache is None:
-            return _prefix.PrefixCacheStats(0, 0, 0, 0)
-        return _prefix.PrefixCacheStats(self._cache.requests, self._cache.queries,
-                                        self._cache.hits, self._cache.evictions)
+            return _NO_STATS
+        cdef PrefixCache cache = self._cache
+        stats = self._stats
+        # The same object while the counters stand still: engines read it every step,
+        # and a checked dataclass costs microseconds to build.
+        if (stats is None or stats.requests != cache.requests or stats.queries != cache.queries
+                or stats.hits != cache.hits or stats.evictions != cache.evictions):
+            stats = _prefix.PrefixCacheStats(cache.requests, cache.queries, cache.hits,
+                                             cache.evictions)
+            self._stats = stats
+        return stats
 
     def append_tokens(self, seq_ids, num_new_tokens=1, token_ids=None):
         """Grow sequences by ``num_new_tokens`` each: one decode step, or more tokens.

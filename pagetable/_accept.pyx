@@ -16,11 +16,44 @@ _INT32 = np.dtype(np.int32)
 cdef object int_vector(object values, str name, int typenum):
     if is_kernel_vector(values, typenum):
         return values
+    cdef int other = cnp.NPY_INT32 if typenum == cnp.NPY_INT64 else cnp.NPY_INT64
     if type(values) is list or type(values) is tuple:
         array = _exact_int_sequence(values, typenum)
         if array is not None:
             return array
+    elif is_kernel_vector(values, other):
+        array = _narrow_or_widen(values, typenum)
+        if array is not None:
+            return array
     return as_int_array(values, name, _INT64 if typenum == cnp.NPY_INT64 else _INT32)
+
+
+cdef object _narrow_or_widen(object values, int typenum):
+    """A behaved int64 array as int32 (None if an entry does not fit), or int32 as int64.
+
+    One C pass: numpy's ``astype`` with the range check around it cost 50 us per
+    call on a busy machine, for a step's few hundred token ids.
+    """
+    cdef Py_ssize_t i, n = cnp.PyArray_DIM(<cnp.ndarray>values, 0)
+    cdef cnp.npy_intp size = n
+    array = cnp.PyArray_EMPTY(1, &size, typenum, 0)
+    cdef const int64_t* wide_in
+    cdef int32_t* narrow_out
+    cdef const int32_t* narrow_in
+    cdef int64_t* wide_out
+    if typenum == cnp.NPY_INT32:
+        wide_in = <const int64_t*>cnp.PyArray_DATA(<cnp.ndarray>values)
+        narrow_out = <int32_t*>cnp.PyArray_DATA(array)
+        for i in range(n):
+            if wide_in[i] < INT32_MIN or wide_in[i] > INT32_MAX:
+                return None
+            narrow_out[i] = <int32_t>wide_in[i]
+    else:
+        narrow_in = <const int32_t*>cnp.PyArray_DATA(<cnp.ndarray>values)
+        wide_out = <int64_t*>cnp.PyArray_DATA(array)
+        for i in range(n):
+            wide_out[i] = narrow_in[i]
+    return array
 
 
 cdef object _exact_int_sequence(object values, int typenum):

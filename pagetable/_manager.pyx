@@ -30,6 +30,8 @@ from pagetable._persist cimport Persistent
 from pagetable._prefix_cache cimport PrefixCache, new_prefix_cache
 from pagetable._registry cimport SequenceRegistry, SequenceSlot
 from pagetable._results cimport AppendResult, new_result
+from cpython.dict cimport PyDict_Next
+from cpython.ref cimport PyObject
 from pagetable._table cimport PageTable, wait_while_set
 
 import json
@@ -87,6 +89,9 @@ cdef inline object _int64_vector(values, str name):
     return int_vector(values, name, cnp.NPY_INT64)
 
 
+_NO_STATS = _prefix.PrefixCacheStats(0, 0, 0, 0)
+
+
 cdef int _check_token_ids(object ids) except -1:
     """Raise naming the first negative entry of an int32 array of token ids."""
     cdef const int32_t* data = <const int32_t*>cnp.PyArray_DATA(ids)
@@ -107,6 +112,101 @@ cdef struct _StepPlan:
     int64_t need                 # fresh blocks the step takes
     int64_t num_copies           # copy-on-write copies it makes
     int64_t num_slots            # slots it returns
+
+
+@cython.final
+cdef class _CacheCapture:
+    """A prefix cache's state captured in one C section (see ``KVCacheManager._state``).
+
+    Everything a capture writes into is made first (``__init__``, which may let other
+    threads run); ``take`` then copies the cache with nothing that could, not even an
+    allocation that could start the garbage collector; ``fill`` turns it into state
+    arrays afterwards.
+    """
+    cdef:
+        object lru, hashes, parents, known, tokens, cached
+        Py_ssize_t num_lru
+        int64_t requests, queries, hits, evictions
+        list extra              # one entry per block (or None when no block has keys)
+        list key_seqs, key_values
+        Py_ssize_t num_keys
+
+    def __init__(self, KVCacheManager manager):
+        cdef PrefixCache cache = manager._cache
+        cdef int64_t num_blocks = manager._allocator.block_count()
+        self.lru = empty(num_blocks, cnp.NPY_INT32)
+        self.hashes = np.empty(num_blocks * cache.digest_size, dtype=np.uint8)
+        self.parents = np.empty(num_blocks * cache.digest_size, dtype=np.uint8)
+        self.known = np.empty(num_blocks, dtype=np.uint8)
+        self.tokens = np.empty(num_blocks * manager._block_size, dtype=np.int32)
+        self.cached = np.empty(num_blocks, dtype=np.uint8)
+        self.extra = [None] * num_blocks if cache._extra_used else None
+        # A change of the key count is a change: the caller's epoch check catches it.
+        self.num_keys = len(manager._keys)
+        self.key_seqs = [None] * self.num_keys
+        self.key_values = [None] * self.num_keys
+
+    cdef void take(self, KVCacheManager manager) noexcept:
+        cdef PrefixCache cache = manager._cache
+        cdef int64_t num_blocks = manager._allocator.block_count()
+        cdef int64_t b, D = cache.digest_size
+        cdef Py_ssize_t position = 0, i = 0
+        cdef PyObject* key
+        cdef PyObject* value
+        self.num_lru = manager._allocator.capture_lru(self.lru)
+        memcpy(cnp.PyArray_DATA(<cnp.ndarray>self.hashes), cnp.PyArray_DATA(<cnp.ndarray>cache._hash_arr),
+               <size_t>(num_blocks * D))
+        memcpy(cnp.PyArray_DATA(<cnp.ndarray>self.parents), cnp.PyArray_DATA(<cnp.ndarray>cache._parent_arr),
+               <size_t>(num_blocks * D))
+        memcpy(cnp.PyArray_DATA(<cnp.ndarray>self.known), cnp.PyArray_DATA(<cnp.ndarray>cache._known_arr),
+               <size_t>num_blocks)
+        memcpy(cnp.PyArray_DATA(<cnp.ndarray>self.tokens), cnp.PyArray_DATA(<cnp.ndarray>cache._tokens_arr),
+               <size_t>(num_blocks * manager._block_size) * sizeof(int32_t))
+        memcpy(cnp.PyArray_DATA(<cnp.ndarray>self.cached),
+               cnp.PyArray_DATA(<cnp.ndarray>manager._allocator._cached_arr), <size_t>num_blocks)
+        self.requests, self.queries = cache.requests, cache.queries
+        self.hits, self.evictions = cache.hits, cache.evictions
+        if self.extra is not None:
+            for b in range(num_blocks):
+                self.extra[b] = cache._extra[b]
+        # Registry slots and their keys, by reference (ExtraKeys are immutable); the
+        # slots become sequence ids in fill().
+        while PyDict_Next(manager._keys, &position, &key, &value) and i < self.num_keys:
+            self.key_seqs[i] = <object>key
+            self.key_values[i] = <object>value
+            i += 1
+        for i in range(self.num_keys):
+            self.key_seqs[i] = manager._sequences.slots[<int32_t>self.key_seqs[i]].seq_id
+
+    cdef void fill(self, KVCacheManager manager, dict state, stack) except *:
+        """The capture as state arrays.
+
+        ``free_stack`` then lists the cached-free blocks (head first) below the free
+        stack, so that on its own the pool's state says "free" of every block no
+        sequence uses; ``prefix_lru_count`` says how many entries are that list.  The
+        configuration never changes, so it is read here.
+        """
+        cdef PrefixCache cache = manager._cache
+        state["prefix_algorithm"] = np.array(manager._algorithm)
+        state["prefix_seed"] = np.array(cache.seed)
+        state["prefix_medium"] = np.array(cache.medium)
+        state["prefix_options"] = np.array(
+            [cache.events is not None, cache._int_hashes,
+             -1 if manager._dp_rank is None else manager._dp_rank], dtype=np.int64)
+        state["free_stack"] = np.concatenate([self.lru[:self.num_lru], stack])
+        state["prefix_lru_count"] = np.array(self.num_lru, dtype=np.int64)
+        state["prefix_hashes"] = self.hashes
+        state["prefix_parents"] = self.parents
+        state["prefix_known"] = self.known
+        state["prefix_tokens"] = self.tokens
+        state["prefix_cached"] = self.cached
+        state["prefix_stats"] = np.array([self.requests, self.queries, self.hits, self.evictions],
+                                         dtype=np.int64)
+        blocks = {}
+        if self.extra is not None:
+            blocks = {str(b): keys for b, keys in enumerate(self.extra) if keys is not None}
+        sequences = {str(seq): keys._to_json() for seq, keys in zip(self.key_seqs, self.key_values)}
+        state["prefix_extra"] = np.array(json.dumps({"blocks": blocks, "sequences": sequences}))
 
 
 @cython.final
@@ -166,6 +266,7 @@ cdef class KVCacheManager(Persistent):
         PrefixCache _cache        # None without prefix caching
         dict _keys                # registry slot -> ExtraKeys, for sequences that have them
         object _dp_rank           # data_parallel_rank of event batches
+        object _stats             # the last PrefixCacheStats handed out
         str _algorithm
 
     def __init__(self, num_blocks, block_size=16, *, enable_prefix_caching=False,
@@ -195,6 +296,7 @@ cdef class KVCacheManager(Persistent):
         self._epoch = 0
         self._writing = 0
         self._cache = None
+        self._stats = None
         self._keys = {}
         self._algorithm = None
         self._dp_rank = None
@@ -297,17 +399,22 @@ cdef class KVCacheManager(Persistent):
         """Blocks in the pool."""
         return self._allocator.block_count()
 
+    # The counters below are read after _read_begin: a change may let other threads run
+    # in its middle (prefix hashing calls into Python), and must not be seen half done.
     @property
     def num_free_blocks(self):
-        """Blocks currently free."""
+        """Blocks currently free (with prefix caching, cached-free ones too)."""
+        self._read_begin()
         return self._allocator.free_count()
 
     @property
     def usage(self):
         """Fraction of the pool's blocks in use, 0.0 .. 1.0."""
+        self._read_begin()
         return 1.0 - self._allocator.free_count() / <double>self._allocator.block_count()
 
     def __len__(self):
+        self._read_begin()
         return self._sequences.count()
 
     def __contains__(self, seq_id):
@@ -317,6 +424,7 @@ cdef class KVCacheManager(Persistent):
             return False
         if seq < 0 or seq > INT64_MAX:
             return False
+        self._read_begin()
         return self._sequences.find(seq) >= 0
 
     def __repr__(self):
@@ -771,15 +879,29 @@ cdef class KVCacheManager(Persistent):
     @property
     def num_cached_blocks(self):
         """Blocks registered in the prefix cache now (used or cached-free)."""
-        return 0 if self._cache is None else self._cache.registered
+        if self._cache is None:
+            return 0
+        self._read_begin()
+        return self._cache.registered
 
     @property
     def prefix_cache_stats(self):
         """A ``pagetable.prefix.PrefixCacheStats``: requests, queries, hits (tokens), evictions."""
         if self._cache is None:
-            return _prefix.PrefixCacheStats(0, 0, 0, 0)
-        return _prefix.PrefixCacheStats(self._cache.requests, self._cache.queries,
-                                        self._cache.hits, self._cache.evictions)
+            return _NO_STATS
+        cdef PrefixCache cache = self._cache
+        self._read_begin()
+        # The four counters of one moment, read before anything can let a thread run.
+        cdef int64_t requests = cache.requests, queries = cache.queries
+        cdef int64_t hits = cache.hits, evictions = cache.evictions
+        stats = self._stats
+        # The same object while the counters stand still: engines read it every step,
+        # and a checked dataclass costs microseconds to build.
+        if (stats is None or stats.requests != requests or stats.queries != queries
+                or stats.hits != hits or stats.evictions != evictions):
+            stats = _prefix.PrefixCacheStats(requests, queries, hits, evictions)
+            self._stats = stats
+        return stats
 
     def append_tokens(self, seq_ids, num_new_tokens=1, token_ids=None):
         """Grow sequences by ``num_new_tokens`` each: one decode step, or more tokens.
@@ -1134,6 +1256,7 @@ cdef class KVCacheManager(Persistent):
             tokens = empty(count, cnp.NPY_INT64)
             refcount = empty(num_blocks, cnp.NPY_INT32)
             free_stack = empty(num_blocks, cnp.NPY_INT32)
+            capture = None if self._cache is None else _CacheCapture(self)
             if not self._read_current(epoch):
                 continue
             # From here on nothing can let another thread run.
@@ -1143,6 +1266,9 @@ cdef class KVCacheManager(Persistent):
                 slot = self._sequences.find(id_data[i])
                 token_data[i] = self._sequences.slots[slot].tokens if slot >= 0 else -1
             num_free = self._allocator.capture(refcount, free_stack)
+            if capture is not None:
+                (<_CacheCapture>capture).take(self)
+            # The capture is complete: what follows may let other threads run.
             state = _state.header("KVCacheManager")
             state["block_size"] = np.array(self._block_size, dtype=np.int64)
             state["seq_ids"] = seq_ids
@@ -1152,43 +1278,10 @@ cdef class KVCacheManager(Persistent):
             state["refcount"] = refcount
             state["free_stack"] = free_stack[:num_free]
             state["tokens"] = tokens
-            if self._cache is not None:
-                self._cache_state(state, refcount, free_stack[:num_free])
+            if capture is not None:
+                (<_CacheCapture>capture).fill(self, state, free_stack[:num_free])
             return state
         raise RuntimeError(_READ_KEPT_CHANGING)
-
-    cdef _cache_state(self, dict state, refcount, stack):
-        """Add the prefix cache to a state dict (in the same C section as the rest).
-
-        ``free_stack`` then lists the cached-free blocks (head first) below the free
-        stack, so that on its own the pool's state says "free" of every block no
-        sequence uses; ``prefix_lru_count`` says how many entries are the list.
-        """
-        cdef PrefixCache cache = self._cache
-        lru = empty(self._allocator.block_count(), cnp.NPY_INT32)
-        cdef Py_ssize_t num_lru = self._allocator.capture_lru(lru)
-        hashes, parents, known, tokens = cache._arrays()
-        state["free_stack"] = np.concatenate([lru[:num_lru], stack])
-        state["prefix_lru_count"] = np.array(num_lru, dtype=np.int64)
-        state["prefix_algorithm"] = np.array(self._algorithm)
-        state["prefix_seed"] = np.array(cache.seed)
-        state["prefix_medium"] = np.array(cache.medium)
-        state["prefix_options"] = np.array(
-            [cache.events is not None, cache._int_hashes,
-             -1 if self._dp_rank is None else self._dp_rank], dtype=np.int64)
-        state["prefix_hashes"] = hashes
-        state["prefix_parents"] = parents
-        state["prefix_known"] = known
-        state["prefix_tokens"] = tokens
-        state["prefix_cached"] = self._allocator.cached_flags()
-        state["prefix_stats"] = np.array(
-            [cache.requests, cache.queries, cache.hits, cache.evictions], dtype=np.int64)
-        blocks = {}
-        if cache._extra_used:
-            blocks = {str(b): keys for b, keys in enumerate(cache._extra) if keys is not None}
-        sequences = {str(self._sequences.slots[slot].seq_id): keys._to_json()
-                     for slot, keys in self._keys.items()}
-        state["prefix_extra"] = np.array(json.dumps({"blocks": blocks, "sequences": sequences}))
 
     @staticmethod
     def _from_state(state):

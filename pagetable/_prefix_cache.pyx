@@ -94,6 +94,28 @@ cdef inline Py_ssize_t _cbor_head(uint8_t* out, uint8_t major, uint64_t value) n
     return 9
 
 
+cdef extern from *:
+    """
+    /* A token id (0 .. 2**31 - 1) as CBOR's shortest unsigned int, without branches:
+       token ids are random, so the four lengths mispredict a branchy encoder every
+       other id.  Always writes 5 bytes (the caller's buffer has room) and returns
+       how many belong to the item: the head, then 0, 1, 2 or 4 big-endian bytes. */
+    static inline Py_ssize_t pagetable_cbor_token(unsigned char* out, uint32_t value) {
+        uint32_t one = value >= 24, two = value >= 0x100, four = value >= 0x10000;
+        uint32_t extra = one + two + 2 * four;
+        uint32_t shifted = (uint32_t)((uint64_t)value << (32 - 8 * extra));
+        out[0] = (unsigned char)(one ? 23 + one + two + four : value);
+        /* Byte by byte, so on any host; compilers make it one byte swap and store. */
+        out[1] = (unsigned char)(shifted >> 24);
+        out[2] = (unsigned char)(shifted >> 16);
+        out[3] = (unsigned char)(shifted >> 8);
+        out[4] = (unsigned char)shifted;
+        return 1 + (Py_ssize_t)extra;
+    }
+    """
+    Py_ssize_t _cbor_token "pagetable_cbor_token"(uint8_t* out, uint32_t value) noexcept nogil
+
+
 cdef inline Py_ssize_t _cbor_block(uint8_t* out, const uint8_t* parent, int32_t digest_size,
                                    const int32_t* token_ids, int64_t count) noexcept nogil:
     """``[parent, [token ids...]`` of a block's 3-array, without its third item."""
@@ -104,27 +126,26 @@ cdef inline Py_ssize_t _cbor_block(uint8_t* out, const uint8_t* parent, int32_t 
     n += _cbor_head(out + n, 4, <uint64_t>count)         # array of token ids
     cdef int64_t i
     for i in range(count):
-        n += _cbor_head(out + n, 0, <uint64_t>token_ids[i])   # ids are >= 0
+        n += _cbor_token(out + n, <uint32_t>token_ids[i])   # ids are >= 0
     return n
 
 
-cdef inline Py_ssize_t _pickle_int(uint8_t* out, uint32_t value) noexcept nogil:
-    """A non-negative int below 2**31 as pickle writes it (BININT1, BININT2 or BININT)."""
-    if value < 0x100:
-        out[0] = 0x4B                      # BININT1
-        out[1] = <uint8_t>value
-        return 2
-    if value < 0x10000:
-        out[0] = 0x4D                      # BININT2, little-endian
-        out[1] = <uint8_t>value
-        out[2] = <uint8_t>(value >> 8)
-        return 3
-    out[0] = 0x4A                          # BININT, 4 bytes little-endian
-    out[1] = <uint8_t>value
-    out[2] = <uint8_t>(value >> 8)
-    out[3] = <uint8_t>(value >> 16)
-    out[4] = <uint8_t>(value >> 24)
-    return 5
+
+cdef extern from *:
+    """
+    /* A token id (0 .. 2**31 - 1) as pickle writes an int: BININT1, BININT2 or
+       BININT with 1, 2 or 4 little-endian bytes; branch-free like the CBOR one. */
+    static inline Py_ssize_t pagetable_pickle_token(unsigned char* out, uint32_t value) {
+        uint32_t two = value >= 0x100, four = value >= 0x10000;
+        out[0] = (unsigned char)(0x4B + 2 * two - 3 * four);   /* 'K', 'M', 'J' */
+        out[1] = (unsigned char)value;                          /* little-endian on any host */
+        out[2] = (unsigned char)(value >> 8);
+        out[3] = (unsigned char)(value >> 16);
+        out[4] = (unsigned char)(value >> 24);
+        return 2 + (Py_ssize_t)(two + 2 * four);
+    }
+    """
+    Py_ssize_t _pickle_int "pagetable_pickle_token"(uint8_t* out, uint32_t value) noexcept nogil
 
 
 cdef inline Py_ssize_t _pickle_block(uint8_t* out, const uint8_t* parent, int32_t digest_size,

@@ -396,3 +396,28 @@ def test_add_sequences_checks_everything_first(call, error, match):
         call(kv)
     after = kv._state()
     assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+# ----------------------------------------- the compiled serialisations, against Python's
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+token_ids = st.integers(0, 2**31 - 1) | st.sampled_from(
+    [0, 1, 23, 24, 255, 256, 65535, 65536, 2**24, 2**31 - 1])
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from(["sha256", "sha256_cbor", "xxhash", "xxhash_cbor"]),
+       st.integers(1, 40), st.lists(token_ids, max_size=200), st.booleans())
+def test_every_recorded_hash_equals_pagetable_prefix(algorithm, block_size, tokens, keyed):
+    """The manager's C serialisations (hand-written CBOR and pickle for the common
+    block, cbor2/pickle with extra keys) give pagetable.prefix's hashes, which the
+    vLLM vectors pin to vLLM's."""
+    needs(algorithm)
+    keys = ExtraKeys(lora_name="a", lora_path="/a", mm=[("m", 3, 30)], cache_salt="s") if keyed else None
+    kv = KVCacheManager(len(tokens) // block_size + 2, block_size, enable_prefix_caching=True,
+                        hash_algorithm=algorithm, hash_seed="1")
+    kv.add_sequence(0, token_ids=tokens, extra_keys=keys)
+    table = kv.block_table([0])[0]
+    expected = hash_prompt(tokens, block_size, keys, algorithm, seed="1")
+    assert [kv._block_hash(int(table[k])) for k in range(len(expected))] == expected

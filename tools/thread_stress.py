@@ -1594,6 +1594,273 @@ def scenario_manager_writers(seconds, seed, size="normal"):
     }
 
 
+class CachedSequence:
+    """A writer thread's model of one of its sequences: the document its decode steps
+    continue, its token ids, its extra keys, and the hashes of its full blocks
+    (extended between rounds by ``pagetable.prefix``, from the tokens alone)."""
+
+    __slots__ = ("doc", "tokens", "keys", "chain")
+
+    def __init__(self, doc, tokens, keys, chain=None):
+        self.doc = doc
+        self.tokens = tokens
+        self.keys = keys
+        self.chain = [] if chain is None else chain
+
+    def forked(self, doc):
+        return CachedSequence(doc, list(self.tokens), self.keys, list(self.chain))
+
+    def extend_chain(self, algorithm):
+        for k in range(len(self.chain), len(self.tokens) // CACHE_BLOCK_SIZE):
+            self.chain.append(hash_block_tokens(
+                self.chain[k - 1] if k else None,
+                self.tokens[k * CACHE_BLOCK_SIZE:(k + 1) * CACHE_BLOCK_SIZE],
+                None if self.keys is None else self.keys.for_block(k, CACHE_BLOCK_SIZE),
+                algorithm, seed="0"))
+        return self.chain
+
+
+def scenario_manager_caching_writers(seconds, seed, size="normal", hash_algorithm="sha256"):
+    """Three threads change one caching manager (each its own ids) with every kind of
+    change, prefix-cache resets and event drains included.
+
+    Between rounds: ``kv.check()``; each thread's sequences hold the tokens it passed
+    (every full block's recorded hash is the hash of those tokens); the statistics
+    add up to the admissions the threads saw succeed; the events drained so far,
+    replayed in order, name exactly the hashes cached now, with one ``BlockRemoved``
+    per eviction; and every document's prompt finds the cached prefix those hashes
+    say it should.
+    """
+    pool = 1500 if size == "normal" else 800
+    B = CACHE_BLOCK_SIZE
+    kv = caching_manager(pool, hash_algorithm)
+    docs = Documents()
+    num_threads = 3
+    models = [dict() for _ in range(num_threads)]       # seq -> CachedSequence, per thread
+    admitted = [[0, 0, 0] for _ in range(num_threads)]  # requests, queries, hits, per thread
+    rngs = [np.random.default_rng(seed * 100 + t) for t in range(num_threads)]
+    next_ids = [t * 10**12 + 1 for t in range(num_threads)]
+    stats = {"ops": 0, "refusals": 0, "out_of_blocks": 0, "refusal_messages": set(), "op_kinds": {}}
+    failures_inline = []
+    batches = []              # event lists, in the order they were drained
+    drain_lock = threading.Lock()   # orders drains (and the list) among the threads that drain
+    replayed = {"batches": 0, "removed": 0, "events": {}}
+    stored = set()            # the hashes the events say are cached
+    burst = 200 if size == "normal" else 60
+
+    def observed(ids):
+        return retry_read(lambda: [int(kv.seq_lens([s])[0]) if s in kv else None for s in ids], stats)
+
+    def prompt(rng, small=False):
+        doc = int(rng.integers(len(docs)))
+        choice = rng.random()
+        if small or choice < 0.2:
+            n = 0 if rng.random() < 0.5 else int(rng.integers(1, 20))
+        elif choice < 0.55:
+            n = max(0, Documents.PREFIX_LENGTHS[docs.group[doc]] + int(rng.integers(-20, 40)))
+        else:
+            n = int(rng.integers(20, 400))
+        return doc, n
+
+    def admit(t, seq, doc, n, result):
+        """Record an admission the manager reported; check its result."""
+        cached = result.num_cached_tokens
+        if cached % B or cached > max(n - 1, 0) // B * B or len(result.slots) != n - cached:
+            failures_inline.append(f"add of {n} tokens: num_cached_tokens {cached}, "
+                                   f"{len(result.slots)} slots")
+        models[t][seq] = CachedSequence(doc, docs.prompt(doc, n).tolist(), docs.keys[doc])
+        counts = admitted[t]
+        counts[0] += 1
+        counts[1] += n
+        counts[2] += cached
+
+    def worker(t, r, deadline):
+        rng = rngs[t]
+        mine = models[t]
+        while time.perf_counter() < deadline:
+            live = list(mine)
+            choice = rng.random()
+            if len(live) > 400:
+                choice = 0.75                  # free: keep the between-round checks quick
+            if choice < 0.2 or not live:
+                # Many admissions in a row, most of them short: the table's arrays grow
+                # into mapped memory, which lets other threads run in the change.
+                for _ in range(int(rng.integers(1, burst))):
+                    seq = next_ids[t]
+                    next_ids[t] += 1
+                    doc, n = prompt(rng, small=rng.random() < 0.7)
+                    ids = docs.prompt(doc, n)
+                    stats["op_kinds"]["add_sequence"] = stats["op_kinds"].get("add_sequence", 0) + 1
+                    _attempt(t, "add_sequence",
+                             lambda: kv.add_sequence(seq, token_ids=ids, extra_keys=docs.keys[doc]),
+                             [seq], lambda result: admit(t, seq, doc, n, result))
+                    if time.perf_counter() > deadline:
+                        break
+                continue
+            if choice < 0.3:
+                seqs = list(range(next_ids[t], next_ids[t] + int(rng.integers(2, 8))))
+                next_ids[t] += len(seqs)
+                prompts = [prompt(rng) for _ in seqs]
+
+                def mirror(results, seqs=seqs, prompts=prompts):
+                    for seq, (doc, n), result in zip(seqs, prompts, results):
+                        admit(t, seq, doc, n, result)
+                    rest = seqs[len(results):]
+                    if rest and observed(rest) != [None] * len(rest):
+                        failures_inline.append(f"add_sequences admitted {len(results)} of {len(seqs)} "
+                                               f"but holds more")
+                op = ("add_sequences", lambda: kv.add_sequences(
+                    seqs, [docs.prompt(d, n) for d, n in prompts], [docs.keys[d] for d, _ in prompts]),
+                    seqs, mirror)
+            elif choice < 0.55:
+                seqs = [int(s) for s in rng.choice(live, size=min(len(live), int(rng.integers(1, 100))),
+                                                   replace=False)]
+                counts = rng.integers(0, 20, size=len(seqs))
+                pieces = [docs.tokens(mine[s].doc, len(mine[s].tokens), len(mine[s].tokens) + c)
+                          for s, c in zip(seqs, counts.tolist())]
+                flat = np.concatenate(pieces)
+
+                def mirror(result, seqs=seqs, pieces=pieces):
+                    for s, piece in zip(seqs, pieces):
+                        mine[s].tokens.extend(piece.tolist())
+                op = ("append_tokens", lambda: kv.append_tokens(seqs, counts, token_ids=flat), seqs, mirror)
+            elif choice < 0.65:
+                parent = int(live[int(rng.integers(len(live)))])
+                child = next_ids[t]
+                next_ids[t] += 1
+                doc = mine[parent].doc if rng.random() < 0.5 else docs.sibling(rng, mine[parent].doc)
+                op = ("fork", lambda: kv.fork(parent, child), [parent, child],
+                      lambda _: mine.__setitem__(child, mine[parent].forked(doc)))
+            elif choice < 0.85:
+                seqs = [int(s) for s in rng.choice(live, size=min(len(live), int(rng.integers(1, 60))),
+                                                   replace=False)]
+
+                def mirror(_, seqs=seqs):
+                    for s in seqs:
+                        del mine[s]
+                op = ("free_sequence", lambda: kv.free_sequence(seqs), seqs, mirror)
+            elif choice < 0.88:
+                op = ("reset_prefix_cache", kv.reset_prefix_cache, [], lambda _: None)
+            else:
+                op = ("take_events", None, [], None)
+            kind, change, involved, mirror = op
+            stats["op_kinds"][kind] = stats["op_kinds"].get(kind, 0) + 1
+            if kind == "take_events":
+                with drain_lock:
+                    _attempt(t, kind, kv.take_events, [], lambda batch: batches.append(batch.events))
+                continue
+            _attempt(t, kind, change, involved, mirror)
+
+    def _attempt(t, kind, change, involved, mirror):
+        before = [len(models[t][s].tokens) if s in models[t] else None for s in involved]
+        try:
+            result = change()
+        except OutOfBlocksError:
+            stats["out_of_blocks"] += 1
+            if observed(involved) != before:
+                failures_inline.append(f"{kind} out of blocks but changed {involved[:5]}")
+            return
+        except RuntimeError as exc:
+            stats["refusals"] += 1
+            stats["refusal_messages"].add(str(exc)[:120])
+            if "another thread" not in str(exc):
+                failures_inline.append(f"{kind} refused with an unexpected message: {exc}")
+            after = observed(involved)
+            if after != before:
+                failures_inline.append(f"refused {kind} changed sequences {involved[:5]}: "
+                                       f"{before[:5]} -> {after[:5]} ({describe(exc)})")
+            return
+        mirror(result)
+        stats["ops"] += 1
+
+    def replay_events():
+        """Apply the batches drained since last time to ``stored``."""
+        for events in batches[replayed["batches"]:]:
+            for event in events:
+                name = type(event).__name__
+                replayed["events"][name] = replayed["events"].get(name, 0) + 1
+                if name == "AllBlocksCleared":
+                    stored.clear()
+                elif name == "BlockRemoved":
+                    for h in event.block_hashes:
+                        assert h in stored, f"BlockRemoved of hash {h}, which is not cached"
+                        stored.discard(h)
+                        replayed["removed"] += 1
+                else:
+                    for h in event.block_hashes:
+                        assert h not in stored, f"BlockStored of hash {h}, which is cached already"
+                        stored.add(h)
+        replayed["batches"] = len(batches)
+
+    def between(r):
+        kv.check()
+        kv.page_table._check_invariants()
+        assert not failures_inline, failures_inline[:5]
+        expected = sum(len(m) for m in models)
+        assert len(kv) == expected, f"{len(kv)} sequences, threads hold {expected}"
+        state = kv._state()
+        hashes = state["prefix_hashes"].reshape(pool, -1)
+        known = state["prefix_known"]
+        for t, mine in enumerate(models):
+            if not mine:
+                continue
+            ids = list(mine)
+            got = kv.seq_lens(ids).tolist()
+            want = [len(mine[s].tokens) for s in ids]
+            assert got == want, f"thread {t}: token counts differ"
+            for seq, row in zip(ids, kv.block_table(ids)):
+                chain = mine[seq].extend_chain(hash_algorithm)
+                for k, h in enumerate(chain):
+                    if not known[row[k]] or hashes[row[k]].tobytes() != h:
+                        raise AssertionError(f"thread {t}, sequence {seq}: block {k} ({int(row[k])}) "
+                                             f"does not hold the tokens the thread passed")
+        requests, queries, hits, evictions = cache_stats(kv)
+        want = [sum(c[i] for c in admitted) for i in range(3)]
+        assert [requests, queries, hits] == want, \
+            f"statistics {[requests, queries, hits]}, the threads' admissions add up to {want}"
+        batches.append(kv.take_events().events)
+        replay_events()
+        cached = np.flatnonzero(state["prefix_cached"])
+        now = {event_block_hash(hashes[b].tobytes()) for b in cached}
+        assert len(now) == kv.num_cached_blocks == len(cached), "cached blocks and their hashes disagree"
+        assert stored == now, (f"the events name {len(stored)} cached hashes, the manager caches "
+                               f"{len(now)} ({len(stored - now)} and {len(now - stored)} differ)")
+        assert replayed["removed"] == evictions, \
+            f"{replayed['removed']} BlockRemoved events for {evictions} evictions"
+        for doc in range(len(docs)):
+            ids = docs.prompt(doc, 600)
+            hit = 0
+            for h in hash_prompt(ids, B, docs.keys[doc], hash_algorithm, seed="0")[: (len(ids) - 1) // B]:
+                if event_block_hash(h) not in stored:
+                    break
+                hit += 1
+            found = kv.count_cached_tokens(ids, docs.keys[doc])
+            assert found == hit * B, f"document {doc}: {found} tokens cached, the events say {hit * B}"
+        if r % 3 == 2:
+            for mine in models:
+                victims = list(mine)[: len(mine) * 3 // 4]
+                kv.free_sequence(victims)
+                for s in victims:
+                    del mine[s]
+            kv.check()
+
+    started = time.perf_counter()
+    failures = run_rounds(num_threads, 8, seconds, worker, between)
+    failures += failures_inline[:10]
+    requests, queries, hits, evictions = cache_stats(kv)
+    return {
+        "scenario": "manager-caching-writers", "hash_algorithm": hash_algorithm, "seed": seed,
+        "ok": not failures, "ops": stats["ops"], "op_kinds": stats["op_kinds"],
+        "writer_refusals": stats["refusals"], "read_retries": stats.get("read_retries", 0),
+        "out_of_blocks": stats["out_of_blocks"],
+        "writer_refusal_messages": sorted(stats["refusal_messages"]),
+        "prefix_cache_stats": {"requests": requests, "queries": queries, "hits": hits,
+                               "evictions": evictions},
+        "events_replayed": replayed["events"],
+        "race_seconds": round(time.perf_counter() - started, 2), "failures": failures[:20],
+    }
+
+
 def scenario_allocator_writers(seconds, seed, size="normal"):
     """Three threads allocate, share and free blocks of one BlockAllocator."""
     num_blocks = 100_000
@@ -1725,6 +1992,7 @@ READER_SCENARIOS = {
 WRITER_SCENARIOS = {
     "table-writers": scenario_table_writers,
     "manager-writers": scenario_manager_writers,
+    "manager-caching-writers": scenario_manager_caching_writers,
     "allocator-writers": scenario_allocator_writers,
     "views": scenario_views,
 }

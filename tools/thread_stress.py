@@ -33,6 +33,23 @@ as before).  While it waits, readers pause, so that it cannot starve.
 Writer-against-writer scenarios race several threads changing one object, in rounds;
 between rounds (all threads stopped) the object's invariants are checked and each
 thread's own sequences are compared with the thread's own model.
+
+Prefix caching
+--------------
+``manager-caching`` and ``manager-caching-writers`` run a ``KVCacheManager`` with
+prefix caching and KV events on a small pool, with ``--hash-algorithm`` (default
+``sha256``, which hashes through hashlib and pickle; ``xxhash_cbor`` is computed in
+C where the build has xxHash).  Token ids are cut from a few documents that share
+prefixes (``Documents``), so admissions hit each other's blocks, the eviction list
+fills and empties, and forked sequences copy on write.  In ``manager-caching`` the
+writer's results (``num_cached_tokens``, slots, copies) and the events it drains
+with ``take_events`` every few operations are part of its outcomes, which the replay
+must reproduce; readers add ``count_cached_tokens``, the counters, and copies whose
+digest covers the cache.  ``manager-caching-writers`` checks between rounds that
+each thread's blocks hold the tokens it passed (their recorded hashes are those
+``pagetable.prefix`` computes), that the statistics add up to the admissions the
+threads saw succeed, and that the drained events, replayed, name exactly the hashes
+cached.
 """
 
 from __future__ import annotations

@@ -1701,17 +1701,19 @@ def scenario_manager_caching_writers(seconds, seed, size="normal", hash_algorith
                 choice = 0.75                  # free: keep the between-round checks quick
             if choice < 0.2 or not live:
                 # Many admissions in a row, most of them short: the table's arrays grow
-                # into mapped memory, which lets other threads run in the change.
+                # into mapped memory, which lets other threads run in the change.  Up
+                # to the first that does not fit, as a scheduler admits.
                 for _ in range(int(rng.integers(1, burst))):
                     seq = next_ids[t]
                     next_ids[t] += 1
                     doc, n = prompt(rng, small=rng.random() < 0.7)
                     ids = docs.prompt(doc, n)
                     stats["op_kinds"]["add_sequence"] = stats["op_kinds"].get("add_sequence", 0) + 1
-                    _attempt(t, "add_sequence",
-                             lambda: kv.add_sequence(seq, token_ids=ids, extra_keys=docs.keys[doc]),
-                             [seq], lambda result: admit(t, seq, doc, n, result))
-                    if time.perf_counter() > deadline:
+                    outcome = _attempt(
+                        t, "add_sequence",
+                        lambda: kv.add_sequence(seq, token_ids=ids, extra_keys=docs.keys[doc]),
+                        [seq], lambda result: admit(t, seq, doc, n, result))
+                    if outcome == "out of blocks" or time.perf_counter() > deadline:
                         break
                 continue
             if choice < 0.3:
@@ -1776,7 +1778,7 @@ def scenario_manager_caching_writers(seconds, seed, size="normal", hash_algorith
             stats["out_of_blocks"] += 1
             if observed(involved) != before:
                 failures_inline.append(f"{kind} out of blocks but changed {involved[:5]}")
-            return
+            return "out of blocks"
         except RuntimeError as exc:
             stats["refusals"] += 1
             stats["refusal_messages"].add(str(exc)[:120])
@@ -1786,9 +1788,10 @@ def scenario_manager_caching_writers(seconds, seed, size="normal", hash_algorith
             if after != before:
                 failures_inline.append(f"refused {kind} changed sequences {involved[:5]}: "
                                        f"{before[:5]} -> {after[:5]} ({describe(exc)})")
-            return
+            return "refused"
         mirror(result)
         stats["ops"] += 1
+        return "done"
 
     def replay_events():
         """Apply the batches drained since last time to ``stored``."""

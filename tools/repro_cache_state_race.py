@@ -125,7 +125,8 @@ def main(argv=None):
             corrupt[re.sub(r"\d+", "N", str(exc))] += 1
     kv.check()                           # the manager itself is sound
     print(json.dumps({"captures": captures, "refused": refused, "mixed": num_mixed,
-                      "of the first 20 mixed, loads refused": sum(corrupt.values()), "messages": dict(corrupt.most_common(5))}))
+                      "of the first 20 mixed, loads refused": sum(corrupt.values()), "messages": dict(corrupt.most_common(5)),
+                      "defect": bool(num_mixed)}))
     return 1 if mixed else 0
 
 

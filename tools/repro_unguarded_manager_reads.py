@@ -124,10 +124,10 @@ def from_another_thread(seconds=2.0):
 
 def main():
     first = inside_a_change()
-    print(json.dumps({"inside a change": first}))
     second = from_another_thread()
-    print(json.dumps({"from another thread": second}))
-    return 1 if first["defect"] or second["defect"] else 0
+    defect = first["defect"] or second["defect"]
+    print(json.dumps({"inside a change": first, "from another thread": second, "defect": defect}))
+    return 1 if defect else 0
 
 
 if __name__ == "__main__":

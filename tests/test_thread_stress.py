@@ -73,12 +73,6 @@ def needs_algorithm(options):
             pytest.importorskip("cbor2")
 
 
-# Reads of a caching manager that see a change half done (the two xfail tests below
-# and the reproducers they name); left out of the other runs until that is fixed.
-HALF_DONE_READS = ("kv.copy,kv.pickle,kv.save,kv.prefix_cache_stats,kv.num_cached_blocks,"
-                   "kv.num_free_blocks,kv.len,probe_kv.contains")
-
-
 def assert_ok(summary):
     report(summary)
     assert summary["ok"], "\n".join([f"{summary['scenario']} (seed {summary['seed']}) failed:"]
@@ -89,8 +83,8 @@ def assert_ok(summary):
     ("table-inplace", ()),
     ("table-churn", ()),
     ("manager", ()),
-    ("manager-caching", ("--hash-algorithm", "sha256", "--exclude-readers", HALF_DONE_READS)),
-    ("manager-caching", ("--hash-algorithm", "xxhash_cbor", "--exclude-readers", HALF_DONE_READS)),
+    ("manager-caching", ("--hash-algorithm", "sha256")),
+    ("manager-caching", ("--hash-algorithm", "xxhash_cbor")),
 ], ids=["table-inplace", "table-churn", "manager", "manager-caching-sha256",
         "manager-caching-xxhash_cbor"])
 def test_reads_see_one_state(scenario, options, tmp_path):
@@ -133,12 +127,6 @@ def test_concurrent_writers_refuse_cleanly(scenario, options, tmp_path):
         assert summary["prefix_cache_stats"]["hits"] > 0, summary
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "KVCacheManager._state() captures the prefix cache after _read_current, behind calls "
-    "that let other threads run (_state.header, numpy copies in _cache_state, json.dumps "
-    "of the extra keys): a copy, pickle or save of a caching manager that another thread "
-    "changes can mix two states (CorruptStateError, or a copy of no state); "
-    "reproducer: tools/repro_cache_state_race.py"))
 def test_copies_of_a_caching_manager_see_one_state(tmp_path):
     """``copy()`` of a caching manager that another thread keeps changing gives the
     manager in one state, which loads; pickles and ``save`` capture the same way.
@@ -149,11 +137,6 @@ def test_copies_of_a_caching_manager_see_one_state(tmp_path):
     run_child(tmp_path, "repro_cache_state_race.py", "--seconds", str(SECONDS))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "KVCacheManager.prefix_cache_stats, num_cached_blocks, num_free_blocks, usage, len() "
-    "and `in` read the counters without _read_begin, so while a change runs Python code "
-    "(event constructors, ExtraKeys._keys, add_sequences between prompts) another thread "
-    "sees it half done; reproducer: tools/repro_unguarded_manager_reads.py"))
 def test_scalar_reads_see_one_state(tmp_path):
     """The manager's counters read from inside a change (where any other thread may run)
     wait for it, as ``seq_lens`` does, and never show a change half done."""

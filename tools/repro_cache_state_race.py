@@ -1,5 +1,6 @@
-"""Reproducer: a copy of a prefix-caching KVCacheManager taken while another thread
-changes it can capture a state that never existed.
+"""Regression check: a copy of a prefix-caching KVCacheManager taken while another
+thread changes it must capture one state (it could capture a state that never existed
+before the capture became one C section; it finds nothing now).
 
 The threading contract (docs/guide.md, "Threads") says copies, pickles and ``save``
 answer from one state of the manager.  ``KVCacheManager._state()``, which all three

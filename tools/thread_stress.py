@@ -33,6 +33,23 @@ as before).  While it waits, readers pause, so that it cannot starve.
 Writer-against-writer scenarios race several threads changing one object, in rounds;
 between rounds (all threads stopped) the object's invariants are checked and each
 thread's own sequences are compared with the thread's own model.
+
+Prefix caching
+--------------
+``manager-caching`` and ``manager-caching-writers`` run a ``KVCacheManager`` with
+prefix caching and KV events on a small pool, with ``--hash-algorithm`` (default
+``sha256``, which hashes through hashlib and pickle; ``xxhash_cbor`` is computed in
+C where the build has xxHash).  Token ids are cut from a few documents that share
+prefixes (``Documents``), so admissions hit each other's blocks, the eviction list
+fills and empties, and forked sequences copy on write.  In ``manager-caching`` the
+writer's results (``num_cached_tokens``, slots, copies) and the events it drains
+with ``take_events`` every few operations are part of its outcomes, which the replay
+must reproduce; readers add ``count_cached_tokens``, the counters, and copies whose
+digest covers the cache.  ``manager-caching-writers`` checks between rounds that
+each thread's blocks hold the tokens it passed (their recorded hashes are those
+``pagetable.prefix`` computes), that the statistics add up to the admissions the
+threads saw succeed, and that the drained events, replayed, name exactly the hashes
+cached.
 """
 
 from __future__ import annotations
@@ -52,6 +69,7 @@ import zlib
 import numpy as np
 
 from pagetable import BlockAllocator, KVCacheManager, OutOfBlocksError, PageTable
+from pagetable.prefix import ExtraKeys, event_block_hash, hash_block_tokens, hash_prompt
 from pagetable.reference import ReferencePageTable
 
 INT32_MAX = 2**31 - 1
@@ -91,8 +109,18 @@ def manager_contents(kv):
     """A manager nobody else is changing: its table, token counts and pool (reference
     counts and free-stack order: the order decides which block is handed out next)."""
     seq_ids = kv.page_table.sequence_ids()
-    return table_contents(kv.page_table) + (
+    contents = table_contents(kv.page_table) + (
         kv.seq_lens(seq_ids), kv.allocator._refcounts(), kv.allocator._free_blocks())
+    return contents + cache_contents(kv) if kv.prefix_caching else contents
+
+
+def cache_contents(kv):
+    """A caching manager's prefix cache, as its state holds it: block hashes, parents
+    and token ids, which blocks are cached, the eviction order (the state's free stack
+    lists the cached-free blocks first), the statistics and the extra keys."""
+    state = kv._state()
+    return tuple((key, state[key]) for key in sorted(state) if key.startswith("prefix_")) + (
+        state["free_stack"], kv.num_cached_blocks)
 
 
 def describe(exc: BaseException) -> str:
@@ -289,6 +317,7 @@ class Progress:
     def __init__(self):
         self.done = 0          # operations completed
         self.probe = None      # ids the operation in progress creates or removes
+        self.prompts = None    # (document, tokens) prompts it admits or extends, if any
         self.waiting = False   # the writer was refused and is retrying: readers pause
         self.stop = False
 
@@ -344,6 +373,7 @@ class ReaderScenario:
                 while time.perf_counter() < deadline and len(ops) < self.max_ops:
                     op = gen.next_op()
                     progress.probe = op.get("probe")
+                    progress.prompts = op.get("prompts")
                     attempts = 0
                     while True:
                         before = self.snapshot(obj, op)
@@ -379,6 +409,7 @@ class ReaderScenario:
             finally:
                 progress.waiting = False
                 progress.probe = None
+                progress.prompts = None
                 progress.stop = True
 
         def reader(names, reader_seed):
@@ -471,7 +502,12 @@ class ReaderScenario:
             "race_seconds": round(race_seconds, 2),
             "replay_seconds": round(replay_seconds, 2),
             "failures": failures[:20],
+            **self.extra(obj, ops),
         }
+
+    def extra(self, obj, ops):
+        """Scenario-specific figures for the summary."""
+        return {}
 
     def final_check(self, obj, ops, failures):
         """The raced object must end exactly like the replay and pass its invariants."""
@@ -939,6 +975,335 @@ def scenario_manager(size="normal"):
         apply_manager_op, manager_snapshot, readers, groups, max_ops=20000)
 
 
+# --------------------------------------------------------------------------- prefix-caching scenario
+
+CACHE_BLOCK_SIZE = 16
+
+
+def caching_manager(num_blocks, hash_algorithm):
+    return KVCacheManager(num_blocks, CACHE_BLOCK_SIZE, enable_prefix_caching=True,
+                          hash_algorithm=hash_algorithm, hash_seed="0",
+                          enable_kv_cache_events=True)
+
+
+def _token_ids(rng, count):
+    """Token ids, mostly small, some up to 2**31 - 1 (pickle writes those longer)."""
+    ids = rng.integers(0, 50_000, size=count)
+    large = rng.random(count) < 0.05
+    ids[large] = rng.integers(2**16, INT32_MAX + 1, size=int(large.sum()))
+    return ids.astype(np.int32)
+
+
+class Documents:
+    """The token streams that prompts and decode steps are cut from.
+
+    A few shared prefixes (of 48, 160, 333 and 96 tokens), each followed by several
+    different tails: prompts hit each other's cached blocks, a small pool fills its
+    eviction list, and a forked child that continues another document of its group
+    diverges from its parent after its copy-on-write copy.  Token ``p`` of document
+    ``d`` is ``streams[d][p % length]``, so every id is a function of the operation
+    that passes it.  Some documents carry extra keys: a cache salt on tokens a
+    document without one shares (they must not hit each other), a LoRA adapter on
+    every block, a multimodal item over blocks 1 to 3; hashing those runs Python code
+    in the middle of a change.
+    """
+
+    PREFIX_LENGTHS = (48, 160, 333, 96)
+    TAILS = 5
+
+    def __init__(self, seed=4242, length=1536):
+        rng = np.random.default_rng(seed)
+        self.streams, self.keys, self.group = [], [], []
+        for group, prefix_length in enumerate(self.PREFIX_LENGTHS):
+            prefix = _token_ids(rng, prefix_length)
+            for tail in range(self.TAILS):
+                self.streams.append(np.concatenate([prefix, _token_ids(rng, length - prefix_length)]))
+                self.group.append(group)
+                self.keys.append(_document_keys(group, tail))
+
+    def __len__(self):
+        return len(self.streams)
+
+    def tokens(self, doc, start, stop):
+        return np.take(self.streams[doc], np.arange(start, stop), mode="wrap")
+
+    def prompt(self, doc, num_tokens):
+        return self.tokens(doc, 0, num_tokens)
+
+    def sibling(self, rng, doc):
+        """A document with the same prefix as ``doc`` (possibly ``doc`` itself)."""
+        return self.group[doc] * self.TAILS + int(rng.integers(self.TAILS))
+
+
+def _document_keys(group, tail):
+    if group == 1 and tail % 2:
+        return ExtraKeys(cache_salt="tenant-b")
+    if group == 2:
+        return ExtraKeys(lora_name="sql", lora_path="/adapters/sql", lora_id=3)
+    if group == 3 and tail == 0:
+        return ExtraKeys(mm=[("image-7f3a", 20, 40)])
+    return None
+
+
+def cache_stats(kv):
+    stats = kv.prefix_cache_stats
+    return (stats.requests, stats.queries, stats.hits, stats.evictions)
+
+
+def events_digest(batch):
+    """A drained event batch without its time stamp: the count and a CRC of the events."""
+    events = batch.events
+    return ("events", len(events), zlib.crc32(repr(events).encode()),
+            _count(type(e).__name__ for e in events))
+
+
+def _result_digest(result):
+    return ("result", result.num_cached_tokens, len(result.copy_src),
+            digest((result.slots, result.copy_src, result.copy_dst)))
+
+
+def apply_caching_op(kv, op):
+    kind = op["kind"]
+    try:
+        if kind == "add_sequence":
+            return _result_digest(kv.add_sequence(op["seq"], token_ids=op["token_ids"],
+                                                  extra_keys=op["keys"]))
+        if kind == "add_sequences":
+            results = kv.add_sequences(op["seqs"], op["token_ids"], op["keys"])
+            return ("admitted", len(results), tuple(_result_digest(r) for r in results))
+        if kind == "append_tokens":
+            return _result_digest(kv.append_tokens(op["seqs"], op["counts"], token_ids=op["token_ids"]))
+        if kind == "fork":
+            kv.fork(op["parent"], op["child"])
+            return None
+        if kind == "free_sequence":
+            kv.free_sequence(op["seqs"])
+            return None
+        if kind == "reset_prefix_cache":
+            return ("dropped", kv.reset_prefix_cache())
+        if kind == "take_events":
+            return events_digest(kv.take_events())
+    except OutOfBlocksError:
+        return "out of blocks"
+    raise ValueError(kind)
+
+
+def caching_snapshot(kv, op):
+    return manager_snapshot(kv, op) + (kv.num_cached_blocks, cache_stats(kv))
+
+
+class CachingGenerator:
+    """Admissions (one prompt, or several in one call), decode steps, forks, frees,
+    prefix-cache resets and event drains on a caching manager with a small pool.
+
+    Each sequence follows a document of ``docs``: its prompt is the document's start
+    and its decode tokens continue it, up to ``max_tokens``; a forked child continues
+    its parent's document or another of the same group.  ``take_events`` comes every
+    2 to 7 operations.  Operations carry their token ids (the replay passes the same)
+    and, as ``prompts``, the (document, tokens) prompts a probe reader looks up.
+    """
+
+    def __init__(self, seed, docs, stable, target_live, max_tokens):
+        self.rng = np.random.default_rng(seed)
+        self.docs = docs
+        # seq -> [document, tokens, extra keys]
+        self.sequences = {seq: [doc, n, docs.keys[doc]] for seq, (doc, n) in stable.items()}
+        self.stable = list(stable)
+        self.churn = []
+        self.next_id = 10**6
+        self.target_live = target_live
+        self.max_tokens = max_tokens
+        self.until_events = 3
+
+    def _new_id(self):
+        self.next_id += 1
+        return self.next_id
+
+    def _prompt(self):
+        rng = self.rng
+        doc = int(rng.integers(len(self.docs)))
+        choice = rng.random()
+        if choice < 0.15:
+            n = int(rng.integers(0, 20))
+        elif choice < 0.5:     # around the end of the shared prefix
+            n = max(0, Documents.PREFIX_LENGTHS[self.docs.group[doc]] + int(rng.integers(-20, 40)))
+        else:
+            n = int(rng.integers(20, 500))
+        return doc, n
+
+    def next_op(self):
+        rng = self.rng
+        self.until_events -= 1
+        if self.until_events <= 0:
+            self.until_events = int(rng.integers(2, 8))
+            return {"kind": "take_events", "involved": ()}
+        choice = rng.random()
+        live = self.churn + self.stable
+        below = len(self.churn) < self.target_live
+        docs = self.docs
+        if choice < 0.25 or (choice >= 0.74 and not self.churn):
+            seq = self._new_id()
+            doc, n = self._prompt()
+            return {"kind": "add_sequence", "seq": seq, "doc": doc, "token_ids": docs.prompt(doc, n),
+                    "keys": docs.keys[doc], "probe": [seq], "prompts": [(doc, n)], "involved": (seq,)}
+        if choice < 0.32:
+            seqs = [self._new_id() for _ in range(int(rng.integers(2, 6)))]
+            prompts = [self._prompt() for _ in seqs]
+            return {"kind": "add_sequences", "seqs": seqs, "docs": [d for d, _ in prompts],
+                    "token_ids": [docs.prompt(d, n) for d, n in prompts],
+                    "keys": [docs.keys[d] for d, _ in prompts], "probe": seqs, "prompts": prompts,
+                    "involved": tuple(seqs)}
+        if choice < 0.62:
+            k = min(len(live), int(rng.integers(1, 64)))
+            seqs = [int(s) for s in rng.choice(live, size=k, replace=False)]
+            counts = np.ones(k, dtype=np.int64) if rng.random() < 0.6 else rng.integers(0, 24, size=k)
+            counts = np.minimum(counts, [max(0, self.max_tokens - self.sequences[s][1]) for s in seqs])
+            pieces = [docs.tokens(self.sequences[s][0], self.sequences[s][1], self.sequences[s][1] + c)
+                      for s, c in zip(seqs, counts.tolist())]
+            prompts = [(self.sequences[s][0], self.sequences[s][1] + c)
+                       for s, c in zip(seqs[:4], counts.tolist())]
+            return {"kind": "append_tokens", "seqs": np.array(seqs, dtype=np.int64),
+                    "counts": 1 if (counts == 1).all() else counts,
+                    "token_ids": np.concatenate(pieces).astype(np.int32), "prompts": prompts,
+                    "involved": tuple(seqs[:8])}
+        if choice < 0.73:
+            parent = int(live[int(rng.integers(len(live)))])
+            doc = self.sequences[parent][0]
+            if rng.random() < 0.5:
+                doc = docs.sibling(rng, doc)
+            child = self._new_id()
+            return {"kind": "fork", "parent": parent, "child": child, "doc": doc, "probe": [child],
+                    "involved": (parent, child)}
+        if choice < 0.74:
+            return {"kind": "reset_prefix_cache", "involved": ()}
+        # About 0.4 frees per operation below the target, 1.4 above it.
+        k = min(len(self.churn), int(rng.integers(1, 4 if below else 12)))
+        seqs = [int(s) for s in rng.choice(self.churn, size=k, replace=False)]
+        return {"kind": "free_sequence", "seqs": seqs, "probe": seqs, "involved": tuple(seqs)}
+
+    def commit(self, op, outcome):
+        if outcome == "out of blocks":
+            return
+        kind = op["kind"]
+        if kind == "add_sequence":
+            self.sequences[op["seq"]] = [op["doc"], len(op["token_ids"]), op["keys"]]
+            self.churn.append(op["seq"])
+        elif kind == "add_sequences":
+            admitted = outcome[1]
+            for seq, doc, ids, keys in list(zip(op["seqs"], op["docs"], op["token_ids"], op["keys"]))[:admitted]:
+                self.sequences[seq] = [doc, len(ids), keys]
+                self.churn.append(seq)
+        elif kind == "append_tokens":
+            for s, c in zip(op["seqs"].tolist(), np.broadcast_to(op["counts"], len(op["seqs"])).tolist()):
+                self.sequences[s][1] += c
+        elif kind == "fork":
+            _, tokens, keys = self.sequences[op["parent"]]
+            self.sequences[op["child"]] = [op["doc"], tokens, keys]   # the manager copies keys
+            self.churn.append(op["child"])
+        elif kind == "free_sequence":
+            gone = set(op["seqs"])
+            self.churn = [s for s in self.churn if s not in gone]
+            for s in gone:
+                del self.sequences[s]
+
+
+def caching_readers(docs, queries):
+    """Prefix-cache reads: lookups of fixed prompts (``queries``: (document, tokens)),
+    of the prompts the writer is admitting or extending, and the counters; with them
+    the manager's other scalar reads (free blocks, sequences, membership)."""
+
+    def lookup(kv, doc, num_tokens):
+        return kv.count_cached_tokens(docs.prompt(doc, num_tokens), docs.keys[doc])
+
+    def current(rng, progress):
+        prompts = progress.prompts
+        if not prompts:
+            return None
+        doc, num_tokens = prompts[int(rng.integers(len(prompts)))]
+        return (int(doc), int(num_tokens))
+
+    def probe(rng, progress):
+        ids = progress.probe
+        return (int(ids[int(rng.integers(len(ids)))]),) if ids else None
+
+    return [
+        Reader("kv.count_cached_tokens", lookup, queries),
+        Reader("kv.prefix_cache_stats", cache_stats, [()]),
+        Reader("kv.num_cached_blocks", lambda kv: kv.num_cached_blocks, [()]),
+        Reader("probe_kv.count_cached_tokens", lookup, dynamic=current),
+        Reader("kv.num_free_blocks", lambda kv: kv.num_free_blocks, [()]),
+        Reader("kv.len", len, [()]),
+        Reader("probe_kv.contains", lambda kv, seq: seq in kv, dynamic=probe),
+    ]
+
+
+class CachingScenario(ManagerScenario):
+    def equal(self, a, b):
+        # Everything the state holds (the cache included), then what it does not: the
+        # events not yet drained.  (Drains both: neither is used after this.)
+        return (super().equal(a, b) and a == b
+                and events_digest(a.take_events()) == events_digest(b.take_events()))
+
+    def extra(self, obj, ops):
+        results = [outcome for _, outcome in ops if isinstance(outcome, tuple) and outcome[0] == "result"]
+        for _, outcome in ops:
+            if isinstance(outcome, tuple) and outcome[0] == "admitted":
+                results += outcome[2]
+        events = {}
+        for _, outcome in ops:
+            if isinstance(outcome, tuple) and outcome[0] == "events":
+                for name, count in outcome[3].items():
+                    events[name] = events.get(name, 0) + count
+        requests, queries, hits, evictions = cache_stats(obj)
+        return {"hash_algorithm": obj.hash_algorithm,
+                "admissions_with_hits": sum(1 for r in results if r[1] > 0),
+                "copy_on_write": sum(r[2] for r in results),
+                "prefix_cache_stats": {"requests": requests, "queries": queries, "hits": hits,
+                                       "evictions": evictions},
+                "events_drained": events}
+
+
+def scenario_manager_caching(size="normal", hash_algorithm="sha256"):
+    num_stable, target, pool, max_tokens = (16, 120, 1500, 900) if size == "normal" else \
+        (8, 40, 600, 600)
+    docs = Documents()
+    rng = np.random.default_rng(31)
+    stable_ids = np.arange(num_stable, dtype=np.int64) * 3 + 5
+    # Two stable sequences per document of the first groups: the second hits the first.
+    stable = {int(s): (i // 2 % len(docs), int(rng.integers(100, 400))) for i, s in enumerate(stable_ids)}
+
+    def make():
+        kv = caching_manager(pool, hash_algorithm)
+        for seq, (doc, n) in stable.items():
+            kv.add_sequence(seq, token_ids=docs.prompt(doc, n), extra_keys=docs.keys[doc])
+        kv.take_events()
+        return kv
+
+    queries = [(d, n) for d in range(len(docs)) for n in (15, 17, 64, 161, 350, 600)]
+    tok_seq, tok_pos = _grouped_tokens(rng, stable_ids, max_tokens, 8192)
+    big_seq, big_pos = _grouped_tokens(rng, stable_ids, max_tokens, 2**17 + 4096)
+    readers = manager_readers(stable_ids, stable_ids[:8]) + caching_readers(docs, queries)
+    readers += table_readers(lambda kv: kv.page_table, stable_ids, (tok_seq, tok_pos), (big_seq, big_pos),
+                             stable_ids[:8], exact_rows=False, exact_versions=False)
+    readers += manager_probe_readers() + probe_readers(lambda kv: kv.page_table)
+    probes = [r.name for r in readers if r.name.startswith("probe_")]
+    groups = [
+        ["kv.seq_lens", "kv.block_table", "kv.flashinfer_layout", "kv.seq_lens_one",
+         "kv.count_cached_tokens"],
+        # The counters have a thread of their own: they are read most often then.
+        ["kv.prefix_cache_stats", "kv.num_cached_blocks", "kv.count_cached_tokens",
+         "kv.num_free_blocks", "kv.len"],
+        ["to_csr", "block_table", "slot_mapping_big", "slot_mapping", "lookup", "num_blocks",
+         "rows", "versions", "get_sequence_blocks", "copy", "pickle", "save",
+         "kv.copy", "kv.pickle", "kv.save"],
+        probes,
+    ]
+    return CachingScenario(
+        "manager-caching", make,
+        lambda seed: CachingGenerator(seed, docs, stable, target, max_tokens),
+        apply_caching_op, caching_snapshot, readers, groups, max_ops=20000)
+
+
 # --------------------------------------------------------------------------- writers vs writers
 
 def retry_read(read, stats, limit=5.0):
@@ -1246,6 +1611,276 @@ def scenario_manager_writers(seconds, seed, size="normal"):
     }
 
 
+class CachedSequence:
+    """A writer thread's model of one of its sequences: the document its decode steps
+    continue, its token ids, its extra keys, and the hashes of its full blocks
+    (extended between rounds by ``pagetable.prefix``, from the tokens alone)."""
+
+    __slots__ = ("doc", "tokens", "keys", "chain")
+
+    def __init__(self, doc, tokens, keys, chain=None):
+        self.doc = doc
+        self.tokens = tokens
+        self.keys = keys
+        self.chain = [] if chain is None else chain
+
+    def forked(self, doc):
+        return CachedSequence(doc, list(self.tokens), self.keys, list(self.chain))
+
+    def extend_chain(self, algorithm):
+        for k in range(len(self.chain), len(self.tokens) // CACHE_BLOCK_SIZE):
+            self.chain.append(hash_block_tokens(
+                self.chain[k - 1] if k else None,
+                self.tokens[k * CACHE_BLOCK_SIZE:(k + 1) * CACHE_BLOCK_SIZE],
+                None if self.keys is None else self.keys.for_block(k, CACHE_BLOCK_SIZE),
+                algorithm, seed="0"))
+        return self.chain
+
+
+def scenario_manager_caching_writers(seconds, seed, size="normal", hash_algorithm="sha256"):
+    """Three threads change one caching manager (each its own ids) with every kind of
+    change, prefix-cache resets and event drains included.
+
+    Between rounds: ``kv.check()``; each thread's sequences hold the tokens it passed
+    (every full block's recorded hash is the hash of those tokens); the statistics
+    add up to the admissions the threads saw succeed; the events drained so far,
+    replayed in order, name exactly the hashes cached now, with one ``BlockRemoved``
+    per eviction; and every document's prompt finds the cached prefix those hashes
+    say it should.
+    """
+    pool = 1500 if size == "normal" else 800
+    B = CACHE_BLOCK_SIZE
+    kv = caching_manager(pool, hash_algorithm)
+    docs = Documents()
+    num_threads = 3
+    models = [dict() for _ in range(num_threads)]       # seq -> CachedSequence, per thread
+    admitted = [[0, 0, 0] for _ in range(num_threads)]  # requests, queries, hits, per thread
+    rngs = [np.random.default_rng(seed * 100 + t) for t in range(num_threads)]
+    next_ids = [t * 10**12 + 1 for t in range(num_threads)]
+    stats = {"ops": 0, "refusals": 0, "out_of_blocks": 0, "refusal_messages": set(), "op_kinds": {}}
+    failures_inline = []
+    batches = []              # event lists, in the order they were drained
+    drain_lock = threading.Lock()   # orders drains (and the list) among the threads that drain
+    replayed = {"batches": 0, "removed": 0, "events": {}}
+    stored = set()            # the hashes the events say are cached
+    burst = 200 if size == "normal" else 60
+
+    def observed(ids):
+        return retry_read(lambda: [int(kv.seq_lens([s])[0]) if s in kv else None for s in ids], stats)
+
+    def prompt(rng, small=False):
+        doc = int(rng.integers(len(docs)))
+        choice = rng.random()
+        if small or choice < 0.2:
+            n = 0 if rng.random() < 0.5 else int(rng.integers(1, 20))
+        elif choice < 0.55:
+            n = max(0, Documents.PREFIX_LENGTHS[docs.group[doc]] + int(rng.integers(-20, 40)))
+        else:
+            n = int(rng.integers(20, 400))
+        return doc, n
+
+    def admit(t, seq, doc, n, result):
+        """Record an admission the manager reported; check its result."""
+        cached = result.num_cached_tokens
+        if cached % B or cached > max(n - 1, 0) // B * B or len(result.slots) != n - cached:
+            failures_inline.append(f"add of {n} tokens: num_cached_tokens {cached}, "
+                                   f"{len(result.slots)} slots")
+        models[t][seq] = CachedSequence(doc, docs.prompt(doc, n).tolist(), docs.keys[doc])
+        counts = admitted[t]
+        counts[0] += 1
+        counts[1] += n
+        counts[2] += cached
+
+    def worker(t, r, deadline):
+        rng = rngs[t]
+        mine = models[t]
+        while time.perf_counter() < deadline:
+            live = list(mine)
+            choice = rng.random()
+            if len(live) > 400:
+                choice = 0.75                  # free: keep the between-round checks quick
+            if choice < 0.2 or not live:
+                # Many admissions in a row, most of them short: the table's arrays grow
+                # into mapped memory, which lets other threads run in the change.  Up
+                # to the first that does not fit, as a scheduler admits.
+                for _ in range(int(rng.integers(1, burst))):
+                    seq = next_ids[t]
+                    next_ids[t] += 1
+                    doc, n = prompt(rng, small=rng.random() < 0.7)
+                    ids = docs.prompt(doc, n)
+                    stats["op_kinds"]["add_sequence"] = stats["op_kinds"].get("add_sequence", 0) + 1
+                    outcome = _attempt(
+                        t, "add_sequence",
+                        lambda: kv.add_sequence(seq, token_ids=ids, extra_keys=docs.keys[doc]),
+                        [seq], lambda result: admit(t, seq, doc, n, result))
+                    if outcome == "out of blocks" or time.perf_counter() > deadline:
+                        break
+                continue
+            if choice < 0.3:
+                seqs = list(range(next_ids[t], next_ids[t] + int(rng.integers(2, 8))))
+                next_ids[t] += len(seqs)
+                prompts = [prompt(rng) for _ in seqs]
+
+                def mirror(results, seqs=seqs, prompts=prompts):
+                    for seq, (doc, n), result in zip(seqs, prompts, results):
+                        admit(t, seq, doc, n, result)
+                    rest = seqs[len(results):]
+                    if rest and observed(rest) != [None] * len(rest):
+                        failures_inline.append(f"add_sequences admitted {len(results)} of {len(seqs)} "
+                                               f"but holds more")
+                op = ("add_sequences", lambda: kv.add_sequences(
+                    seqs, [docs.prompt(d, n) for d, n in prompts], [docs.keys[d] for d, _ in prompts]),
+                    seqs, mirror)
+            elif choice < 0.55:
+                seqs = [int(s) for s in rng.choice(live, size=min(len(live), int(rng.integers(1, 100))),
+                                                   replace=False)]
+                counts = rng.integers(0, 20, size=len(seqs))
+                pieces = [docs.tokens(mine[s].doc, len(mine[s].tokens), len(mine[s].tokens) + c)
+                          for s, c in zip(seqs, counts.tolist())]
+                flat = np.concatenate(pieces)
+
+                def mirror(result, seqs=seqs, pieces=pieces):
+                    for s, piece in zip(seqs, pieces):
+                        mine[s].tokens.extend(piece.tolist())
+                op = ("append_tokens", lambda: kv.append_tokens(seqs, counts, token_ids=flat), seqs, mirror)
+            elif choice < 0.65:
+                parent = int(live[int(rng.integers(len(live)))])
+                child = next_ids[t]
+                next_ids[t] += 1
+                doc = mine[parent].doc if rng.random() < 0.5 else docs.sibling(rng, mine[parent].doc)
+                op = ("fork", lambda: kv.fork(parent, child), [parent, child],
+                      lambda _: mine.__setitem__(child, mine[parent].forked(doc)))
+            elif choice < 0.85:
+                seqs = [int(s) for s in rng.choice(live, size=min(len(live), int(rng.integers(1, 60))),
+                                                   replace=False)]
+
+                def mirror(_, seqs=seqs):
+                    for s in seqs:
+                        del mine[s]
+                op = ("free_sequence", lambda: kv.free_sequence(seqs), seqs, mirror)
+            elif choice < 0.88:
+                op = ("reset_prefix_cache", kv.reset_prefix_cache, [], lambda _: None)
+            else:
+                op = ("take_events", None, [], None)
+            kind, change, involved, mirror = op
+            stats["op_kinds"][kind] = stats["op_kinds"].get(kind, 0) + 1
+            if kind == "take_events":
+                with drain_lock:
+                    _attempt(t, kind, kv.take_events, [], lambda batch: batches.append(batch.events))
+                continue
+            _attempt(t, kind, change, involved, mirror)
+
+    def _attempt(t, kind, change, involved, mirror):
+        before = [len(models[t][s].tokens) if s in models[t] else None for s in involved]
+        try:
+            result = change()
+        except OutOfBlocksError:
+            stats["out_of_blocks"] += 1
+            if observed(involved) != before:
+                failures_inline.append(f"{kind} out of blocks but changed {involved[:5]}")
+            return "out of blocks"
+        except RuntimeError as exc:
+            stats["refusals"] += 1
+            stats["refusal_messages"].add(str(exc)[:120])
+            if "another thread" not in str(exc):
+                failures_inline.append(f"{kind} refused with an unexpected message: {exc}")
+            after = observed(involved)
+            if after != before:
+                failures_inline.append(f"refused {kind} changed sequences {involved[:5]}: "
+                                       f"{before[:5]} -> {after[:5]} ({describe(exc)})")
+            return "refused"
+        mirror(result)
+        stats["ops"] += 1
+        return "done"
+
+    def replay_events():
+        """Apply the batches drained since last time to ``stored``."""
+        for events in batches[replayed["batches"]:]:
+            for event in events:
+                name = type(event).__name__
+                replayed["events"][name] = replayed["events"].get(name, 0) + 1
+                if name == "AllBlocksCleared":
+                    stored.clear()
+                elif name == "BlockRemoved":
+                    for h in event.block_hashes:
+                        assert h in stored, f"BlockRemoved of hash {h}, which is not cached"
+                        stored.discard(h)
+                        replayed["removed"] += 1
+                else:
+                    for h in event.block_hashes:
+                        assert h not in stored, f"BlockStored of hash {h}, which is cached already"
+                        stored.add(h)
+        replayed["batches"] = len(batches)
+
+    def between(r):
+        kv.check()
+        kv.page_table._check_invariants()
+        assert not failures_inline, failures_inline[:5]
+        expected = sum(len(m) for m in models)
+        assert len(kv) == expected, f"{len(kv)} sequences, threads hold {expected}"
+        state = kv._state()
+        hashes = state["prefix_hashes"].reshape(pool, -1)
+        known = state["prefix_known"]
+        for t, mine in enumerate(models):
+            if not mine:
+                continue
+            ids = list(mine)
+            got = kv.seq_lens(ids).tolist()
+            want = [len(mine[s].tokens) for s in ids]
+            assert got == want, f"thread {t}: token counts differ"
+            for seq, row in zip(ids, kv.block_table(ids)):
+                chain = mine[seq].extend_chain(hash_algorithm)
+                for k, h in enumerate(chain):
+                    if not known[row[k]] or hashes[row[k]].tobytes() != h:
+                        raise AssertionError(f"thread {t}, sequence {seq}: block {k} ({int(row[k])}) "
+                                             f"does not hold the tokens the thread passed")
+        requests, queries, hits, evictions = cache_stats(kv)
+        want = [sum(c[i] for c in admitted) for i in range(3)]
+        assert [requests, queries, hits] == want, \
+            f"statistics {[requests, queries, hits]}, the threads' admissions add up to {want}"
+        batches.append(kv.take_events().events)
+        replay_events()
+        cached = np.flatnonzero(state["prefix_cached"])
+        now = {event_block_hash(hashes[b].tobytes()) for b in cached}
+        assert len(now) == kv.num_cached_blocks == len(cached), "cached blocks and their hashes disagree"
+        assert stored == now, (f"the events name {len(stored)} cached hashes, the manager caches "
+                               f"{len(now)} ({len(stored - now)} and {len(now - stored)} differ)")
+        assert replayed["removed"] == evictions, \
+            f"{replayed['removed']} BlockRemoved events for {evictions} evictions"
+        for doc in range(len(docs)):
+            ids = docs.prompt(doc, 600)
+            hit = 0
+            for h in hash_prompt(ids, B, docs.keys[doc], hash_algorithm, seed="0")[: (len(ids) - 1) // B]:
+                if event_block_hash(h) not in stored:
+                    break
+                hit += 1
+            found = kv.count_cached_tokens(ids, docs.keys[doc])
+            assert found == hit * B, f"document {doc}: {found} tokens cached, the events say {hit * B}"
+        if r % 3 == 2:
+            for mine in models:
+                victims = list(mine)[: len(mine) * 3 // 4]
+                kv.free_sequence(victims)
+                for s in victims:
+                    del mine[s]
+            kv.check()
+
+    started = time.perf_counter()
+    failures = run_rounds(num_threads, 8, seconds, worker, between)
+    failures += failures_inline[:10]
+    requests, queries, hits, evictions = cache_stats(kv)
+    return {
+        "scenario": "manager-caching-writers", "hash_algorithm": hash_algorithm, "seed": seed,
+        "ok": not failures, "ops": stats["ops"], "op_kinds": stats["op_kinds"],
+        "writer_refusals": stats["refusals"], "read_retries": stats.get("read_retries", 0),
+        "out_of_blocks": stats["out_of_blocks"],
+        "writer_refusal_messages": sorted(stats["refusal_messages"]),
+        "prefix_cache_stats": {"requests": requests, "queries": queries, "hits": hits,
+                               "evictions": evictions},
+        "events_replayed": replayed["events"],
+        "race_seconds": round(time.perf_counter() - started, 2), "failures": failures[:20],
+    }
+
+
 def scenario_allocator_writers(seconds, seed, size="normal"):
     """Three threads allocate, share and free blocks of one BlockAllocator."""
     num_blocks = 100_000
@@ -1372,20 +2007,29 @@ READER_SCENARIOS = {
     "table-inplace": scenario_table_inplace,
     "table-churn": scenario_table_churn,
     "manager": scenario_manager,
+    "manager-caching": scenario_manager_caching,
 }
 WRITER_SCENARIOS = {
     "table-writers": scenario_table_writers,
     "manager-writers": scenario_manager_writers,
+    "manager-caching-writers": scenario_manager_caching_writers,
     "allocator-writers": scenario_allocator_writers,
     "views": scenario_views,
 }
 SCENARIOS = list(READER_SCENARIOS) + list(WRITER_SCENARIOS)
 
 
-def run_scenario(name, seconds, seed, size="normal", serialize=False, only=None, exclude=()):
+CACHING_SCENARIOS = ("manager-caching", "manager-caching-writers")
+
+
+def run_scenario(name, seconds, seed, size="normal", serialize=False, only=None, exclude=(),
+                 hash_algorithm=None):
+    options = {}
+    if name in CACHING_SCENARIOS and hash_algorithm is not None:
+        options["hash_algorithm"] = hash_algorithm
     if name in READER_SCENARIOS:
-        return READER_SCENARIOS[name](size).run(seconds, seed, serialize, only, exclude)
-    return WRITER_SCENARIOS[name](seconds, seed, size)
+        return READER_SCENARIOS[name](size, **options).run(seconds, seed, serialize, only, exclude)
+    return WRITER_SCENARIOS[name](seconds, seed, size, **options)
 
 
 def main(argv=None):
@@ -1400,6 +2044,9 @@ def main(argv=None):
                         help="one lock around every library call: checks the harness itself")
     parser.add_argument("--readers", default=None, help="comma-separated reader kinds to run")
     parser.add_argument("--exclude-readers", default="", help="comma-separated reader kinds to skip")
+    parser.add_argument("--hash-algorithm", default=None,
+                        help=f"block hashes of the prefix-caching scenarios {CACHING_SCENARIOS} "
+                             "(default sha256)")
     args = parser.parse_args(argv)
     only = None if args.readers is None else set(args.readers.split(","))
     exclude = set(filter(None, args.exclude_readers.split(",")))
@@ -1409,7 +2056,7 @@ def main(argv=None):
     for repeat in range(args.repeat):
         for name in names:
             summary = run_scenario(name, args.seconds, args.seed + repeat, args.size,
-                                   args.serialize, only, exclude)
+                                   args.serialize, only, exclude, args.hash_algorithm)
             ok &= summary["ok"]
             print(json.dumps(summary, sort_keys=True), flush=True)
     return 0 if ok else 1

@@ -404,6 +404,10 @@ def test_without_caching_token_ids_are_optional_and_nothing_is_cached():
     assert m.sequence_tokens(1) == [None] * 6
     assert m.sequence_tokens(2) == [1, 2, 3, 4, 5, None]
     assert m.count_cached_tokens([1, 2, 3, 4, 5]) == 0 and m.num_cached_blocks == 0
+    with pytest.raises(ValueError, match="extra_keys"):
+        m.add_sequence(3, token_ids=[1], extra_keys=Keys(cache_salt="s"))
+    with pytest.raises(TypeError, match="num_tokens or token_ids"):
+        m.add_sequence(3)
     m.free_sequence([1])
     assert m.allocator._free_stack == [0, 1]          # first block first, as ever
     assert m.reset_prefix_cache() == 0
@@ -439,3 +443,26 @@ def test_check_sees_a_corrupted_model():
     m.allocator._free_stack.append(m._lru.pop())
     with pytest.raises(AssertionError, match="free stack holds a registered block"):
         m.check()
+
+
+def test_add_sequences_admits_in_order_and_stops_at_the_first_that_does_not_fit():
+    m = caching(5)
+    results = m.add_sequences([1, 2, 3, 4], [SYSTEM + [1], SYSTEM + [2], list(range(40, 49)), [7]])
+    # The second hits what the first registered in the same call; the third needs
+    # three blocks with one left, so it and the fourth are not added.
+    assert [r.num_cached_tokens for r in results] == [0, 8]
+    assert [r.slots.tolist() for r in results] == [[0, 1, 2, 3, 4, 5, 6, 7, 8], [12]]
+    assert 3 not in m and 4 not in m and len(m) == 2
+    assert stats(m) == (2, 18, 8, 0)
+    with pytest.raises(ValueError, match="already exists"):
+        m.add_sequences([5, 1], [[1], [2]])
+    with pytest.raises(ValueError, match="more than once"):
+        m.add_sequences([5, 5], [[1], [2]])
+    with pytest.raises(OverflowError, match="prompt 1: token_ids"):
+        m.add_sequences([5, 6], [[1], [2**31]])
+    with pytest.raises(TypeError, match="list of arrays"):
+        m.add_sequences([5], iter([[1]]))
+    with pytest.raises(ValueError, match="2 prompts for 1 seq_ids"):
+        m.add_sequences([5], [[1], [2]])
+    assert len(m) == 2 and stats(m) == (2, 18, 8, 0)
+    m.check()

@@ -167,9 +167,9 @@ class PrefixMachine(RuleBasedStateMachine):
         self.follow(events[0])
         return results[0]
 
-    def follow(self, events):
-        """The router's view: stored hashes in, removed ones out; within one call every
-        eviction comes before every store."""
+    def follow(self, events, one_add=True):
+        """The router's view: stored hashes in, removed ones out; within one add or
+        append every eviction comes before every store."""
         stored_yet = False
         for event in events:
             if event[0] == "BlockStored":
@@ -181,7 +181,7 @@ class PrefixMachine(RuleBasedStateMachine):
                     assert h not in self.router, f"hash {h!r} stored twice"
                     self.router.add(h)
             elif event[0] == "BlockRemoved":
-                assert not stored_yet, "an eviction after a store in one call"
+                assert not (one_add and stored_yet), "an eviction after a store in one call"
                 assert event[2] == self.medium and event[3] == 0
                 assert len(event[1]) == 1 and event[1][0] in self.router
                 self.router.discard(event[1][0])
@@ -241,6 +241,41 @@ class PrefixMachine(RuleBasedStateMachine):
         more = data.draw(st.lists(st.integers(0, 3), max_size=self.B + 1))
         self.add_prompt(tokens[:cut] + more if data.draw(st.booleans()) else tokens, keys, give_count)
 
+    @rule(drawn=st.lists(prompts, min_size=1, max_size=3))
+    def add_batch(self, drawn):
+        # A scheduler's admission of several prompts in one call: in order, a later one
+        # hitting what an earlier one registered, stopping at the first that does not fit.
+        prompts = [self.prompt(d) for d in drawn]
+        seqs = [self.fresh_id() for _ in prompts]
+        calls = []
+        for m in self.managers():
+            calls.append(m.add_sequences(seqs, [t for t, _ in prompts], [k for _, k in prompts]))
+        batches = [m.take_events() for m in self.managers()]
+        events = [[event_data(e) for e in batch.events] for batch in batches]
+        plain = [[outcome(lambda r=r: r) for r in results] for results in calls]
+        if self.fast is not None:
+            assert plain[1] == plain[0], ("fast", plain[1], "reference", plain[0])
+            assert events[1] == events[0], ("fast", events[1], "reference", events[0])
+        self.follow(events[0], one_add=False)    # one add's evictions may follow another's stores
+        for seq, (tokens, keys), (slots, copy_src, copy_dst, cached) in zip(seqs, prompts, plain[0]):
+            assert cached % self.B == 0 and cached <= self.cap(len(tokens)) and copy_src == []
+            assert slots == self.slots_of(seq, cached, len(tokens))
+            self.admitted(seq, tokens, keys, slots, cached)
+        for seq in seqs[len(plain[0]):]:
+            assert seq not in self.ref
+        if len(plain[0]) < len(seqs):
+            self.preempt()
+
+    def admitted(self, seq, tokens, keys, slots, cached):
+        self.write(slots, tokens[cached:])
+        self.live.append(seq)
+        self.tokens[seq] = list(tokens)
+        self.keys_of[seq] = keys
+        self.history.append((list(tokens), keys))
+        self.counted[0] += 1
+        self.counted[1] += len(tokens)
+        self.counted[2] += cached
+
     def add_prompt(self, tokens, keys, give_count):
         seq = self.fresh_id()
         expected = self.both(lambda m: m.count_cached_tokens(tokens, keys))
@@ -255,14 +290,7 @@ class PrefixMachine(RuleBasedStateMachine):
         assert cached == expected and cached % self.B == 0 and cached <= self.cap(len(tokens))
         assert copy_src == copy_dst == []
         assert slots == self.slots_of(seq, cached, len(tokens))
-        self.write(slots, tokens[cached:])
-        self.live.append(seq)
-        self.tokens[seq] = list(tokens)
-        self.keys_of[seq] = keys
-        self.history.append((list(tokens), keys))
-        self.counted[0] += 1
-        self.counted[1] += len(tokens)
-        self.counted[2] += cached
+        self.admitted(seq, tokens, keys, slots, cached)
         # Right after the add every full block's hash is in the map (its own block's,
         # or a duplicate's): the whole prompt up to the cap is a hit now.
         full = len(tokens) // self.B * self.B

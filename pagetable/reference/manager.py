@@ -414,9 +414,11 @@ class ReferenceKVCacheManager:
             ids = list(_token_ids(token_ids))
         elif self._caching:
             raise ValueError("token_ids is required when prefix caching is on")
+        if extra_keys is not None and not self._caching:
+            raise ValueError("extra_keys is only used with enable_prefix_caching=True")
         if num_tokens is None:
             if ids is None:
-                raise ValueError("num_tokens or token_ids is required")
+                raise TypeError("add_sequence needs num_tokens or token_ids")
             n = len(ids)
         else:
             n = as_index(num_tokens, "num_tokens")
@@ -454,6 +456,41 @@ class ReferenceKVCacheManager:
         self._queries += n
         self._hits += hit * self._block_size
         return _result(slots, [], [], hit * self._block_size)
+
+    def add_sequences(self, seq_ids: object, token_ids: object, extra_keys: object = None) -> list[AppendResult]:
+        """``add_sequence`` of each prompt in order, stopping at the first that does not
+        fit; every argument is checked before any is added."""
+        ids = [int(s) for s in as_int_array(seq_ids, "seq_ids")]
+        if not isinstance(token_ids, (list, tuple)):
+            raise TypeError(f"token_ids must be a list of arrays, one per sequence, got {type(token_ids).__name__}")
+        if len(token_ids) != len(ids):
+            raise ValueError(f"token_ids has {len(token_ids)} prompts for {len(ids)} seq_ids")
+        if extra_keys is None:
+            extra_keys = [None] * len(ids)
+        elif not isinstance(extra_keys, (list, tuple)) or len(extra_keys) != len(ids):
+            raise ValueError(f"extra_keys must be None or a list of {len(ids)} entries (one per prompt)")
+        seen: set[int] = set()
+        for i, s in enumerate(ids):
+            if s < 0:
+                raise ValueError(f"seq_ids[{i}] = {s} is negative; sequence ids are 0..2**63-1")
+            if s in seen:
+                raise ValueError(f"seq_ids[{i}] = {s} appears more than once")
+            if s in self._blocks:
+                raise ValueError(f"seq_ids[{i}] = {s} already exists")
+            seen.add(s)
+            try:
+                _token_ids(token_ids[i])
+                if extra_keys[i] is not None and not self._caching:
+                    raise ValueError("extra_keys is only used with enable_prefix_caching=True")
+            except (TypeError, ValueError, OverflowError) as error:
+                raise type(error)(f"prompt {i}: {error}") from None
+        results = []
+        for s, tokens, keys in zip(ids, token_ids, extra_keys):
+            try:
+                results.append(self.add_sequence(s, token_ids=tokens, extra_keys=keys))
+            except OutOfBlocksError:
+                break
+        return results
 
     def _slot(self, seq: int, position: int) -> int:
         block = self._blocks[seq][position // self._block_size]

@@ -364,8 +364,23 @@ def test_events_batch_medium_rank_and_switches():
     quiet = ReferenceKVCacheManager(4, B, enable_prefix_caching=True)
     quiet.add_sequence(1, token_ids=[1, 2, 3, 4, 5])
     quiet.reset_prefix_cache()
-    assert quiet.take_events().events == []
+    with pytest.raises(RuntimeError, match="enable_kv_cache_events"):
+        quiet.take_events()
     assert quiet.prefix_cache_stats.requests == 1
+    # Events describe the prefix cache: there are none without one.
+    with pytest.raises(ValueError, match="enable_prefix_caching"):
+        ReferenceKVCacheManager(4, B, enable_kv_cache_events=True)
+    with pytest.raises(TypeError, match="medium"):
+        caching(4, medium=None)
+    with pytest.raises(ValueError, match="data_parallel_rank"):
+        caching(4, data_parallel_rank=-1)
+    # An int seed reads as $PYTHONHASHSEED would hold it.
+    five, text = caching(4, hash_seed=5), caching(4, hash_seed="5")
+    assert five._none_hash == text._none_hash == sha("5")
+    with pytest.raises(TypeError):
+        caching(4, hash_seed=True)
+    with pytest.raises(ValueError):
+        caching(4, hash_seed=2**32)
 
 
 def test_bad_calls_raise_and_change_nothing():

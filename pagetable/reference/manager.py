@@ -144,10 +144,10 @@ class ReferenceKVCacheManager:
         *,
         enable_prefix_caching: bool = False,
         hash_algorithm: str = "sha256",
-        hash_seed: str | None = None,
+        hash_seed: str | int | None = None,
         enable_kv_cache_events: bool = False,
         event_hash_format: str = "int",
-        medium: str | None = "GPU",
+        medium: str = "GPU",
         data_parallel_rank: int | None = None,
     ) -> None:
         block_size = check_range(as_index(block_size, "block_size"), 1, BLOCK_ID_MAX, "block_size")
@@ -158,6 +158,13 @@ class ReferenceKVCacheManager:
             )
         if event_hash_format not in EVENT_HASH_FORMATS:
             raise ValueError(f"event_hash_format must be 'int' or 'bytes', got {event_hash_format!r}")
+        if not isinstance(medium, str):
+            raise TypeError(f"medium must be a str, got {type(medium).__name__}")
+        if data_parallel_rank is not None:
+            check_range(as_index(data_parallel_rank, "data_parallel_rank"), 0, BLOCK_ID_MAX, "data_parallel_rank")
+        if enable_kv_cache_events and not enable_prefix_caching:
+            # Events describe what the prefix cache holds: without one there are none.
+            raise ValueError("enable_kv_cache_events=True needs enable_prefix_caching=True")
         self._hash = hash_function(hash_algorithm)
         self._none_hash = self._hash(none_hash_seed(hash_algorithm, hash_seed))
         self._hash_algorithm = hash_algorithm
@@ -611,6 +618,8 @@ class ReferenceKVCacheManager:
         return self._hit_length(self._chain(None, ids, extra_keys, 0), len(ids)) * self._block_size
 
     def take_events(self) -> KVEventBatch:
+        if not self._events_on:
+            raise RuntimeError("take_events() needs enable_kv_cache_events=True")
         events, self._events = self._events, []
         return KVEventBatch(ts=time.time(), events=events, data_parallel_rank=self._data_parallel_rank)
 

@@ -58,13 +58,18 @@ def hash_function(algorithm: str) -> Callable[[object], bytes]:
     return lambda obj: digest(serialise(obj))
 
 
-def none_hash_seed(algorithm: str, hash_seed: str | None) -> str:
+def none_hash_seed(algorithm: str, hash_seed: str | int | None) -> str:
     """The string whose hash is NONE_HASH, the parent of every block 0."""
     global _process_seed
+    if isinstance(hash_seed, str):
+        return str.__str__(hash_seed)   # a str subclass would pickle as its class
     if hash_seed is not None:
-        if not isinstance(hash_seed, str):
-            raise TypeError(f"hash_seed must be a str or None, got {type(hash_seed).__name__}")
-        return hash_seed
+        # An int is read as $PYTHONHASHSEED would hold it: in decimal, 0..2**32-1.
+        if isinstance(hash_seed, bool) or not isinstance(hash_seed, int):
+            raise TypeError(f"hash_seed must be a str, an int or None, got {type(hash_seed).__name__}")
+        if not 0 <= hash_seed <= 2**32 - 1:
+            raise ValueError(f"hash_seed must be in 0..4294967295 as an int, got {hash_seed}")
+        return str(hash_seed)
     environment = os.environ.get("PYTHONHASHSEED")
     if environment is not None:
         return environment

@@ -487,6 +487,13 @@ class PrefixMachine(RuleBasedStateMachine):
         every_block = np.arange(ref.num_blocks)
         assert fast.allocator.refcount(every_block).tolist() == ref.allocator.refcount(every_block).tolist()
         assert fast.allocator._free_blocks().tolist() == ref.allocator._free_stack
+        # The hash the Cython manager records for what a block holds: a registered
+        # block's hash, and for a full block of a live sequence its content hash.
+        content = dict(ref._registered)
+        for seq, row in zip(live, table):
+            for j in range(len(self.tokens[seq]) // B):
+                content[row[j]] = ref._hashes[seq][j]
+        assert {b: fast._block_hash(b) for b in content} == content
 
     def teardown(self):
         if not hasattr(self, "ref"):

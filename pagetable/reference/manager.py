@@ -2,7 +2,9 @@
 
 Same API and the same decisions as :class:`pagetable.KVCacheManager` and
 :class:`pagetable.BlockAllocator` (same block handed out next, same copy-on-write
-copies, same errors), built from dicts and lists of Python ints.  The tests hold the
+copies, same errors; with prefix caching the same hits, evictions, events and
+counters, rule by rule from ``docs/PREFIX_CACHING.md``), built from dicts and lists
+of Python ints.  The tests hold the
 Cython classes against it and ``python -m pagetable simulate`` times both side by side.
 Nothing here is tuned for speed: every rule is spelled out one block at a time.
 """

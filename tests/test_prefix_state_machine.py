@@ -17,11 +17,9 @@ The machine also keeps its own account, independent of either manager:
   be ``num_cached_blocks``;
 - the statistics, counted from the results and events.
 
-Where the Cython manager does not take the prefix-caching arguments yet, the machine
-runs on the reference alone against its own account.
+The account holds either manager to the contract on its own, so the machine is
+meaningful even where both agree.
 """
-
-import dataclasses
 
 import numpy as np
 import pytest
@@ -29,39 +27,8 @@ from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from pagetable import KVCacheManager, OutOfBlocksError
+from pagetable.prefix import ExtraKeys
 from pagetable.reference import ReferenceKVCacheManager
-
-try:
-    from pagetable.prefix import ExtraKeys
-except ImportError:
-    ExtraKeys = None
-
-
-@dataclasses.dataclass(frozen=True)
-class _Keys:
-    lora_name: object = None
-    lora_path: object = None
-    lora_id: object = None
-    mm: tuple = ()
-    cache_salt: object = None
-
-
-def make_keys(**fields):
-    """Extra keys as the project's ExtraKeys where it exists, else a stand-in."""
-    if ExtraKeys is not None:
-        return ExtraKeys(**fields)
-    return _Keys(**fields)
-
-
-def fast_manager(num_blocks, block_size, **options):
-    """The Cython manager with prefix caching, or None where it has none yet."""
-    try:
-        return KVCacheManager(num_blocks, block_size, **options)
-    except TypeError:
-        return None
-
-
-HAS_FAST = fast_manager(1, 1, enable_prefix_caching=True, enable_kv_cache_events=True) is not None
 
 TOKEN_ID_MAX = 2**31 - 1
 
@@ -119,7 +86,7 @@ class PrefixMachine(RuleBasedStateMachine):
                        data_parallel_rank=rank)
         self.medium, self.rank = medium, rank
         self.ref = ReferenceKVCacheManager(num_blocks, block_size, **options)
-        self.fast = fast_manager(num_blocks, block_size, **options)
+        self.fast = KVCacheManager(num_blocks, block_size, **options)
         self.B = block_size
         # Shared prefixes: a system prompt of a few blocks, a longer one that extends
         # it, and one unrelated; suffix tokens come from a small alphabet so that
@@ -132,9 +99,9 @@ class PrefixMachine(RuleBasedStateMachine):
                           label="other")
         self.prefixes = [[], system, longer, other]
         self.keys = [None, None,
-                     make_keys(lora_name="adapter", lora_path="/adapters/a", lora_id=3),
-                     make_keys(cache_salt="tenant"),
-                     make_keys(mm=(("image", block_size // 2, block_size + 1),))]
+                     ExtraKeys(lora_name="adapter", lora_path="/adapters/a", lora_id=3),
+                     ExtraKeys(cache_salt="tenant"),
+                     ExtraKeys(mm=(("image", block_size // 2, block_size + 1),))]
         self.live = []
         self.tokens = {}          # the machine's own token list of every live sequence
         self.keys_of = {}
@@ -151,7 +118,7 @@ class PrefixMachine(RuleBasedStateMachine):
         return seq
 
     def managers(self):
-        return [self.ref] if self.fast is None else [self.ref, self.fast]
+        return [self.ref, self.fast]
 
     def both(self, call):
         """Run ``call`` on each manager; the outcomes must agree; the events it
@@ -159,11 +126,9 @@ class PrefixMachine(RuleBasedStateMachine):
         results = [outcome(lambda m=m: call(m)) for m in self.managers()]
         batches = [m.take_events() for m in self.managers()]
         events = [[event_data(e) for e in batch.events] for batch in batches]
-        if self.fast is not None:
-            assert results[1] == results[0], ("fast", results[1], "reference", results[0])
-            assert events[1] == events[0], ("fast", events[1], "reference", events[0])
-            assert batches[1].data_parallel_rank == batches[0].data_parallel_rank
-        assert batches[0].data_parallel_rank == self.rank
+        assert results[1] == results[0], ("fast", results[1], "reference", results[0])
+        assert events[1] == events[0], ("fast", events[1], "reference", events[0])
+        assert batches[0].data_parallel_rank == batches[1].data_parallel_rank == self.rank
         self.follow(events[0])
         return results[0]
 
@@ -253,9 +218,8 @@ class PrefixMachine(RuleBasedStateMachine):
         batches = [m.take_events() for m in self.managers()]
         events = [[event_data(e) for e in batch.events] for batch in batches]
         plain = [[outcome(lambda r=r: r) for r in results] for results in calls]
-        if self.fast is not None:
-            assert plain[1] == plain[0], ("fast", plain[1], "reference", plain[0])
-            assert events[1] == events[0], ("fast", events[1], "reference", events[0])
+        assert plain[1] == plain[0], ("fast", plain[1], "reference", plain[0])
+        assert events[1] == events[0], ("fast", events[1], "reference", events[0])
         self.follow(events[0], one_add=False)    # one add's evictions may follow another's stores
         for seq, (tokens, keys), (slots, copy_src, copy_dst, cached) in zip(seqs, prompts, plain[0]):
             assert cached % self.B == 0 and cached <= self.cap(len(tokens)) and copy_src == []
@@ -434,7 +398,6 @@ class PrefixMachine(RuleBasedStateMachine):
         assert isinstance(self.both(calls[which % len(calls)]), str)
         assert self.unchanged() == before
 
-    @precondition(lambda self: self.fast is not None)
     @rule(how=st.sampled_from(["pickle", "file", "copy"]))
     def reload(self, how):
         """Carry on with a Cython manager rebuilt from its saved state: the cache, the
@@ -475,8 +438,6 @@ class PrefixMachine(RuleBasedStateMachine):
             # And the reference's record of each block says the same.
             for j in range(-(-len(tokens) // B)):
                 assert ref.block_tokens(row[j]) == tokens[j * B:(j + 1) * B]
-        if self.fast is None:
-            return
         fast = self.fast
         assert fast.num_free_blocks == ref.num_free_blocks
         assert fast.num_cached_blocks == ref.num_cached_blocks
@@ -511,9 +472,6 @@ TestPrefixMachine = PrefixMachine.TestCase
 
 # The machine's findings, each cut down to its smallest case: the Cython manager must
 # give what the contract (and the reference) gives.
-needs_fast = pytest.mark.skipif(not HAS_FAST, reason="the Cython manager has no prefix caching")
-
-
 def side_by_side(steps):
     """The outcome of the last step on each manager after the steps before it."""
     answers = []
@@ -526,7 +484,6 @@ def side_by_side(steps):
     return answers
 
 
-@needs_fast
 def test_an_append_that_does_not_fit_raises_out_of_blocks_with_token_ids():
     # Six blocks for 21 tokens, one held, two free: OutOfBlocksError(5, 2), as without
     # caching, not a complaint about the token ids' count.
@@ -538,7 +495,6 @@ def test_an_append_that_does_not_fit_raises_out_of_blocks_with_token_ids():
     assert fast == reference
 
 
-@needs_fast
 def test_out_of_blocks_on_a_cached_free_hit_reports_need_and_available_after_the_hit():
     # Blocks 0, 1 cached-free, block 2 held by sequence 1: a 13-token prompt hits
     # blocks 0 and 1 and needs 2 more, and the hits take both free blocks: the
@@ -551,9 +507,3 @@ def test_out_of_blocks_on_a_cached_free_hit_reports_need_and_available_after_the
     ])
     assert reference == ("OutOfBlocksError", 2, 0)
     assert fast == reference
-
-
-@pytest.mark.skipif(HAS_FAST, reason="the Cython manager has prefix caching")
-def test_the_machine_runs_on_the_reference_alone():
-    pytest.skip("KVCacheManager takes no prefix-caching arguments yet: the machine "
-                "held the reference against its own account only")

@@ -84,6 +84,11 @@ cdef inline int64_t _with_room_to_grow(int64_t blocks) noexcept nogil:
     return blocks + (blocks >> 2) + 4
 
 
+cdef inline int64_t _saturating_add(int64_t a, int64_t b) noexcept nogil:
+    """``a + b`` of two non-negative counts, INT64_MAX where it would overflow."""
+    return a + b if b <= INT64_MAX - a else INT64_MAX
+
+
 cdef inline object _int64_vector(values, str name):
     """``values`` as the int64 vector the loops read (see ``_accept.pxd``)."""
     return int_vector(values, name, cnp.NPY_INT64)
@@ -560,20 +565,24 @@ cdef class KVCacheManager(Persistent):
             count = counts[i * count_stride]
             if count == 0:
                 continue
-            if count > limit:
-                need += self._allocator.block_count() + 1   # can never fit
-                continue
             row = records[slots[i]].row
             tokens = records[slots[i]].tokens
             length = self._table.row_length(row)
-            slot_count += count
+            slot_count = _saturating_add(slot_count, count)
             if self._block_offset(tokens) and length > 0:   # length > 0 holds; a tampered table may break it
                 last = self._table.row_blocks(row)[length - 1]
                 if refcount[last] - pending[last] > 1:
                     need += 1
                     copies += 1
                     pending[last] += 1
-            need += self._blocks_needed(tokens + count) - length
+            if count > limit:
+                # Can never fit; the exact need all the same (as the reference reports
+                # it), computed so that no sum can overflow: ceil((tokens + count) / B)
+                # is count // B + ceil((tokens + count % B) / B).
+                need = _saturating_add(need, count // self._block_size - length
+                                       + self._blocks_needed(tokens + count % self._block_size))
+            else:
+                need += self._blocks_needed(tokens + count) - length
         if copies:
             for i in range(n):
                 if counts[i * count_stride]:
@@ -719,7 +728,9 @@ cdef class KVCacheManager(Persistent):
         num_tokens, ids = self._prompt(num_tokens, token_ids, extra_keys)
         if self._sequences.find(seq) >= 0:
             raise ValueError(f"seq_id = {seq} already exists")
-        if num_tokens > <int64_t>self._allocator.block_count() * self._block_size:
+        if self._cache is None and num_tokens > <int64_t>self._allocator.block_count() * self._block_size:
+            # Can never fit (and is not worth sizing).  With prefix caching the prompt's
+            # ids are already here, and the check below reports the need after its hits.
             raise OutOfBlocksError(-(-num_tokens // self._block_size), self._allocator.free_count())
         cdef int64_t n = num_tokens
         cdef int64_t need = self._blocks_needed(n)
@@ -947,14 +958,19 @@ cdef class KVCacheManager(Persistent):
         cdef int64_t need = plan.need, num_copies = plan.num_copies, num_slots = plan.num_slots
         cdef PrefixCache cache = self._cache
         cdef const int32_t* id_data = NULL
+        cdef int64_t added = 0
         if token_ids is not None:
             ids = int_vector(token_ids, "token_ids", cnp.NPY_INT32)
             if ids is token_ids:
                 ids = ids.copy()      # hashing may let another thread run: keep them still
-            if cnp.PyArray_DIM(ids, 0) != num_slots:
+            # Every count, also one too large to ever fit (which the plan leaves out of
+            # num_slots): such a call is out of blocks, not short of token ids.
+            for i in range(n):
+                added = _saturating_add(added, counts[i * stride])
+            if cnp.PyArray_DIM(ids, 0) != added:
                 raise ValueError(
                     f"token_ids has {cnp.PyArray_DIM(ids, 0)} entries but the call adds "
-                    f"{num_slots} tokens")
+                    f"{added} tokens")
             _check_token_ids(ids)
             id_data = <const int32_t*>cnp.PyArray_DATA(ids)
         elif cache is not None:

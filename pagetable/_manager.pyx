@@ -717,10 +717,13 @@ cdef class KVCacheManager(Persistent):
         if extra_keys is not None:
             if self._cache is None:
                 raise ValueError("extra_keys is only used with enable_prefix_caching=True")
-            if not isinstance(extra_keys, _prefix.ExtraKeys):
+            if type(extra_keys) is not _prefix.ExtraKeys:
+                # Not a subclass either: a block's keys are computed in the middle of a
+                # change (as it fills), where only ExtraKeys' own checked fields and
+                # code guarantee that nothing can fail or run anything else.
                 raise TypeError(
-                    f"extra_keys must be a pagetable.prefix.ExtraKeys or None, "
-                    f"got {type(extra_keys).__name__}")
+                    f"extra_keys must be a pagetable.prefix.ExtraKeys (not a subclass) or "
+                    f"None, got {type(extra_keys).__name__}")
         return num_tokens, ids
 
     cdef object _add_sequence(self, seq_id, num_tokens, token_ids, extra_keys):

@@ -282,6 +282,17 @@ def test_bad_calls_raise_and_change_nothing(call, error, match):
     kv.check()
 
 
+def test_a_subclass_of_extra_keys_is_refused():
+    """Its code would run in the middle of a change, as blocks fill."""
+    class Keys(ExtraKeys):
+        pass
+
+    kv = caching(8, 4)
+    with pytest.raises(TypeError, match="not a subclass"):
+        kv.add_sequence(0, token_ids=[1, 2, 3, 4, 5], extra_keys=Keys(cache_salt="s"))
+    assert len(kv) == 0
+
+
 def test_extra_keys_without_caching_is_refused():
     with pytest.raises(ValueError, match="extra_keys"):
         KVCacheManager(8, 4).add_sequence(0, token_ids=[1], extra_keys=ExtraKeys(cache_salt="s"))

@@ -237,12 +237,13 @@ def test_random_seed_is_one_per_process_and_yields_to_the_environment(no_hash_se
     assert resolve_seed("xxhash") == seed
 
 
-def test_random_seed_differs_between_processes():
+def test_random_seed_differs_between_processes(tmp_path):
     env = child_env()
     env.pop("PYTHONHASHSEED", None)
     code = ("from pagetable.prefix import resolve_seed; "
             "a = resolve_seed('xxhash'); assert resolve_seed('xxhash') == a; print(a)")
-    seeds = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+    # Outside the checkout, which would shadow the installed (compiled) package.
+    seeds = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, cwd=tmp_path,
                             text=True, check=True, timeout=120).stdout.strip() for _ in range(2)]
     assert all(re.fullmatch(r"[0-9a-f]{64}", s) for s in seeds), seeds
     assert seeds[0] != seeds[1]
@@ -271,14 +272,14 @@ def test_a_missing_package_says_how_to_install_it(missing, algorithms, monkeypat
     assert [resolve_seed(a, 5) for a in algorithms] == ["5", "5"]
 
 
-def test_imports_without_xxhash_or_cbor2():
+def test_imports_without_xxhash_or_cbor2(tmp_path):
     code = ("import sys; sys.modules['xxhash'] = None; sys.modules['cbor2'] = None\n"
             "from pagetable import prefix\n"
             "assert prefix.none_hash('sha256', 'vllm-none-hash').hex().startswith('066b1e89')\n"
             "try:\n    prefix.hash_function('xxhash')\nexcept ModuleNotFoundError as e:\n"
             "    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True,
-                         text=True, check=True, timeout=120).stdout
+                         cwd=tmp_path, text=True, check=True, timeout=120).stdout
     assert INSTALL_HINT in out
 
 

@@ -868,3 +868,44 @@ def test_null_publisher_checks_like_the_real_one():
         publisher.publish(batch)
     with pytest.raises(ValueError, match="data_parallel_rank"):
         NullEventPublisher(-1)
+
+
+def test_a_caching_managers_events_reach_a_subscriber_decoded_by_the_schema():
+    """End to end: the events a prefix-caching KVCacheManager records (stores with
+    LoRA and salt keys, an eviction, a reset), published and received over loopback
+    TCP, decode with the schema's own structs into exactly what the manager said."""
+    from pagetable import KVCacheManager
+    from pagetable.prefix import ExtraKeys, hash_prompt
+
+    kv = KVCacheManager(6, 4, enable_prefix_caching=True, hash_seed="0",
+                        enable_kv_cache_events=True, data_parallel_rank=2)
+    keys = ExtraKeys(lora_name="sql", lora_path="/a/sql", lora_id=7, cache_salt="t")
+    kv.add_sequence(0, token_ids=list(range(9)), extra_keys=keys)
+    kv.free_sequence(0)
+    kv.add_sequence(1, token_ids=list(range(100, 121)))     # evicts the freed tail first
+    kv.reset_prefix_cache()
+    batch = kv.take_events()
+    assert [type(e).__name__ for e in batch.events] == [
+        "BlockStored", "BlockRemoved", "BlockRemoved", "BlockStored", "AllBlocksCleared"]
+    first = batch.events[0]
+    digests = hash_prompt(list(range(9)), 4, keys, seed="0")
+    assert first.block_hashes == [int.from_bytes(d, "big") & (2**64 - 1) for d in digests]
+    assert first.extra_keys == [("sql", "t"), ("sql",)] and first.lora_id == 7
+    assert batch.events[1].block_hashes == [first.block_hashes[1]]        # the tail first
+    with ZmqEventPublisher("tcp://127.0.0.1:0", topic="kv") as publisher:
+        sub = subscriber(publisher.endpoint, "kv")
+        try:
+            publisher.publish(batch)
+            topic, seq_bytes, payload = recv(sub)
+        finally:
+            sub.close(linger=0)
+    assert (topic, seq_bytes) == (b"kv", (0).to_bytes(8, "big"))
+    theirs = SCHEMA_DECODER.decode(payload)
+    assert theirs.data_parallel_rank == 2 and theirs.ts == batch.ts
+    assert [type(e).__name__ for e in theirs.events] == [
+        "SchemaBlockStored", "SchemaBlockRemoved", "SchemaBlockRemoved", "SchemaBlockStored",
+        "SchemaAllBlocksCleared"]
+    assert theirs.events[0].block_hashes == first.block_hashes
+    assert theirs.events[0].token_ids == list(range(8))
+    assert theirs.events[3].parent_block_hash is None and theirs.events[3].block_size == 4
+    assert decode_batch(payload) == batch

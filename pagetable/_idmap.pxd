@@ -17,8 +17,14 @@ from pagetable._buffers cimport i32, i64, zeroed
 cdef extern from *:
     """
     #define PAGETABLE_FIBONACCI 0x9E3779B97F4A7C15ULL
+    #if defined(__GNUC__) || defined(__clang__)
+    #define PAGETABLE_PREFETCH(address) __builtin_prefetch(address)
+    #else
+    #define PAGETABLE_PREFETCH(address) ((void)(address))
+    #endif
     """
     uint64_t IDMAP_FIBONACCI "PAGETABLE_FIBONACCI"
+    void prefetch "PAGETABLE_PREFETCH"(const void* address) noexcept nogil
 
 
 cdef enum:
@@ -84,6 +90,11 @@ cdef inline int32_t idmap_find(const IdMap* map, int64_t key) noexcept nogil:
         if found == IDMAP_EMPTY:
             return -1
         slot = (slot + 1) & mask
+
+
+cdef inline void idmap_prefetch(const IdMap* map, int64_t key) noexcept nogil:
+    """Start loading the slot where ``key``'s probe will begin (a hint; no effect else)."""
+    prefetch(&map.keys[idmap_home(key, map.shift)])
 
 
 cdef inline void idmap_insert(IdMap* map, int64_t key, int32_t value) noexcept nogil:

@@ -994,6 +994,11 @@ cdef class KVCacheManager(Persistent):
                 if add > 0:
                     self._table.reserve_row(row, self._table.row_length(row) + add)
         fresh = empty(need, cnp.NPY_INT32)
+        # With prefix caching: (input index, first, end) of each sequence whose blocks
+        # fill in this call, registered after the loop (see PrefixCache.record).
+        filling = empty(3 * n if cache is not None else 0, cnp.NPY_INT64)
+        cdef int64_t* fill_data = <int64_t*>cnp.PyArray_DATA(filling)
+        cdef Py_ssize_t num_filling = 0
         slots = empty(num_slots, cnp.NPY_INT64)
         copy_src = empty(num_copies, cnp.NPY_INT32)
         copy_dst = empty(num_copies, cnp.NPY_INT32)
@@ -1051,9 +1056,17 @@ cdef class KVCacheManager(Persistent):
                 for p in range(written - count, written):
                     cache.tokens[slot_data[p]] = id_data[p]
                 if block_index(&self._geometry, tokens + count) > block_index(&self._geometry, tokens):
-                    cache.filled(data, block_index(&self._geometry, tokens),
-                                 block_index(&self._geometry, tokens + count),
+                    fill_data[3 * num_filling] = i
+                    fill_data[3 * num_filling + 1] = block_index(&self._geometry, tokens)
+                    fill_data[3 * num_filling + 2] = block_index(&self._geometry, tokens + count)
+                    cache.record(data, fill_data[3 * num_filling + 1], fill_data[3 * num_filling + 2],
                                  self._keys.get(slot_ids[i]) if self._keys else None, NULL)
+                    num_filling += 1
+        # Registered in the same order as recorded: sequence by sequence, block by block.
+        for p in range(num_filling):
+            i = <Py_ssize_t>fill_data[3 * p]
+            cache.register(self._table.row_blocks(records[slot_ids[i]].row), fill_data[3 * p + 1],
+                           fill_data[3 * p + 2], self._keys.get(slot_ids[i]) if self._keys else None)
         return result
 
     def can_append(self, seq_ids, num_new_tokens=1):

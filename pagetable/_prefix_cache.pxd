@@ -106,6 +106,10 @@ cdef class PrefixCache:
     cdef int taken(self, const block_id_t* blocks, int64_t n) except -1
     cdef int filled(self, const block_id_t* row, int64_t first, int64_t end, object keys,
                     const uint8_t* digests) except -1
+    cdef int record(self, const block_id_t* row, int64_t first, int64_t end, object keys,
+                    const uint8_t* digests) except -1
+    cdef int register(self, const block_id_t* row, int64_t first, int64_t end,
+                      object keys) except -1
     cdef int _stored_event(self, const block_id_t* row, int64_t first, int64_t end,
                            object keys) except -1
     cdef int64_t reset(self) except -1

@@ -18,8 +18,8 @@ from libc.string cimport memcmp, memcpy, memset
 
 from pagetable._types cimport block_id_t
 from pagetable._allocator cimport BlockAllocator
-from pagetable._idmap cimport (IdMap, idmap_attach, idmap_find, idmap_insert, idmap_remove,
-                               idmap_storage)
+from pagetable._idmap cimport (IdMap, idmap_attach, idmap_find, idmap_insert, idmap_prefetch,
+                               idmap_remove, idmap_storage)
 
 import pickle
 
@@ -292,12 +292,22 @@ cdef class PrefixCache:
                     const uint8_t* digests) except -1:
         """Blocks ``row[first .. end - 1]`` of one sequence just became full.
 
-        Records each one's content hash (copied from ``digests``, one per block, when
-        the caller has them; else computed from the token ids the blocks hold) and
-        registers it unless its hash is taken; one ``BlockStored`` event per run of
-        consecutive registered blocks.
+        ``record`` then ``register`` (see there): what a call whose blocks fill in one
+        sequence does.
         """
-        cdef int64_t k, run = -1
+        self.record(row, first, end, keys, digests)
+        return self.register(row, first, end, keys)
+
+    cdef int record(self, const block_id_t* row, int64_t first, int64_t end, object keys,
+                    const uint8_t* digests) except -1:
+        """Record the content hashes of blocks ``row[first .. end - 1]``, just full.
+
+        Each comes from ``digests`` (one per block) when the caller has them, else is
+        computed from the token ids the block holds.  The map slot each will probe is
+        prefetched: a decode step records every block that filled, then registers
+        them, so that the map's cache misses overlap instead of queueing.
+        """
+        cdef int64_t k
         cdef block_id_t block
         cdef const uint8_t* parent
         cdef uint8_t* digest
@@ -310,6 +320,7 @@ cdef class PrefixCache:
                 memcpy(digest, digests + (k - first) * self.digest_size, <size_t>self.digest_size)
             else:
                 self.compute(parent, self.tokens + <int64_t>block * self._block_size, extra, digest)
+            idmap_prefetch(&self._map, hash_key(digest))
             memcpy(self._parent + <int64_t>block * self.digest_size, parent, <size_t>self.digest_size)
             self._known[block] = 1
             if extra is not None:
@@ -319,7 +330,15 @@ cdef class PrefixCache:
                 self._extra[block] = extra
             elif self._extra_used:
                 self._extra[block] = None
-            if self._register(block):
+        return 0
+
+    cdef int register(self, const block_id_t* row, int64_t first, int64_t end,
+                      object keys) except -1:
+        """Register recorded blocks ``row[first .. end - 1]`` in order, each unless its
+        hash is taken; one ``BlockStored`` event per run of consecutive registered ones."""
+        cdef int64_t k, run = -1
+        for k in range(first, end):
+            if self._register(row[k]):
                 if run < 0:
                     run = k
             elif run >= 0:

@@ -1,8 +1,9 @@
-from typing import Sequence, final
+from typing import Any, Sequence, final
 
 import numpy as np
 import numpy.typing as npt
 
+from pagetable._admission import Admission
 from pagetable._allocator import BlockAllocator
 from pagetable.events import KVEventBatch
 
@@ -29,6 +30,9 @@ class KVCacheManager(Persistent):
         event_hash_format: str = "int",
         medium: str = "GPU",
         data_parallel_rank: int | None = None,
+        sliding_window: int | None = None,
+        attention_chunk: int | None = None,
+        group_idx: int = 0,
     ) -> None: ...
     @property
     def page_table(self) -> PageTable: ...
@@ -54,9 +58,39 @@ class KVCacheManager(Persistent):
     def add_sequences(
         self,
         seq_ids: _IntArray,
-        token_ids: Sequence[_IntArray],
+        num_tokens: _IntArray | None = None,
+        token_ids: Sequence[_IntArray] | None = None,
         extra_keys: Sequence[ExtraKeys | None] | None = None,
     ) -> list[AppendResult]: ...
+    def can_admit(
+        self,
+        num_tokens: int | None = None,
+        token_ids: _IntArray | None = None,
+        extra_keys: ExtraKeys | None = None,
+        watermark: float = 0.0,
+    ) -> Admission: ...
+    def reset(self) -> None: ...
+    def truncate(self, seq_ids: int | _IntArray, num_tokens: int | _IntArray) -> None: ...
+    def rollback(self, seq_ids: int | _IntArray, num_rejected: int | _IntArray) -> None: ...
+    def _hit_mask(self, token_ids: _IntArray, extra_keys: ExtraKeys | None = None) -> npt.NDArray[np.bool_]: ...
+    def _admission_plan(
+        self,
+        seq_ids: _IntArray,
+        num_tokens: _IntArray | None = None,
+        token_ids: Sequence[_IntArray] | None = None,
+        extra_keys: Sequence[ExtraKeys | None] | None = None,
+        hit_blocks: _IntArray | None = None,
+    ) -> Any: ...
+    def _admit(self, plan: Any) -> list[AppendResult]: ...
+    def _append_plan(
+        self,
+        seq_ids: _IntArray,
+        num_new_tokens: int | _IntArray = 1,
+        token_ids: _IntArray | None = None,
+        num_lookahead: int = 0,
+    ) -> Any: ...
+    def _append_commit(self, plan: Any) -> AppendResult: ...
+    def _truncate_check(self, seq_ids: int | _IntArray, num_tokens: int | _IntArray) -> None: ...
     def count_cached_tokens(self, token_ids: _IntArray, extra_keys: ExtraKeys | None = None) -> int: ...
     def reset_prefix_cache(self) -> int: ...
     def take_events(self) -> KVEventBatch: ...
@@ -76,8 +110,11 @@ class KVCacheManager(Persistent):
         seq_ids: _IntArray,
         num_new_tokens: int | _IntArray = 1,
         token_ids: _IntArray | None = None,
+        num_lookahead: int = 0,
     ) -> AppendResult: ...
-    def can_append(self, seq_ids: _IntArray, num_new_tokens: int | _IntArray = 1) -> bool: ...
+    def can_append(
+        self, seq_ids: _IntArray, num_new_tokens: int | _IntArray = 1, num_lookahead: int = 0
+    ) -> bool: ...
     def fork(self, parent_id: int, child_id: int) -> None: ...
     def free_sequence(self, seq_ids: int | _IntArray) -> None: ...
     def seq_lens(self, seq_ids: _IntArray) -> npt.NDArray[np.int32]: ...

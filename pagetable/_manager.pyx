@@ -20,6 +20,7 @@ cimport cython
 cimport numpy as cnp
 from libc.stdint cimport int32_t, int64_t, uint8_t, INT32_MAX, INT64_MAX
 from libc.string cimport memcpy, memset
+from libc.math cimport ceil
 
 from pagetable._types cimport block_id_t, seq_id_t, slot_t, row_t, PAD
 from pagetable._accept cimport block_arg, int_vector, seq_arg
@@ -45,6 +46,7 @@ from pagetable._convert import as_index, check_range
 from pagetable import prefix as _prefix
 from pagetable.events import _event_batch
 from pagetable._results import OutOfBlocksError
+from pagetable._admission import Admission
 
 _CONCURRENT_WRITE = (
     "another thread is changing this KVCacheManager (or its table or allocator) right "
@@ -70,6 +72,12 @@ cdef enum:
     # A read that overlapped a change from another thread is run again, up to this
     # many times in all, before it gives up with RuntimeError.
     READ_ATTEMPTS = 4
+
+
+cdef enum:
+    ATTENTION_FULL = 0
+    ATTENTION_WINDOW = 1     # sliding window of _span tokens
+    ATTENTION_CHUNK = 2      # chunked local attention, chunks of _span tokens
 
 
 cdef inline int64_t _with_room_to_grow(int64_t blocks) noexcept nogil:
@@ -114,9 +122,52 @@ cdef struct _StepPlan:
     const int64_t* counts        # new tokens per sequence, read at i * stride
     Py_ssize_t stride            # 1, or 0 when one count (``scalar``) serves all
     int64_t scalar
+    int64_t lookahead            # draft positions reserved past each new length
     int64_t need                 # fresh blocks the step takes
+    int64_t freed                # blocks its window releases free (count reaches 0)
     int64_t num_copies           # copy-on-write copies it makes
     int64_t num_slots            # slots it returns
+
+
+@cython.final
+cdef class _AppendPlan:
+    """A checked, planned ``append_tokens`` call (see KVCacheManager._append_plan)."""
+    cdef _StepPlan step
+    cdef object inputs          # the arrays ``step`` points into
+    cdef object ids             # int32 token ids, or None
+    cdef object manager
+    cdef int64_t epoch
+
+    @property
+    def need(self):
+        return self.step.need
+
+    @property
+    def available(self):
+        return self.manager.num_free_blocks + self.step.freed
+
+
+@cython.final
+cdef class _AdmissionPlan:
+    """A checked, planned ``add_sequences`` call (see KVCacheManager._admission_plan)."""
+    cdef object manager
+    cdef int64_t epoch
+    cdef list seqs, lengths, arrays, keys     # per prompt: id, tokens, int32 ids, ExtraKeys
+    cdef list digests, found                  # per prompt: uint8 digests, int32 found blocks
+    cdef list hits, lows                      # per prompt: hit blocks H, first held block lo(H)
+    cdef int64_t need_, available_
+
+    @property
+    def need(self):
+        return self.need_
+
+    @property
+    def available(self):
+        return self.available_
+
+    @property
+    def hit_blocks(self):
+        return list(self.hits)
 
 
 @cython.final
@@ -273,15 +324,21 @@ cdef class KVCacheManager(Persistent):
         object _dp_rank           # data_parallel_rank of event batches
         object _stats             # the last PrefixCacheStats handed out
         str _algorithm
+        int _attention            # ATTENTION_FULL / _WINDOW / _CHUNK
+        int64_t _span             # the window or chunk, in tokens (0 for full)
+        int32_t _group_idx        # the KV-cache group this manager is (events name it)
+        dict _chains              # registry slot -> chain tail digest (see HYBRID.md)
 
     def __init__(self, num_blocks, block_size=16, *, enable_prefix_caching=False,
                  hash_algorithm="sha256", hash_seed=None, enable_kv_cache_events=False,
-                 event_hash_format="int", medium="GPU", data_parallel_rank=None):
+                 event_hash_format="int", medium="GPU", data_parallel_rank=None,
+                 sliding_window=None, attention_chunk=None, group_idx=0):
         pass
 
     def __cinit__(self, num_blocks, block_size=16, *args, enable_prefix_caching=False,
                   hash_algorithm="sha256", hash_seed=None, enable_kv_cache_events=False,
-                  event_hash_format="int", medium="GPU", data_parallel_rank=None, **kwargs):
+                  event_hash_format="int", medium="GPU", data_parallel_rank=None,
+                  sliding_window=None, attention_chunk=None, group_idx=0, **kwargs):
         block_size = check_range(as_index(block_size, "block_size"), 1, INT32_MAX, "block_size")
         num_blocks = check_range(as_index(num_blocks, "num_blocks"), 1, INT32_MAX, "num_blocks")
         if num_blocks * block_size > INT32_MAX:
@@ -305,6 +362,24 @@ cdef class KVCacheManager(Persistent):
         self._keys = {}
         self._algorithm = None
         self._dp_rank = None
+        self._chains = {}
+        self._attention = ATTENTION_FULL
+        self._span = 0
+        if sliding_window is not None and attention_chunk is not None:
+            raise ValueError("give sliding_window or attention_chunk, not both")
+        if sliding_window is not None:
+            if isinstance(sliding_window, (bool, np.bool_)):
+                raise TypeError("sliding_window must be an int, got a bool")
+            self._span = check_range(as_index(sliding_window, "sliding_window"), 1, INT32_MAX, "sliding_window")
+            self._attention = ATTENTION_WINDOW
+        if attention_chunk is not None:
+            if isinstance(attention_chunk, (bool, np.bool_)):
+                raise TypeError("attention_chunk must be an int, got a bool")
+            self._span = check_range(as_index(attention_chunk, "attention_chunk"), 1, INT32_MAX, "attention_chunk")
+            self._attention = ATTENTION_CHUNK
+        if isinstance(group_idx, (bool, np.bool_)):
+            raise TypeError("group_idx must be an int, got a bool")
+        self._group_idx = check_range(as_index(group_idx, "group_idx"), 0, INT32_MAX, "group_idx")
         if type(enable_prefix_caching) is not bool:
             raise TypeError(f"enable_prefix_caching must be True or False, got {enable_prefix_caching!r}")
         if type(enable_kv_cache_events) is not bool:
@@ -331,6 +406,7 @@ cdef class KVCacheManager(Persistent):
         self._dp_rank = data_parallel_rank
         self._cache = new_prefix_cache(self._allocator, block_size, hash_algorithm, hash_seed,
                                        enable_kv_cache_events, event_hash_format, medium)
+        self._cache.group_idx = self._group_idx
 
     cdef int _begin_write(self) except -1:
         """Start a change, or refuse it while another thread's change is in progress.
@@ -447,6 +523,23 @@ cdef class KVCacheManager(Persistent):
         return (<slot_t>data[block_index(&self._geometry, position)] * self._block_size
                 + self._block_offset(position))
 
+    cdef inline int64_t _first_needed(self, int64_t position) noexcept nogil:
+        """The first position the token at ``position`` attends to."""
+        if self._attention == ATTENTION_WINDOW:
+            return position - self._span + 1 if position >= self._span else 0
+        if self._attention == ATTENTION_CHUNK:
+            return (position // self._span) * self._span
+        return 0
+
+    cdef inline int64_t _released_to(self, int64_t length) noexcept nogil:
+        """Blocks a sequence of ``length`` tokens no longer needs (they are released)."""
+        return block_index(&self._geometry, self._first_needed(length))
+
+    cdef inline const uint8_t* _chain(self, int32_t slot):
+        """The chain tail kept for a sequence with released blocks, or NULL."""
+        tail = self._chains.get(slot) if self._chains else None
+        return NULL if tail is None else <const uint8_t*><char*>tail
+
     cdef int64_t _find_slots(self, const int64_t* seq_ids, Py_ssize_t n, int32_t* slots,
                              bint distinct, int* error) noexcept nogil:
         """Resolve ids to registry slots; on a bad entry set ``error`` and return its index."""
@@ -519,7 +612,7 @@ cdef class KVCacheManager(Persistent):
         scalar[0] = count
         return None
 
-    cdef object _plan_step(self, seq_ids, num_new_tokens, _StepPlan* plan):
+    cdef object _plan_step(self, seq_ids, num_new_tokens, _StepPlan* plan, num_lookahead=0):
         """Check the arguments of a step and plan it into ``plan`` (nothing changes).
 
         Returns the arrays ``plan`` points into; the caller keeps them while it uses
@@ -536,62 +629,91 @@ cdef class KVCacheManager(Persistent):
         else:
             plan.counts = <const int64_t*>cnp.PyArray_DATA(counts)
             plan.stride = 1
+        if isinstance(num_lookahead, (bool, np.bool_)):
+            raise TypeError("num_lookahead must be an int, got a bool")
+        plan.lookahead = check_range(as_index(num_lookahead, "num_lookahead"), 0, INT32_MAX, "num_lookahead")
         plan.num_copies = 0
         plan.num_slots = 0
-        plan.need = self._plan(plan.slots, plan.n, plan.counts, plan.stride,
-                               &plan.num_copies, &plan.num_slots)
+        plan.freed = 0
+        plan.need = self._plan(plan)
         return slots, counts
 
-    cdef int64_t _plan(self, const int32_t* slots, Py_ssize_t n, const int64_t* counts,
-                       Py_ssize_t count_stride, int64_t* num_copies,
-                       int64_t* num_slots) noexcept nogil:
+    cdef int64_t _plan(self, _StepPlan* plan) noexcept:
         """Blocks a growth call needs (new blocks plus copy-on-write copies).
 
-        Mirrors the execution exactly: sequences in input order, and a shared last
-        block stops needing a copy once the earlier sharers in the call have moved off
-        it (counted in ``_pending``, scratch by block id, reset before returning).
+        Mirrors the execution exactly: the window releases of every sequence first
+        (``plan.freed`` counts the blocks whose count they bring to 0), then the
+        sequences in input order, where a shared partial block stops needing a copy
+        once the earlier sharers in the call have moved off it or released it
+        (counted in ``_pending``, scratch by block id, reset before returning).
         Runs with the GIL held because of that shared scratch.
         """
-        cdef Py_ssize_t i
-        cdef int64_t need = 0, copies = 0, slot_count = 0, tokens, count
+        cdef Py_ssize_t i, n = plan.n
+        cdef const int32_t* slots = plan.slots
+        cdef const int64_t* counts = plan.counts
+        cdef Py_ssize_t count_stride = plan.stride
+        cdef int64_t lookahead = plan.lookahead
+        cdef int64_t need = 0, copies = 0, slot_count = 0, freed = 0, tokens, count, k, end, add
         cdef int64_t limit = <int64_t>self._allocator.block_count() * self._block_size
         cdef int32_t length
         cdef row_t row
         cdef block_id_t last
+        cdef const block_id_t* data
         cdef const int32_t* refcount = self._allocator.refcounts()
         cdef int32_t* pending = &self._pending[0]
         cdef const SequenceSlot* records = self._sequences.slots
+        cdef bint windowed = self._attention != ATTENTION_FULL
+        if windowed:
+            for i in range(n):
+                if counts[i * count_stride] == 0 and lookahead == 0:
+                    continue
+                data = self._table.row_blocks(records[slots[i]].row)
+                end = self._released_to(records[slots[i]].tokens)
+                for k in range(records[slots[i]].live, end):
+                    if refcount[data[k]] - pending[data[k]] == 1:
+                        freed += 1
+                    pending[data[k]] += 1
         for i in range(n):
             count = counts[i * count_stride]
-            if count == 0:
+            if count == 0 and lookahead == 0:
                 continue
             row = records[slots[i]].row
             tokens = records[slots[i]].tokens
             length = self._table.row_length(row)
             slot_count = _saturating_add(slot_count, count)
-            if self._block_offset(tokens) and length > 0:   # length > 0 holds; a tampered table may break it
-                last = self._table.row_blocks(row)[length - 1]
+            k = block_index(&self._geometry, tokens)
+            # Drafts are written too: a reserving call copies a shared partial block.
+            if self._block_offset(tokens) and k < length:   # k < length holds; a tampered table may break it
+                last = self._table.row_blocks(row)[k]
                 if refcount[last] - pending[last] > 1:
                     need += 1
                     copies += 1
                     pending[last] += 1
-            if count > limit:
+            if count > limit or lookahead > limit:
                 # Can never fit; the exact need all the same (as the reference reports
                 # it), computed so that no sum can overflow: ceil((tokens + count) / B)
                 # is count // B + ceil((tokens + count % B) / B).
-                need = _saturating_add(need, count // self._block_size - length
-                                       + self._blocks_needed(tokens + count % self._block_size))
+                add = count // self._block_size + lookahead // self._block_size - length
+                add += self._blocks_needed(tokens + count % self._block_size + lookahead % self._block_size)
             else:
-                need += self._blocks_needed(tokens + count) - length
-        if copies:
+                add = self._blocks_needed(tokens + count + lookahead) - length
+            if add > 0:
+                need = _saturating_add(need, add)
+        if copies or windowed:
             for i in range(n):
-                if counts[i * count_stride]:
-                    row = records[slots[i]].row
-                    length = self._table.row_length(row)
-                    if length:
-                        pending[self._table.row_blocks(row)[length - 1]] = 0
-        num_copies[0] = copies
-        num_slots[0] = slot_count
+                if counts[i * count_stride] == 0 and lookahead == 0:
+                    continue
+                row = records[slots[i]].row
+                data = self._table.row_blocks(row)
+                if windowed:
+                    for k in range(records[slots[i]].live, self._released_to(records[slots[i]].tokens)):
+                        pending[data[k]] = 0
+                k = block_index(&self._geometry, records[slots[i]].tokens)
+                if k < self._table.row_length(row):
+                    pending[data[k]] = 0
+        plan.num_copies = copies
+        plan.num_slots = slot_count
+        plan.freed = freed
         return need
 
     # -- growth --------------------------------------------------------------------------
@@ -627,71 +749,123 @@ cdef class KVCacheManager(Persistent):
         """
         self._begin_write()
         try:
-            return self._add_sequence(seq_id, num_tokens, token_ids, extra_keys)
+            seq = seq_arg(seq_id, "seq_id")
+            num_tokens, ids = self._prompt(num_tokens, token_ids, extra_keys)
+            if self._sequences.find(seq) >= 0:
+                raise ValueError(f"seq_id = {seq} already exists")
+            if (self._cache is None
+                    and num_tokens > <int64_t>self._allocator.block_count() * self._block_size):
+                # Can never fit (and is not worth sizing).  With prefix caching the
+                # prompt's ids are already here, and the plan reports the need after hits.
+                raise OutOfBlocksError(-(-num_tokens // self._block_size), self._allocator.free_count())
+            return self._admit_plan(self._plan_prompts([seq], [num_tokens], [ids], [extra_keys], None))[0]
         finally:
             self._end_write()
 
-    def add_sequences(self, seq_ids, token_ids, extra_keys=None):
-        """Admit several prompts in order, each as ``add_sequence`` would, while they fit.
+    def add_sequences(self, seq_ids, num_tokens=None, token_ids=None, extra_keys=None):
+        """Admit several prompts at once, all or nothing.
 
         Parameters
         ----------
         seq_ids : 1-D array-like of int
             Distinct new sequence ids.
-        token_ids : sequence of 1-D array-likes of int
-            Each prompt's token ids (one entry per id).
+        num_tokens : 1-D array-like of int, optional
+            Each prompt's length; defaults to the lengths of ``token_ids``.
+        token_ids : sequence of 1-D array-likes of int, optional
+            Each prompt's token ids (one entry per id); required with prefix caching.
         extra_keys : sequence of ExtraKeys or None, optional
             One entry per prompt (None for a prompt without), or None for all.
 
         Returns
         -------
         list of AppendResult
-            One per admitted prompt, in order.  Admission stops at the first prompt the
-            pool cannot hold (that prompt and the ones after it are not added), so a
-            shorter list than ``seq_ids`` is the scheduler's back-pressure signal; a
-            later prompt may hit blocks an earlier one of the same call registered.
+            One per prompt, in order, as ``add_sequence`` returns.  A later prompt may
+            hit blocks an earlier prompt of the same call registers.
 
         Raises
         ------
+        OutOfBlocksError
+            The pool cannot hold every prompt; nothing changes.
         ValueError, KeyError, TypeError
             A bad argument anywhere in the call; checked before anything changes.
         """
+        self._begin_write()
+        try:
+            seqs, lengths, arrays, keys = self._prompts(seq_ids, num_tokens, token_ids, extra_keys)
+            return self._admit_plan(self._plan_prompts(seqs, lengths, arrays, keys, None))
+        finally:
+            self._end_write()
+
+    def _admission_plan(self, seq_ids, num_tokens=None, token_ids=None, extra_keys=None,
+                        hit_blocks=None):
+        """Check and plan an ``add_sequences`` call; change nothing (a coordinator hook).
+
+        ``hit_blocks``: None for the manager's own hits, else one hit (in blocks) per
+        prompt, each one ``_hit_mask`` accepts.  The plan (``need``, ``available``) is
+        valid until the manager next changes.
+        """
+        seqs, lengths, arrays, keys = self._prompts(seq_ids, num_tokens, token_ids, extra_keys)
+        if hit_blocks is not None:
+            hit_blocks = [int(h) for h in _int64_vector(hit_blocks, "hit_blocks")]
+            if len(hit_blocks) != len(seqs):
+                raise ValueError(f"hit_blocks has {len(hit_blocks)} entries for {len(seqs)} prompts")
+        self._read_begin()
+        return self._plan_prompts(seqs, lengths, arrays, keys, hit_blocks)
+
+    def _admit(self, _AdmissionPlan plan):
+        """Carry out a plan of ``_admission_plan`` made since the last change."""
+        if plan.manager is not self or plan.epoch != self._epoch:
+            raise RuntimeError("the plan is stale: the manager changed since it was made")
+        self._begin_write()
+        try:
+            return self._admit_plan(plan)
+        finally:
+            self._end_write()
+
+    cdef tuple _prompts(self, seq_ids, num_tokens, token_ids, extra_keys):
+        """Check a batch of prompts; ``(ids, counts, token id arrays, keys)`` as lists."""
         ids = _int64_vector(seq_ids, "seq_ids")
         cdef Py_ssize_t i, n = cnp.PyArray_DIM(ids, 0)
-        if not isinstance(token_ids, (list, tuple)):
-            raise TypeError(f"token_ids must be a list of arrays, one per sequence, got {type(token_ids).__name__}")
-        if len(token_ids) != n:
-            raise ValueError(f"token_ids has {len(token_ids)} prompts for {n} seq_ids")
+        if token_ids is not None:
+            if not isinstance(token_ids, (list, tuple)):
+                raise TypeError(
+                    f"token_ids must be a list of arrays, one per sequence, got {type(token_ids).__name__}")
+            if len(token_ids) != n:
+                raise ValueError(f"token_ids has {len(token_ids)} prompts for {n} seq_ids")
+        elif self._cache is not None:
+            raise ValueError("token_ids is required when prefix caching is on")
+        if num_tokens is not None:
+            counts = _int64_vector(num_tokens, "num_tokens")
+            if cnp.PyArray_DIM(counts, 0) != n:
+                raise ValueError(f"num_tokens has {cnp.PyArray_DIM(counts, 0)} entries for {n} seq_ids")
+        elif token_ids is None:
+            raise TypeError("add_sequences needs num_tokens or token_ids")
         if extra_keys is None:
             extra_keys = [None] * n
         elif not isinstance(extra_keys, (list, tuple)) or len(extra_keys) != n:
             raise ValueError(f"extra_keys must be None or a list of {n} entries (one per prompt)")
-        self._begin_write()
-        try:
-            prompts = []
-            seen = set()
-            for i in range(n):
-                seq = int(ids[i])
-                if seq < 0:
-                    raise ValueError(f"seq_ids[{i}] = {seq} is negative; sequence ids are 0..2**63-1")
-                if seq in seen:
-                    raise ValueError(f"seq_ids[{i}] = {seq} appears more than once")
-                if self._sequences.find(seq) >= 0:
-                    raise ValueError(f"seq_ids[{i}] = {seq} already exists")
-                seen.add(seq)
-                try:
-                    prompts.append(self._prompt(None, token_ids[i], extra_keys[i]))
-                except (TypeError, ValueError, OverflowError) as error:
-                    raise type(error)(f"prompt {i}: {error}") from None
-            results = []
-            for i in range(n):
-                try:
-                    results.append(self._add_sequence(int(ids[i]), prompts[i][0], prompts[i][1], extra_keys[i]))
-                except OutOfBlocksError:
-                    break
-            return results
-        finally:
-            self._end_write()
+        seqs, lengths, arrays, keys = [], [], [], []
+        seen = set()
+        for i in range(n):
+            seq = int(ids[i])
+            if seq < 0:
+                raise ValueError(f"seq_ids[{i}] = {seq} is negative; sequence ids are 0..2**63-1")
+            if seq in seen:
+                raise ValueError(f"seq_ids[{i}] = {seq} appears more than once")
+            if self._sequences.find(seq) >= 0:
+                raise ValueError(f"seq_ids[{i}] = {seq} already exists")
+            seen.add(seq)
+            try:
+                count, array = self._prompt(None if num_tokens is None else int(counts[i]),
+                                            None if token_ids is None else token_ids[i],
+                                            extra_keys[i])
+            except (TypeError, ValueError, OverflowError) as error:
+                raise type(error)(f"prompt {i}: {error}") from None
+            seqs.append(seq)
+            lengths.append(count)
+            arrays.append(array)
+            keys.append(extra_keys[i])
+        return seqs, lengths, arrays, keys
 
     cdef object _prompt(self, num_tokens, token_ids, extra_keys):
         """Check a prompt's arguments; return ``(num_tokens, token ids or None)``."""
@@ -726,92 +900,187 @@ cdef class KVCacheManager(Persistent):
                     f"None, got {type(extra_keys).__name__}")
         return num_tokens, ids
 
-    cdef object _add_sequence(self, seq_id, num_tokens, token_ids, extra_keys):
-        cdef int64_t seq = seq_arg(seq_id, "seq_id")
-        num_tokens, ids = self._prompt(num_tokens, token_ids, extra_keys)
-        if self._sequences.find(seq) >= 0:
-            raise ValueError(f"seq_id = {seq} already exists")
-        if self._cache is None and num_tokens > <int64_t>self._allocator.block_count() * self._block_size:
-            # Can never fit (and is not worth sizing).  With prefix caching the prompt's
-            # ids are already here, and the check below reports the need after its hits.
-            raise OutOfBlocksError(-(-num_tokens // self._block_size), self._allocator.free_count())
-        cdef int64_t n = num_tokens
-        cdef int64_t need = self._blocks_needed(n)
-        cdef int64_t num_hit = 0, num_full = 0, available = self._allocator.free_count()
-        cdef PrefixCache cache = self._cache
-        cdef const int32_t* id_data = NULL
-        cdef uint8_t* digests = NULL
-        cdef int32_t* hit_data = NULL
-        cdef int64_t p
-        if cache is not None:
-            id_data = <const int32_t*>cnp.PyArray_DATA(ids)
-            num_full = n // self._block_size
-            hashes = np.empty(num_full * cache.digest_size, dtype=np.uint8)
-            digests = <uint8_t*>cnp.PyArray_DATA(hashes)
-            cache.prompt_hashes(id_data, num_full, extra_keys, digests)
-            hits = empty(num_full, cnp.NPY_INT32)
-            hit_data = <int32_t*>cnp.PyArray_DATA(hits)
-            num_hit = self._longest_hit(digests, num_full, n, hit_data)
-            need -= num_hit
-            for p in range(num_hit):
-                if self._allocator.refcounts()[hit_data[p]] == 0:
-                    available -= 1
-        if need > available:
-            raise OutOfBlocksError(need, available)
-        # Everything that can fail comes before the first change.
-        slots = empty(n - num_hit * self._block_size, cnp.NPY_INT64)
-        blocks = empty(need, cnp.NPY_INT32)
-        cdef AppendResult result = new_result()
-        cdef slot_t* slot_data = <slot_t*>cnp.PyArray_DATA(slots)
-        cdef block_id_t* block_data = <block_id_t*>cnp.PyArray_DATA(blocks)
-        cdef const block_id_t* data
-        cdef int64_t first = num_hit * self._block_size
-        self._sequences.reserve(1)
-        cdef row_t row = self._table.create_row(seq)
-        try:
-            self._table.reserve_row(row, _with_room_to_grow(need + num_hit))
-        except BaseException:
-            self._table.drop_row(row)
-            raise
-        if num_hit:
-            self._allocator.retain(hit_data, num_hit)
-            self._table.append_to_row(row, hit_data, num_hit)   # room reserved above
-        if need:
-            self._allocator.take(need, block_data)
-            self._table.append_to_row(row, block_data, need)   # room reserved above
-        cdef int32_t slot = self._sequences.add(seq, row, <int32_t>n)
-        data = self._table.row_blocks(row)
-        # The GIL stays held: another thread's call may grow the table, and must
-        # not do so while this loop reads it.
-        for p in range(first, n):
-            slot_data[p - first] = self._slot(data, p)
-        if cache is not None:
-            cache.taken(block_data, need)
-            for p in range(first, n):
-                cache.tokens[slot_data[p - first]] = id_data[p]
-            cache.filled(data, num_hit, num_full, extra_keys, digests + num_hit * cache.digest_size)
-            cache.requests += 1
-            cache.queries += n
-            cache.hits += first
-            if extra_keys is not None:
-                self._keys[slot] = extra_keys
-        result.slots = slots
-        result.num_cached_tokens = first
-        return result
-
-    cdef int64_t _longest_hit(self, const uint8_t* digests, int64_t num_full, int64_t n,
-                              int32_t* hit_blocks) noexcept:
-        """Blocks of the longest cached run of a prompt's hashes (at most (n - 1) // B)."""
-        cdef int64_t k, limit = (n - 1) // self._block_size if n > 0 else 0
-        cdef int32_t block
-        if limit > num_full:
-            limit = num_full
+    cdef object _found(self, const uint8_t* digests, int64_t limit, dict pending):
+        """Per block ``k < limit`` of a prompt: the cached block under its hash (>= 0),
+        ``-2 - j`` for block ``k`` of prompt ``j`` of the call (``pending``), or -1."""
+        found = empty(limit, cnp.NPY_INT32)
+        cdef int32_t* data = <int32_t*>cnp.PyArray_DATA(found)
+        cdef int64_t k, D = self._cache.digest_size
         for k in range(limit):
-            block = self._cache.find(digests + k * self._cache.digest_size)
-            if block < 0:
-                return k
-            hit_blocks[k] = block
-        return limit
+            data[k] = self._cache.find(digests + k * D)
+            if data[k] < 0 and pending:
+                j = pending.get(digests[k * D:(k + 1) * D])
+                if j is not None:
+                    data[k] = -2 - <int32_t>j
+        return found
+
+    cdef object _servable(self, found):
+        """Entry ``H`` (0 .. limit): whether blocks ``lo(H) .. H - 1`` are all found."""
+        cdef int64_t limit = cnp.PyArray_DIM(found, 0), H, last_miss = -1
+        cdef const int32_t* data = <const int32_t*>cnp.PyArray_DATA(found)
+        mask = np.zeros(limit + 1, dtype=bool)
+        cdef uint8_t* out = <uint8_t*>cnp.PyArray_DATA(mask)
+        for H in range(limit + 1):
+            if H and data[H - 1] == -1:
+                last_miss = H - 1
+            out[H] = last_miss < self._released_to(H * self._block_size)
+        return mask
+
+    cdef int64_t _hit_limit(self, int64_t n) noexcept:
+        """The most blocks a prompt of ``n`` tokens may hit (the last token is computed)."""
+        cdef int64_t limit = (n - 1) // self._block_size if n > 0 else 0
+        return min(limit, n // self._block_size)
+
+    def _hit_mask(self, token_ids, extra_keys=None):
+        """Entry ``H``: whether this manager could serve a hit of ``H`` blocks of the
+        prompt now (a coordinator hook; changes nothing)."""
+        num_tokens, ids = self._prompt(None, token_ids, extra_keys)
+        cdef int64_t n = num_tokens
+        if self._cache is None:
+            return np.ones(1, dtype=bool)
+        cdef int64_t num_full = n // self._block_size
+        hashes = np.empty(num_full * self._cache.digest_size, dtype=np.uint8)
+        self._cache.prompt_hashes(<const int32_t*>cnp.PyArray_DATA(ids), num_full, extra_keys,
+                                  <uint8_t*>cnp.PyArray_DATA(hashes))
+        self._read_begin()
+        return self._servable(self._found(<uint8_t*>cnp.PyArray_DATA(hashes), self._hit_limit(n), None))
+
+    cdef _AdmissionPlan _plan_prompts(self, list seqs, list lengths, list arrays, list keys,
+                                      list forced):
+        """Steps 1-3 of ``add_sequences`` (docs/HYBRID.md); changes nothing."""
+        cdef _AdmissionPlan plan = _AdmissionPlan.__new__(_AdmissionPlan)
+        cdef PrefixCache cache = self._cache
+        cdef Py_ssize_t i, n = len(seqs)
+        cdef int64_t N, F, H, lo, k, limit, need = 0, D = cache.digest_size if cache is not None else 0
+        cdef const int32_t* refcount = self._allocator.refcounts()
+        cdef const int32_t* found_data
+        cdef uint8_t* digest_data
+        plan.manager = self
+        plan.epoch = self._epoch
+        plan.seqs, plan.lengths, plan.arrays, plan.keys = seqs, lengths, arrays, keys
+        plan.digests, plan.found, plan.hits, plan.lows = [], [], [], []
+        revived = set()
+        pending = {} if forced is None else None
+        for i in range(n):
+            N = lengths[i]
+            H = lo = 0
+            found = None
+            hashes = None
+            if cache is not None:
+                F = N // self._block_size
+                hashes = np.empty(F * D, dtype=np.uint8)
+                digest_data = <uint8_t*>cnp.PyArray_DATA(hashes)
+                cache.prompt_hashes(<const int32_t*>cnp.PyArray_DATA(arrays[i]), F, keys[i], digest_data)
+                limit = self._hit_limit(N)
+                found = self._found(digest_data, limit, pending)
+                mask = self._servable(found)
+                if forced is None:
+                    H = int(np.flatnonzero(mask).max())
+                else:
+                    H = forced[i]
+                    if not 0 <= H <= limit or not mask[H]:
+                        raise ValueError(f"hit_blocks[{i}] = {H} is not a hit this manager can serve now")
+                lo = self._released_to(H * self._block_size)
+                found_data = <const int32_t*>cnp.PyArray_DATA(found)
+                for k in range(lo, H):
+                    if found_data[k] >= 0 and refcount[found_data[k]] == 0:
+                        revived.add(found_data[k])
+                if pending is not None:
+                    for k in range(lo, F):
+                        pending.setdefault(hashes[k * D:(k + 1) * D].tobytes(), i)
+            plan.digests.append(hashes)
+            plan.found.append(found)
+            plan.hits.append(H)
+            plan.lows.append(lo)
+            need = _saturating_add(need, self._blocks_needed(N) - H)
+        plan.need_ = need
+        plan.available_ = self._allocator.free_count() - len(revived)
+        return plan
+
+    cdef list _admit_plan(self, _AdmissionPlan plan):
+        """Step 4 of ``add_sequences``: the plan, made under this change, carried out."""
+        if plan.need_ > plan.available_:
+            raise OutOfBlocksError(plan.need_, plan.available_)
+        cdef PrefixCache cache = self._cache
+        cdef Py_ssize_t i, n = len(plan.seqs)
+        cdef int64_t N, F, H, lo, k, fresh, p, B = self._block_size
+        cdef int64_t D = cache.digest_size if cache is not None else 0
+        cdef int32_t* found_data
+        cdef int32_t block, slot
+        cdef row_t row
+        cdef const block_id_t* data
+        cdef slot_t* slot_data
+        # Everything that can fail comes before the first change: the rows, their
+        # room, the registry's room and every output array.
+        self._sequences.reserve(n)
+        rows = []
+        try:
+            for i in range(n):
+                row = self._table.create_row(plan.seqs[i])
+                rows.append(row)
+                self._table.reserve_row(row, _with_room_to_grow(self._blocks_needed(plan.lengths[i])))
+            results = []
+            blocks = []
+            for i in range(n):
+                results.append(new_result())
+                (<AppendResult>results[i]).slots = empty(plan.lengths[i] - plan.hits[i] * B, cnp.NPY_INT64)
+                blocks.append(empty(self._blocks_needed(plan.lengths[i]) - plan.hits[i], cnp.NPY_INT32))
+        except BaseException:
+            for row in rows:
+                self._table.drop_row(row)
+            raise
+        # Every cached hit first, so that the call's own takes cannot evict one.
+        for i in range(n):
+            if plan.found[i] is not None:
+                found_data = <int32_t*>cnp.PyArray_DATA(plan.found[i])
+                for k in range(plan.lows[i], plan.hits[i]):
+                    if found_data[k] >= 0:
+                        self._allocator.retain(&found_data[k], 1)
+        for i in range(n):
+            N = plan.lengths[i]
+            H = plan.hits[i]
+            lo = plan.lows[i]
+            row = rows[i]
+            block = PAD
+            for k in range(lo):
+                self._table.append_to_row(row, &block, 1)   # room reserved above
+            if H > lo:
+                found_data = <int32_t*>cnp.PyArray_DATA(plan.found[i])
+                for k in range(lo, H):
+                    block = found_data[k]
+                    if block < 0:
+                        # Block k of an earlier prompt of this call: it holds it now.
+                        block = self._table.row_blocks(rows[-2 - found_data[k]])[k]
+                        self._allocator.retain(&block, 1)
+                    self._table.append_to_row(row, &block, 1)
+            fresh = self._blocks_needed(N) - H
+            if fresh:
+                self._allocator.take(fresh, <block_id_t*>cnp.PyArray_DATA(blocks[i]))
+                self._table.append_to_row(row, <block_id_t*>cnp.PyArray_DATA(blocks[i]), fresh)
+            slot = self._sequences.add(plan.seqs[i], row, <int32_t>N)
+            self._sequences.slots[slot].live = <int32_t>lo
+            data = self._table.row_blocks(row)
+            slot_data = <slot_t*>cnp.PyArray_DATA((<AppendResult>results[i]).slots)
+            # The GIL stays held: another thread's call may grow the table, and must
+            # not do so while this loop reads it.
+            for p in range(H * B, N):
+                slot_data[p - H * B] = self._slot(data, p)
+            (<AppendResult>results[i]).num_cached_tokens = H * B
+            if cache is not None:
+                cache.taken(<block_id_t*>cnp.PyArray_DATA(blocks[i]), fresh)
+                for p in range(H * B, N):
+                    cache.tokens[slot_data[p - H * B]] = (<const int32_t*>cnp.PyArray_DATA(plan.arrays[i]))[p]
+                if lo:
+                    self._chains[slot] = plan.digests[i][(lo - 1) * D:lo * D].tobytes()
+                F = N // B
+                cache.filled(data, H, F, plan.keys[i],
+                             <uint8_t*>cnp.PyArray_DATA(plan.digests[i]) + H * D, self._chain(slot))
+                cache.requests += 1
+                cache.queries += N
+                cache.hits += H * B
+                if plan.keys[i] is not None:
+                    self._keys[slot] = plan.keys[i]
+        return results
 
     def count_cached_tokens(self, token_ids, extra_keys=None):
         """Tokens of a prompt that ``add_sequence`` would find in the prefix cache now.
@@ -819,18 +1088,40 @@ cdef class KVCacheManager(Persistent):
         Changes nothing (no statistics, no eviction order, no events).  0 without
         prefix caching.
         """
-        num_tokens, ids = self._prompt(None, token_ids, extra_keys)
-        if self._cache is None:
-            return 0
-        cdef int64_t n = num_tokens
-        cdef int64_t num_full = n // self._block_size
-        hashes = np.empty(num_full * self._cache.digest_size, dtype=np.uint8)
-        hits = empty(num_full, cnp.NPY_INT32)
-        self._cache.prompt_hashes(<const int32_t*>cnp.PyArray_DATA(ids), num_full, extra_keys,
-                                  <uint8_t*>cnp.PyArray_DATA(hashes))
+        mask = self._hit_mask(token_ids, extra_keys)
+        return int(np.flatnonzero(mask).max()) * self._block_size
+
+    def can_admit(self, num_tokens=None, token_ids=None, extra_keys=None, watermark=0.0):
+        """Whether a new prompt fits now, and whether it could ever fit.
+
+        Parameters
+        ----------
+        num_tokens : int, optional
+            The prompt's length (defaults to ``len(token_ids)``).
+        token_ids, extra_keys
+            As for ``add_sequence``; with prefix caching the prompt's hits count.
+        watermark : float, default 0.0
+            Fraction of the pool to keep free, in ``[0, 1)``.
+
+        Returns
+        -------
+        Admission
+            ``(fits_now, could_ever_fit, need)``: ``need`` is the fresh blocks after
+            the prompt's hits now.  Changes nothing.
+        """
+        if isinstance(watermark, (bool, np.bool_)) or not isinstance(watermark, (int, float, np.floating, np.integer)):
+            raise TypeError(f"watermark must be a float, got {type(watermark).__name__}")
+        watermark = float(watermark)
+        if not 0.0 <= watermark < 1.0:
+            raise ValueError(f"watermark must be in [0, 1), got {watermark}")
+        count, ids = self._prompt(num_tokens, token_ids, extra_keys)
+        cdef int64_t n = count, reserve
+        reserve = <int64_t>ceil(watermark * self._allocator.block_count())
         self._read_begin()
-        return self._longest_hit(<uint8_t*>cnp.PyArray_DATA(hashes), num_full, n,
-                                 <int32_t*>cnp.PyArray_DATA(hits)) * self._block_size
+        plan = self._plan_prompts([-1], [n], [ids], [extra_keys], None)
+        return Admission(plan.need_ <= plan.available_ - reserve,
+                         self._blocks_needed(n) <= self._allocator.block_count() - reserve,
+                         int(plan.need_))
 
     def reset_prefix_cache(self):
         """Forget every cached block; return how many hashes were dropped.
@@ -917,7 +1208,7 @@ cdef class KVCacheManager(Persistent):
             self._stats = stats
         return stats
 
-    def append_tokens(self, seq_ids, num_new_tokens=1, token_ids=None):
+    def append_tokens(self, seq_ids, num_new_tokens=1, token_ids=None, num_lookahead=0):
         """Grow sequences by ``num_new_tokens`` each: one decode step, or more tokens.
 
         Parameters
@@ -930,13 +1221,18 @@ cdef class KVCacheManager(Persistent):
             The new tokens' ids, sequence by sequence in input order (as many as the
             tokens added), each 0 .. 2**31 - 1.  Required with prefix caching: a block
             that becomes full is hashed and registered in the cache.
+        num_lookahead : int, default 0
+            Positions to reserve past each sequence's new length for draft tokens
+            (speculative decoding); their slots are ``lookahead_slots``.  Reserved
+            blocks stay the sequence's; a later append commits into them.
 
         Returns
         -------
         AppendResult
             ``slots`` (int64) of every new token, sequence by sequence in input order;
             ``copy_src`` / ``copy_dst`` (int32), the copy-on-write copies to perform
-            before writing.
+            before writing; ``lookahead_slots`` (int64), ``num_lookahead`` per
+            sequence.
 
         Raises
         ------
@@ -944,24 +1240,43 @@ cdef class KVCacheManager(Persistent):
             The pool cannot cover the whole call; nothing changes.
         KeyError
             An unknown sequence id.
+
+        Notes
+        -----
+        A sliding-window or chunked-local manager first releases the blocks each
+        growing sequence no longer needs (docs/HYBRID.md); those can serve the call.
         """
         self._begin_write()
         try:
-            return self._append_tokens(seq_ids, num_new_tokens, token_ids)
+            return self._append(self._append_plan_of(seq_ids, num_new_tokens, token_ids, num_lookahead))
         finally:
             self._end_write()
 
-    cdef object _append_tokens(self, seq_ids, num_new_tokens, token_ids):
-        cdef _StepPlan plan
-        inputs = self._plan_step(seq_ids, num_new_tokens, &plan)   # keeps plan's arrays alive
-        cdef Py_ssize_t i, n = plan.n
-        cdef const int32_t* slot_ids = plan.slots
-        cdef const int64_t* counts = plan.counts
-        cdef Py_ssize_t stride = plan.stride
-        cdef int64_t need = plan.need, num_copies = plan.num_copies, num_slots = plan.num_slots
-        cdef PrefixCache cache = self._cache
-        cdef const int32_t* id_data = NULL
+    def _append_plan(self, seq_ids, num_new_tokens=1, token_ids=None, num_lookahead=0):
+        """Check and plan an ``append_tokens`` call; change nothing (a coordinator hook).
+
+        The plan (``need``, ``available``) is valid until the manager next changes.
+        """
+        return self._append_plan_of(seq_ids, num_new_tokens, token_ids, num_lookahead)
+
+    def _append_commit(self, _AppendPlan plan):
+        """Carry out a plan of ``_append_plan`` made since the last change."""
+        if plan.manager is not self or plan.epoch != self._epoch:
+            raise RuntimeError("the plan is stale: the manager changed since it was made")
+        self._begin_write()
+        try:
+            return self._append(plan)
+        finally:
+            self._end_write()
+
+    cdef _AppendPlan _append_plan_of(self, seq_ids, num_new_tokens, token_ids, num_lookahead):
+        cdef _AppendPlan plan = _AppendPlan.__new__(_AppendPlan)
+        plan.inputs = self._plan_step(seq_ids, num_new_tokens, &plan.step, num_lookahead)
+        cdef Py_ssize_t i, n = plan.step.n
         cdef int64_t added = 0
+        plan.manager = self
+        plan.epoch = self._epoch
+        plan.ids = None
         if token_ids is not None:
             ids = int_vector(token_ids, "token_ids", cnp.NPY_INT32)
             if ids is token_ids:
@@ -969,28 +1284,44 @@ cdef class KVCacheManager(Persistent):
             # Every count, also one too large to ever fit (which the plan leaves out of
             # num_slots): such a call is out of blocks, not short of token ids.
             for i in range(n):
-                added = _saturating_add(added, counts[i * stride])
+                added = _saturating_add(added, plan.step.counts[i * plan.step.stride])
             if cnp.PyArray_DIM(ids, 0) != added:
                 raise ValueError(
                     f"token_ids has {cnp.PyArray_DIM(ids, 0)} entries but the call adds "
                     f"{added} tokens")
             _check_token_ids(ids)
-            id_data = <const int32_t*>cnp.PyArray_DATA(ids)
-        elif cache is not None:
+            plan.ids = ids
+        elif self._cache is not None:
             raise ValueError("token_ids is required when prefix caching is on")
-        if need > self._allocator.free_count():
-            raise OutOfBlocksError(need, self._allocator.free_count())
+        return plan
+
+    cdef object _append(self, _AppendPlan plan):
+        cdef _StepPlan* step = &plan.step
+        cdef Py_ssize_t i, n = step.n
+        cdef const int32_t* slot_ids = step.slots
+        cdef const int64_t* counts = step.counts
+        cdef Py_ssize_t stride = step.stride
+        cdef int64_t K = step.lookahead
+        cdef int64_t need = step.need, num_copies = step.num_copies, num_slots = step.num_slots
+        cdef PrefixCache cache = self._cache
+        cdef const int32_t* id_data = NULL
+        if plan.ids is not None:
+            id_data = <const int32_t*>cnp.PyArray_DATA(plan.ids)
+        cdef int64_t available = self._allocator.free_count() + step.freed
+        if need > available:
+            raise OutOfBlocksError(need, available)
         # Nothing in this call adds to the registry, so its records stay where they are.
         cdef SequenceSlot* records = self._sequences.slots
         cdef row_t row
-        cdef int64_t add, count
+        cdef int64_t add, count, k, end
+        cdef bint windowed = self._attention != ATTENTION_FULL
         # Reserve every row's room first, so a MemoryError here leaves nothing changed
         # and the appends below cannot fail.
         for i in range(n):
             count = counts[i * stride]
-            if count:
+            if count or K:
                 row = records[slot_ids[i]].row
-                add = self._blocks_needed(records[slot_ids[i]].tokens + count) - self._table.row_length(row)
+                add = self._blocks_needed(records[slot_ids[i]].tokens + count + K) - self._table.row_length(row)
                 if add > 0:
                     self._table.reserve_row(row, self._table.row_length(row) + add)
         fresh = empty(need, cnp.NPY_INT32)
@@ -1002,12 +1333,16 @@ cdef class KVCacheManager(Persistent):
         slots = empty(num_slots, cnp.NPY_INT64)
         copy_src = empty(num_copies, cnp.NPY_INT32)
         copy_dst = empty(num_copies, cnp.NPY_INT32)
+        ahead = empty(n * K, cnp.NPY_INT64) if K else None
         cdef AppendResult result = new_result()
         result.slots = slots
         result.copy_src = copy_src
         result.copy_dst = copy_dst
+        if ahead is not None:
+            result.lookahead_slots = ahead
         cdef block_id_t* fresh_data = <block_id_t*>cnp.PyArray_DATA(fresh)
         cdef slot_t* slot_data = <slot_t*>cnp.PyArray_DATA(slots)
+        cdef slot_t* ahead_data = <slot_t*>cnp.PyArray_DATA(ahead) if ahead is not None else NULL
         cdef block_id_t* src_data = <block_id_t*>cnp.PyArray_DATA(copy_src)
         cdef block_id_t* dst_data = <block_id_t*>cnp.PyArray_DATA(copy_dst)
         cdef const int32_t* refcount = self._allocator.refcounts()
@@ -1015,19 +1350,25 @@ cdef class KVCacheManager(Persistent):
         cdef int32_t length
         cdef block_id_t* data
         cdef block_id_t last
+        if windowed:
+            # Releases first, so that the blocks they free can serve this call.
+            for i in range(n):
+                if counts[i * stride] or K:
+                    self._release_window(slot_ids[i])
         self._allocator.take(need, fresh_data)
         if cache is not None:
             cache.taken(fresh_data, need)
         for i in range(n):
             count = counts[i * stride]
-            if count == 0:
+            if count == 0 and K == 0:
                 continue
             row = records[slot_ids[i]].row
             tokens = records[slot_ids[i]].tokens
             length = self._table.row_length(row)
-            if self._block_offset(tokens) and length > 0:   # length > 0 holds; a tampered table may break it
+            k = block_index(&self._geometry, tokens)
+            if self._block_offset(tokens) and k < length:   # k < length holds; a tampered table may break it
                 data = self._table.row_blocks(row)
-                last = data[length - 1]
+                last = data[k]
                 if refcount[last] > 1:
                     src_data[copied] = last
                     dst_data[copied] = fresh_data[taken]
@@ -1035,15 +1376,15 @@ cdef class KVCacheManager(Persistent):
                     # The sequence lets go of its shared block (its count stays >= 1,
                     # so the block is never freed here).
                     self._allocator.release(&last, 1)
-                    # Through the table, so that device mirrors see the new last block.
-                    self._table.set_block_at(row, length - 1, fresh_data[taken])
+                    # Through the table, so that device mirrors see the new block.
+                    self._table.set_block_at(row, k, fresh_data[taken])
                     if cache is not None:
                         # The copy holds what the shared block holds.
                         memcpy(cache.tokens + <int64_t>fresh_data[taken] * self._block_size,
                                cache.tokens + <int64_t>last * self._block_size,
                                <size_t>self._block_size * sizeof(int32_t))
                     taken += 1
-            add = self._blocks_needed(tokens + count) - length
+            add = self._blocks_needed(tokens + count + K) - length
             if add > 0:
                 self._table.append_to_row(row, fresh_data + taken, add)   # room reserved above
                 taken += add
@@ -1051,8 +1392,10 @@ cdef class KVCacheManager(Persistent):
             for p in range(tokens, tokens + count):
                 slot_data[written] = self._slot(data, p)
                 written += 1
+            for p in range(K):
+                ahead_data[i * K + p] = self._slot(data, tokens + count + p)
             records[slot_ids[i]].tokens = <int32_t>(tokens + count)
-            if cache is not None:
+            if cache is not None and count:
                 for p in range(written - count, written):
                     cache.tokens[slot_data[p]] = id_data[p]
                 if block_index(&self._geometry, tokens + count) > block_index(&self._geometry, tokens):
@@ -1060,23 +1403,45 @@ cdef class KVCacheManager(Persistent):
                     fill_data[3 * num_filling + 1] = block_index(&self._geometry, tokens)
                     fill_data[3 * num_filling + 2] = block_index(&self._geometry, tokens + count)
                     cache.record(data, fill_data[3 * num_filling + 1], fill_data[3 * num_filling + 2],
-                                 self._keys.get(slot_ids[i]) if self._keys else None, NULL)
+                                 self._keys.get(slot_ids[i]) if self._keys else None, NULL,
+                                 self._chain(slot_ids[i]))
                     num_filling += 1
         # Registered in the same order as recorded: sequence by sequence, block by block.
         for p in range(num_filling):
             i = <Py_ssize_t>fill_data[3 * p]
             cache.register(self._table.row_blocks(records[slot_ids[i]].row), fill_data[3 * p + 1],
-                           fill_data[3 * p + 2], self._keys.get(slot_ids[i]) if self._keys else None)
+                           fill_data[3 * p + 2], self._keys.get(slot_ids[i]) if self._keys else None,
+                           self._chain(slot_ids[i]))
         return result
 
-    def can_append(self, seq_ids, num_new_tokens=1):
-        """Whether ``append_tokens(seq_ids, num_new_tokens)`` would find enough blocks.
+    cdef int _release_window(self, int32_t slot) except -1:
+        """Release the blocks a windowed sequence no longer needs (docs/HYBRID.md)."""
+        cdef SequenceSlot* record = &self._sequences.slots[slot]
+        cdef int64_t k, end = self._released_to(record.tokens)
+        if end <= record.live:
+            return 0
+        cdef block_id_t* data = self._table.row_blocks(record.row)
+        cdef block_id_t block
+        if self._cache is not None:
+            # Block end - 1's hash is the parent of block end: keep it as the chain
+            # tail before the entry goes (its content is final: it is full).
+            self._chains[slot] = (<char*>self._cache.hash_of(data[end - 1]))[:self._cache.digest_size]
+        for k in range(record.live, end):
+            block = data[k]
+            self._table.set_block_at(record.row, k, PAD)
+            self._allocator.release(&block, 1)
+        record.live = <int32_t>end
+        return 0
+
+    def can_append(self, seq_ids, num_new_tokens=1, num_lookahead=0):
+        """Whether ``append_tokens(seq_ids, num_new_tokens, num_lookahead=...)`` would
+        find enough blocks.
 
         Checks the arguments exactly as ``append_tokens`` does and changes nothing.
         """
         cdef _StepPlan plan
-        self._plan_step(seq_ids, num_new_tokens, &plan)
-        return plan.need <= self._allocator.free_count()
+        self._plan_step(seq_ids, num_new_tokens, &plan, num_lookahead)
+        return plan.need <= self._allocator.free_count() + plan.freed
 
     def fork(self, parent_id, child_id):
         """Make ``child_id`` share every block and the token count of ``parent_id``.
@@ -1100,7 +1465,10 @@ cdef class KVCacheManager(Persistent):
         self._sequences.reserve(1)
         cdef row_t child_row = self._table.create_row(child)
         cdef row_t parent_row = self._sequences.slots[parent_slot].row
-        cdef int32_t length = self._table.row_length(parent_row)
+        # Only the blocks that hold the parent's tokens: reserved lookahead blocks
+        # stay the parent's alone (both would write drafts into them).
+        cdef int32_t length = <int32_t>self._blocks_needed(self._sequences.slots[parent_slot].tokens)
+        cdef int32_t live = self._sequences.slots[parent_slot].live
         try:
             self._table.reserve_row(child_row, _with_room_to_grow(length))
         except BaseException:
@@ -1110,11 +1478,15 @@ cdef class KVCacheManager(Persistent):
         # copied straight from the pool.
         cdef const block_id_t* blocks = self._table.row_blocks(parent_row)
         self._table.append_to_row(child_row, blocks, length)
-        self._allocator.retain(blocks, length)
+        if length > live:
+            self._allocator.retain(blocks + live, length - live)   # released entries hold none
         cdef int32_t child_slot = self._sequences.add(
             child, child_row, self._sequences.slots[parent_slot].tokens)
+        self._sequences.slots[child_slot].live = live
         if self._keys and parent_slot in self._keys:
             self._keys[child_slot] = self._keys[parent_slot]
+        if self._chains and parent_slot in self._chains:
+            self._chains[child_slot] = self._chains[parent_slot]
 
     def free_sequence(self, seq_ids):
         """Remove one sequence (an int) or many (an array-like); release their blocks.
@@ -1136,18 +1508,147 @@ cdef class KVCacheManager(Persistent):
         cdef const int32_t* slot_ids = <const int32_t*>cnp.PyArray_DATA(slots)
         cdef Py_ssize_t i
         cdef row_t row
+        cdef int32_t live
         for i in range(cnp.PyArray_DIM(slots, 0)):
             row = self._sequences.slots[slot_ids[i]].row
+            live = self._sequences.slots[slot_ids[i]].live     # entries before it are released
             if self._cache is None:
-                self._allocator.release(self._table.row_blocks(row), self._table.row_length(row))
+                self._allocator.release(self._table.row_blocks(row) + live, self._table.row_length(row) - live)
             else:
                 # Tail first: of a sequence's cached blocks, the head is the likeliest
                 # to be shared, so it is the last to be evicted.
-                self._allocator.release_reversed(self._table.row_blocks(row), self._table.row_length(row))
+                self._allocator.release_reversed(self._table.row_blocks(row) + live,
+                                                 self._table.row_length(row) - live)
                 if self._keys:
                     self._keys.pop(slot_ids[i], None)
+                if self._chains:
+                    self._chains.pop(slot_ids[i], None)
             self._sequences.remove(slot_ids[i])
             self._table.drop_row(row)
+
+    def truncate(self, seq_ids, num_tokens):
+        """Cut sequences back to ``num_tokens`` tokens each (all or nothing).
+
+        Blocks past the new end (reserved lookahead blocks too) return to the pool,
+        last first; a block the cut leaves partly filled loses its prefix-cache hash
+        if this sequence is its only holder (its content is no longer final; a
+        ``BlockRemoved`` event).  See docs/HYBRID.md for the exact rules.
+
+        Parameters
+        ----------
+        seq_ids : int or 1-D array-like of int
+            Distinct existing sequence ids.
+        num_tokens : int or 1-D array-like of int
+            The new length, one for all or one per sequence, ``0 .. length``.
+
+        Raises
+        ------
+        ValueError
+            A length out of range, or one whose window would need a block already
+            released (sliding-window and chunked-local managers); nothing changes.
+        """
+        if isinstance(seq_ids, (int, np.integer)) and not isinstance(seq_ids, (bool, np.bool_)):
+            seq_ids = [seq_ids]
+        self._begin_write()
+        try:
+            slots, lengths = self._truncation(seq_ids, num_tokens, False)
+            self._truncate(slots, lengths)
+        finally:
+            self._end_write()
+
+    def rollback(self, seq_ids, num_rejected):
+        """Drop each sequence's last ``num_rejected`` tokens: ``truncate(seq_ids, length - num_rejected)``.
+
+        For speculative decoding: the draft tokens the target model rejected.
+        ``num_rejected`` is one count for all or one per sequence, ``0 .. length``.
+        """
+        if isinstance(seq_ids, (int, np.integer)) and not isinstance(seq_ids, (bool, np.bool_)):
+            seq_ids = [seq_ids]
+        self._begin_write()
+        try:
+            slots, lengths = self._truncation(seq_ids, num_rejected, True)
+            self._truncate(slots, lengths)
+        finally:
+            self._end_write()
+
+    def _truncate_check(self, seq_ids, num_tokens):
+        """Raise what ``truncate(seq_ids, num_tokens)`` would raise; change nothing."""
+        if isinstance(seq_ids, (int, np.integer)) and not isinstance(seq_ids, (bool, np.bool_)):
+            seq_ids = [seq_ids]
+        self._read_begin()
+        self._truncation(seq_ids, num_tokens, False)
+
+    cdef tuple _truncation(self, seq_ids, counts, bint rejected):
+        """Checked ``(slots, new lengths)`` of a truncate (or, ``rejected``, a rollback)."""
+        slots = self._slots(seq_ids, True)
+        cdef Py_ssize_t i, n = cnp.PyArray_DIM(slots, 0)
+        cdef int64_t scalar = 0
+        name = "num_rejected" if rejected else "num_tokens"
+        values = self._counts(counts, n, &scalar)
+        if values is None:
+            values = np.full(n, scalar, dtype=np.int64)
+        lengths = np.empty(n, dtype=np.int64)
+        cdef const int32_t* slot_data = <const int32_t*>cnp.PyArray_DATA(slots)
+        cdef int64_t c, L
+        for i in range(n):
+            c = self._sequences.slots[slot_data[i]].tokens
+            if values[i] > c:
+                raise ValueError(
+                    f"{name}[{i}] = {values[i]} is more than the {c} tokens sequence "
+                    f"{self._sequences.slots[slot_data[i]].seq_id} holds")
+            L = c - values[i] if rejected else values[i]
+            if L > 0 and self._released_to(L) < self._sequences.slots[slot_data[i]].live:
+                raise ValueError(
+                    f"sequence {self._sequences.slots[slot_data[i]].seq_id} cannot go back to "
+                    f"{L} tokens: its window would need blocks it has already released")
+            lengths[i] = L
+        return slots, lengths
+
+    cdef int _truncate(self, slots, lengths) except -1:
+        cdef const int32_t* slot_data = <const int32_t*>cnp.PyArray_DATA(slots)
+        cdef const int64_t* length_data = <const int64_t*>cnp.PyArray_DATA(lengths)
+        cdef Py_ssize_t i
+        cdef SequenceSlot* record
+        cdef int64_t L, keep, first
+        cdef int32_t length
+        cdef block_id_t* data
+        cdef block_id_t block
+        cdef PrefixCache cache = self._cache
+        for i in range(cnp.PyArray_DIM(slots, 0)):
+            record = &self._sequences.slots[slot_data[i]]
+            L = length_data[i]
+            keep = self._blocks_needed(L)
+            length = self._table.row_length(record.row)
+            data = self._table.row_blocks(record.row)
+            first = keep if keep > record.live else record.live     # released entries hold none
+            if length > first:
+                self._allocator.release_reversed(data + first, length - first)
+            self._table.truncate_row(record.row, <int32_t>keep)
+            record.tokens = <int32_t>L
+            if L == 0:
+                record.live = 0
+                if self._chains:
+                    self._chains.pop(slot_data[i], None)
+            elif cache is not None and self._block_offset(L):
+                block = data[keep - 1]
+                if self._allocator.refcounts()[block] == 1:
+                    cache.forget(block)
+        return 0
+
+    def reset(self):
+        """Free every sequence (in insertion order) and, with prefix caching, forget
+        every cached block (one ``AllBlocksCleared``).  The statistics are kept."""
+        seq_ids = self._table.snapshot(False)[0]      # insertion order
+        self._begin_write()
+        try:
+            if cnp.PyArray_DIM(seq_ids, 0) != self._sequences.count():
+                raise RuntimeError(_CONCURRENT_WRITE)
+            if cnp.PyArray_DIM(seq_ids, 0):
+                self._free_sequence(seq_ids)     # raises (changing nothing) if one went
+            if self._cache is not None:
+                self._cache.reset()
+        finally:
+            self._end_write()
 
     # -- queries -------------------------------------------------------------------------
     def seq_lens(self, seq_ids):
@@ -1272,6 +1773,10 @@ cdef class KVCacheManager(Persistent):
     # -- state ---------------------------------------------------------------------------
     def _state(self):
         """The manager's state dict: its table, its pool and each sequence's tokens."""
+        if self._attention != ATTENTION_FULL or self._group_idx:
+            raise NotImplementedError(
+                "saving, copying or pickling a sliding-window, chunked-local or grouped "
+                "KVCacheManager is not supported yet")
         cdef int64_t epoch, i, count
         cdef int attempt
         cdef int64_t* token_data
@@ -1409,7 +1914,7 @@ cdef class KVCacheManager(Persistent):
         """
         cdef int64_t num_blocks = self._allocator.block_count()
         references = np.zeros(num_blocks, dtype=np.int64)
-        cdef int32_t slot
+        cdef int32_t slot, live
         cdef int64_t tokens, length, first = 0
         seq_ids, lengths, all_blocks = self._table.snapshot(True)
         if seq_ids.shape[0] != self._sequences.count():
@@ -1427,14 +1932,20 @@ cdef class KVCacheManager(Persistent):
             if self._sequences.slots[slot].row != self._table.find_row(seq):
                 raise AssertionError(f"the manager's record of sequence {seq} names another row")
             tokens = self._sequences.slots[slot].tokens
-            if length != self._blocks_needed(tokens):
+            live = self._sequences.slots[slot].live
+            if length < self._blocks_needed(tokens):
                 raise AssertionError(
                     f"sequence {seq} holds {tokens} tokens in {length} blocks "
                     f"(block_size {self._block_size} needs {self._blocks_needed(tokens)})")
-            if length:
-                if blocks.min() < 0 or blocks.max() >= num_blocks:
-                    raise AssertionError(f"sequence {seq} maps a block outside the pool: {blocks}")
-                np.add.at(references, blocks, 1)
+            if live > self._released_to(tokens) or live > length:
+                raise AssertionError(f"sequence {seq} released {live} blocks, more than its window allows")
+            if live and (blocks[:live] != PAD).any():
+                raise AssertionError(f"sequence {seq}'s released entries are not all PAD_SLOT_ID")
+            held = blocks[live:]
+            if held.size:
+                if held.min() < 0 or held.max() >= num_blocks:
+                    raise AssertionError(f"sequence {seq} maps a block outside the pool: {held}")
+                np.add.at(references, held, 1)
         refcount = empty(num_blocks, cnp.NPY_INT32)
         free_stack = empty(num_blocks, cnp.NPY_INT32)
         free = free_stack[:self._allocator.capture(refcount, free_stack)]
@@ -1502,25 +2013,33 @@ cdef class KVCacheManager(Persistent):
                     f"cached block {b}'s hash does not match its parent, tokens and extra keys")
         # Each sequence's full blocks: recorded, chained, and matching their tokens.
         cdef int64_t first = 0, length, full, k
-        cdef int32_t slot
+        cdef int32_t slot, live
         for i in range(seq_ids.shape[0]):
             length = lengths[i]
             blocks = all_blocks[first:first + length]
             first += length
             slot = self._sequences.find(int(seq_ids[i]))
             full = self._sequences.slots[slot].tokens // B
-            for k in range(full):
+            live = self._sequences.slots[slot].live
+            if live and self._chains.get(slot) is None:
+                raise AssertionError(f"sequence {int(seq_ids[i])} released blocks but keeps no chain tail")
+            for k in range(live, full):
                 b = int(blocks[k])
                 if not known[b]:
                     raise AssertionError(f"sequence {int(seq_ids[i])}'s full block {k} ({b}) has no hash")
-                expected_parent = cache.none_hash if k == 0 else hashes[int(blocks[k - 1])].tobytes()
+                if k == 0:
+                    expected_parent = cache.none_hash
+                elif k == live:
+                    expected_parent = self._chains[slot]
+                else:
+                    expected_parent = hashes[int(blocks[k - 1])].tobytes()
                 if parents[b].tobytes() != expected_parent:
                     raise AssertionError(
                         f"sequence {int(seq_ids[i])}'s block {k} ({b}) is not chained to its block {k - 1}")
                 if cache.recompute(b) != hashes[b].tobytes():
                     raise AssertionError(
                         f"sequence {int(seq_ids[i])}'s block {k} ({b}) does not match its hash")
-            for k in range(full, length):
+            for k in range(max(full, live), length):
                 b = int(blocks[k])
                 if cached[b]:
                     raise AssertionError(f"sequence {int(seq_ids[i])}'s partial block {b} is cached")

@@ -68,6 +68,7 @@ cdef class PrefixCache:
         list events                 # None when events are off
         bint _int_hashes            # event hashes as ints (else bytes)
         str medium
+        int32_t group_idx           # the KV-cache group events name
         object _stored, _removed, _cleared   # the event classes
 
     cdef inline const uint8_t* hash_of(self, block_id_t block) noexcept nogil:
@@ -75,6 +76,17 @@ cdef class PrefixCache:
 
     cdef inline const uint8_t* root(self) noexcept:
         return <const uint8_t*><char*>self.none_hash
+
+    # The hash block ``k`` of ``row`` chains to: NONE_HASH for block 0, else the hash
+    # of block ``k - 1``, or ``chain`` (the sequence's kept chain tail) where a
+    # window released that block (its entry is PAD).
+    cdef inline const uint8_t* parent_of(self, const block_id_t* row, int64_t k,
+                                         const uint8_t* chain) noexcept:
+        if k == 0:
+            return self.root()
+        if row[k - 1] < 0:
+            return chain
+        return self._hash + <int64_t>row[k - 1] * self.digest_size
 
     cdef inline int32_t find(self, const uint8_t* digest) noexcept nogil:
         """The block registered under ``digest``, or -1."""
@@ -105,13 +117,14 @@ cdef class PrefixCache:
                            uint8_t* out) except -1
     cdef int taken(self, const block_id_t* blocks, int64_t n) except -1
     cdef int filled(self, const block_id_t* row, int64_t first, int64_t end, object keys,
-                    const uint8_t* digests) except -1
+                    const uint8_t* digests, const uint8_t* chain=*) except -1
     cdef int record(self, const block_id_t* row, int64_t first, int64_t end, object keys,
-                    const uint8_t* digests) except -1
+                    const uint8_t* digests, const uint8_t* chain=*) except -1
     cdef int register(self, const block_id_t* row, int64_t first, int64_t end,
-                      object keys) except -1
+                      object keys, const uint8_t* chain=*) except -1
     cdef int _stored_event(self, const block_id_t* row, int64_t first, int64_t end,
-                           object keys) except -1
+                           object keys, const uint8_t* chain) except -1
+    cdef int forget(self, block_id_t block) except -1
     cdef int64_t reset(self) except -1
     cdef object event_hash(self, const uint8_t* digest)
     cdef object recompute(self, block_id_t block)

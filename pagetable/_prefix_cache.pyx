@@ -280,7 +280,7 @@ cdef class PrefixCache:
                 if self.events is not None:
                     self.events.append(self._removed(
                         [self.event_hash(self._hash + <int64_t>block * self.digest_size)],
-                        self.medium, 0))
+                        self.medium, self.group_idx))
                 self._unregister(block)
                 self.evictions += 1
             self._known[block] = 0
@@ -288,18 +288,35 @@ cdef class PrefixCache:
                 self._extra[block] = None
         return 0
 
+    cdef int forget(self, block_id_t block) except -1:
+        """A block's content is no longer final (a truncation cut into it): drop its hash.
+
+        A registered block leaves the map (one ``BlockRemoved`` event); either way it
+        is no longer known, so it is hashed afresh when it fills again.
+        """
+        if self._allocator.is_cached(block):
+            if self.events is not None:
+                self.events.append(self._removed(
+                    [self.event_hash(self._hash + <int64_t>block * self.digest_size)],
+                    self.medium, self.group_idx))
+            self._unregister(block)
+        self._known[block] = 0
+        if self._extra_used:
+            self._extra[block] = None
+        return 0
+
     cdef int filled(self, const block_id_t* row, int64_t first, int64_t end, object keys,
-                    const uint8_t* digests) except -1:
+                    const uint8_t* digests, const uint8_t* chain=NULL) except -1:
         """Blocks ``row[first .. end - 1]`` of one sequence just became full.
 
         ``record`` then ``register`` (see there): what a call whose blocks fill in one
         sequence does.
         """
-        self.record(row, first, end, keys, digests)
-        return self.register(row, first, end, keys)
+        self.record(row, first, end, keys, digests, chain)
+        return self.register(row, first, end, keys, chain)
 
     cdef int record(self, const block_id_t* row, int64_t first, int64_t end, object keys,
-                    const uint8_t* digests) except -1:
+                    const uint8_t* digests, const uint8_t* chain=NULL) except -1:
         """Record the content hashes of blocks ``row[first .. end - 1]``, just full.
 
         Each comes from ``digests`` (one per block) when the caller has them, else is
@@ -313,7 +330,9 @@ cdef class PrefixCache:
         cdef uint8_t* digest
         for k in range(first, end):
             block = row[k]
-            parent = self.root() if k == 0 else self._hash + <int64_t>row[k - 1] * self.digest_size
+            parent = self.parent_of(row, k, chain)
+            if parent == NULL:
+                raise AssertionError("a released block's chain tail is missing (internal error)")
             extra = None if keys is None else keys._keys(k, self._block_size)
             digest = self._hash + <int64_t>block * self.digest_size
             if digests != NULL:
@@ -333,7 +352,7 @@ cdef class PrefixCache:
         return 0
 
     cdef int register(self, const block_id_t* row, int64_t first, int64_t end,
-                      object keys) except -1:
+                      object keys, const uint8_t* chain=NULL) except -1:
         """Register recorded blocks ``row[first .. end - 1]`` in order, each unless its
         hash is taken; one ``BlockStored`` event per run of consecutive registered ones."""
         cdef int64_t k, run = -1
@@ -342,14 +361,14 @@ cdef class PrefixCache:
                 if run < 0:
                     run = k
             elif run >= 0:
-                self._stored_event(row, run, k, keys)
+                self._stored_event(row, run, k, keys, chain)
                 run = -1
         if run >= 0:
-            self._stored_event(row, run, end, keys)
+            self._stored_event(row, run, end, keys, chain)
         return 0
 
     cdef int _stored_event(self, const block_id_t* row, int64_t first, int64_t end,
-                           object keys) except -1:
+                           object keys, const uint8_t* chain) except -1:
         if self.events is None:
             return 0
         cdef int64_t k, i, B = self._block_size
@@ -360,8 +379,7 @@ cdef class PrefixCache:
         for k in range(first, end):
             held = self.tokens + <int64_t>row[k] * B
             token_ids.extend([held[i] for i in range(B)])
-        parent = None if first == 0 else self.event_hash(
-            self._hash + <int64_t>row[first - 1] * self.digest_size)
+        parent = None if first == 0 else self.event_hash(self.parent_of(row, first, chain))
         # One entry per block, None where a block has no keys (as vLLM publishes them).
         lora_id = lora_name = None
         if keys is None:
@@ -371,7 +389,7 @@ cdef class PrefixCache:
             lora_id = keys.lora_id
             lora_name = keys.lora_name
         self.events.append(self._stored(hashes, parent, token_ids, B, lora_id, self.medium,
-                                        lora_name, extra_keys, 0))
+                                        lora_name, extra_keys, self.group_idx))
         return 0
 
     cdef int64_t reset(self) except -1:

@@ -17,6 +17,7 @@ cdef struct SequenceSlot:
     int64_t mark        # last duplicate-check mark that saw the slot (see mark_new)
     int32_t tokens      # tokens the sequence holds
     int32_t row         # its row in the manager's table
+    int32_t live        # its first held block: entries before it are released (windows)
 
 
 @cython.final

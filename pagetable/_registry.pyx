@@ -88,6 +88,7 @@ cdef class SequenceRegistry:
         self.slots[slot].mark = 0
         self.slots[slot].tokens = tokens
         self.slots[slot].row = row
+        self.slots[slot].live = 0
         idmap_insert(&self._index, seq_id, slot)
         self._count += 1
         return slot

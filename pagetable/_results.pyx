@@ -44,9 +44,13 @@ cdef class AppendResult:
     num_cached_tokens : int
         For ``add_sequence`` with prefix caching: the prompt tokens found in the
         cache, whose KV is already there (``slots`` starts after them); else 0.
+    lookahead_slots : numpy.ndarray of int64
+        For ``append_tokens(..., num_lookahead=K)``: the slots of the ``K`` positions
+        after each sequence's new length (room reserved for draft tokens), sequence
+        by sequence in input order; else empty.
     """
 
-    def __init__(self, slots, copy_src, copy_dst, num_cached_tokens=0):
+    def __init__(self, slots, copy_src, copy_dst, num_cached_tokens=0, lookahead_slots=None):
         slots = as_int_array(slots, "slots")
         copy_src = as_int_array(copy_src, "copy_src", np.dtype(np.int32))
         copy_dst = as_int_array(copy_dst, "copy_dst", np.dtype(np.int32))
@@ -61,9 +65,13 @@ cdef class AppendResult:
         self.copy_src = copy_src
         self.copy_dst = copy_dst
         self.num_cached_tokens = num_cached_tokens
+        self.lookahead_slots = (_EMPTY_INT64 if lookahead_slots is None
+                                else as_int_array(lookahead_slots, "lookahead_slots"))
 
     def __repr__(self):
         cached = f", num_cached_tokens={self.num_cached_tokens}" if self.num_cached_tokens else ""
+        if self.lookahead_slots.shape[0]:
+            cached += f", lookahead_slots={self.lookahead_slots!r}"
         return (f"AppendResult(slots={self.slots!r}, copy_src={self.copy_src!r}, "
                 f"copy_dst={self.copy_dst!r}{cached})")
 
@@ -73,13 +81,15 @@ cdef class AppendResult:
         return (np.array_equal(self.slots, other.slots)
                 and np.array_equal(self.copy_src, other.copy_src)
                 and np.array_equal(self.copy_dst, other.copy_dst)
-                and self.num_cached_tokens == other.num_cached_tokens)
+                and self.num_cached_tokens == other.num_cached_tokens
+                and np.array_equal(self.lookahead_slots, other.lookahead_slots))
 
     __hash__ = None
 
     def __reduce__(self):
         # Through __init__, which checks what it is given.
-        return (AppendResult, (self.slots, self.copy_src, self.copy_dst, self.num_cached_tokens))
+        return (AppendResult, (self.slots, self.copy_src, self.copy_dst, self.num_cached_tokens,
+                               self.lookahead_slots))
 
 
 cdef AppendResult new_result():
@@ -89,6 +99,7 @@ cdef AppendResult new_result():
     result.copy_src = _EMPTY_INT32
     result.copy_dst = _EMPTY_INT32
     result.num_cached_tokens = 0
+    result.lookahead_slots = _EMPTY_INT64
     return result
 
 

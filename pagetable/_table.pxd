@@ -87,6 +87,14 @@ cdef class PageTable(Guarded):
     cdef int reserve_row(self, row_t row, int64_t min_capacity) except -1
     cdef int append_to_row(self, row_t row, const block_id_t* blocks, int64_t count) except -1
     cdef int drop_row(self, row_t row) except -1                # never fails once started
+    # Keep a row's first ``length`` blocks (``length`` <= its length); never fails.
+    cdef inline void truncate_row(self, row_t row, int32_t length) noexcept nogil:
+        if length >= self._rows.length[row]:
+            return
+        self._total_blocks -= self._rows.length[row] - length
+        self._rows.length[row] = length
+        # A mirror holding the dropped blocks must rewrite the row, not append to it.
+        self._touch(row, True)
     cdef int reserve_sequences(self, int64_t extra) except -1
 
     # ``(seq_ids int64, lengths int32, blocks int32 or None)`` of one state, in

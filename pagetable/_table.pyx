@@ -971,6 +971,46 @@ cdef class PageTable(Guarded):
         finally:
             self._writing = 0
 
+    def truncate_sequence(self, sequence_id, num_blocks):
+        """Keep a sequence's first ``num_blocks`` blocks; return the dropped ones.
+
+        The change stamps of the row are bumped as for any rewrite, so device
+        mirrors see it.
+
+        Parameters
+        ----------
+        sequence_id : int
+        num_blocks : int
+            Blocks to keep, ``0 .. num_blocks(sequence)``.
+
+        Returns
+        -------
+        numpy.ndarray of int32
+            The dropped blocks in logical order (empty if none), for the caller to free.
+
+        Raises
+        ------
+        KeyError
+            If the sequence is not in the table.
+        ValueError
+            If ``num_blocks`` is negative or more than the sequence holds.
+        """
+        cdef seq_id_t seq_id = seq_arg(sequence_id, "sequence_id")
+        keep = as_index(num_blocks, "num_blocks")
+        cdef row_t row
+        self._begin_write()
+        try:
+            row = self._row_or_raise(seq_id, "sequence_id")
+            if not 0 <= keep <= self._rows.length[row]:
+                raise ValueError(
+                    f"num_blocks must be 0 .. {self._rows.length[row]} (the blocks sequence "
+                    f"{seq_id} holds), got {keep}")
+            dropped = self._row_array(row)[keep:].copy()
+            self.truncate_row(row, <int32_t>keep)
+            return dropped
+        finally:
+            self._writing = 0
+
     cpdef Py_ssize_t num_sequences(self):
         """Return the number of sequences in the table."""
         return self._num_sequences

@@ -107,6 +107,7 @@ cdef inline void run_slots(const TableView* view, row_t row, const int64_t* posi
                             int64_t* out, int64_t count) noexcept nogil:
     """Slots of ``count`` positions of one sequence (``row``, or -1 if unknown)."""
     cdef int64_t k, pos, block_index
+    cdef int32_t block
     cdef int64_t start = load_i64(view.row_start + row) if row >= 0 else 0
     cdef int64_t length = load_i32(view.row_len + row) if row >= 0 else 0
     cdef const int32_t* data
@@ -128,7 +129,10 @@ cdef inline void run_slots(const TableView* view, row_t row, const int64_t* posi
             pos = positions[k]
             # One unsigned compare rejects negative and past-the-end positions alike.
             if <uint64_t>pos < <uint64_t>limit:
-                out[k] = (<int64_t>data[pos >> shift] << shift) | (pos & mask)
+                # A released entry (PAD, windowed managers) gives PAD: OR-ing in
+                # the block's sign (all ones for -1) keeps the loop branch-free.
+                block = data[pos >> shift]
+                out[k] = (<int64_t>block << shift) | (pos & mask) | (<int64_t>block >> 31)
             else:
                 out[k] = PAD
     elif limit <= EXACT_DOUBLE_LIMIT:
@@ -137,7 +141,8 @@ cdef inline void run_slots(const TableView* view, row_t row, const int64_t* posi
             pos = positions[k]
             if <uint64_t>pos < <uint64_t>limit:
                 block_index = exact_quotient(pos, block_size, reciprocal)
-                out[k] = <int64_t>data[block_index] * block_size + (pos - block_index * block_size)
+                block = data[block_index]
+                out[k] = (<int64_t>block * block_size + (pos - block_index * block_size)) | (<int64_t>block >> 31)
             else:
                 out[k] = PAD
     else:
@@ -145,7 +150,8 @@ cdef inline void run_slots(const TableView* view, row_t row, const int64_t* posi
             pos = positions[k]
             if <uint64_t>pos < <uint64_t>limit:
                 block_index = pos // block_size
-                out[k] = <int64_t>data[block_index] * block_size + (pos - block_index * block_size)
+                block = data[block_index]
+                out[k] = (<int64_t>block * block_size + (pos - block_index * block_size)) | (<int64_t>block >> 31)
             else:
                 out[k] = PAD
 
@@ -154,6 +160,7 @@ cdef inline void run_lookup(const TableView* view, row_t row, const int64_t* pos
                              int32_t* blocks_out, int32_t* offsets_out, int64_t count) noexcept nogil:
     """Block ids and offsets of ``count`` positions of one sequence."""
     cdef int64_t k, pos, block_index
+    cdef int32_t block
     cdef int64_t start = load_i64(view.row_start + row) if row >= 0 else 0
     cdef int64_t length = load_i32(view.row_len + row) if row >= 0 else 0
     cdef const int32_t* data
@@ -217,10 +224,12 @@ cdef inline int64_t interleaved_slots(const TableView* view, const int64_t* seq_
         # the pool; the caller reads again in that case.
         if <uint64_t>entry >= capacity:
             out[k] = PAD
-        elif shift >= 0:
-            out[k] = (<int64_t>view.pool[entry] << shift) | (pos & mask)
+        elif shift >= 0:   # a released entry (PAD) gives PAD, as in run_slots
+            out[k] = ((<int64_t>view.pool[entry] << shift) | (pos & mask)
+                      | (<int64_t>view.pool[entry] >> 31))
         else:
-            out[k] = <int64_t>view.pool[entry] * block_size + (pos - block_index * block_size)
+            out[k] = ((<int64_t>view.pool[entry] * block_size + (pos - block_index * block_size))
+                      | (<int64_t>view.pool[entry] >> 31))
     return -1
 
 

@@ -246,7 +246,7 @@ def test_check_catches_corruption():
     manager.allocator.free([0])
     manager.page_table._set_owned(False)
     manager.page_table.append_block(1, 9)
-    with pytest.raises(AssertionError, match="sequence 1 holds 5 tokens in 3 blocks"):
+    with pytest.raises(AssertionError, match="block 9 has refcount 0 but 1 table entries"):
         manager.check()
 
 

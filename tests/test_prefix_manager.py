@@ -368,14 +368,20 @@ def test_a_tampered_cache_is_corrupt_state():
 
 # ------------------------------------------------------------ batched admission
 
-def test_add_sequences_admits_in_order_while_they_fit():
+def test_add_sequences_is_all_or_nothing():
     kv = caching(6, 4)
     system = [1, 2, 3, 4, 5, 6, 7, 8]
-    results = kv.add_sequences([10, 11, 12], [system + [9], system + [5], system + [6] * 12])
-    # The second prompt hits the blocks the first registered in the same call; the
-    # third needs 4 more blocks and only 2 are left, so admission stops there.
+    before = kv._state()
+    # The third prompt needs 4 more blocks than are left: nothing is admitted.
+    with pytest.raises(OutOfBlocksError):
+        kv.add_sequences([10, 11, 12], token_ids=[system + [9], system + [5], system + [6] * 12])
+    after = kv._state()
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    assert len(kv) == 0 and kv.prefix_cache_stats.requests == 0
+    results = kv.add_sequences([10, 11], token_ids=[system + [9], system + [5]])
+    # The second prompt hits the blocks the first registers in the same call.
     assert [r.num_cached_tokens for r in results] == [0, 8]
-    assert 10 in kv and 11 in kv and 12 not in kv
+    assert 10 in kv and 11 in kv
     assert kv.prefix_cache_stats.requests == 2
     kv.check()
 
@@ -384,20 +390,20 @@ def test_add_sequences_matches_one_call_per_prompt():
     batched, single = caching(32, 4), caching(32, 4)
     prompts = [[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 9], [7] * 13, [1, 2, 3, 4, 5, 6, 7, 8, 9]]
     keys = [None, ExtraKeys(cache_salt="x"), None, None]
-    results = batched.add_sequences(np.arange(4), prompts, keys)
+    results = batched.add_sequences(np.arange(4), token_ids=prompts, extra_keys=keys)
     assert results == [single.add_sequence(i, token_ids=p, extra_keys=k)
                        for i, (p, k) in enumerate(zip(prompts, keys))]
     assert batched == single
 
 
 @pytest.mark.parametrize("call, error, match", [
-    (lambda kv: kv.add_sequences([1, 1], [[1], [2]]), ValueError, "more than once"),
-    (lambda kv: kv.add_sequences([1, 0], [[1], [2]]), ValueError, r"seq_ids\[1\] = 0 already exists"),
-    (lambda kv: kv.add_sequences([1, 2], [[1]]), ValueError, "1 prompts for 2"),
-    (lambda kv: kv.add_sequences([1, 2], [[1], [-2]]), ValueError, r"prompt 1: token_ids\[0\]"),
-    (lambda kv: kv.add_sequences([1], [[1]], [None, None]), ValueError, "extra_keys"),
-    (lambda kv: kv.add_sequences([1], np.array([[1]])), TypeError, "token_ids"),
-    (lambda kv: kv.add_sequences([-1], [[1]]), ValueError, "negative"),
+    (lambda kv: kv.add_sequences([1, 1], token_ids=[[1], [2]]), ValueError, "more than once"),
+    (lambda kv: kv.add_sequences([1, 0], token_ids=[[1], [2]]), ValueError, r"seq_ids\[1\] = 0 already exists"),
+    (lambda kv: kv.add_sequences([1, 2], token_ids=[[1]]), ValueError, "1 prompts for 2"),
+    (lambda kv: kv.add_sequences([1, 2], token_ids=[[1], [-2]]), ValueError, r"prompt 1: token_ids\[0\]"),
+    (lambda kv: kv.add_sequences([1], token_ids=[[1]], extra_keys=[None, None]), ValueError, "extra_keys"),
+    (lambda kv: kv.add_sequences([1], token_ids=np.array([[1]])), TypeError, "token_ids"),
+    (lambda kv: kv.add_sequences([-1], token_ids=[[1]]), ValueError, "negative"),
 ])
 def test_add_sequences_checks_everything_first(call, error, match):
     kv = caching(8, 4)

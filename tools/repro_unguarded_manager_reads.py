@@ -68,7 +68,7 @@ def from_another_thread(seconds=2.0):
             seq += 4
             prompts = [rng.integers(0, 50_000, size=int(rng.integers(20, 200))).astype(np.int32)
                        for _ in seqs]
-            kv.add_sequences(seqs, prompts, [keys] * len(seqs))
+            kv.add_sequences(seqs, token_ids=prompts, extra_keys=[keys] * len(seqs))
             states.append(json.dumps(counters(kv)))
             done[0] += 1
             kv.free_sequence(seqs)

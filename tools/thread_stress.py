@@ -1069,7 +1069,7 @@ def apply_caching_op(kv, op):
             return _result_digest(kv.add_sequence(op["seq"], token_ids=op["token_ids"],
                                                   extra_keys=op["keys"]))
         if kind == "add_sequences":
-            results = kv.add_sequences(op["seqs"], op["token_ids"], op["keys"])
+            results = kv.add_sequences(op["seqs"], token_ids=op["token_ids"], extra_keys=op["keys"])
             return ("admitted", len(results), tuple(_result_digest(r) for r in results))
         if kind == "append_tokens":
             return _result_digest(kv.append_tokens(op["seqs"], op["counts"], token_ids=op["token_ids"]))
@@ -1729,7 +1729,8 @@ def scenario_manager_caching_writers(seconds, seed, size="normal", hash_algorith
                         failures_inline.append(f"add_sequences admitted {len(results)} of {len(seqs)} "
                                                f"but holds more")
                 op = ("add_sequences", lambda: kv.add_sequences(
-                    seqs, [docs.prompt(d, n) for d, n in prompts], [docs.keys[d] for d, _ in prompts]),
+                    seqs, token_ids=[docs.prompt(d, n) for d, n in prompts],
+                    extra_keys=[docs.keys[d] for d, _ in prompts]),
                     seqs, mirror)
             elif choice < 0.55:
                 seqs = [int(s) for s in rng.choice(live, size=min(len(live), int(rng.integers(1, 100))),

@@ -33,7 +33,7 @@ from pagetable._registry cimport SequenceRegistry, SequenceSlot
 from pagetable._results cimport AppendResult, new_result
 from cpython.dict cimport PyDict_Next
 from cpython.ref cimport PyObject
-from pagetable._table cimport PageTable, wait_while_set
+from pagetable._table cimport PageTable, wait_while_set, _table_from_rows
 
 import json
 import operator
@@ -1248,7 +1248,7 @@ cdef class KVCacheManager(Persistent):
         """
         self._begin_write()
         try:
-            return self._append(self._append_plan_of(seq_ids, num_new_tokens, token_ids, num_lookahead))
+            return self._append_step(self._append_plan_of(seq_ids, num_new_tokens, token_ids, num_lookahead))
         finally:
             self._end_write()
 
@@ -1259,13 +1259,13 @@ cdef class KVCacheManager(Persistent):
         """
         return self._append_plan_of(seq_ids, num_new_tokens, token_ids, num_lookahead)
 
-    def _append_commit(self, _AppendPlan plan):
+    def _append(self, _AppendPlan plan):
         """Carry out a plan of ``_append_plan`` made since the last change."""
         if plan.manager is not self or plan.epoch != self._epoch:
             raise RuntimeError("the plan is stale: the manager changed since it was made")
         self._begin_write()
         try:
-            return self._append(plan)
+            return self._append_step(plan)
         finally:
             self._end_write()
 
@@ -1295,7 +1295,7 @@ cdef class KVCacheManager(Persistent):
             raise ValueError("token_ids is required when prefix caching is on")
         return plan
 
-    cdef object _append(self, _AppendPlan plan):
+    cdef object _append_step(self, _AppendPlan plan):
         cdef _StepPlan* step = &plan.step
         cdef Py_ssize_t i, n = step.n
         cdef const int32_t* slot_ids = step.slots
@@ -1773,10 +1773,6 @@ cdef class KVCacheManager(Persistent):
     # -- state ---------------------------------------------------------------------------
     def _state(self):
         """The manager's state dict: its table, its pool and each sequence's tokens."""
-        if self._attention != ATTENTION_FULL or self._group_idx:
-            raise NotImplementedError(
-                "saving, copying or pickling a sliding-window, chunked-local or grouped "
-                "KVCacheManager is not supported yet")
         cdef int64_t epoch, i, count
         cdef int attempt
         cdef int64_t* token_data
@@ -1794,8 +1790,13 @@ cdef class KVCacheManager(Persistent):
             refcount = empty(num_blocks, cnp.NPY_INT32)
             free_stack = empty(num_blocks, cnp.NPY_INT32)
             capture = None if self._cache is None else _CacheCapture(self)
+            # Chain tails by sequence id (bytes are immutable: taken by reference).
+            chains = {int(self._sequences.slots[slot].seq_id): tail
+                      for slot, tail in self._chains.items()} if self._chains else None
             if not self._read_current(epoch):
                 continue
+            if chains:
+                chains = {seq: tail.hex() for seq, tail in chains.items()}
             # From here on nothing can let another thread run.
             token_data = <int64_t*>cnp.PyArray_DATA(tokens)
             id_data = <const int64_t*>cnp.PyArray_DATA(seq_ids)
@@ -1815,8 +1816,11 @@ cdef class KVCacheManager(Persistent):
             state["refcount"] = refcount
             state["free_stack"] = free_stack[:num_free]
             state["tokens"] = tokens
+            state["attention"] = np.array([self._attention, self._span, self._group_idx], dtype=np.int64)
             if capture is not None:
                 (<_CacheCapture>capture).fill(self, state, free_stack[:num_free])
+                if chains:
+                    state["prefix_chains"] = np.array(json.dumps(chains))
             return state
         raise RuntimeError(_READ_KEPT_CHANGING)
 
@@ -1824,42 +1828,58 @@ cdef class KVCacheManager(Persistent):
     def _from_state(state):
         """A manager built from a state dict; ``CorruptStateError`` if it is not valid."""
         _state.check_kind(state, "KVCacheManager")
+        attention, span, group_idx = _state.attention_state(state)
         (block_size, num_blocks, seq_ids, lengths, blocks, tokens, refcount,
-         free_stack) = _state.manager_state(state)
+         free_stack) = _state.manager_state(state, attention != ATTENTION_FULL)
         cache_state = _state.prefix_state(state, num_blocks, block_size, free_stack.shape[0])
         lru = None
         if cache_state is not None:
             lru = free_stack[:cache_state["lru_count"]]
             free_stack = free_stack[cache_state["lru_count"]:]
-        table_state = _state.header("PageTable")
-        table_state.update(block_size=state["block_size"], seq_ids=seq_ids, lengths=lengths,
-                           blocks=blocks)
-        cdef PageTable table = PageTable._from_state(table_state)
+        cdef PageTable table = _table_from_rows(block_size, seq_ids, lengths, blocks)
         cdef BlockAllocator allocator = allocator_from_arrays(num_blocks, refcount, free_stack)
         cdef KVCacheManager manager
+        kinds = {"sliding_window": span} if attention == ATTENTION_WINDOW else (
+            {"attention_chunk": span} if attention == ATTENTION_CHUNK else {})
         if cache_state is None:
-            manager = KVCacheManager(num_blocks, block_size)
+            manager = KVCacheManager(num_blocks, block_size, group_idx=group_idx, **kinds)
         else:
             manager = KVCacheManager(
                 num_blocks, block_size, enable_prefix_caching=True,
                 hash_algorithm=cache_state["algorithm"], hash_seed=cache_state["seed"],
                 enable_kv_cache_events=cache_state["events"],
                 event_hash_format="int" if cache_state["int_hashes"] else "bytes",
-                medium=cache_state["medium"], data_parallel_rank=cache_state["dp_rank"])
-        cdef int64_t i, count = seq_ids.shape[0]
+                medium=cache_state["medium"], data_parallel_rank=cache_state["dp_rank"],
+                group_idx=group_idx, **kinds)
+        cdef int64_t i, k, count = seq_ids.shape[0], first = 0
+        cdef int32_t slot
         table.mark_owned(True)
         allocator.mark_owned(True)
         manager._table = table
         manager._allocator = allocator
         manager._sequences.reserve(count)
         for i in range(count):
-            manager._sequences.add(seq_ids[i], table.find_row(seq_ids[i]), <int32_t>tokens[i])
+            slot = manager._sequences.add(seq_ids[i], table.find_row(seq_ids[i]), <int32_t>tokens[i])
+            # A windowed row's released entries lead it; they are where ``live`` starts.
+            k = 0
+            while k < lengths[i] and blocks[first + k] == PAD:
+                k += 1
+            manager._sequences.slots[slot].live = <int32_t>k
+            first += lengths[i]
         if cache_state is not None:
             manager._restore_cache(cache_state, lru)
+            for seq, tail in _state.chains_state(state, manager._cache.digest_size).items():
+                slot = manager._sequences.find(seq)
+                if slot < 0:
+                    raise _state.CorruptStateError(f"a chain tail is saved for sequence {seq}, which is not held")
+                manager._chains[slot] = tail
+        elif "prefix_chains" in state:
+            raise _state.CorruptStateError("chain tails are saved without a prefix cache")
+        if cache_state is not None or attention != ATTENTION_FULL:
             try:
                 manager.check()
             except AssertionError as error:
-                raise _state.CorruptStateError(f"the prefix cache is inconsistent: {error}") from None
+                raise _state.CorruptStateError(f"the saved manager is inconsistent: {error}") from None
         return manager
 
     cdef _restore_cache(self, dict saved, lru):

@@ -54,9 +54,12 @@ _MEMBERS = {
     "prefix_lru_count": "iu", "prefix_algorithm": "U", "prefix_seed": "U",
     "prefix_medium": "U", "prefix_options": "iu", "prefix_hashes": "u",
     "prefix_parents": "u", "prefix_known": "u", "prefix_tokens": "iu", "prefix_cached": "u",
-    "prefix_stats": "iu", "prefix_extra": "U",
+    "prefix_stats": "iu", "prefix_extra": "U", "prefix_chains": "U",
+    # a KVCacheManager's attention kind: (kind, window or chunk, group index)
+    "attention": "iu",
 }
-_PREFIX_MEMBERS = [key for key in _MEMBERS if key.startswith("prefix_")]
+# prefix_chains is optional: only a windowed manager has chain tails to keep.
+_PREFIX_MEMBERS = [key for key in _MEMBERS if key.startswith("prefix_") and key != "prefix_chains"]
 _HEADER_LIMIT = 10000  # bytes of a .npy header, numpy's own default bound
 
 PathOrFile = Union[str, "os.PathLike[str]", IO[bytes]]
@@ -249,12 +252,16 @@ def _vector(state: object, key: str, low: int, high: int, dtype: type = np.int64
     return np.array(value, dtype=dtype, order="C", copy=True)
 
 
-def table_state(state: object) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
-    """Validated ``(block_size, seq_ids, lengths, blocks)`` of a table's state."""
+def table_state(state: object, allow_pad: bool = False) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """Validated ``(block_size, seq_ids, lengths, blocks)`` of a table's state.
+
+    ``allow_pad``: entries may be ``PAD_SLOT_ID`` (-1), the released blocks of a
+    windowed manager (only its own state may hold them).
+    """
     block_size = _scalar(state, "block_size", 1, INT32_MAX)
     seq_ids = _vector(state, "seq_ids", 0, INT64_MAX)
     lengths = _vector(state, "lengths", 0, INT32_MAX)
-    blocks = _vector(state, "blocks", 0, INT32_MAX, np.int32)
+    blocks = _vector(state, "blocks", -1 if allow_pad else 0, INT32_MAX, np.int32)
     if seq_ids.shape[0] > MAX_SEQUENCES:
         raise CorruptStateError(f"{seq_ids.shape[0]} sequences; a PageTable holds at most 2**30")
     if lengths.shape != seq_ids.shape:
@@ -295,12 +302,41 @@ def allocator_state(state: object) -> tuple[int, np.ndarray, np.ndarray]:
     return num_blocks, refcount, free_stack
 
 
-def manager_state(state: object) -> tuple[int, int, np.ndarray, np.ndarray, np.ndarray,
-                                          np.ndarray, np.ndarray, np.ndarray]:
+def attention_state(state: object) -> tuple[int, int, int]:
+    """Validated ``(kind, span, group_idx)`` of a manager's state; full attention,
+    group 0 for state saved before windows existed.  Kinds: 0 full, 1 sliding
+    window, 2 chunked local."""
+    if not isinstance(state, dict) or "attention" not in state:
+        return 0, 0, 0
+    value = _vector(state, "attention", 0, INT32_MAX)
+    if value.shape[0] != 3 or value[0] > 2 or (value[0] == 0) != (value[1] == 0):
+        raise CorruptStateError(f"state['attention'] = {value.tolist()} is not valid")
+    return int(value[0]), int(value[1]), int(value[2])
+
+
+def chains_state(state: object, digest: int) -> dict[int, bytes]:
+    """A windowed caching manager's chain tails: sequence id -> digest."""
+    if not isinstance(state, dict) or "prefix_chains" not in state:
+        return {}
+    try:
+        saved = json.loads(_string(state, "prefix_chains"))
+        chains = {int(seq): bytes.fromhex(tail) for seq, tail in saved.items()}
+    except CorruptStateError:
+        raise
+    except (ValueError, TypeError, AttributeError) as error:
+        raise CorruptStateError(f"state['prefix_chains'] is not valid: {error}") from None
+    if any(len(tail) != digest for tail in chains.values()):
+        raise CorruptStateError(f"state['prefix_chains'] holds a digest that is not {digest} bytes")
+    return chains
+
+
+def manager_state(state: object, allow_pad: bool = False) -> tuple[int, int, np.ndarray, np.ndarray,
+                                                                   np.ndarray, np.ndarray, np.ndarray,
+                                                                   np.ndarray]:
     """Validated ``(block_size, num_blocks, seq_ids, lengths, blocks, tokens, refcount,
     free_stack)`` of a manager's state: the table and the allocator each valid, and
     consistent with each other."""
-    block_size, seq_ids, lengths, blocks = table_state(state)
+    block_size, seq_ids, lengths, blocks = table_state(state, allow_pad)
     num_blocks, refcount, free_stack = allocator_state(state)
     if num_blocks * block_size > INT32_MAX:
         raise CorruptStateError(
@@ -319,7 +355,7 @@ def manager_state(state: object) -> tuple[int, int, np.ndarray, np.ndarray, np.n
     if blocks.size and int(blocks.max()) >= num_blocks:
         raise CorruptStateError(
             f"the table names block {int(blocks.max())}, outside the pool of {num_blocks}")
-    references = np.bincount(blocks, minlength=num_blocks)
+    references = np.bincount(blocks[blocks >= 0], minlength=num_blocks)
     wrong = np.flatnonzero(references != refcount)
     if wrong.size:
         block = int(wrong[0])

@@ -144,3 +144,7 @@ cdef class PageTable(Guarded):
     cpdef append_block(self, sequence_id, block_id)
     cpdef get_block_for_position(self, sequence_id, token_pos)
     cpdef Py_ssize_t num_sequences(self)
+
+
+# A new table holding validated rows (``_state.table_state``) in insertion order.
+cdef PageTable _table_from_rows(int64_t block_size, object seq_ids, object lengths, object blocks)

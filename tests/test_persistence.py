@@ -423,3 +423,58 @@ def test_empty_sequences_and_insertion_order_survive():
     assert pt.get_sequence_blocks(3).tolist() == [7, 8]
     same_table(pt, pickle.loads(pickle.dumps(pt)))
     pt._check_invariants()
+
+
+# ------------------------------------------------ windowed managers (docs/HYBRID.md)
+
+def _windowed(caching, **kind):
+    kv = KVCacheManager(40, 2, enable_prefix_caching=caching, group_idx=2, **kind)
+    tokens = list(range(11))
+    kv.add_sequence(0, token_ids=tokens if caching else None, num_tokens=None if caching else 11)
+    for t in range(7):
+        kv.append_tokens([0], token_ids=[100 + t] if caching else None)
+    kv.fork(0, 1)
+    kv.append_tokens([1], 1, token_ids=[7] if caching else None, num_lookahead=3)
+    kv.check()
+    return kv
+
+
+@pytest.mark.parametrize("caching", [False, True])
+@pytest.mark.parametrize("kind", [{"sliding_window": 5}, {"attention_chunk": 4}])
+def test_windowed_manager_round_trips(tmp_path, caching, kind):
+    kv = _windowed(caching, **kind)
+    assert (kv.block_table([0])[0] == pagetable.PAD_SLOT_ID).any()    # something was released
+    def load(kv):
+        kv.save(tmp_path / "kv.npz")
+        return pagetable.load(tmp_path / "kv.npz")
+
+    for rebuild in (load, lambda kv: pickle.loads(pickle.dumps(kv)), copy.deepcopy):
+        other = rebuild(kv)
+        other.check()
+        assert other == kv
+        np.testing.assert_array_equal(other.block_table([0, 1]), kv.block_table([0, 1]))
+        # The window, the live entries and the chain tails came back: the next steps agree.
+        ids = [50, 51] if caching else None
+        assert other.append_tokens([0, 1], token_ids=ids) == kv.append_tokens([0, 1], token_ids=ids)
+        assert other == kv
+        kv = other
+
+
+def test_windowed_state_with_a_pad_in_the_middle_is_refused():
+    state = _windowed(False, sliding_window=5)._state()
+    blocks = state["blocks"].copy()
+    held = np.flatnonzero(blocks >= 0)
+    blocks[held[-1]] = -1
+    state["blocks"] = blocks
+    state["refcount"] = state["refcount"].copy()
+    with pytest.raises(CorruptStateError):
+        KVCacheManager._from_state(state)
+
+
+def test_a_full_attention_state_may_not_hold_pad_entries():
+    kv = KVCacheManager(8, 2)
+    kv.add_sequence(0, 4)
+    state = kv._state()
+    state["blocks"] = np.array([-1, 1], dtype=np.int32)
+    with pytest.raises(CorruptStateError, match="outside"):
+        KVCacheManager._from_state(state)

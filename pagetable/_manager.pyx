@@ -135,6 +135,7 @@ cdef class _AppendPlan:
     cdef _StepPlan step
     cdef object inputs          # the arrays ``step`` points into
     cdef object ids             # int32 token ids, or None
+    cdef object ids64           # the checked int64 sequence ids
     cdef object manager
     cdef int64_t epoch
 
@@ -612,13 +613,38 @@ cdef class KVCacheManager(Persistent):
         scalar[0] = count
         return None
 
-    cdef object _plan_step(self, seq_ids, num_new_tokens, _StepPlan* plan, num_lookahead=0):
+    cdef object _slots_like(self, ids, slots):
+        """The slots of ``ids`` given another manager's slots for them (``None``: none).
+
+        A coordinator keeps its groups' registries in lockstep (the same calls in the
+        same order), so one group's slots serve every group; each is confirmed against
+        this registry's record (a load, not a hash lookup), and any mismatch falls back
+        to the lookup.  ``ids`` were checked distinct by the manager that gave ``slots``.
+        """
+        if slots is None:
+            return self._slots(ids, True)
+        cdef Py_ssize_t i, n = cnp.PyArray_DIM(ids, 0)
+        cdef const int64_t* id_data = <const int64_t*>cnp.PyArray_DATA(ids)
+        cdef const int32_t* slot_data = <const int32_t*>cnp.PyArray_DATA(slots)
+        cdef int32_t used = self._sequences.slots_used()
+        if cnp.PyArray_DIM(slots, 0) != n:
+            return self._slots(ids, True)
+        for i in range(n):
+            if not 0 <= slot_data[i] < used or self._sequences.slots[slot_data[i]].seq_id != id_data[i]:
+                return self._slots(ids, True)
+        return slots
+
+    cdef object _plan_step(self, seq_ids, num_new_tokens, _StepPlan* plan, num_lookahead=0,
+                           like_ids=None, like_slots=None):
         """Check the arguments of a step and plan it into ``plan`` (nothing changes).
 
         Returns the arrays ``plan`` points into; the caller keeps them while it uses
         the plan.  A scalar count lives in ``plan.scalar`` and is read with stride 0.
+        ``like_ids`` / ``like_slots``: another group's checked ids and slots for the
+        same call (see ``_slots_like``).
         """
-        slots = self._slots(seq_ids, True)
+        ids = _int64_vector(seq_ids, "seq_ids") if like_ids is None else like_ids
+        slots = self._slots(ids, True) if like_ids is None else self._slots_like(like_ids, like_slots)
         plan.n = cnp.PyArray_DIM(slots, 0)
         plan.slots = <const int32_t*>cnp.PyArray_DATA(slots)
         plan.scalar = 0
@@ -636,7 +662,7 @@ cdef class KVCacheManager(Persistent):
         plan.num_slots = 0
         plan.freed = 0
         plan.need = self._plan(plan)
-        return slots, counts
+        return slots, counts, ids
 
     cdef int64_t _plan(self, _StepPlan* plan) noexcept:
         """Blocks a growth call needs (new blocks plus copy-on-write copies).
@@ -663,12 +689,16 @@ cdef class KVCacheManager(Persistent):
         cdef int32_t* pending = &self._pending[0]
         cdef const SequenceSlot* records = self._sequences.slots
         cdef bint windowed = self._attention != ATTENTION_FULL
+        cdef bint releasing = False
         if windowed:
             for i in range(n):
                 if counts[i * count_stride] == 0 and lookahead == 0:
                     continue
-                data = self._table.row_blocks(records[slots[i]].row)
                 end = self._released_to(records[slots[i]].tokens)
+                if end <= records[slots[i]].live:
+                    continue        # most steps: nothing left the window (the row is not read)
+                releasing = True
+                data = self._table.row_blocks(records[slots[i]].row)
                 for k in range(records[slots[i]].live, end):
                     if refcount[data[k]] - pending[data[k]] == 1:
                         freed += 1
@@ -699,17 +729,17 @@ cdef class KVCacheManager(Persistent):
                 add = self._blocks_needed(tokens + count + lookahead) - length
             if add > 0:
                 need = _saturating_add(need, add)
-        if copies or windowed:
+        if copies or releasing:
             for i in range(n):
                 if counts[i * count_stride] == 0 and lookahead == 0:
                     continue
                 row = records[slots[i]].row
                 data = self._table.row_blocks(row)
-                if windowed:
+                if releasing:
                     for k in range(records[slots[i]].live, self._released_to(records[slots[i]].tokens)):
                         pending[data[k]] = 0
                 k = block_index(&self._geometry, records[slots[i]].tokens)
-                if k < self._table.row_length(row):
+                if copies and k < self._table.row_length(row):
                     pending[data[k]] = 0
         plan.num_copies = copies
         plan.num_slots = slot_count
@@ -1252,12 +1282,16 @@ cdef class KVCacheManager(Persistent):
         finally:
             self._end_write()
 
-    def _append_plan(self, seq_ids, num_new_tokens=1, token_ids=None, num_lookahead=0):
+    def _append_plan(self, seq_ids, num_new_tokens=1, token_ids=None, num_lookahead=0, like=None):
         """Check and plan an ``append_tokens`` call; change nothing (a coordinator hook).
 
         The plan (``need``, ``available``) is valid until the manager next changes.
+        ``like``: the plan another group made for the same arguments, whose checked ids
+        and registry slots this one reuses (confirmed, see ``_slots_like``).
         """
-        return self._append_plan_of(seq_ids, num_new_tokens, token_ids, num_lookahead)
+        if like is not None and not isinstance(like, _AppendPlan):
+            raise TypeError("like must be a plan of _append_plan")
+        return self._append_plan_of(seq_ids, num_new_tokens, token_ids, num_lookahead, like)
 
     def _append(self, _AppendPlan plan):
         """Carry out a plan of ``_append_plan`` made since the last change."""
@@ -1269,9 +1303,15 @@ cdef class KVCacheManager(Persistent):
         finally:
             self._end_write()
 
-    cdef _AppendPlan _append_plan_of(self, seq_ids, num_new_tokens, token_ids, num_lookahead):
+    cdef _AppendPlan _append_plan_of(self, seq_ids, num_new_tokens, token_ids, num_lookahead,
+                                     _AppendPlan like=None):
         cdef _AppendPlan plan = _AppendPlan.__new__(_AppendPlan)
-        plan.inputs = self._plan_step(seq_ids, num_new_tokens, &plan.step, num_lookahead)
+        if like is None:
+            plan.inputs = self._plan_step(seq_ids, num_new_tokens, &plan.step, num_lookahead)
+        else:
+            plan.inputs = self._plan_step(seq_ids, num_new_tokens, &plan.step, num_lookahead,
+                                          like.ids64, like.inputs[0])
+        plan.ids64 = plan.inputs[2]
         cdef Py_ssize_t i, n = plan.step.n
         cdef int64_t added = 0
         plan.manager = self
@@ -1353,7 +1393,8 @@ cdef class KVCacheManager(Persistent):
         if windowed:
             # Releases first, so that the blocks they free can serve this call.
             for i in range(n):
-                if counts[i * stride] or K:
+                if ((counts[i * stride] or K)
+                        and self._released_to(records[slot_ids[i]].tokens) > records[slot_ids[i]].live):
                     self._release_window(slot_ids[i])
         self._allocator.take(need, fresh_data)
         if cache is not None:

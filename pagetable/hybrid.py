@@ -115,6 +115,11 @@ class HybridResult(tuple):  # type: ignore[type-arg]
             return NotImplemented
         return tuple.__eq__(self, other) and self.num_cached_tokens == other.num_cached_tokens
 
+    def __ne__(self, other: object) -> bool:
+        # tuple defines its own __ne__, which would ignore num_cached_tokens.
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
+
     __hash__ = None  # type: ignore[assignment]
 
     def __reduce__(self) -> tuple[Any, ...]:

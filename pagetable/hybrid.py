@@ -22,7 +22,7 @@ import copy
 import math
 import threading
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -95,38 +95,40 @@ class KVCacheGroupSpec:
         return "full"
 
 
-class HybridResult(tuple):  # type: ignore[type-arg]
+class HybridResult:
     """What a growth call gives: one :class:`pagetable.AppendResult` per group, in group
     order, plus the tokens every group found cached.
 
-    A tuple (index it by group, unpack it), with one attribute more:
-    ``num_cached_tokens``, the prefix hit common to every group (0 for an append).
+    Index it by group, iterate or unpack it (``full, window = result``); ``results``
+    is the tuple itself and ``num_cached_tokens`` the prefix hit common to every group
+    (0 for an append).  Compares with ``==``, pickles, unhashable.
     """
 
-    num_cached_tokens: int
+    def __init__(self, results: Sequence[AppendResult], num_cached_tokens: int = 0) -> None:
+        self.results: tuple[AppendResult, ...] = tuple(results)
+        self.num_cached_tokens: int = int(num_cached_tokens)
 
-    def __new__(cls, results: Sequence[AppendResult], num_cached_tokens: int = 0) -> HybridResult:
-        self = super().__new__(cls, results)
-        self.num_cached_tokens = int(num_cached_tokens)
-        return self
+    def __len__(self) -> int:
+        return len(self.results)
+
+    def __getitem__(self, group: int) -> AppendResult:
+        return self.results[group]
+
+    def __iter__(self) -> Iterator[AppendResult]:
+        return iter(self.results)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, HybridResult):
             return NotImplemented
-        return tuple.__eq__(self, other) and self.num_cached_tokens == other.num_cached_tokens
-
-    def __ne__(self, other: object) -> bool:
-        # tuple defines its own __ne__, which would ignore num_cached_tokens.
-        equal = self.__eq__(other)
-        return equal if equal is NotImplemented else not equal
+        return self.results == other.results and self.num_cached_tokens == other.num_cached_tokens
 
     __hash__ = None  # type: ignore[assignment]
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (HybridResult, (tuple(self), self.num_cached_tokens))
+        return (HybridResult, (self.results, self.num_cached_tokens))
 
     def __repr__(self) -> str:
-        return f"HybridResult({list(self)!r}, num_cached_tokens={self.num_cached_tokens})"
+        return f"HybridResult({list(self.results)!r}, num_cached_tokens={self.num_cached_tokens})"
 
 
 class HybridAdmission(NamedTuple):

@@ -497,7 +497,7 @@ def simulate(args: argparse.Namespace) -> dict[str, Any]:
             raise AssertionError(f"leak: {manager.num_blocks - manager.num_free_blocks} blocks not returned")
 
     cache: dict[str, Any] = {"first_admissions": first_admissions, "first_hits": first_hits}
-    group_stats = table.query("prefix_cache_stats") if hybrid else None
+    group_stats: tuple[Any, ...] = table.query("prefix_cache_stats") if hybrid else ()
     if caching:
         stats, cached_blocks = table.query("prefix_cache_stats"), table.query("num_cached_blocks")
         cache["stats"] = _cache_stats(stats[0] if hybrid else stats)
@@ -871,7 +871,7 @@ def _token_ids_asked(args: argparse.Namespace) -> float:
 
 def _features_missing(args: argparse.Namespace) -> str | None:
     """What the options need that this build's managers lack (docs/HYBRID.md), or None."""
-    managers = [("KVCacheManager", KVCacheManager)]
+    managers: list[tuple[str, Any]] = [("KVCacheManager", KVCacheManager)]
     if not args.no_reference:
         managers.append(("reference model", ReferenceKVCacheManager))
     for name, manager in managers:
@@ -881,7 +881,9 @@ def _features_missing(args: argparse.Namespace) -> str | None:
             return f"--spec-decode: this build's {name} has no rollback (docs/HYBRID.md)"
         if args.kernel_block_size is not None:
             try:
-                manager(1, args.block_size).block_table([], kernel_block_size=args.kernel_block_size)
+                # Called by keyword on whatever this build has: TypeError if it has none.
+                export: Any = manager(1, args.block_size).block_table
+                export([], kernel_block_size=args.kernel_block_size)
             except TypeError:
                 return f"--kernel-block-size: this build's {name} exports no kernel blocks (docs/HYBRID.md)"
             except (ValueError, OverflowError):

@@ -18,6 +18,7 @@ from pagetable._allocator import BlockAllocator
 from pagetable._results import AppendResult, OutOfBlocksError
 from pagetable._manager import KVCacheManager
 from pagetable._state import CorruptStateError, load
+from pagetable.hybrid import HybridKVCacheManager, HybridResult, KVCacheGroupSpec
 
 from pagetable._version import __version__
 
@@ -29,6 +30,9 @@ __all__ = [
     "KVCacheManager",
     "OutOfBlocksError",
     "AppendResult",
+    "HybridKVCacheManager",
+    "KVCacheGroupSpec",
+    "HybridResult",
     "CorruptStateError",
     "load",
     "__version__",

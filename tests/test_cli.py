@@ -435,3 +435,69 @@ def test_random_token_ids_share_nothing(tmp_path):
     cache = json.loads(out.read_text())["prefix_cache"]
     assert cache["enabled"] and cache["requests"] > 0
     assert cache["hit_rate"] == 0.0 and cache["best_hit_rate"] == 0.0 and cache["manager_stats"]["hits"] == 0
+
+
+# --model hybrid, --spec-decode, --kernel-block-size (docs/HYBRID.md)
+def _has_group_hooks(manager_class):
+    return all(hasattr(manager_class, hook) for hook in ("_hit_mask", "_admission_plan", "_append_plan",
+                                                         "_truncate_check", "rollback"))
+
+
+def _cython_has_group_hooks():
+    from pagetable import KVCacheManager
+    return _has_group_hooks(KVCacheManager)
+
+
+def _reference_has_group_hooks():
+    from pagetable.reference import ReferenceKVCacheManager
+    return _has_group_hooks(ReferenceKVCacheManager)
+
+
+HYBRID_RUN = ["simulate", "--model", "hybrid", "--window", "64", "--workload", "shared-prefix",
+              "--prefix-caching", "--steps", "40", "--rate", "2", "--spec-decode", "2", "--accept-rate", "0.5",
+              "--quiet"]
+
+
+def _check_hybrid_figures(printed, figures):
+    assert figures["checked_equal"] and "results checked equal every step" in printed
+    hybrid, spec = figures["hybrid"], figures["spec_decode"]
+    per = hybrid["blocks_per_request"]
+    # A 64-token window holds at most ceil(63 / 16) + 2 blocks per sequence, plus drafts.
+    assert 0 < per["window"] < per["full"]
+    assert hybrid["memory_vs_all_full"] < 1 and hybrid["blocks_released_by_window"] > 0
+    assert hybrid["prefix_hit_rate"]["full"] == hybrid["prefix_hit_rate"]["window"] > 0
+    assert spec["draft_slots"] == spec["rolled_back"] + spec["accepted"] > 0
+    assert "layer-blocks" in printed and "rolled back" in printed
+
+
+@pytest.mark.skipif(not _cython_has_group_hooks(), reason="Cython manager lacks the group hooks")
+def test_hybrid_simulation_is_checked_against_the_reference_every_step(tmp_path):
+    out = tmp_path / "figures.json"
+    result = run_cli([*HYBRID_RUN, "--json", str(out)], tmp_path)
+    assert result.returncode == 0, result.stderr
+    _check_hybrid_figures(result.stdout, json.loads(out.read_text()))
+
+
+@pytest.mark.skipif(not _reference_has_group_hooks(), reason="reference manager lacks the group hooks")
+def test_hybrid_simulation_reference_over_reference(tmp_path, monkeypatch, capsys):
+    # The simulation's own logic, with the reference standing in for the Cython manager.
+    from pagetable.cli import simulate
+    from pagetable.reference import ReferenceKVCacheManager
+
+    monkeypatch.setattr(simulate, "KVCacheManager", ReferenceKVCacheManager)
+    out = tmp_path / "figures.json"
+    assert main([*HYBRID_RUN, "--json", str(out)]) == 0
+    _check_hybrid_figures(capsys.readouterr().out, json.loads(out.read_text()))
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--window", "64"], "--window needs --model hybrid"),
+    (["--window-ratio", "3"], "--window-ratio needs --model hybrid"),
+    (["--accept-rate", "0.5"], "--accept-rate needs --spec-decode"),
+    (["--kernel-block-size", "3"], "must divide --block-size"),
+    (["--spec-decode", "-1"], "--spec-decode"),
+    (["--spec-decode", "2", "--accept-rate", "0"], "--accept-rate"),
+    (["--model", "mixed"], "--model"),
+])
+def test_hybrid_and_speculative_options_are_refused_before_any_work(tmp_path, args, says):
+    assert says in assert_refused(run_cli(["simulate", *args], tmp_path))

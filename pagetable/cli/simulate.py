@@ -34,6 +34,15 @@ Each step, as an engine would:
 
 "Table work" is the time spent inside manager calls (steps 1-4), nothing else.
 
+``--model hybrid`` runs :class:`pagetable.HybridKVCacheManager` instead, over two
+KV-cache groups (full attention, and a ``--window``-token sliding window standing for
+``--window-ratio`` layers per full layer), beside the reference hybrid; the summary
+adds each group's blocks per request against an all-full-attention model, the blocks
+the window released and each group's hit rate.  ``--spec-decode K`` makes each decode
+step append ``1 + K`` tokens (one plus ``K`` drafts) and roll back the rejected drafts
+(accepted drafts drawn, seeded, with ``--accept-rate``).  ``--kernel-block-size``
+exports the block tables in kernel blocks.
+
 A pool too small for the load thrashes: requests are preempted over and over and few
 finish.  The summary says so in a ``warning:`` line, since its figures then describe
 recomputation rather than serving.
@@ -52,10 +61,10 @@ from typing import Any
 
 import numpy as np
 
-from pagetable import KVCacheManager, OutOfBlocksError
-from pagetable.reference import ReferenceKVCacheManager
+from pagetable import HybridKVCacheManager, HybridResult, KVCacheManager, OutOfBlocksError
+from pagetable.reference import ReferenceHybridKVCacheManager, ReferenceKVCacheManager
 
-from . import _options, workloads
+from . import _hybrid, _options, workloads
 from ._best_hits import best_hits
 from ._progress import Progress
 
@@ -193,14 +202,33 @@ def _cache_stats(stats: Any) -> dict[str, int]:
     return {k: int(getattr(stats, k)) for k in ("requests", "queries", "hits", "evictions")}
 
 
-def _managers(args: argparse.Namespace) -> tuple[KVCacheManager, ReferenceKVCacheManager | None]:
-    """The manager under test and its reference, with or without prefix caching."""
+def _managers(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The manager under test and its reference, with or without prefix caching (with
+    ``--model hybrid``: the hybrid coordinator over each)."""
     options: dict[str, Any] = {}
     if args.prefix_caching:
         options = {"enable_prefix_caching": True, "hash_algorithm": args.hash_algorithm}
+    if args.model == "hybrid":
+        groups = _hybrid.group_specs(args)
+        hybrid = HybridKVCacheManager(groups, manager_class=KVCacheManager, **options)
+        return hybrid, None if args.no_reference else ReferenceHybridKVCacheManager(groups, **options)
     fast = KVCacheManager(args.num_blocks, args.block_size, **options)
     reference = None if args.no_reference else ReferenceKVCacheManager(args.num_blocks, args.block_size, **options)
     return fast, reference
+
+
+def _fewest(value: Any) -> int:
+    """Free blocks: a hybrid's is one count per group, and admission needs every group."""
+    return min(value) if isinstance(value, tuple) else int(value)
+
+
+def _slots(result: Any) -> np.ndarray:
+    """The slots of the new tokens; a hybrid's, those of the full-attention group."""
+    return result[0].slots if isinstance(result, HybridResult) else result.slots
+
+
+def _copies(result: Any) -> int:
+    return sum(len(r.copy_src) for r in result) if isinstance(result, HybridResult) else len(result.copy_src)
 
 
 def simulate(args: argparse.Namespace) -> dict[str, Any]:
@@ -211,6 +239,16 @@ def simulate(args: argparse.Namespace) -> dict[str, Any]:
     caching = args.prefix_caching
     fast, reference = _managers(args)
     table = TableWork(fast, reference)
+    hybrid = args.model == "hybrid"
+    # The full-attention group stands for the whole model in the single-manager figures.
+    main_manager = fast.managers[0] if hybrid else fast
+    account = _hybrid.HybridAccount(len(fast.groups)) if hybrid else None
+    kernel: dict[str, Any] = {} if args.kernel_block_size is None else {"kernel_block_size": args.kernel_block_size}
+    kernel_per_block = 1 if args.kernel_block_size is None else block_size // args.kernel_block_size
+    drafts = args.spec_decode
+    draft_rng = np.random.default_rng([args.seed, 7])
+    spec = {"drafts": drafts, "accept_rate": args.accept_rate, "draft_slots": 0, "rolled_back": 0, "accepted": 0}
+    committed: dict[int, int] = {}      # seq id -> tokens its last decode step committed
     watermark = max(1, args.num_blocks // 100)
 
     # Not yet arrived, by (arrival step, request id); later turns join once released.
@@ -257,7 +295,7 @@ def simulate(args: argparse.Namespace) -> dict[str, Any]:
         """Prefill a request's samples; None (and nothing changed) if the pool is short."""
         nonlocal next_seq, num_running_seqs, first_hits
         samples = [i for i, s in enumerate(request.seq_ids) if s != -2]
-        room = table.query("num_free_blocks") - watermark
+        room = _fewest(table.query("num_free_blocks")) - watermark
         need = -(-request.prompt_len // block_size) + len(samples)
         if room < need:
             if not caching:
@@ -278,7 +316,7 @@ def simulate(args: argparse.Namespace) -> dict[str, Any]:
         except OutOfBlocksError:
             return None
         next_seq += len(samples)
-        slots = [added.slots]
+        slots = [_slots(added)]
         for child in ids[1:]:
             table("fork", ids[0], child)
         progress_made = [request.generated[i] for i in samples]
@@ -292,8 +330,8 @@ def simulate(args: argparse.Namespace) -> dict[str, Any]:
                 result = table("append_tokens", ids, progress_made, token_ids=generated)
             else:
                 result = table("append_tokens", ids, progress_made)
-            slots.append(result.slots)
-            totals["copies"] += len(result.copy_src)
+            slots.append(_slots(result))
+            totals["copies"] += _copies(result)
             totals["recomputed_tokens"] += sum(progress_made)
         cached = int(added.num_cached_tokens) if caching else 0
         totals["cached_tokens"] += cached
@@ -325,22 +363,41 @@ def simulate(args: argparse.Namespace) -> dict[str, Any]:
 
         # 1. Decode: one token for every running sequence.  append_tokens is
         # all-or-nothing, so the scheduler tries it and preempts while the pool is short.
+        # With --spec-decode K each sequence appends 1 + K tokens, K of them drafts.
         decode_slots = []
+        committed.clear()
         while running:
             decode_ids = np.array([s for r in running for s in r.seq_ids if s >= 0], dtype=np.int64)
             try:
                 if caching:
-                    decoded = np.array([r.output_ids[i][r.generated[i]] for r in running  # type: ignore[index]
-                                        for i, s in enumerate(r.seq_ids) if s >= 0], dtype=np.int64)
-                    result = table("append_tokens", decode_ids, 1, token_ids=decoded)
+                    decoded = np.array([t for r in running for i, s in enumerate(r.seq_ids) if s >= 0
+                                        for t in _draft(r.output_ids[i], r.generated[i], 1 + drafts)],  # type: ignore[index]
+                                       dtype=np.int64)
+                    result = table("append_tokens", decode_ids, 1 + drafts, token_ids=decoded)
                 else:
-                    result = table("append_tokens", decode_ids, 1)
+                    result = table("append_tokens", decode_ids, 1 + drafts)
             except OutOfBlocksError:
                 preempt(running[-1])
                 continue
-            decode_slots.append(result.slots)
-            totals["copies"] += len(result.copy_src)
-            totals["decode_tokens"] += len(decode_ids)
+            decode_slots.append(_slots(result))
+            totals["copies"] += _copies(result)
+            if drafts:
+                # The verifier keeps the accepted drafts (never past the output's end) and
+                # the rejected ones are rolled back.
+                remaining = np.array([r.output_lens[i] - r.generated[i] for r in running
+                                      for i, s in enumerate(r.seq_ids) if s >= 0], dtype=np.int64)
+                accepted = _hybrid.accepted_drafts(draft_rng, len(decode_ids), drafts, args.accept_rate)
+                kept = np.minimum(1 + accepted, remaining)
+                rejected = 1 + drafts - kept
+                if rejected.any():
+                    table("rollback", decode_ids, rejected)
+                spec["draft_slots"] += drafts * len(decode_ids)
+                spec["rolled_back"] += int(rejected.sum())
+                spec["accepted"] += int((kept - 1).sum())
+                committed.update(zip(decode_ids.tolist(), kept.tolist()))
+                totals["decode_tokens"] += int(kept.sum())
+            else:
+                totals["decode_tokens"] += len(decode_ids)
             break
         else:
             decode_ids = np.empty(0, dtype=np.int64)
@@ -370,7 +427,12 @@ def simulate(args: argparse.Namespace) -> dict[str, Any]:
             start = time.perf_counter_ns()
             slot_mapping = np.concatenate(step_slots) if step_slots else np.empty(0, np.int64)
             table.fast_ns += time.perf_counter_ns() - start
-            table("block_table", batch)
+            if hybrid:
+                tables = [table("block_table", batch, group=g, **kernel) for g in range(len(fast.groups))]
+                assert account is not None
+                account.window_table(batch, tables[1], kernel_per_block)
+            else:
+                table("block_table", batch, **kernel)
             table("seq_lens", batch)
             if reference is not None:
                 start = time.perf_counter_ns()
@@ -383,7 +445,7 @@ def simulate(args: argparse.Namespace) -> dict[str, Any]:
         finished = []
         for seq in decode_ids.tolist():
             request, sample = owner[seq]
-            request.generated[sample] += 1
+            request.generated[sample] += committed.get(seq, 1)
             if request.generated[sample] >= request.output_lens[sample]:
                 finished.append(seq)
                 request.seq_ids[sample] = -2
@@ -398,6 +460,8 @@ def simulate(args: argparse.Namespace) -> dict[str, Any]:
         if finished:
             table("free_sequence", np.array(finished, dtype=np.int64))
             num_running_seqs -= len(finished)
+            if account is not None:
+                account.forget(finished)
         if caching:
             table.query("prefix_cache_stats")
             table.query("num_cached_blocks")
@@ -405,9 +469,11 @@ def simulate(args: argparse.Namespace) -> dict[str, Any]:
         per_step_fast[step] = table.fast_ns / 1e3
         per_step_reference[step] = table.reference_ns / 1e3
         running_seqs[step] = num_running_seqs
-        used_blocks[step] = fast.num_blocks - fast.num_free_blocks
+        used_blocks[step] = main_manager.num_blocks - main_manager.num_free_blocks
+        if account is not None:
+            account.step([m.num_blocks - m.num_free_blocks for m in fast.managers], len(running))
         if step % sample_every == 0 and num_running_seqs:
-            stored, allocated, saved, mean_length = _memory(fast, [s for r in running for s in live_ids(r)])
+            stored, allocated, saved, mean_length = _memory(main_manager, [s for r in running for s in live_ids(r)])
             utilisation_steps.append(step)
             utilisation.append(stored / allocated if allocated else 1.0)
             shared_saved.append(saved)
@@ -426,18 +492,33 @@ def simulate(args: argparse.Namespace) -> dict[str, Any]:
     fast.check()
     if reference is not None:
         reference.check()
-    if fast.num_free_blocks != fast.num_blocks:
-        raise AssertionError(f"leak: {fast.num_blocks - fast.num_free_blocks} blocks not returned")
+    for manager in fast.managers if hybrid else [fast]:
+        if manager.num_free_blocks != manager.num_blocks:
+            raise AssertionError(f"leak: {manager.num_blocks - manager.num_free_blocks} blocks not returned")
 
     cache: dict[str, Any] = {"first_admissions": first_admissions, "first_hits": first_hits}
+    group_stats: tuple[Any, ...] = table.query("prefix_cache_stats") if hybrid else ()
     if caching:
-        cache["stats"] = _cache_stats(table.query("prefix_cache_stats"))
-        cache["cached_blocks"] = int(table.query("num_cached_blocks"))
-    return _figures(args, dict(
+        stats, cached_blocks = table.query("prefix_cache_stats"), table.query("num_cached_blocks")
+        cache["stats"] = _cache_stats(stats[0] if hybrid else stats)
+        cache["cached_blocks"] = int(cached_blocks[0] if hybrid else cached_blocks)
+    extra: dict[str, Any] = {}
+    if account is not None:
+        extra["hybrid"] = account.figures(args, group_stats)
+    if drafts:
+        extra["spec_decode"] = spec
+    return _figures(args, dict(extra=extra,
         requests=requests, totals=totals, wall=wall, per_step_fast=per_step_fast,
         per_step_reference=per_step_reference, running_seqs=running_seqs, used_blocks=used_blocks,
         utilisation_steps=utilisation_steps, utilisation=utilisation, shared_saved=shared_saved,
         live_lengths=live_lengths, cache=cache))
+
+
+def _draft(output_ids: np.ndarray, generated: int, count: int) -> list[int]:
+    """The ``count`` tokens a decode step appends: the answer's next tokens (drafts past
+    its end are rolled back, whatever they are)."""
+    tokens = output_ids[generated:generated + count].tolist()
+    return tokens + [0] * (count - len(tokens))
 
 
 def _memory(manager: KVCacheManager, seq_ids: list[int]) -> tuple[int, int, int, float]:
@@ -511,6 +592,7 @@ def _figures(args: argparse.Namespace, run: dict[str, Any]) -> dict[str, Any]:
             "utilisation": run["utilisation"],
         },
     }
+    figures.update(run["extra"])
     figures["thrashing"] = thrashing(figures)
     if not args.no_reference:
         fast, reference = figures["table_work_pagetable"], _percentiles(reference_us[active])
@@ -625,6 +707,7 @@ def _summary(figures: dict[str, Any]) -> str:
         how = "forking the prompt and by prefix-cache hits" if c["prefix_caching"] else "forking the prompt"
         lines.append(f"  sharing            {figures['blocks_saved_by_sharing_mean']:.0f} blocks saved on average "
                      f"(max {figures['blocks_saved_by_sharing_max']}) by {how}")
+    lines += _hybrid.summary(figures)
     lines.append("  no leak: every block back in the pool after freeing all sequences; check() passed")
     if figures["thrashing"]:
         lines.append(
@@ -732,6 +815,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "random token ids, which share nothing")
     parser.add_argument("--hash-algorithm", choices=HASH_ALGORITHMS, default=None,
                         help="with --prefix-caching: the block hash (default sha256)")
+    parser.add_argument("--model", choices=("full", "hybrid"), default="full",
+                        help="full (the default): one KV-cache manager, every layer full attention; hybrid: "
+                             "two KV-cache groups, full attention and a sliding window (--window, "
+                             "--window-ratio), driven as one by HybridKVCacheManager; the summary gives each "
+                             "group's blocks per request against an all-full model, the blocks the window "
+                             "released and each group's prefix hit rate")
+    parser.add_argument("--window", type=integer(1, 2**31 - 1), default=None,
+                        help=f"with --model hybrid: the sliding window in tokens (default {_hybrid.DEFAULT_WINDOW})")
+    parser.add_argument("--window-ratio", type=integer(1, 1024), default=None,
+                        help=f"with --model hybrid: sliding-window layers per full-attention layer "
+                             f"(default {_hybrid.DEFAULT_WINDOW_RATIO})")
+    parser.add_argument("--kernel-block-size", type=integer(1, 2**31 - 1), default=None,
+                        help="export the block tables in kernel blocks of this many tokens every step "
+                             "(dividing --block-size)")
+    parser.add_argument("--spec-decode", type=integer(0, 64), default=0, metavar="K",
+                        help="speculative decoding: each decode step appends 1 + K tokens and rolls back the "
+                             "rejected drafts, 0..64 (default 0: plain decoding)")
+    parser.add_argument("--accept-rate", type=_options.positive_real(1.0), default=None,
+                        help="with --spec-decode: the chance each draft in order is accepted, until the first "
+                             "rejection, in (0, 1] (default 0.7)")
     parser.add_argument("--no-reference", action="store_true",
                         help="skip the pure-Python reference run (by default it runs beside, caching too, "
                              "and every result is checked equal)")
@@ -749,6 +852,11 @@ def _fill_defaults(args: argparse.Namespace) -> None:
                 setattr(args, name, value)
     if args.prefix_caching and args.hash_algorithm is None:
         args.hash_algorithm = "sha256"
+    if args.model == "hybrid":
+        args.window = _hybrid.DEFAULT_WINDOW if args.window is None else args.window
+        args.window_ratio = _hybrid.DEFAULT_WINDOW_RATIO if args.window_ratio is None else args.window_ratio
+    if args.spec_decode and args.accept_rate is None:
+        args.accept_rate = 0.7
 
 
 def _token_ids_asked(args: argparse.Namespace) -> float:
@@ -761,6 +869,28 @@ def _token_ids_asked(args: argparse.Namespace) -> float:
     return args.rate * args.steps * (prompt + args.n * output)
 
 
+def _features_missing(args: argparse.Namespace) -> str | None:
+    """What the options need that this build's managers lack (docs/HYBRID.md), or None."""
+    managers: list[tuple[str, Any]] = [("KVCacheManager", KVCacheManager)]
+    if not args.no_reference:
+        managers.append(("reference model", ReferenceKVCacheManager))
+    for name, manager in managers:
+        if args.model == "hybrid" and not hasattr(manager, "_append_plan"):
+            return f"--model hybrid: this build's {name} lacks the KV-cache group hooks (docs/HYBRID.md)"
+        if args.spec_decode and not hasattr(manager, "rollback"):
+            return f"--spec-decode: this build's {name} has no rollback (docs/HYBRID.md)"
+        if args.kernel_block_size is not None:
+            try:
+                # Called by keyword on whatever this build has: TypeError if it has none.
+                export: Any = manager(1, args.block_size).block_table
+                export([], kernel_block_size=args.kernel_block_size)
+            except TypeError:
+                return f"--kernel-block-size: this build's {name} exports no kernel blocks (docs/HYBRID.md)"
+            except (ValueError, OverflowError):
+                pass     # the option values themselves are refused below
+    return None
+
+
 def check(args: argparse.Namespace) -> str | None:
     """What makes this combination of options unable to run, or None."""
     if args.workload != "shared-prefix":
@@ -769,6 +899,16 @@ def check(args: argparse.Namespace) -> str | None:
                 return f"--{name.replace('_', '-')} applies to --workload shared-prefix only"
     if args.hash_algorithm is not None and not args.prefix_caching:
         return "--hash-algorithm needs --prefix-caching"
+    if args.model != "hybrid":
+        for name in ("window", "window_ratio"):
+            if getattr(args, name) is not None:
+                return f"--{name.replace('_', '-')} needs --model hybrid"
+    if args.accept_rate is not None and not args.spec_decode:
+        return "--accept-rate needs --spec-decode"
+    if args.kernel_block_size is not None and args.block_size % args.kernel_block_size:
+        return f"--kernel-block-size ({args.kernel_block_size}) must divide --block-size ({args.block_size})"
+    if why := _features_missing(args):
+        return why
     _fill_defaults(args)
     if args.n > args.max_batch:
         return f"--n ({args.n}) cannot exceed --max-batch ({args.max_batch})"

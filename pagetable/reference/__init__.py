@@ -6,6 +6,8 @@ side and compare every answer.  Plain Python lists and dicts; no speed at all.
 """
 
 from pagetable.reference.manager import ReferenceBlockAllocator, ReferenceKVCacheManager
+from pagetable.reference.hybrid import ReferenceHybridKVCacheManager
 from pagetable.reference.table import ReferencePageTable
 
-__all__ = ["ReferencePageTable", "ReferenceBlockAllocator", "ReferenceKVCacheManager"]
+__all__ = ["ReferencePageTable", "ReferenceBlockAllocator", "ReferenceKVCacheManager",
+           "ReferenceHybridKVCacheManager"]

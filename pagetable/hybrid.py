@@ -27,6 +27,7 @@ from typing import Any, Iterator, NamedTuple, Sequence
 import numpy as np
 
 from pagetable._convert import INT32_MAX, INT64_MAX, as_index, as_int_array
+from pagetable._manager import KVCacheManager
 from pagetable._results import AppendResult, OutOfBlocksError
 from pagetable.events import KVEventBatch
 
@@ -452,8 +453,19 @@ event_hash_format, medium, data_parallel_rank
 
     # -- growth -----------------------------------------------------------------------
     def _plan_append(self, seq_ids: Any, num_new_tokens: Any, token_ids: Any, num_lookahead: Any) -> list[Any]:
-        return [m._append_plan(seq_ids, num_new_tokens=num_new_tokens, token_ids=token_ids,
-                               num_lookahead=num_lookahead) for m in self._managers]
+        first = self._managers[0]._append_plan(seq_ids, num_new_tokens=num_new_tokens,
+                                               token_ids=token_ids, num_lookahead=num_lookahead)
+        plans = [first]
+        for m in self._managers[1:]:
+            if type(m) is KVCacheManager:
+                # The groups' registries move in lockstep: the first group's checked ids
+                # and slots serve the others (each confirms them against its records).
+                plans.append(m._append_plan(seq_ids, num_new_tokens=num_new_tokens, token_ids=token_ids,
+                                            num_lookahead=num_lookahead, like=first))
+            else:
+                plans.append(m._append_plan(seq_ids, num_new_tokens=num_new_tokens, token_ids=token_ids,
+                                            num_lookahead=num_lookahead))
+        return plans
 
     def append_tokens(self, seq_ids: Any, num_new_tokens: Any = 1, token_ids: Any = None,
                       num_lookahead: int = 0) -> HybridResult:

@@ -734,13 +734,16 @@ cdef class KVCacheManager(Persistent):
                 if counts[i * count_stride] == 0 and lookahead == 0:
                     continue
                 row = records[slots[i]].row
-                data = self._table.row_blocks(row)
                 if releasing:
-                    for k in range(records[slots[i]].live, self._released_to(records[slots[i]].tokens)):
-                        pending[data[k]] = 0
-                k = block_index(&self._geometry, records[slots[i]].tokens)
-                if copies and k < self._table.row_length(row):
-                    pending[data[k]] = 0
+                    end = self._released_to(records[slots[i]].tokens)
+                    if end > records[slots[i]].live:
+                        data = self._table.row_blocks(row)
+                        for k in range(records[slots[i]].live, end):
+                            pending[data[k]] = 0
+                if copies:
+                    k = block_index(&self._geometry, records[slots[i]].tokens)
+                    if k < self._table.row_length(row):
+                        pending[self._table.row_blocks(row)[k]] = 0
         plan.num_copies = copies
         plan.num_slots = slot_count
         plan.freed = freed

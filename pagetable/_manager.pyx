@@ -1556,8 +1556,9 @@ cdef class KVCacheManager(Persistent):
         count = as_index(num_tokens, "num_tokens")
         if count < 0:
             raise ValueError(f"num_tokens = {count} is negative")
-        # No sequence holds 2**31 tokens: a larger count is refused as too large.
-        scalar[0] = min(count, <int64_t>INT32_MAX + 1)
+        if count > INT32_MAX and n:
+            raise ValueError(f"num_tokens = {count} is more than any sequence holds")
+        scalar[0] = min(count, INT32_MAX)
         return None
 
     # -- state ---------------------------------------------------------------------------

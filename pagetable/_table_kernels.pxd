@@ -329,9 +329,10 @@ cdef inline void expand_whole_blocks(const int32_t* blocks, int64_t count, int64
 
     PAD (-1) is a row's only negative entry; ``pad`` is all ones for it and zero
     otherwise, so the OR makes its ``k`` entries PAD without a branch.  Where the
-    caller passes a constant ``k`` the compiler unrolls the inner loop into a few
-    vector stores: 128 K kernel blocks (B = 64, b = 16) took 150 us with a
-    branch and a loop of unknown length, and take a fraction of it this way.
+    caller passes a constant ``k`` the compiler turns the inner loop into vector
+    stores (one 16-byte store per block for ``k = 4``, seen in the disassembly); in
+    C alone this splits 32 K blocks into 128 K kernel blocks in about 21 us here,
+    the speed of writing the output.
     """
     cdef int64_t i, j
     cdef int32_t block, pad

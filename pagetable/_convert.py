@@ -162,3 +162,17 @@ def check_output(out: object, shape: tuple[int, ...], dtype: np.dtype, name: str
     if not out.flags.writeable:
         raise ValueError(f"{name} must be writeable")
     return out
+
+
+def kernel_blocks_per_block(
+    kernel_block_size: object, block_size: int, name: str = "kernel_block_size", of: str = "the block size"
+) -> int:
+    """``block_size // kernel_block_size``, for a kernel block size that divides ``block_size``.
+
+    ``of`` names what it must divide in the message (``block_size / dcp_world_size``
+    for a rank's share of a block).
+    """
+    value = as_index(kernel_block_size, name)
+    if value <= 0 or block_size % value:
+        raise ValueError(f"{name} must be a positive divisor of {of} ({block_size}), got {value}")
+    return block_size // value

@@ -26,6 +26,7 @@ from pagetable._types cimport block_id_t, seq_id_t, slot_t, row_t, PAD
 from pagetable._accept cimport block_arg, int_vector, seq_arg
 from pagetable._allocator cimport BlockAllocator, allocator_from_arrays, restore_lru
 from pagetable._blocks cimport BlockGeometry, block_geometry, block_index, block_offset, blocks_for
+from pagetable._table_kernels cimport expand_to_kernel_blocks
 from pagetable._buffers cimport empty
 from pagetable._persist cimport Persistent
 from pagetable._prefix_cache cimport PrefixCache, new_prefix_cache
@@ -42,7 +43,7 @@ import time
 import numpy as np
 
 from pagetable import _state
-from pagetable._convert import as_index, check_range
+from pagetable._convert import as_index, check_range, kernel_blocks_per_block
 from pagetable import prefix as _prefix
 from pagetable.events import _event_batch
 from pagetable._results import OutOfBlocksError
@@ -1718,13 +1719,40 @@ cdef class KVCacheManager(Persistent):
             return out
         raise RuntimeError(_READ_KEPT_CHANGING)
 
-    def block_table(self, seq_ids):
+    def block_table(self, seq_ids, kernel_block_size=None):
         """Dense block table, int32 ``[len(seq_ids), W]`` padded with ``PAD_SLOT_ID``.
 
         ``W`` is the longest row in the batch.  Pair it with :meth:`seq_lens` for a
         PagedAttention kernel.
+
+        Parameters
+        ----------
+        seq_ids : 1-D array-like of int
+            Existing sequence ids (repeats allowed).
+        kernel_block_size : int, optional
+            For a kernel that pages the cache in blocks of ``b`` tokens, a positive
+            divisor of :attr:`block_size` ``B``: list kernel blocks instead, block
+            ``m`` being kernel blocks ``m*k .. m*k + k - 1`` (``k = B // b``), a
+            padded entry ``k`` padded ones.  A sequence of ``c`` tokens lists
+            ``ceil(c / b)`` of them, so the table equals that of a manager of block
+            size ``b``.  Slots need no conversion: ``m*B + o`` is
+            ``(m*k + o//b)*b + o%b``.
+
+        Returns
+        -------
+        numpy.ndarray of int32, ``[len(seq_ids), W]``
+
+        Raises
+        ------
+        KeyError
+            An unknown sequence id.
+        TypeError, ValueError
+            ``kernel_block_size`` is not a positive integer dividing the block size.
         """
         ids = _int64_vector(seq_ids, "seq_ids")
+        if kernel_block_size is not None:
+            return self._kernel_block_table(
+                ids, kernel_blocks_per_block(kernel_block_size, self._block_size))
         cdef Py_ssize_t i, j, n
         cdef const int32_t* slot_ids
         cdef const SequenceSlot* records = self._sequences.slots
@@ -1759,8 +1787,18 @@ cdef class KVCacheManager(Persistent):
             return table
         raise RuntimeError(_READ_KEPT_CHANGING)
 
-    def flashinfer_layout(self, seq_ids):
+    def flashinfer_layout(self, seq_ids, kernel_block_size=None):
         """FlashInfer's paged-KV inputs for a batch.
+
+        Parameters
+        ----------
+        seq_ids : 1-D array-like of int
+            Existing sequence ids (repeats allowed).
+        kernel_block_size : int, optional
+            Pages of ``b`` tokens, a positive divisor of :attr:`block_size`: the
+            pages are kernel blocks, as in :meth:`block_table`, and
+            ``kv_last_page_len`` counts tokens in the last kernel block (``1 .. b``).
+            Equal to the layout of a manager of block size ``b``.
 
         Returns
         -------
@@ -1771,8 +1809,18 @@ cdef class KVCacheManager(Persistent):
         kv_last_page_len : numpy.ndarray of int32, ``[B]``
             Tokens in each sequence's last block, ``1 .. block_size``; 0 for a sequence
             holding no token (it has no page at all).
+
+        Raises
+        ------
+        KeyError
+            An unknown sequence id.
+        TypeError, ValueError
+            ``kernel_block_size`` is not a positive integer dividing the block size.
         """
         ids = _int64_vector(seq_ids, "seq_ids")
+        if kernel_block_size is not None:
+            return self._kernel_flashinfer_layout(
+                ids, kernel_blocks_per_block(kernel_block_size, self._block_size))
         cdef Py_ssize_t i, n
         cdef const int32_t* slot_ids
         cdef const SequenceSlot* records = self._sequences.slots
@@ -1813,6 +1861,250 @@ cdef class KVCacheManager(Persistent):
                 last_data[i] = <int32_t>(self._block_offset(tokens - 1) + 1) if tokens else 0
             return indptr, indices, last_page_len
         raise RuntimeError(_READ_KEPT_CHANGING)
+
+    # Kernel blocks (see block_table).  The pool holds fewer than 2**31 tokens, so
+    # every kernel block id m*k + j < num_blocks * B fits in int32.
+    cdef inline int64_t _kernel_blocks_of(self, const SequenceSlot* record,
+                                          const BlockGeometry* kernel, int64_t per_block) noexcept nogil:
+        """Kernel blocks a sequence lists: ``ceil(tokens / b)``, within its row."""
+        return min(blocks_for(kernel, record.tokens),
+                   <int64_t>self._table.row_length(record.row) * per_block)
+
+    cdef object _kernel_block_table(self, ids, int64_t per_block):
+        """``block_table`` in kernel blocks, ``per_block`` to a block."""
+        cdef BlockGeometry kernel = block_geometry(self._block_size // per_block)
+        cdef Py_ssize_t i, j, n
+        cdef const int32_t* slot_ids
+        cdef const SequenceSlot* records
+        cdef const SequenceSlot* record
+        cdef int64_t width, count, epoch
+        cdef cnp.npy_intp shape[2]
+        cdef block_id_t* out
+        cdef int attempt
+        for attempt in range(READ_ATTEMPTS):
+            epoch = self._read_begin()
+            slots = self._slots(ids, False)
+            n = cnp.PyArray_DIM(slots, 0)
+            slot_ids = <const int32_t*>cnp.PyArray_DATA(slots)
+            records = self._sequences.slots
+            width = 0
+            for i in range(n):
+                width = max(width, self._kernel_blocks_of(&records[slot_ids[i]], &kernel, per_block))
+            shape[0] = n
+            shape[1] = width
+            table = cnp.PyArray_EMPTY(2, shape, cnp.NPY_INT32, 0)
+            if not self._read_current(epoch):
+                continue
+            # From here on nothing can let another thread run: the widths hold.
+            out = <block_id_t*>cnp.PyArray_DATA(table)
+            for i in range(n):
+                record = &records[slot_ids[i]]
+                count = self._kernel_blocks_of(record, &kernel, per_block)
+                expand_to_kernel_blocks(self._table.row_blocks(record.row), count, per_block, out)
+                for j in range(count, width):
+                    out[j] = PAD
+                out += width
+            return table
+        raise RuntimeError(_READ_KEPT_CHANGING)
+
+    cdef object _kernel_flashinfer_layout(self, ids, int64_t per_block):
+        """``flashinfer_layout`` in kernel blocks, ``per_block`` to a block."""
+        cdef BlockGeometry kernel = block_geometry(self._block_size // per_block)
+        cdef Py_ssize_t i, n
+        cdef const int32_t* slot_ids
+        cdef const SequenceSlot* records
+        cdef const SequenceSlot* record
+        cdef int64_t nnz, count, at, epoch
+        cdef int32_t* indptr_data
+        cdef block_id_t* indices_data
+        cdef int32_t* last_data
+        cdef int attempt
+        for attempt in range(READ_ATTEMPTS):
+            epoch = self._read_begin()
+            slots = self._slots(ids, False)
+            n = cnp.PyArray_DIM(slots, 0)
+            slot_ids = <const int32_t*>cnp.PyArray_DATA(slots)
+            records = self._sequences.slots
+            nnz = 0
+            for i in range(n):
+                nnz += self._kernel_blocks_of(&records[slot_ids[i]], &kernel, per_block)
+            if nnz > INT32_MAX:
+                # Only a batch repeating ids can list this many pages.
+                raise OverflowError(f"the batch lists {nnz} kernel blocks, more than int32 indptr can address")
+            indptr = empty(n + 1, cnp.NPY_INT32)
+            indices = empty(nnz, cnp.NPY_INT32)
+            last_page_len = empty(n, cnp.NPY_INT32)
+            if not self._read_current(epoch):
+                continue
+            # From here on nothing can let another thread run: the sizes hold.
+            indptr_data = <int32_t*>cnp.PyArray_DATA(indptr)
+            indices_data = <block_id_t*>cnp.PyArray_DATA(indices)
+            last_data = <int32_t*>cnp.PyArray_DATA(last_page_len)
+            at = 0
+            indptr_data[0] = 0
+            for i in range(n):
+                record = &records[slot_ids[i]]
+                count = self._kernel_blocks_of(record, &kernel, per_block)
+                expand_to_kernel_blocks(self._table.row_blocks(record.row), count, per_block,
+                                        indices_data + at)
+                at += count
+                indptr_data[i + 1] = <int32_t>at
+                last_data[i] = (<int32_t>(block_offset(&kernel, record.tokens - 1) + 1)
+                                if record.tokens else 0)
+            return indptr, indices, last_page_len
+        raise RuntimeError(_READ_KEPT_CHANGING)
+
+    def slot_mapping(self, seq_ids, num_tokens=1, *, dcp_world_size=1, dcp_rank=0, interleave=1,
+                     kernel_block_size=None):
+        """Slots of each sequence's last ``num_tokens`` tokens, for one rank of decode context parallel.
+
+        Parameters
+        ----------
+        seq_ids : 1-D array-like of int
+            Existing sequence ids (repeats allowed).
+        num_tokens : int or 1-D array-like of int, default 1
+            Tokens per sequence, one count for all or one per sequence, each
+            ``0 .. `` its length: the sequence's last positions ``c - num_tokens ..
+            c - 1``.
+        dcp_world_size : int, default 1
+            Ranks ``W`` the KV cache is spread over; each block of ``B`` tokens is a
+            virtual block of ``B / W`` tokens on every rank.
+        dcp_rank : int, default 0
+            The rank whose slots to return, ``0 .. W - 1``.
+        interleave : int, default 1
+            Consecutive positions a rank holds before the next rank's turn: position
+            ``p`` is on rank ``(p // interleave) % W``.  ``W * interleave`` must
+            divide :attr:`block_size`.
+        kernel_block_size : int, optional
+            The rank's kernel block size, a positive divisor of ``B / W``.  Checked
+            only: the slot of a kernel-block table is the same (manager block ``m``
+            is the rank's kernel blocks ``m*k .. m*k + k - 1``, ``k = B / W / b``).
+
+        Returns
+        -------
+        numpy.ndarray of int64
+            Sequence by sequence in input order.  For the rank's tokens, with
+            ``o = p % B`` and ``m`` the block of ``p``:
+            ``m * (B / W) + (o // (W * interleave)) * interleave + o % interleave``;
+            ``PAD_SLOT_ID`` for other ranks' tokens and for tokens in a padded
+            (released) block.  With ``W == 1`` these are the slots
+            :meth:`append_tokens` returned for the tokens.
+
+        Raises
+        ------
+        KeyError
+            An unknown sequence id.
+        TypeError, ValueError
+            An argument out of range (named in the message).
+        """
+        cdef int64_t world = self._positive(dcp_world_size, "dcp_world_size")
+        rank_value = as_index(dcp_rank, "dcp_rank")
+        if not 0 <= rank_value < world:
+            raise ValueError(f"dcp_rank must be in 0..{world - 1} (dcp_world_size {world}), got {rank_value}")
+        cdef int64_t rank = rank_value
+        cdef int64_t run = self._positive(interleave, "interleave")
+        if self._block_size % (world * run):
+            raise ValueError(
+                f"dcp_world_size * interleave must divide the block size ({self._block_size}), "
+                f"got {world} * {run}")
+        cdef int64_t local_size = self._block_size // world
+        if kernel_block_size is not None:
+            kernel_blocks_per_block(kernel_block_size, local_size,
+                                    of="block_size / dcp_world_size")
+        ids = _int64_vector(seq_ids, "seq_ids")
+        cdef int64_t scalar = 0
+        counts = self._last_counts(num_tokens, cnp.PyArray_DIM(ids, 0), &scalar)
+        cdef const int64_t* count_data = &scalar
+        cdef Py_ssize_t stride = 0
+        if counts is not None:
+            count_data = <const int64_t*>cnp.PyArray_DATA(counts)
+            stride = 1
+        cdef Py_ssize_t i, n
+        cdef const int32_t* slot_ids
+        cdef const SequenceSlot* record
+        cdef const block_id_t* blocks
+        cdef int64_t total, count, tokens, position, offset, epoch, bad
+        cdef int64_t span = world * run
+        cdef block_id_t block
+        cdef slot_t* out_data
+        cdef int attempt
+        for attempt in range(READ_ATTEMPTS):
+            epoch = self._read_begin()
+            slots = self._slots(ids, False)
+            n = cnp.PyArray_DIM(slots, 0)
+            slot_ids = <const int32_t*>cnp.PyArray_DATA(slots)
+            total = 0
+            bad = -1
+            for i in range(n):
+                count = count_data[i * stride]
+                if count > self._sequences.slots[slot_ids[i]].tokens:
+                    bad = i
+                    break
+                total += count
+            out = empty(total if bad < 0 else 0, cnp.NPY_INT64)
+            if not self._read_current(epoch):
+                continue
+            # From here on nothing can let another thread run: lengths and rows hold.
+            if bad >= 0:
+                raise ValueError(
+                    f"num_tokens[{bad if stride else 0}] = {count_data[bad * stride]} is more "
+                    f"than sequence {(<const int64_t*>cnp.PyArray_DATA(ids))[bad]}'s "
+                    f"{self._sequences.slots[slot_ids[bad]].tokens} tokens")
+            out_data = <slot_t*>cnp.PyArray_DATA(out)
+            for i in range(n):
+                record = &self._sequences.slots[slot_ids[i]]
+                blocks = self._table.row_blocks(record.row)
+                tokens = record.tokens
+                for position in range(tokens - count_data[i * stride], tokens):
+                    block = blocks[block_index(&self._geometry, position)]
+                    offset = self._block_offset(position)
+                    if block == PAD or (offset // run) % world != rank:
+                        out_data[0] = PAD
+                    elif world == 1:
+                        out_data[0] = <slot_t>block * self._block_size + offset
+                    else:
+                        out_data[0] = (<slot_t>block * local_size
+                                       + (offset // span) * run + offset % run)
+                    out_data += 1
+            return out
+        raise RuntimeError(_READ_KEPT_CHANGING)
+
+    cdef int64_t _positive(self, value, str name) except -1:
+        """A positive integer argument, or raise naming ``name``."""
+        value = as_index(value, name)
+        if value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value}")
+        if value > INT32_MAX:
+            raise ValueError(f"{name} must be at most {INT32_MAX}, got {value}")
+        return value
+
+    cdef object _last_counts(self, num_tokens, Py_ssize_t n, int64_t* scalar):
+        """``slot_mapping``'s ``num_tokens``: an int64 array of ``n``, or None for a scalar.
+
+        The upper bound, each sequence's length, is checked in the read itself.
+        """
+        if isinstance(num_tokens, np.ndarray) and num_tokens.ndim == 0:
+            num_tokens = num_tokens.item()     # a 0-d array is a scalar count
+        if isinstance(num_tokens, (list, tuple, np.ndarray)):
+            counts = _int64_vector(num_tokens, "num_tokens")
+            if counts is num_tokens:
+                # Read twice (checked, then used to fill), and making the output in
+                # between may let another thread run: it must not change them.
+                counts = counts.copy()
+            if counts.shape[0] != n:
+                raise ValueError(
+                    f"num_tokens must have one entry per sequence ({n}), got {counts.shape[0]}")
+            if n and counts.min() < 0:
+                bad = int(np.argmax(counts < 0))
+                raise ValueError(f"num_tokens[{bad}] = {counts[bad]} is negative")
+            return counts
+        count = as_index(num_tokens, "num_tokens")
+        if count < 0:
+            raise ValueError(f"num_tokens = {count} is negative")
+        if count > INT32_MAX and n:
+            raise ValueError(f"num_tokens = {count} is more than any sequence holds")
+        scalar[0] = min(count, INT32_MAX)
+        return None
 
     # -- state ---------------------------------------------------------------------------
     def _state(self):

@@ -43,9 +43,10 @@ from pagetable._idmap cimport (
     idmap_attach, idmap_count, idmap_find, idmap_insert, idmap_remove, idmap_storage)
 from pagetable._rows cimport Rows, rows_layout
 from pagetable._table_kernels cimport (
-    TableView, compare_pairs, copy_packed, copy_padded, load_i32, load_i64,
+    TableView, compare_pairs, copy_packed, copy_packed_kernel_blocks, copy_padded,
+    copy_padded_kernel_blocks, load_i32, load_i64,
     lookup_range, resolve_rows, end_of_run, slot_mapping_range, view_find)
-from pagetable._convert import as_index, check_output
+from pagetable._convert import as_index, check_output, kernel_blocks_per_block
 from pagetable import _state
 
 cnp.import_array()
@@ -221,6 +222,15 @@ cdef object _row_hints(object rows, int64_t n):
     if cnp.PyArray_DIM(<cnp.ndarray>rows, 0) != n:
         raise ValueError(f"rows must hold one hint per pair ({n}), got {rows.shape[0]}")
     return rows
+
+
+cdef int _raise_past_int32(object seq_array, int64_t bad, int64_t per_block) except -1:
+    """Raise for the row a kernel-block copy reported (``bad >= 0``) as past int32."""
+    if bad >= 0:
+        raise OverflowError(
+            f"sequence {i64(seq_array)[bad]} (seq_ids[{bad}]) holds a block whose kernel "
+            f"block ids (block * {per_block} + 0 .. {per_block - 1}) do not fit in int32")
+    return 0
 
 
 # --------------------------------------------------------------------------- scratch
@@ -1598,7 +1608,7 @@ cdef class PageTable(Guarded):
         self._raise_bad_seq(seq_array, bad)
         return 0
 
-    def block_table(self, seq_ids, out=None):
+    def block_table(self, seq_ids, out=None, kernel_block_size=None):
         """Return the dense, padded block table of a batch of sequences.
 
         Parameters
@@ -1606,21 +1616,37 @@ cdef class PageTable(Guarded):
         seq_ids : array_like of int, shape (B,)
         out : numpy.ndarray of int32, shape (B, W), optional
             Preallocated buffer; its width ``W`` must hold the longest row.
+        kernel_block_size : int, optional
+            List kernel blocks of this many tokens instead of the table's blocks: a
+            positive divisor ``b`` of :attr:`block_size`, ``k = block_size // b``.
+            Block ``m`` becomes kernel blocks ``m*k .. m*k + k - 1`` and a padded
+            entry ``k`` padded ones.  A row has no token count, so a row of ``L``
+            blocks lists ``L*k`` kernel blocks (the manager's exports drop those past
+            a sequence's length).  Slot mappings need no conversion:
+            ``m*B + o == (m*k + o//b)*b + o%b``.
 
         Returns
         -------
         table : numpy.ndarray of int32, shape (B, W)
-            Row ``b`` holds sequence ``seq_ids[b]``'s blocks, padded with
-            ``PAD_SLOT_ID``; ``W`` is the longest row (or ``out``'s width).
+            Row ``b`` holds sequence ``seq_ids[b]``'s blocks (or kernel blocks),
+            padded with ``PAD_SLOT_ID``; ``W`` is the longest row (or ``out``'s width).
         num_blocks : numpy.ndarray of int32, shape (B,)
+            Entries of each row (kernel blocks with ``kernel_block_size``).
 
         Raises
         ------
         KeyError
             If a sequence id is not in the table.
+        TypeError, ValueError
+            If ``kernel_block_size`` is not a positive integer dividing the block size.
+        OverflowError
+            If a kernel block id would not fit in int32.
         """
         seq_array = _int64_ids(seq_ids, "seq_ids")
         cdef int64_t count = cnp.PyArray_DIM(<cnp.ndarray>seq_array, 0)
+        cdef int64_t per_block = 1
+        if kernel_block_size is not None:
+            per_block = kernel_blocks_per_block(kernel_block_size, self._block_size)
         out_array = None
         if out is not None:
             out_array = check_output(out, (count, -1), _INT32)
@@ -1629,23 +1655,28 @@ cdef class PageTable(Guarded):
         starts = empty(count, cnp.NPY_INT64)
         cdef int32_t* lengths = i32(num_blocks)
         cdef int64_t* start_data = i64(starts)
-        cdef int64_t b, j, length, width = 0, stamp, bad = -1
+        cdef int64_t b, j, length, width = 0, stamp, bad = -1, too_big = -1
         cdef int32_t* target
         cdef int32_t* dest
         cdef int attempt
         cdef bint consistent
+        cdef TableView view
         table = None
         for attempt in range(READ_ATTEMPTS):
             stamp = self._read_begin()
             try:
                 bad = self._resolve(seq_array, rows, attempt == 0)
+                too_big = -1
                 if bad < 0:
                     # Sizes and sources from one moment; the copy below uses only these.
                     self._capture(rows, start_data, lengths)
                     width = 0
                     for b in range(count):
                         width = max(width, <int64_t>lengths[b])
-                    if out is None:
+                    width *= per_block
+                    if width > INT32_MAX:
+                        table = None     # raised below; no int32 count can say it
+                    elif out is None:
                         table = np.empty((count, width), dtype=np.int32)
                     elif out_array.shape[1] >= width:
                         table = out_array
@@ -1654,7 +1685,16 @@ cdef class PageTable(Guarded):
                         table = None
                     if table is not None and count and width:
                         target = i32(table)
-                        if attempt == 0:
+                        view = self._view()
+                        if per_block > 1:
+                            if attempt == 0:
+                                with nogil:
+                                    too_big = copy_padded_kernel_blocks(
+                                        &view, start_data, lengths, count, per_block, target, width)
+                            else:
+                                too_big = copy_padded_kernel_blocks(
+                                    &view, start_data, lengths, count, per_block, target, width)
+                        elif attempt == 0:
                             with nogil:
                                 copy_padded(self._pool, start_data, lengths, count, target, width)
                         else:
@@ -1663,35 +1703,54 @@ cdef class PageTable(Guarded):
                 consistent = self._read_end(stamp)
             if consistent:
                 self._raise_unresolved(seq_array, bad)
+                _raise_past_int32(seq_array, too_big, per_block)
+                if width > INT32_MAX:
+                    raise OverflowError(
+                        f"the longest sequence in the batch has {width} kernel blocks, "
+                        f"more than int32 can count")
                 if table is None:
                     raise ValueError(
-                        f"out is {out_array.shape[1]} blocks wide but the longest sequence in the batch "
-                        f"has {width} blocks")
+                        f"out is {out_array.shape[1]} {'kernel ' if per_block > 1 else ''}blocks "
+                        f"wide but the longest sequence in the batch has {width} "
+                        f"{'kernel ' if per_block > 1 else ''}blocks")
+                if per_block > 1:
+                    for b in range(count):
+                        lengths[b] *= <int32_t>per_block
                 return (table if out is None else out), num_blocks
         raise RuntimeError(_READ_KEPT_CHANGING)
 
-    def to_csr(self, seq_ids):
+    def to_csr(self, seq_ids, kernel_block_size=None):
         """Return the CSR page list of a batch: FlashInfer's ``kv_indptr`` / ``kv_indices``.
 
         Parameters
         ----------
         seq_ids : array_like of int, shape (B,)
+        kernel_block_size : int, optional
+            List kernel blocks of this many tokens instead of the table's blocks; see
+            :meth:`block_table`.
 
         Returns
         -------
         indptr : numpy.ndarray of int32, shape (B + 1,)
-            ``indices[indptr[b]:indptr[b + 1]]`` are sequence ``seq_ids[b]``'s blocks.
+            ``indices[indptr[b]:indptr[b + 1]]`` are sequence ``seq_ids[b]``'s blocks
+            (or kernel blocks).
         indices : numpy.ndarray of int32, shape (nnz,)
 
         Raises
         ------
         KeyError
             If a sequence id is not in the table.
+        TypeError, ValueError
+            If ``kernel_block_size`` is not a positive integer dividing the block size.
         OverflowError
-            If the batch maps more than ``2**31 - 1`` blocks.
+            If the batch maps more than ``2**31 - 1`` blocks (or kernel blocks), or a
+            kernel block id would not fit in int32.
         """
         seq_array = _int64_ids(seq_ids, "seq_ids")
         cdef int64_t count = cnp.PyArray_DIM(<cnp.ndarray>seq_array, 0)
+        cdef int64_t per_block = 1
+        if kernel_block_size is not None:
+            per_block = kernel_blocks_per_block(kernel_block_size, self._block_size)
         rows = empty(count, cnp.NPY_INT32)
         lengths = empty(count, cnp.NPY_INT32)
         starts = empty(count, cnp.NPY_INT64)
@@ -1699,31 +1758,43 @@ cdef class PageTable(Guarded):
         cdef int32_t* length_data = i32(lengths)
         cdef int64_t* start_data = i64(starts)
         cdef int32_t* indptr_data = i32(indptr)
-        cdef int64_t b, total = 0, stamp, bad = -1
+        cdef int64_t b, total = 0, stamp, bad = -1, too_big = -1
         cdef int32_t* target
         cdef int attempt
         cdef bint consistent
+        cdef TableView view
         indices = None
         for attempt in range(READ_ATTEMPTS):
             stamp = self._read_begin()
             try:
                 bad = self._resolve(seq_array, rows, attempt == 0)
+                too_big = -1
                 if bad < 0:
                     # Sizes and sources from one moment; the copy below uses only these.
                     self._capture(rows, start_data, length_data)
                     total = 0
                     for b in range(count):
                         total += length_data[b]
+                    total *= per_block
                     indices = None
                     if total <= INT32_MAX:
                         total = 0
                         for b in range(count):
                             indptr_data[b] = <int32_t>total
-                            total += length_data[b]
+                            total += length_data[b] * per_block
                         indptr_data[count] = <int32_t>total
                         indices = empty(total, cnp.NPY_INT32)
                         target = i32(indices)
-                        if attempt == 0:
+                        view = self._view()
+                        if per_block > 1:
+                            if attempt == 0:
+                                with nogil:
+                                    too_big = copy_packed_kernel_blocks(
+                                        &view, start_data, length_data, count, per_block, target)
+                            else:
+                                too_big = copy_packed_kernel_blocks(
+                                    &view, start_data, length_data, count, per_block, target)
+                        elif attempt == 0:
                             with nogil:
                                 copy_packed(self._pool, start_data, length_data, count, target)
                         else:
@@ -1732,9 +1803,11 @@ cdef class PageTable(Guarded):
                 consistent = self._read_end(stamp)
             if consistent:
                 self._raise_unresolved(seq_array, bad)
+                _raise_past_int32(seq_array, too_big, per_block)
                 if indices is None:
                     raise OverflowError(
-                        f"the batch maps {total} blocks, more than int32 indices can address")
+                        f"the batch maps {total} {'kernel ' if per_block > 1 else ''}blocks, "
+                        f"more than int32 indices can address")
                 return indptr, indices
         raise RuntimeError(_READ_KEPT_CHANGING)
 

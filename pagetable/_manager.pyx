@@ -1440,6 +1440,7 @@ cdef class KVCacheManager(Persistent):
             for p in range(K):
                 ahead_data[i * K + p] = self._slot(data, tokens + count + p)
             records[slot_ids[i]].tokens = <int32_t>(tokens + count)
+            records[slot_ids[i]].lookahead = <int32_t>K
             if cache is not None and count:
                 for p in range(written - count, written):
                     cache.tokens[slot_data[p]] = id_data[p]
@@ -1670,6 +1671,7 @@ cdef class KVCacheManager(Persistent):
                 self._allocator.release_reversed(data + first, length - first)
             self._table.truncate_row(record.row, <int32_t>keep)
             record.tokens = <int32_t>L
+            record.lookahead = 0
             if L == 0:
                 record.live = 0
                 if self._chains:
@@ -1839,7 +1841,7 @@ cdef class KVCacheManager(Persistent):
             records = self._sequences.slots
             nnz = 0
             for i in range(n):
-                nnz += self._table.row_length(records[slot_ids[i]].row)
+                nnz += self._pages_of(&records[slot_ids[i]])
             indptr = empty(n + 1, cnp.NPY_INT32)
             indices = empty(nnz, cnp.NPY_INT32)
             last_page_len = empty(n, cnp.NPY_INT32)
@@ -1852,7 +1854,7 @@ cdef class KVCacheManager(Persistent):
             at = 0
             indptr_data[0] = 0
             for i in range(n):
-                length = self._table.row_length(records[slot_ids[i]].row)
+                length = <int32_t>self._pages_of(&records[slot_ids[i]])
                 memcpy(indices_data + at, self._table.row_blocks(records[slot_ids[i]].row),
                        <size_t>length * sizeof(block_id_t))
                 at += length
@@ -1862,12 +1864,19 @@ cdef class KVCacheManager(Persistent):
             return indptr, indices, last_page_len
         raise RuntimeError(_READ_KEPT_CHANGING)
 
+    cdef inline int64_t _pages_of(self, const SequenceSlot* record) noexcept nogil:
+        """FlashInfer's pages of a sequence: the blocks holding its tokens (its page count
+        and last page length give its length, so reserved lookahead blocks are left out)."""
+        return min(self._blocks_needed(record.tokens), <int64_t>self._table.row_length(record.row))
+
     # Kernel blocks (see block_table).  The pool holds fewer than 2**31 tokens, so
     # every kernel block id m*k + j < num_blocks * B fits in int32.
     cdef inline int64_t _kernel_blocks_of(self, const SequenceSlot* record,
-                                          const BlockGeometry* kernel, int64_t per_block) noexcept nogil:
-        """Kernel blocks a sequence lists: ``ceil(tokens / b)``, within its row."""
-        return min(blocks_for(kernel, record.tokens),
+                                          const BlockGeometry* kernel, int64_t per_block,
+                                          bint reserved=True) noexcept nogil:
+        """Kernel blocks a sequence lists: ``ceil((tokens + lookahead) / b)`` (``reserved``,
+        the dense table's), or ``ceil(tokens / b)`` (FlashInfer's), within its row."""
+        return min(blocks_for(kernel, record.tokens + (record.lookahead if reserved else 0)),
                    <int64_t>self._table.row_length(record.row) * per_block)
 
     cdef object _kernel_block_table(self, ids, int64_t per_block):
@@ -1927,7 +1936,7 @@ cdef class KVCacheManager(Persistent):
             records = self._sequences.slots
             nnz = 0
             for i in range(n):
-                nnz += self._kernel_blocks_of(&records[slot_ids[i]], &kernel, per_block)
+                nnz += self._kernel_blocks_of(&records[slot_ids[i]], &kernel, per_block, False)
             if nnz > INT32_MAX:
                 # Only a batch repeating ids can list this many pages.
                 raise OverflowError(f"the batch lists {nnz} kernel blocks, more than int32 indptr can address")
@@ -1944,7 +1953,7 @@ cdef class KVCacheManager(Persistent):
             indptr_data[0] = 0
             for i in range(n):
                 record = &records[slot_ids[i]]
-                count = self._kernel_blocks_of(record, &kernel, per_block)
+                count = self._kernel_blocks_of(record, &kernel, per_block, False)
                 expand_to_kernel_blocks(self._table.row_blocks(record.row), count, per_block,
                                         indices_data + at)
                 at += count
@@ -2112,6 +2121,7 @@ cdef class KVCacheManager(Persistent):
         cdef int64_t epoch, i, count
         cdef int attempt
         cdef int64_t* token_data
+        cdef int64_t* lookahead_data
         cdef const int64_t* id_data
         cdef int32_t slot
         cdef Py_ssize_t num_free
@@ -2123,6 +2133,7 @@ cdef class KVCacheManager(Persistent):
             seq_ids, lengths, blocks = self._table.snapshot(True, attempt > 0)
             count = cnp.PyArray_DIM(seq_ids, 0)
             tokens = empty(count, cnp.NPY_INT64)
+            lookahead = empty(count, cnp.NPY_INT64)
             refcount = empty(num_blocks, cnp.NPY_INT32)
             free_stack = empty(num_blocks, cnp.NPY_INT32)
             capture = None if self._cache is None else _CacheCapture(self)
@@ -2135,10 +2146,12 @@ cdef class KVCacheManager(Persistent):
                 chains = {seq: tail.hex() for seq, tail in chains.items()}
             # From here on nothing can let another thread run.
             token_data = <int64_t*>cnp.PyArray_DATA(tokens)
+            lookahead_data = <int64_t*>cnp.PyArray_DATA(lookahead)
             id_data = <const int64_t*>cnp.PyArray_DATA(seq_ids)
             for i in range(count):
                 slot = self._sequences.find(id_data[i])
                 token_data[i] = self._sequences.slots[slot].tokens if slot >= 0 else -1
+                lookahead_data[i] = self._sequences.slots[slot].lookahead if slot >= 0 else 0
             num_free = self._allocator.capture(refcount, free_stack)
             if capture is not None:
                 (<_CacheCapture>capture).take(self)
@@ -2153,6 +2166,7 @@ cdef class KVCacheManager(Persistent):
             state["free_stack"] = free_stack[:num_free]
             state["tokens"] = tokens
             state["attention"] = np.array([self._attention, self._span, self._group_idx], dtype=np.int64)
+            state["lookahead"] = lookahead
             if capture is not None:
                 (<_CacheCapture>capture).fill(self, state, free_stack[:num_free])
                 if chains:
@@ -2167,6 +2181,7 @@ cdef class KVCacheManager(Persistent):
         attention, span, group_idx = _state.attention_state(state)
         (block_size, num_blocks, seq_ids, lengths, blocks, tokens, refcount,
          free_stack) = _state.manager_state(state, attention != ATTENTION_FULL)
+        lookahead = _state.lookahead_state(state, tokens, lengths, block_size)
         cache_state = _state.prefix_state(state, num_blocks, block_size, free_stack.shape[0])
         lru = None
         if cache_state is not None:
@@ -2201,6 +2216,7 @@ cdef class KVCacheManager(Persistent):
             while k < lengths[i] and blocks[first + k] == PAD:
                 k += 1
             manager._sequences.slots[slot].live = <int32_t>k
+            manager._sequences.slots[slot].lookahead = <int32_t>lookahead[i]
             first += lengths[i]
         if cache_state is not None:
             manager._restore_cache(cache_state, lru)
@@ -2293,6 +2309,8 @@ cdef class KVCacheManager(Persistent):
                 raise AssertionError(
                     f"sequence {seq} holds {tokens} tokens in {length} blocks "
                     f"(block_size {self._block_size} needs {self._blocks_needed(tokens)})")
+            if tokens + self._sequences.slots[slot].lookahead > length * self._block_size:
+                raise AssertionError(f"sequence {seq} reserves draft positions past the blocks it holds")
             if live > self._released_to(tokens) or live > length:
                 raise AssertionError(f"sequence {seq} released {live} blocks, more than its window allows")
             if live and (blocks[:live] != PAD).any():

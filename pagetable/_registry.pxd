@@ -18,6 +18,7 @@ cdef struct SequenceSlot:
     int32_t tokens      # tokens the sequence holds
     int32_t row         # its row in the manager's table
     int32_t live        # its first held block: entries before it are released (windows)
+    int32_t lookahead   # draft positions its last growth call reserved past its tokens
 
 
 @cython.final

@@ -57,6 +57,8 @@ _MEMBERS = {
     "prefix_stats": "iu", "prefix_extra": "U", "prefix_chains": "U",
     # a KVCacheManager's attention kind: (kind, window or chunk, group index)
     "attention": "iu",
+    # a KVCacheManager's draft positions reserved past each sequence's tokens
+    "lookahead": "iu",
 }
 # prefix_chains is optional: only a windowed manager has chain tails to keep.
 _PREFIX_MEMBERS = [key for key in _MEMBERS if key.startswith("prefix_") and key != "prefix_chains"]
@@ -312,6 +314,22 @@ def attention_state(state: object) -> tuple[int, int, int]:
     if value.shape[0] != 3 or value[0] > 2 or (value[0] == 0) != (value[1] == 0):
         raise CorruptStateError(f"state['attention'] = {value.tolist()} is not valid")
     return int(value[0]), int(value[1]), int(value[2])
+
+
+def lookahead_state(state: object, tokens: np.ndarray, lengths: np.ndarray,
+                    block_size: int) -> np.ndarray:
+    """Each sequence's reserved draft positions (0 for state saved before lookahead),
+    within the blocks it holds."""
+    if not isinstance(state, dict) or "lookahead" not in state:
+        return np.zeros(tokens.shape[0], dtype=np.int64)
+    lookahead = _vector(state, "lookahead", 0, INT32_MAX)
+    if lookahead.shape != tokens.shape:
+        raise CorruptStateError(f"{tokens.shape[0]} sequences but {lookahead.shape[0]} lookahead counts")
+    wrong = np.flatnonzero(tokens + lookahead > lengths.astype(np.int64) * block_size)
+    if wrong.size:
+        raise CorruptStateError(
+            f"sequence {int(wrong[0])} of the state reserves positions past the blocks it holds")
+    return lookahead
 
 
 def chains_state(state: object, digest: int) -> dict[int, bytes]:

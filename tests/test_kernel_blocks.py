@@ -588,3 +588,49 @@ def test_kernel_export_property(case, rows):
         np.testing.assert_array_equal(got, want)
     for got, want in zip(table.to_csr(batch, kernel_block_size=b), direct.to_csr(batch)):
         np.testing.assert_array_equal(got, want)
+
+
+# ------------------------------------------------ reserved lookahead blocks (HYBRID.md)
+
+@pytest.mark.parametrize("block_size, kernel", [(16, 4), (32, 16), (8, 8)])
+def test_kernel_exports_list_the_reserved_draft_positions(block_size, kernel):
+    """Reserved draft blocks are listed in the dense tables (a drafter writes there),
+    as many kernel blocks as a manager at the kernel block size needs for them;
+    FlashInfer's pages are those of the committed tokens (its page count and last
+    page length give the length)."""
+    rng = np.random.default_rng(3)
+    big = KVCacheManager(400, block_size)
+    small = KVCacheManager(400 * (block_size // kernel), kernel)
+    lengths = rng.integers(1, 60, 6)
+    for seq, n in enumerate(lengths.tolist()):
+        big.add_sequence(seq, n)
+        small.add_sequence(seq, n)
+    ids = np.arange(6)
+    for step in range(5):
+        drafts = int(rng.integers(0, 7))
+        a = big.append_tokens(ids, 1, num_lookahead=drafts)
+        small.append_tokens(ids, 1, num_lookahead=drafts)
+        dense = big.block_table(ids, kernel_block_size=kernel)
+        native = small.block_table(ids)
+        # The manager at the kernel size holds ceil((c + K) / b) blocks: the same count.
+        assert dense.shape[1] == max(-(-(int(c) + drafts) // kernel) for c in big.seq_lens(ids))
+        for i, seq in enumerate(ids):
+            count = -(-(int(big.seq_lens([seq])[0]) + drafts) // kernel)
+            row = dense[i, :count]
+            assert (row >= 0).all() and (dense[i, count:] == -1).all()
+            # Every lookahead slot lies in a kernel block the dense table lists.
+            la = a.lookahead_slots[i * drafts:(i + 1) * drafts]
+            assert set((la // kernel).tolist()) <= set(row.tolist())
+        # A manager at the kernel size keeps blocks an earlier, longer lookahead
+        # reserved; the split lists exactly the kernel blocks this call's drafts need.
+        assert native.shape[1] >= dense.shape[1]
+        indptr, indices, last = big.flashinfer_layout(ids, kernel_block_size=kernel)
+        lens = big.seq_lens(ids)
+        np.testing.assert_array_equal(np.diff(indptr), -(-lens // kernel))
+        np.testing.assert_array_equal((np.diff(indptr) - 1) * kernel + last, lens)
+        plain_indptr, _, plain_last = big.flashinfer_layout(ids)
+        np.testing.assert_array_equal((np.diff(plain_indptr) - 1) * block_size + plain_last, lens)
+        big.check()
+    big.rollback(ids, 1)
+    assert big.block_table(ids, kernel_block_size=kernel).shape[1] == max(
+        -(-int(c) // kernel) for c in big.seq_lens(ids))

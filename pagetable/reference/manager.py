@@ -11,11 +11,13 @@ Nothing here is tuned for speed: every rule is spelled out one block at a time.
 
 from __future__ import annotations
 
+import math
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
+from pagetable._admission import Admission
 from pagetable._convert import INT64_MAX, as_index, as_int_array, check_range
 # The exception and the result container are shared with the Cython manager, so that
 # callers catch one OutOfBlocksError; every decision below is plain Python.
@@ -38,14 +40,27 @@ from pagetable.reference.prefix import (
 BLOCK_ID_MAX = 2**31 - 1
 
 
+def _empty_result_has_lookahead() -> bool:
+    empty = np.zeros(0, dtype=np.int64)
+    return hasattr(AppendResult(empty, empty.astype(np.int32), empty.astype(np.int32)), "lookahead_slots")
+
+
+# AppendResult gains lookahead_slots (its fifth argument) with docs/HYBRID.md; until the
+# compiled class has it, the model's results leave it out (the slots are still decided).
+APPEND_RESULT_HAS_LOOKAHEAD = _empty_result_has_lookahead()
+
+
 def _result(slots: list[int], copy_src: list[int], copy_dst: list[int],
-            num_cached_tokens: int = 0) -> AppendResult:
-    return AppendResult(
+            num_cached_tokens: int = 0, lookahead_slots: list[int] | None = None) -> AppendResult:
+    arguments: list[Any] = [
         np.array(slots, dtype=np.int64),
         np.array(copy_src, dtype=np.int32),
         np.array(copy_dst, dtype=np.int32),
         num_cached_tokens,
-    )
+    ]
+    if APPEND_RESULT_HAS_LOOKAHEAD:
+        arguments.append(np.array(lookahead_slots or [], dtype=np.int64))
+    return AppendResult(*arguments)
 
 
 class ReferenceBlockAllocator:
@@ -128,6 +143,61 @@ def _token_ids(values: object, name: str = "token_ids") -> list[int]:
     return ids
 
 
+def _window_length(value: object, name: str) -> int | None:
+    """A window or chunk length in tokens: None, or an int >= 1 (not a bool or float)."""
+    if value is None:
+        return None
+    length = as_index(value, name)
+    if length < 1:
+        raise ValueError(f"{name} must be >= 1 (tokens), got {length}")
+    return check_range(length, 1, INT64_MAX, name)
+
+
+class _Either:
+    """Membership in either of two maps: the prefix cache and what a call will add."""
+
+    def __init__(self, first: dict[bytes, Any], second: dict[bytes, Any]) -> None:
+        self._first, self._second = first, second
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._first or key in self._second
+
+
+class _Prompt(NamedTuple):
+    """One prompt of an admission plan, everything decided."""
+
+    seq: int
+    num_tokens: int
+    token_ids: list[int | None] | None   # None: unknown (no token_ids given)
+    extra_keys: Any
+    hashes: list[bytes]
+    hit: int                  # H: blocks counted as cached
+    low: int                  # lo(H): the row's leading PAD entries
+    cached_now: list[int]     # block indices lo(H)..H-1 registered before the call
+
+
+class _AdmissionPlan(NamedTuple):
+    """Steps 1-3 of ``add_sequences``; ``_admit`` carries out step 4."""
+
+    prompts: list[_Prompt]
+    need: int
+    available: int
+
+
+class _AppendPlan(NamedTuple):
+    """Every check and decision of ``append_tokens``; ``_append`` carries it out."""
+
+    seq_ids: list[int]
+    counts: list[int]
+    new_tokens: list[list[int | None]]
+    num_lookahead: int
+    releases: list[tuple[int, list[int], int]]   # (seq, block indices released, new live)
+    drops: list[int]          # registered blocks a sole holder writes into: hashes dropped
+    new_hashes: dict[int, list[bytes]]
+    need: int
+    available: int
+
+
 class ReferenceKVCacheManager:
     """Reference KV-cache manager: ``{seq_id: [block, ...]}`` and ``{seq_id: tokens}``.
 
@@ -137,6 +207,12 @@ class ReferenceKVCacheManager:
     not, it records the token id every slot of every block holds (``None`` where the
     caller gave no ids) and each sequence's own token list, so that the tests can
     see that a sequence's blocks hold exactly its tokens.
+
+    With a sliding window or chunked-local attention (``docs/HYBRID.md``) a row's
+    entries before the sequence's ``live`` index are ``PAD_SLOT_ID``: blocks given
+    back.  A sequence keeps the hash of every full block it ever held (of which the
+    Cython manager keeps only the chain tail; the hashes agree).  A row may hold
+    reserved lookahead blocks past the sequence's length.
     """
 
     def __init__(
@@ -144,6 +220,9 @@ class ReferenceKVCacheManager:
         num_blocks: int,
         block_size: int = 16,
         *,
+        sliding_window: int | None = None,
+        attention_chunk: int | None = None,
+        group_idx: int = 0,
         enable_prefix_caching: bool = False,
         hash_algorithm: str = "sha256",
         hash_seed: str | int | None = None,
@@ -158,6 +237,11 @@ class ReferenceKVCacheManager:
             raise ValueError(
                 f"num_blocks * block_size must be below 2**31, got {num_blocks} * {block_size}"
             )
+        window = _window_length(sliding_window, "sliding_window")
+        chunk = _window_length(attention_chunk, "attention_chunk")
+        if window is not None and chunk is not None:
+            raise ValueError("give at most one of sliding_window and attention_chunk")
+        group_idx = check_range(as_index(group_idx, "group_idx"), 0, BLOCK_ID_MAX, "group_idx")
         if event_hash_format not in EVENT_HASH_FORMATS:
             raise ValueError(f"event_hash_format must be 'int' or 'bytes', got {event_hash_format!r}")
         if not isinstance(medium, str):
@@ -176,9 +260,15 @@ class ReferenceKVCacheManager:
         self._medium = medium
         self._data_parallel_rank = data_parallel_rank
         self._block_size = block_size
+        self._window = window
+        self._chunk = chunk
+        self._group_idx = group_idx
         self._allocator = ReferenceBlockAllocator(num_blocks)
+        # Each sequence's row: PAD_SLOT_ID for released blocks, then held blocks
+        # (reserved lookahead blocks past its length included).
         self._blocks: dict[int, list[int]] = {}
         self._tokens: dict[int, int] = {}
+        self._live: dict[int, int] = {}
         # What every slot holds: per block, the token ids written so far, in order.
         self._contents: list[list[int | None]] = [[] for _ in range(num_blocks)]
         self._token_ids: dict[int, list[int | None]] = {}
@@ -198,6 +288,18 @@ class ReferenceKVCacheManager:
     @property
     def block_size(self) -> int:
         return self._block_size
+
+    @property
+    def sliding_window(self) -> int | None:
+        return self._window
+
+    @property
+    def attention_chunk(self) -> int | None:
+        return self._chunk
+
+    @property
+    def group_idx(self) -> int:
+        return self._group_idx
 
     @property
     def allocator(self) -> ReferenceBlockAllocator:
@@ -239,6 +341,18 @@ class ReferenceKVCacheManager:
     def _blocks_for(self, tokens: int) -> int:
         return -(-tokens // self._block_size)
 
+    def _first_needed(self, position: int) -> int:
+        """The first position the token at ``position`` attends to."""
+        if self._window is not None:
+            return max(0, position - self._window + 1)
+        if self._chunk is not None:
+            return position // self._chunk * self._chunk
+        return 0
+
+    def _low(self, hit: int) -> int:
+        """lo(H): the first block a hit of ``hit`` blocks needs."""
+        return self._first_needed(hit * self._block_size) // self._block_size
+
     def _known(self, seq_ids: object, name: str = "seq_ids", distinct: bool = False) -> list[int]:
         """The ids, checked entry by entry in order: negative, unknown, or (when
         ``distinct``) repeated; the first bad entry names the error."""
@@ -255,44 +369,27 @@ class ReferenceKVCacheManager:
                 seen.add(s)
         return ids
 
-    def _counts(self, num_new_tokens: object, n: int) -> list[int]:
+    def _counts(self, num_new_tokens: object, n: int, name: str = "num_new_tokens") -> list[int]:
         if isinstance(num_new_tokens, np.ndarray) and num_new_tokens.ndim == 0:
             num_new_tokens = num_new_tokens.item()
         if isinstance(num_new_tokens, (list, tuple, np.ndarray)):
-            counts = [int(c) for c in as_int_array(num_new_tokens, "num_new_tokens")]
+            counts = [int(c) for c in as_int_array(num_new_tokens, name)]
             if len(counts) != n:
                 raise ValueError(
-                    f"num_new_tokens must have one entry per sequence ({n}), got {len(counts)}"
+                    f"{name} must have one entry per sequence ({n}), got {len(counts)}"
                 )
         else:
             # One count for every sequence: checked as itself, even for no sequence.
-            count = as_index(num_new_tokens, "num_new_tokens")
+            count = as_index(num_new_tokens, name)
             if count < 0:
-                raise ValueError(f"num_new_tokens[0] = {count} is negative")
+                raise ValueError(f"{name}[0] = {count} is negative")
             if count > INT64_MAX:
-                raise OverflowError(f"num_new_tokens = {count} does not fit in 64 bits")
+                raise OverflowError(f"{name} = {count} does not fit in 64 bits")
             counts = [count] * n
         for i, c in enumerate(counts):
             if c < 0:
-                raise ValueError(f"num_new_tokens[{i}] = {c} is negative")
+                raise ValueError(f"{name}[{i}] = {c} is negative")
         return counts
-
-    def _plan(self, ids: list[int], counts: list[int]) -> int:
-        """Blocks the call needs: new blocks plus one per copy-on-write, in input order."""
-        need = 0
-        pending_release: dict[int, int] = {}
-        for s, k in zip(ids, counts):
-            if k == 0:
-                continue
-            tokens = self._tokens[s]
-            blocks = self._blocks[s]
-            if tokens % self._block_size:
-                last = blocks[-1]
-                if self._allocator._refcount[last] - pending_release.get(last, 0) > 1:
-                    need += 1
-                    pending_release[last] = pending_release.get(last, 0) + 1
-            need += self._blocks_for(tokens + k) - len(blocks)
-        return need
 
     # -- the prefix cache, one rule at a time -----------------------------------------
     def _chain(self, parent: bytes | None, token_ids: list[int | None], extra_keys: Any,
@@ -309,14 +406,24 @@ class ReferenceKVCacheManager:
             hashes.append(self._hash((before, tuple(block), block_extra_keys(extra_keys, k, size))))
         return hashes
 
-    def _hit_length(self, hashes: list[bytes], num_tokens: int) -> int:
-        """H: the registered run at the head of ``hashes``, capped so that the last
-        token is always computed."""
-        cap = (num_tokens - 1) // self._block_size if num_tokens else 0
-        hit = 0
-        while hit < min(len(hashes), cap) and hashes[hit] in self._cache:
-            hit += 1
-        return hit
+    def _mask(self, hashes: list[bytes], num_tokens: int, registered: Any = None) -> list[bool]:
+        """Entry H: whether blocks lo(H)..H-1 of ``hashes`` are all registered (in the
+        map, or in ``registered`` when given), for H = 0 .. min(F, (n-1)//B)."""
+        size = self._block_size
+        cap = min(num_tokens // size, max(0, (num_tokens - 1) // size))
+        known = self._cache if registered is None else registered
+        mask = [True]
+        for hit in range(1, min(cap, len(hashes) if self._caching else 0) + 1):
+            mask.append(all(hashes[k] in known for k in range(self._low(hit), hit)))
+        # Past the known hashes (or without caching) no hit: the rest is False.
+        return mask + [False] * (cap + 1 - len(mask))
+
+    def _hit_length(self, hashes: list[bytes], num_tokens: int, registered: Any = None) -> int:
+        """H: the largest hit the mask accepts (the last token is always computed)."""
+        cap = min(num_tokens // self._block_size, max(0, (num_tokens - 1) // self._block_size))
+        mask = self._mask(hashes, min(num_tokens, len(hashes) * self._block_size + 1)
+                          if cap > len(hashes) else num_tokens, registered)
+        return max(hit for hit, ok in enumerate(mask) if ok)
 
     def _take(self, n: int) -> list[int]:
         """``n`` fresh blocks: the free stack's top while it lasts, then the LRU head
@@ -327,16 +434,20 @@ class ReferenceKVCacheManager:
                 block = self._allocator._free_stack.pop()
             else:
                 block = self._lru.pop(0)
-                block_hash = self._registered.pop(block)
-                del self._registered_from[block]
-                del self._cache[block_hash]
                 self._evictions += 1
-                self._record(BlockRemoved(block_hashes=[self._event_hash(block_hash)],
-                                          medium=self._medium, group_idx=0))
+                self._unregister(block)
             self._allocator._refcount[block] = 1
             self._contents[block] = []
             taken.append(block)
         return taken
+
+    def _unregister(self, block: int) -> None:
+        """The block's hash leaves the map (a BlockRemoved event)."""
+        block_hash = self._registered.pop(block)
+        del self._registered_from[block]
+        del self._cache[block_hash]
+        self._record(BlockRemoved(block_hashes=[self._event_hash(block_hash)],
+                                  medium=self._medium, group_idx=self._group_idx))
 
     def _release(self, block: int) -> None:
         """One reference fewer; at none, to the LRU tail if registered, else to the
@@ -361,6 +472,7 @@ class ReferenceKVCacheManager:
             if block_hash in self._cache:
                 continue
             block = self._blocks[seq][k]
+            # The parent is the chain tail even where block k-1 was released.
             parent = hashes[k - 1] if k else self._none_hash
             self._cache[block_hash] = block
             self._registered[block] = block_hash
@@ -382,7 +494,7 @@ class ReferenceKVCacheManager:
                 medium=self._medium,
                 lora_name=lora_name,
                 extra_keys=entries,
-                group_idx=0,
+                group_idx=self._group_idx,
             ))
 
     def _event_hash(self, block_hash: bytes) -> int | bytes:
@@ -393,11 +505,19 @@ class ReferenceKVCacheManager:
             self._events.append(event)
 
     def _write(self, seq: int, start: int, token_ids: list[int | None]) -> None:
-        """Put ``token_ids`` at positions ``start, ...`` of the sequence's blocks."""
+        """Put ``token_ids`` at positions ``start, ...`` of the sequence's blocks.
+
+        A block the sequence owns may hold more than its length (it was truncated
+        while shared, then the others let go): the write replaces that tail."""
         size = self._block_size
         for offset, token in enumerate(token_ids):
             position = start + offset
-            contents = self._contents[self._blocks[seq][position // size]]
+            block = self._blocks[seq][position // size]
+            contents = self._contents[block]
+            if len(contents) > position % size:
+                if self._allocator._refcount[block] != 1 or block in self._registered:
+                    raise AssertionError(f"sequence {seq} overwrites position {position} in a shared or registered block")
+                del contents[position % size:]
             if len(contents) != position % size:
                 raise AssertionError(f"sequence {seq} writes position {position} out of order")
             contents.append(token)
@@ -409,15 +529,16 @@ class ReferenceKVCacheManager:
         size = self._block_size
         self._blocks[seq] = list(blocks)
         self._tokens[seq] = num_tokens
+        self._live[seq] = 0
         self._token_ids[seq] = [None] * num_tokens
         self._extra_keys[seq] = None
         for j, b in enumerate(blocks):
             self._contents[b] = [None] * min(size, num_tokens - j * size)
 
-    # -- growth -----------------------------------------------------------------------
-    def add_sequence(self, seq_id: object, num_tokens: object = None, token_ids: object = None,
-                     extra_keys: Any = None) -> AppendResult:
-        seq = _seq_id(seq_id, "seq_id")
+    # -- admission --------------------------------------------------------------------
+    def _prompt_arguments(self, n: object, token_ids: object, extra_keys: Any,
+                          what: str) -> tuple[int, list[int | None] | None]:
+        """One prompt's checks, as ``add_sequence`` makes them: (its length, its ids)."""
         ids: list[int | None] | None = None
         if token_ids is not None:
             ids = list(_token_ids(token_ids))
@@ -425,60 +546,134 @@ class ReferenceKVCacheManager:
             raise ValueError("token_ids is required when prefix caching is on")
         if extra_keys is not None and not self._caching:
             raise ValueError("extra_keys is only used with enable_prefix_caching=True")
-        if num_tokens is None:
+        if n is None:
             if ids is None:
-                raise TypeError("add_sequence needs num_tokens or token_ids")
-            n = len(ids)
-        else:
-            n = as_index(num_tokens, "num_tokens")
-            if n < 0:
-                raise ValueError(f"num_tokens must be >= 0, got {n}")
-            if ids is not None and len(ids) != n:
-                raise ValueError(f"num_tokens = {n} but token_ids holds {len(ids)} tokens")
+                raise TypeError(f"{what} needs num_tokens or token_ids")
+            return len(ids), ids
+        count = as_index(n, "num_tokens")
+        if count < 0:
+            raise ValueError(f"num_tokens must be >= 0, got {count}")
+        if ids is not None and len(ids) != count:
+            raise ValueError(f"num_tokens = {count} but token_ids holds {len(ids)} tokens")
+        return count, ids
+
+    def _plan_prompts(self, entries: list[tuple[int, int, list[int | None] | None, Any]],
+                      hits: list[int] | None) -> _AdmissionPlan:
+        """Steps 2-3: the hit of each prompt in order (against the map plus what the
+        earlier prompts will register, unless ``hits`` fixes them), need, available."""
+        will_register: dict[bytes, None] = {}
+        prompts = []
+        for i, (seq, n, ids, keys) in enumerate(entries):
+            # Every hash before anything changes: a key that cannot be hashed raises here.
+            hashes = self._chain(None, ids, keys, 0) if self._caching and ids is not None else []
+            if hits is None:
+                hit = self._hit_length(hashes, n, _Either(self._cache, will_register))
+            else:
+                hit = hits[i]
+                mask = self._mask(hashes, n)
+                if not 0 <= hit < len(mask) or not mask[hit]:
+                    raise ValueError(f"hit_blocks[{i}] = {hit} is not a hit this manager can serve")
+            low = self._low(hit)
+            cached_now = [k for k in range(low, hit) if hashes[k] in self._cache]
+            for k in range(hit, len(hashes)):
+                if hashes[k] not in self._cache and hashes[k] not in will_register:
+                    will_register[hashes[k]] = None
+            prompts.append(_Prompt(seq, n, ids, keys, hashes, hit, low, cached_now))
+        need = sum(self._blocks_for(p.num_tokens) - p.hit for p in prompts)
+        hit_blocks = {self._cache[p.hashes[k]] for p in prompts for k in p.cached_now}
+        available = self.num_free_blocks - sum(1 for b in hit_blocks if self._allocator._refcount[b] == 0)
+        return _AdmissionPlan(prompts, need, available)
+
+    def _admit(self, plan: _AdmissionPlan) -> list[AppendResult]:
+        """Step 4 of ``add_sequences``: every hit block registered before the call
+        gains its references first, then prompt by prompt one take, the row, the
+        registration."""
+        if plan.need > plan.available:
+            raise OutOfBlocksError(plan.need, plan.available)
+        size = self._block_size
+        for p in plan.prompts:
+            for k in p.cached_now:
+                block = self._cache[p.hashes[k]]
+                if self._allocator._refcount[block] == 0:
+                    self._lru.remove(block)
+                self._allocator._refcount[block] += 1
+        results = []
+        for p in plan.prompts:
+            seq, n, hit, low = p.seq, p.num_tokens, p.hit, p.low
+            token_ids = p.token_ids if p.token_ids is not None else [None] * n
+            hit_blocks = []
+            for k in range(low, hit):
+                block = self._cache[p.hashes[k]]     # registered now: before, or by an earlier prompt
+                if k not in p.cached_now:
+                    self._allocator._refcount[block] += 1
+                hit_blocks.append(block)
+            self._blocks[seq] = [PAD_SLOT_ID] * low + hit_blocks + self._take(self._blocks_for(n) - hit)
+            self._tokens[seq] = n
+            self._live[seq] = low
+            self._token_ids[seq] = list(token_ids[:hit * size])
+            self._extra_keys[seq] = p.extra_keys
+            self._write(seq, hit * size, token_ids[hit * size:])
+            slots = [self._slot(seq, q) for q in range(hit * size, n)]
+            if not self._caching:
+                results.append(_result(slots, [], []))
+                continue
+            self._hashes[seq] = p.hashes
+            self._register(seq, hit)
+            self._requests += 1
+            self._queries += n
+            self._hits += hit * size
+            results.append(_result(slots, [], [], hit * size))
+        return results
+
+    def add_sequence(self, seq_id: object, num_tokens: object = None, token_ids: object = None,
+                     extra_keys: Any = None) -> AppendResult:
+        seq = _seq_id(seq_id, "seq_id")
+        n, ids = self._prompt_arguments(num_tokens, token_ids, extra_keys, "add_sequence")
         if seq in self._blocks:
             raise ValueError(f"seq_id = {seq} already exists")
-        # Every hash before anything changes: a key that cannot be hashed raises here.
-        hashes = self._chain(None, ids, extra_keys, 0) if self._caching and ids is not None else []
-        hit = self._hit_length(hashes, n)
-        hit_blocks = [self._cache[h] for h in hashes[:hit]]
-        need = self._blocks_for(n) - hit
-        available = self.num_free_blocks - sum(1 for b in hit_blocks if self._allocator._refcount[b] == 0)
-        if need > available:
-            raise OutOfBlocksError(need, available)
-        if ids is None:
-            ids = [None] * n
-        for block in hit_blocks:
-            if self._allocator._refcount[block] == 0:
-                self._lru.remove(block)
-            self._allocator._refcount[block] += 1
-        self._blocks[seq] = hit_blocks + self._take(need)
-        self._tokens[seq] = n
-        self._token_ids[seq] = list(ids[:hit * self._block_size])
-        self._extra_keys[seq] = extra_keys
-        self._write(seq, hit * self._block_size, ids[hit * self._block_size:])
-        slots = [self._slot(seq, p) for p in range(hit * self._block_size, n)]
-        if not self._caching:
-            return _result(slots, [], [])
-        self._hashes[seq] = hashes
-        self._register(seq, hit)
-        self._requests += 1
-        self._queries += n
-        self._hits += hit * self._block_size
-        return _result(slots, [], [], hit * self._block_size)
+        return self._admit(self._plan_prompts([(seq, n, ids, extra_keys)], None))[0]
 
-    def add_sequences(self, seq_ids: object, token_ids: object, extra_keys: object = None) -> list[AppendResult]:
-        """``add_sequence`` of each prompt in order, stopping at the first that does not
-        fit; every argument is checked before any is added."""
+    def _admission_plan(self, seq_ids: object, num_tokens: object = None, token_ids: object = None,
+                        extra_keys: object = None, hit_blocks: object = None) -> _AdmissionPlan:
+        """Steps 1-3 of ``add_sequences``; ``hit_blocks`` (one H per prompt) fixes the
+        hits instead, each one ``_hit_mask`` accepts, with no hits within the call."""
         ids = [int(s) for s in as_int_array(seq_ids, "seq_ids")]
-        if not isinstance(token_ids, (list, tuple)):
+        counts: list[Any]
+        if num_tokens is None:
+            counts = [None] * len(ids)
+        elif isinstance(num_tokens, (list, tuple, np.ndarray)):
+            counts = [int(c) for c in as_int_array(num_tokens, "num_tokens")]
+            if len(counts) != len(ids):
+                raise ValueError(f"num_tokens has {len(counts)} counts for {len(ids)} seq_ids")
+        else:
+            raise TypeError(f"num_tokens must be None or one count per sequence, got {type(num_tokens).__name__}")
+        prompts: list[Any]
+        if token_ids is None:
+            if self._caching:
+                raise ValueError("token_ids is required when prefix caching is on")
+            if num_tokens is None:
+                raise TypeError("add_sequences needs num_tokens or token_ids")
+            prompts = [None] * len(ids)
+        elif not isinstance(token_ids, (list, tuple)):
             raise TypeError(f"token_ids must be a list of arrays, one per sequence, got {type(token_ids).__name__}")
-        if len(token_ids) != len(ids):
+        elif len(token_ids) != len(ids):
             raise ValueError(f"token_ids has {len(token_ids)} prompts for {len(ids)} seq_ids")
+        else:
+            prompts = list(token_ids)
+        keys: list[Any]
         if extra_keys is None:
-            extra_keys = [None] * len(ids)
+            keys = [None] * len(ids)
         elif not isinstance(extra_keys, (list, tuple)) or len(extra_keys) != len(ids):
             raise ValueError(f"extra_keys must be None or a list of {len(ids)} entries (one per prompt)")
+        else:
+            keys = list(extra_keys)
+        hits: list[int] | None = None
+        if hit_blocks is not None:
+            hits = [int(h) for h in as_int_array(hit_blocks, "hit_blocks")]
+            if len(hits) != len(ids):
+                raise ValueError(f"hit_blocks has {len(hits)} entries for {len(ids)} seq_ids")
         seen: set[int] = set()
+        entries = []
         for i, s in enumerate(ids):
             if s < 0:
                 raise ValueError(f"seq_ids[{i}] = {s} is negative; sequence ids are 0..2**63-1")
@@ -488,27 +683,73 @@ class ReferenceKVCacheManager:
                 raise ValueError(f"seq_ids[{i}] = {s} already exists")
             seen.add(s)
             try:
-                _token_ids(token_ids[i])
-                if extra_keys[i] is not None and not self._caching:
-                    raise ValueError("extra_keys is only used with enable_prefix_caching=True")
+                n, tokens = self._prompt_arguments(counts[i], prompts[i], keys[i], "add_sequences")
             except (TypeError, ValueError, OverflowError) as error:
                 raise type(error)(f"prompt {i}: {error}") from None
-        results = []
-        for s, tokens, keys in zip(ids, token_ids, extra_keys):
-            try:
-                results.append(self.add_sequence(s, token_ids=tokens, extra_keys=keys))
-            except OutOfBlocksError:
-                break
-        return results
+            entries.append((s, n, tokens, keys[i]))
+        return self._plan_prompts(entries, hits)
+
+    def add_sequences(self, seq_ids: object, num_tokens: object = None, token_ids: object = None,
+                      extra_keys: object = None) -> list[AppendResult]:
+        """Admit every prompt or none (docs/HYBRID.md, "Batched admission")."""
+        return self._admit(self._admission_plan(seq_ids, num_tokens, token_ids, extra_keys))
+
+    def can_admit(self, num_tokens: object, token_ids: object = None, extra_keys: Any = None,
+                  watermark: object = 0.0) -> Admission:
+        """Whether ``add_sequence`` of this prompt would fit now, and ever could."""
+        if isinstance(watermark, (bool, np.bool_)) or not isinstance(watermark, (int, float, np.integer, np.floating)):
+            raise TypeError(f"watermark must be a float in [0, 1), got {type(watermark).__name__}")
+        if not 0.0 <= float(watermark) < 1.0:
+            raise ValueError(f"watermark must be in [0, 1), got {watermark}")
+        ids: list[int | None] | None = None
+        if token_ids is None:
+            n = self._no_ids_count(num_tokens, extra_keys)
+        else:
+            n, ids = self._prompt_arguments(num_tokens, token_ids, extra_keys, "can_admit")
+        hashes = self._chain(None, ids, extra_keys, 0) if self._caching and ids is not None else []
+        hit = self._hit_length(hashes, n)
+        low = self._low(hit)
+        need = self._blocks_for(n) - hit
+        hit_blocks = {self._cache[hashes[k]] for k in range(low, hit)}
+        available = self.num_free_blocks - sum(1 for b in hit_blocks if self._allocator._refcount[b] == 0)
+        kept = math.ceil(float(watermark) * self.num_blocks)
+        return Admission(need <= available - kept, self._blocks_for(n) <= self.num_blocks - kept, need)
+
+    def _no_ids_count(self, num_tokens: object, extra_keys: Any) -> int:
+        """``can_admit`` without token ids: no hits, even with caching on."""
+        if extra_keys is not None and not self._caching:
+            raise ValueError("extra_keys is only used with enable_prefix_caching=True")
+        if num_tokens is None:
+            raise TypeError("can_admit needs num_tokens or token_ids")
+        count = as_index(num_tokens, "num_tokens")
+        if count < 0:
+            raise ValueError(f"num_tokens must be >= 0, got {count}")
+        return count
+
+    def _hit_mask(self, token_ids: object, extra_keys: Any = None) -> np.ndarray:
+        """Entry H: whether this manager could serve a hit of H blocks now."""
+        ids: list[int | None] = list(_token_ids(token_ids))
+        if extra_keys is not None and not self._caching:
+            raise ValueError("extra_keys is only used with enable_prefix_caching=True")
+        hashes = self._chain(None, ids, extra_keys, 0) if self._caching else []
+        return np.array(self._mask(hashes, len(ids)), dtype=bool)
 
     def _slot(self, seq: int, position: int) -> int:
         block = self._blocks[seq][position // self._block_size]
+        if block == PAD_SLOT_ID:
+            raise AssertionError(f"sequence {seq}'s position {position} is in a released block")
         return block * self._block_size + position % self._block_size
 
-    def append_tokens(self, seq_ids: object, num_new_tokens: object = 1,
-                      token_ids: object = None) -> AppendResult:
+    # -- growth -----------------------------------------------------------------------
+    def _append_plan(self, seq_ids: object, num_new_tokens: object = 1, token_ids: object = None,
+                     num_lookahead: object = 0) -> _AppendPlan:
+        """Every check and decision of ``append_tokens``; changes nothing."""
         ids = self._known(seq_ids, distinct=True)
         counts = self._counts(num_new_tokens, len(ids))
+        lookahead = as_index(num_lookahead, "num_lookahead")
+        if lookahead < 0:
+            raise ValueError(f"num_lookahead must be >= 0, got {lookahead}")
+        check_range(lookahead, 0, INT64_MAX, "num_lookahead")
         flat: list[int | None] | None = None
         if token_ids is not None:
             flat = list(_token_ids(token_ids))
@@ -518,15 +759,15 @@ class ReferenceKVCacheManager:
                 )
         elif self._caching:
             raise ValueError("token_ids is required when prefix caching is on")
-        need = self._plan(ids, counts)
-        if need > self.num_free_blocks:
-            raise OutOfBlocksError(need, self.num_free_blocks)
-        # Each sequence's new token ids (unknown ones as None, now that they fit).
+        releases, drops, need, available = self._growth_plan(ids, counts, lookahead)
+        # Each sequence's new token ids (unknown ones as None only once they fit: a
+        # count too large for the pool must not build a list that large).
         new_tokens: list[list[int | None]] = []
-        start = 0
-        for k in counts:
-            new_tokens.append(flat[start:start + k] if flat is not None else [None] * k)
-            start += k
+        if flat is not None:
+            start = 0
+            for k in counts:
+                new_tokens.append(flat[start:start + k])
+                start += k
         # Every hash before anything changes.
         new_hashes = {}
         if self._caching:
@@ -534,41 +775,171 @@ class ReferenceKVCacheManager:
                 known = self._hashes[s]
                 new_hashes[s] = self._chain(known[-1] if known else None,
                                             self._token_ids[s] + tokens, self._extra_keys[s], len(known))
-        fresh = self._take(need)
-        slots: list[int] = []
-        copy_src: list[int] = []
-        copy_dst: list[int] = []
-        for s, k, tokens in zip(ids, counts, new_tokens):
-            if k == 0:
+        return _AppendPlan(ids, counts, new_tokens, lookahead, releases, drops, new_hashes,
+                           need, available)
+
+    def _growth_plan(self, ids: list[int], counts: list[int], lookahead: int
+                     ) -> tuple[list[tuple[int, list[int], int]], list[int], int, int]:
+        """(releases, dropped hashes, need, available) of growing ``ids`` by ``counts``
+        committed tokens and ``lookahead`` reserved positions."""
+        size = self._block_size
+        refcount = list(self._allocator._refcount)
+        # 1. Releases, sequence by sequence, each ascending; a block counts as freed
+        #    when its last holder in the call lets it go.
+        releases = []
+        freed = 0
+        for s, k in zip(ids, counts):
+            if k == 0 and lookahead == 0:
+                continue
+            live = self._live[s]
+            first_kept = self._first_needed(self._tokens[s]) // size
+            if first_kept > live:
+                indices = list(range(live, first_kept))
+                for j in indices:
+                    block = self._blocks[s][j]
+                    refcount[block] -= 1
+                    freed += refcount[block] == 0
+                releases.append((s, indices, first_kept))
+        # 2. Copy-on-write of the block holding position c, in input order; a
+        #    registered block its sole holder writes into loses its hash.
+        need = 0
+        drops = []
+        for s, k in zip(ids, counts):
+            if k == 0 and lookahead == 0:
                 continue
             length = self._tokens[s]
-            blocks = self._blocks[s]
-            if length % self._block_size:
-                last = blocks[-1]
-                if self._allocator._refcount[last] > 1:
-                    copy = fresh.pop(0)
-                    copy_src.append(last)
-                    copy_dst.append(copy)
-                    self._contents[copy] = list(self._contents[last])
-                    self._release(last)
-                    blocks[-1] = copy
-            while len(blocks) < self._blocks_for(length + k):
-                blocks.append(fresh.pop(0))
+            row = self._blocks[s]
+            j = length // size
+            if j < len(row):
+                block = row[j]
+                if refcount[block] > 1:
+                    need += 1
+                    refcount[block] -= 1
+                elif block in self._registered:
+                    drops.append(block)
+            need += max(0, self._blocks_for(length + k + lookahead) - len(row))
+        return releases, drops, need, self.num_free_blocks + freed
+
+    def _append(self, plan: _AppendPlan) -> AppendResult:
+        """Carry out an append plan: releases, dropped hashes, one take, then sequence
+        by sequence copy-on-write, new blocks, writes and registration."""
+        if plan.need > plan.available:
+            raise OutOfBlocksError(plan.need, plan.available)
+        for s, indices, first_kept in plan.releases:
+            row = self._blocks[s]
+            for j in indices:
+                block = row[j]
+                row[j] = PAD_SLOT_ID
+                self._release(block)
+            self._live[s] = first_kept
+        for block in plan.drops:
+            self._unregister(block)
+        fresh = self._take(plan.need)
+        size = self._block_size
+        lookahead = plan.num_lookahead
+        new_tokens = plan.new_tokens or [[None] * k for k in plan.counts]
+        slots: list[int] = []
+        lookahead_slots: list[int] = []
+        copy_src: list[int] = []
+        copy_dst: list[int] = []
+        for s, k, tokens in zip(plan.seq_ids, plan.counts, new_tokens):
+            if k == 0 and lookahead == 0:
+                continue
+            length = self._tokens[s]
+            row = self._blocks[s]
+            j = length // size
+            if j < len(row) and self._allocator._refcount[row[j]] > 1:
+                shared = row[j]
+                copy = fresh.pop(0)
+                copy_src.append(shared)
+                copy_dst.append(copy)
+                # The copy carries this sequence's tokens of the block, no more.
+                self._contents[copy] = list(self._contents[shared][:length % size])
+                self._release(shared)
+                row[j] = copy
+            while len(row) < self._blocks_for(length + k + lookahead):
+                row.append(fresh.pop(0))
             self._write(s, length, tokens)
-            for p in range(length, length + k):
-                slots.append(self._slot(s, p))
+            slots.extend(self._slot(s, p) for p in range(length, length + k))
+            lookahead_slots.extend(self._slot(s, p) for p in range(length + k, length + k + lookahead))
             self._tokens[s] = length + k
             if self._caching:
                 first = len(self._hashes[s])
-                self._hashes[s].extend(new_hashes[s])
+                self._hashes[s].extend(plan.new_hashes[s])
                 self._register(s, first)
-        return _result(slots, copy_src, copy_dst)
+        if fresh:
+            raise AssertionError("an append plan took more blocks than it used")
+        return _result(slots, copy_src, copy_dst, 0, lookahead_slots)
+
+    def append_tokens(self, seq_ids: object, num_new_tokens: object = 1,
+                      token_ids: object = None, num_lookahead: object = 0) -> AppendResult:
+        return self._append(self._append_plan(seq_ids, num_new_tokens, token_ids, num_lookahead))
 
     def can_append(self, seq_ids: object, num_new_tokens: object = 1) -> bool:
         ids = self._known(seq_ids, distinct=True)
         counts = self._counts(num_new_tokens, len(ids))
-        return self._plan(ids, counts) <= self.num_free_blocks
+        _, _, need, available = self._growth_plan(ids, counts, 0)
+        return need <= available
 
+    # -- shrinking --------------------------------------------------------------------
+    def _truncate_targets(self, seq_ids: object, values: object, name: str,
+                          rejected: bool) -> list[tuple[int, int]]:
+        """(seq, new length) of each sequence, every argument checked first."""
+        ids = self._known(seq_ids, distinct=True)
+        counts = self._counts(values, len(ids), name)
+        targets = []
+        for i, (s, count) in enumerate(zip(ids, counts)):
+            length = self._tokens[s]
+            if count > length:
+                raise ValueError(f"{name}[{i}] = {count} is more than sequence {s}'s {length} tokens")
+            new_length = length - count if rejected else count
+            if new_length > 0 and self._first_needed(new_length) // self._block_size < self._live[s]:
+                raise ValueError(
+                    f"sequence {s} cannot go back to {new_length} tokens: the next token's window "
+                    f"starts in block {self._first_needed(new_length) // self._block_size}, "
+                    f"already released (its first held block is {self._live[s]})"
+                )
+            targets.append((s, new_length))
+        return targets
+
+    def _truncate_check(self, seq_ids: object, num_tokens: object) -> None:
+        """Raise what ``truncate`` would raise; change nothing."""
+        self._truncate_targets(seq_ids, num_tokens, "num_tokens", rejected=False)
+
+    def _shrink(self, targets: list[tuple[int, int]]) -> None:
+        size = self._block_size
+        for s, new_length in targets:
+            row = self._blocks[s]
+            keep = self._blocks_for(new_length)
+            # Step 2: the tail leaves the table, last block first.
+            for j in range(len(row) - 1, keep - 1, -1):
+                if row[j] != PAD_SLOT_ID:
+                    self._release(row[j])
+            del row[keep:]
+            self._tokens[s] = new_length
+            del self._token_ids[s][new_length:]
+            if self._caching:
+                del self._hashes[s][new_length // size:]
+            # Step 3: a now-partial block only this sequence holds is no longer final.
+            if new_length % size:
+                block = row[new_length // size]
+                if self._allocator._refcount[block] == 1:
+                    if block in self._registered:
+                        self._unregister(block)
+                    del self._contents[block][new_length % size:]
+            # Step 4.
+            if new_length == 0:
+                self._live[s] = 0
+
+    def truncate(self, seq_ids: object, num_tokens: object) -> None:
+        """Set each sequence's length to its ``num_tokens`` (docs/HYBRID.md)."""
+        self._shrink(self._truncate_targets(seq_ids, num_tokens, "num_tokens", rejected=False))
+
+    def rollback(self, seq_ids: object, num_rejected: object) -> None:
+        """Drop each sequence's last ``num_rejected`` tokens: ``truncate`` to c - r."""
+        self._shrink(self._truncate_targets(seq_ids, num_rejected, "num_rejected", rejected=True))
+
+    # -- sharing and freeing ----------------------------------------------------------
     def fork(self, parent_id: object, child_id: object) -> None:
         parent = _seq_id(parent_id, "parent_id")
         child = _seq_id(child_id, "child_id")
@@ -576,11 +947,15 @@ class ReferenceKVCacheManager:
             raise KeyError(f"parent_id = {parent} is not a sequence of this manager")
         if child in self._blocks:
             raise ValueError(f"child_id = {child} already exists")
-        blocks = self._blocks[parent]
-        if blocks:
-            self._allocator.incref(blocks)
+        # The blocks covering the parent's length: padded entries as they are, never
+        # the parent's reserved lookahead blocks.
+        blocks = self._blocks[parent][:self._blocks_for(self._tokens[parent])]
+        for b in blocks:
+            if b != PAD_SLOT_ID:
+                self._allocator._refcount[b] += 1
         self._blocks[child] = list(blocks)
         self._tokens[child] = self._tokens[parent]
+        self._live[child] = self._live[parent]
         self._token_ids[child] = list(self._token_ids[parent])
         self._extra_keys[child] = self._extra_keys[parent]
         if self._caching:
@@ -592,13 +967,23 @@ class ReferenceKVCacheManager:
         ids = self._known(seq_ids, distinct=True)
         for s in ids:
             blocks = self._blocks.pop(s)
-            # Last block first with caching on, so that a tail is evicted before its head.
+            # Last block first with caching on, so that a tail is evicted before its
+            # head; released entries are skipped.
             for b in reversed(blocks) if self._caching else blocks:
-                self._release(b)
+                if b != PAD_SLOT_ID:
+                    self._release(b)
             del self._tokens[s]
+            del self._live[s]
             del self._token_ids[s]
             del self._extra_keys[s]
             self._hashes.pop(s, None)
+
+    def reset(self) -> None:
+        """Free every sequence (in insertion order), then empty the prefix cache."""
+        if self._blocks:
+            self.free_sequence(list(self._blocks))
+        if self._caching:
+            self.reset_prefix_cache()
 
     def reset_prefix_cache(self) -> int:
         """Unregister every block; cached-free blocks go to the free stack, LRU head
@@ -635,16 +1020,25 @@ class ReferenceKVCacheManager:
         return list(self._contents[block])
 
     def sequence_tokens(self, seq_id: object) -> list[int | None]:
-        """The sequence's token ids, position by position."""
+        """The sequence's token ids, position by position (released ones included)."""
         seq = _seq_id(seq_id, "seq_id")
         if seq not in self._blocks:
             raise KeyError(f"seq_id = {seq} is not a sequence of this manager")
         return list(self._token_ids[seq])
 
+    def live_block(self, seq_id: object) -> int:
+        """The index of the sequence's first held block (``live``)."""
+        seq = _seq_id(seq_id, "seq_id")
+        if seq not in self._blocks:
+            raise KeyError(f"seq_id = {seq} is not a sequence of this manager")
+        return self._live[seq]
+
     def seq_lens(self, seq_ids: object) -> np.ndarray:
         return np.array([self._tokens[s] for s in self._known(seq_ids)], dtype=np.int32)
 
     def block_table(self, seq_ids: object) -> np.ndarray:
+        """Rows as the page table holds them: released entries PAD_SLOT_ID, reserved
+        lookahead blocks at the end."""
         ids = self._known(seq_ids)
         width = max((len(self._blocks[s]) for s in ids), default=0)
         table = np.full((len(ids), width), PAD_SLOT_ID, dtype=np.int32)
@@ -673,12 +1067,23 @@ class ReferenceKVCacheManager:
         size = self._block_size
         references = [0] * self.num_blocks
         for s, blocks in self._blocks.items():
-            if len(blocks) != self._blocks_for(self._tokens[s]):
-                raise AssertionError(
-                    f"sequence {s} holds {self._tokens[s]} tokens in {len(blocks)} blocks"
-                )
-            for b in blocks:
-                references[b] += 1
+            length, live = self._tokens[s], self._live[s]
+            covering = self._blocks_for(length)
+            if len(blocks) < covering:
+                raise AssertionError(f"sequence {s} holds {length} tokens in {len(blocks)} blocks")
+            if not 0 <= live <= length // size:
+                raise AssertionError(f"sequence {s}: live = {live} with {length} tokens")
+            for j, b in enumerate(blocks):
+                if (b == PAD_SLOT_ID) != (j < live):
+                    raise AssertionError(
+                        f"sequence {s}'s entry {j} is {b} with live = {live}: only entries before live are PAD"
+                    )
+                if b != PAD_SLOT_ID:
+                    references[b] += 1
+            for b in blocks[covering:]:
+                # Reserved lookahead blocks: fresh, unwritten, never registered.
+                if self._contents[b] or b in self._registered:
+                    raise AssertionError(f"sequence {s}'s reserved block {b} holds tokens or a hash")
         for b, count in enumerate(references):
             if self._allocator._refcount[b] != count:
                 raise AssertionError(
@@ -714,18 +1119,27 @@ class ReferenceKVCacheManager:
             if self._hash((parent, tuple(contents), extra)) != block_hash:
                 raise AssertionError(f"registered block {b}'s hash is not that of its contents")
         for s, blocks in self._blocks.items():
-            # A sequence's blocks hold exactly its tokens.
+            # A sequence's held blocks hold exactly its tokens (a partial block it
+            # shares may hold more: another holder's).
             tokens = self._token_ids[s]
-            if len(tokens) != self._tokens[s]:
-                raise AssertionError(f"sequence {s} records {len(tokens)} token ids for {self._tokens[s]} tokens")
-            for j, b in enumerate(blocks):
-                if self._contents[b] != tokens[j * size:(j + 1) * size]:
-                    raise AssertionError(f"block {b} does not hold sequence {s}'s tokens {j * size}..")
+            length = self._tokens[s]
+            if len(tokens) != length:
+                raise AssertionError(f"sequence {s} records {len(tokens)} token ids for {length} tokens")
+            for j in range(self._live[s], self._blocks_for(length)):
+                mine = tokens[j * size:(j + 1) * size]
+                held = self._contents[blocks[j]]
+                if held[:len(mine)] != mine or (len(mine) == size and len(held) != size):
+                    raise AssertionError(f"block {blocks[j]} does not hold sequence {s}'s tokens {j * size}..")
             if self._caching:
-                # Its content hashes are the chain of its own tokens.
+                # Its content hashes, the chain tail past released blocks included, are
+                # the chain of its own tokens: every full block is chained.
                 if self._hashes[s] != self._chain(None, tokens, self._extra_keys[s], 0):
                     raise AssertionError(f"sequence {s}'s block hashes are not the chain of its tokens")
+                if all(t is not None for t in tokens) and len(self._hashes[s]) != length // size:
+                    raise AssertionError(f"sequence {s}'s full blocks are not all chained")
                 for j, block_hash in enumerate(self._hashes[s]):
+                    if blocks[j] == PAD_SLOT_ID:
+                        continue
                     registered = self._registered.get(blocks[j])
                     if registered is not None and registered != block_hash:
                         raise AssertionError(f"sequence {s}'s block {j} is registered under another hash")

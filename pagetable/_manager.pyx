@@ -126,6 +126,7 @@ cdef struct _StepPlan:
     int64_t lookahead            # draft positions reserved past each new length
     int64_t need                 # fresh blocks the step takes
     int64_t freed                # blocks its window releases free (count reaches 0)
+    int64_t shared_tails         # growing sequences whose partial block may carry a hash
     int64_t num_copies           # copy-on-write copies it makes
     int64_t num_slots            # slots it returns
 
@@ -662,6 +663,7 @@ cdef class KVCacheManager(Persistent):
         plan.num_copies = 0
         plan.num_slots = 0
         plan.freed = 0
+        plan.shared_tails = 0
         plan.need = self._plan(plan)
         return slots, counts, ids
 
@@ -704,6 +706,7 @@ cdef class KVCacheManager(Persistent):
                     if refcount[data[k]] - pending[data[k]] == 1:
                         freed += 1
                     pending[data[k]] += 1
+        cdef int64_t shared_tails = 0
         for i in range(n):
             count = counts[i * count_stride]
             if count == 0 and lookahead == 0:
@@ -712,6 +715,7 @@ cdef class KVCacheManager(Persistent):
             tokens = records[slots[i]].tokens
             length = self._table.row_length(row)
             slot_count = _saturating_add(slot_count, count)
+            shared_tails += records[slots[i]].shared_tail
             k = block_index(&self._geometry, tokens)
             # Drafts are written too: a reserving call copies a shared partial block.
             if self._block_offset(tokens) and k < length:   # k < length holds; a tampered table may break it
@@ -748,6 +752,7 @@ cdef class KVCacheManager(Persistent):
         plan.num_copies = copies
         plan.num_slots = slot_count
         plan.freed = freed
+        plan.shared_tails = shared_tails
         return need
 
     # -- growth --------------------------------------------------------------------------
@@ -1400,6 +1405,8 @@ cdef class KVCacheManager(Persistent):
                 if ((counts[i * stride] or K)
                         and self._released_to(records[slot_ids[i]].tokens) > records[slot_ids[i]].live):
                     self._release_window(slot_ids[i])
+        if step.shared_tails:
+            self._drop_shared_tails(step)
         self._allocator.take(need, fresh_data)
         if cache is not None:
             cache.taken(fresh_data, need)
@@ -1459,6 +1466,36 @@ cdef class KVCacheManager(Persistent):
                            fill_data[3 * p + 2], self._keys.get(slot_ids[i]) if self._keys else None,
                            self._chain(slot_ids[i]))
         return result
+
+    cdef int _drop_shared_tails(self, _StepPlan* step) except -1:
+        """Before a growth call takes: a partial block that still carries a hash (a
+        truncate cut into it while it was shared) and that this sequence now holds
+        alone loses the hash, since the call writes into it; one held with others is
+        copied instead.  In input order, the earlier sharers of the call moving off
+        it first (``_pending``).  See docs/HYBRID.md."""
+        cdef Py_ssize_t i
+        cdef SequenceSlot* record
+        cdef int64_t k
+        cdef block_id_t block
+        cdef int32_t* pending = &self._pending[0]
+        cdef const int32_t* refcount = self._allocator.refcounts()
+        for pass_ in range(2):
+            for i in range(step.n):
+                record = &self._sequences.slots[step.slots[i]]
+                if not record.shared_tail or (step.counts[i * step.stride] == 0 and step.lookahead == 0):
+                    continue
+                k = block_index(&self._geometry, record.tokens)
+                if k >= self._table.row_length(record.row):
+                    continue
+                block = self._table.row_blocks(record.row)[k]
+                if pass_ == 1:
+                    pending[block] = 0
+                    record.shared_tail = 0
+                elif refcount[block] - pending[block] > 1:
+                    pending[block] += 1          # it copies the block
+                elif self._cache is not None and self._cache.is_known(block):
+                    self._cache.forget(block)
+        return 0
 
     cdef int _release_window(self, int32_t slot) except -1:
         """Release the blocks a windowed sequence no longer needs (docs/HYBRID.md)."""
@@ -1529,6 +1566,7 @@ cdef class KVCacheManager(Persistent):
         cdef int32_t child_slot = self._sequences.add(
             child, child_row, self._sequences.slots[parent_slot].tokens)
         self._sequences.slots[child_slot].live = live
+        self._sequences.slots[child_slot].shared_tail = self._sequences.slots[parent_slot].shared_tail
         if self._keys and parent_slot in self._keys:
             self._keys[child_slot] = self._keys[parent_slot]
         if self._chains and parent_slot in self._chains:
@@ -1676,10 +1714,15 @@ cdef class KVCacheManager(Persistent):
                 record.live = 0
                 if self._chains:
                     self._chains.pop(slot_data[i], None)
-            elif cache is not None and self._block_offset(L):
+            record.shared_tail = 0
+            if L and cache is not None and self._block_offset(L):
                 block = data[keep - 1]
                 if self._allocator.refcounts()[block] == 1:
                     cache.forget(block)
+                elif cache.is_known(block):
+                    # Its other holders keep its hash; this sequence's next write
+                    # copies it, or drops the hash if they have let go by then.
+                    record.shared_tail = 1
         return 0
 
     def reset(self):
@@ -2220,6 +2263,14 @@ cdef class KVCacheManager(Persistent):
             first += lengths[i]
         if cache_state is not None:
             manager._restore_cache(cache_state, lru)
+            for i in range(count):
+                # A partial block that carries a hash: a truncate cut into it while shared.
+                slot = manager._sequences.find(seq_ids[i])
+                k = tokens[i] // block_size
+                if tokens[i] % block_size and k < lengths[i]:
+                    manager._sequences.slots[slot].shared_tail = manager._cache.is_known(
+                        table.row_blocks(table.find_row(seq_ids[i]))[k])
+        if cache_state is not None:
             for seq, tail in _state.chains_state(state, manager._cache.digest_size).items():
                 slot = manager._sequences.find(seq)
                 if slot < 0:
@@ -2413,9 +2464,17 @@ cdef class KVCacheManager(Persistent):
                 if cache.recompute(b) != hashes[b].tobytes():
                     raise AssertionError(
                         f"sequence {int(seq_ids[i])}'s block {k} ({b}) does not match its hash")
+            tokens_held = self._sequences.slots[slot].tokens
+            if tokens_held % B and full < length and known[int(blocks[full])] \
+                    and not self._sequences.slots[slot].shared_tail:
+                raise AssertionError(
+                    f"sequence {int(seq_ids[i])}'s partial block {int(blocks[full])} carries a hash "
+                    f"it does not know of (a write would change a hashed block)")
             for k in range(max(full, live), length):
                 b = int(blocks[k])
-                if cached[b]:
+                # A truncate may leave a hashed partial block (others held it); the
+                # sequence knows (shared_tail) and drops the hash before writing.
+                if cached[b] and not (k == full and tokens_held % B and self._sequences.slots[slot].shared_tail):
                     raise AssertionError(f"sequence {int(seq_ids[i])}'s partial block {b} is cached")
 
 

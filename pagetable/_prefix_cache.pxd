@@ -74,6 +74,10 @@ cdef class PrefixCache:
     cdef inline const uint8_t* hash_of(self, block_id_t block) noexcept nogil:
         return self._hash + <int64_t>block * self.digest_size
 
+    cdef inline bint is_known(self, block_id_t block) noexcept nogil:
+        """Whether a content hash is recorded for what ``block`` holds."""
+        return self._known[block] != 0
+
     cdef inline const uint8_t* root(self) noexcept:
         return <const uint8_t*><char*>self.none_hash
 

@@ -19,6 +19,7 @@ cdef struct SequenceSlot:
     int32_t row         # its row in the manager's table
     int32_t live        # its first held block: entries before it are released (windows)
     int32_t lookahead   # draft positions its last growth call reserved past its tokens
+    int32_t shared_tail # its partial block may carry a hash (a truncate into a shared block)
 
 
 @cython.final

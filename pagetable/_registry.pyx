@@ -90,6 +90,7 @@ cdef class SequenceRegistry:
         self.slots[slot].row = row
         self.slots[slot].live = 0
         self.slots[slot].lookahead = 0
+        self.slots[slot].shared_tail = 0
         idmap_insert(&self._index, seq_id, slot)
         self._count += 1
         return slot

@@ -225,7 +225,7 @@ class Pair:
         if self.fast is not None:
             assert {k: v for k, v in after[1][0].items() if k != "seqs"} == \
                 {k: v for k, v in after[0][0].items() if k != "seqs"}
-            assert after[1][1] == after[0][1]
+            assert after[1][1] == after[0][1], ("cython", after[1][1], "reference", after[0][1])
             assert self.fast.allocator._free_blocks().tolist() == self.ref.allocator._free_stack
         if isinstance(results[0], tuple) and results[0] and results[0][0] in ("raised", "OutOfBlocksError"):
             assert [(state(m), view(m, self.seqs)) for m in self.managers()] == before

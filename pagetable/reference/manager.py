@@ -1053,7 +1053,9 @@ class ReferenceKVCacheManager:
         indices: list[int] = []
         last_page_len = []
         for s in ids:
-            indices.extend(self._blocks[s])
+            # The pages holding the committed tokens: the page count and the last
+            # page's length give the length, so reserved lookahead blocks stay out.
+            indices.extend(self._blocks[s][:self._blocks_for(self._tokens[s])])
             indptr.append(len(indices))
             tokens = self._tokens[s]
             last_page_len.append((tokens - 1) % self._block_size + 1 if tokens else 0)

@@ -269,6 +269,8 @@ class ReferenceKVCacheManager:
         self._blocks: dict[int, list[int]] = {}
         self._tokens: dict[int, int] = {}
         self._live: dict[int, int] = {}
+        # Draft positions each sequence's last growth call reserved past its tokens.
+        self._reserved: dict[int, int] = {}
         # What every slot holds: per block, the token ids written so far, in order.
         self._contents: list[list[int | None]] = [[] for _ in range(num_blocks)]
         self._token_ids: dict[int, list[int | None]] = {}
@@ -863,6 +865,7 @@ class ReferenceKVCacheManager:
             slots.extend(self._slot(s, p) for p in range(length, length + k))
             lookahead_slots.extend(self._slot(s, p) for p in range(length + k, length + k + lookahead))
             self._tokens[s] = length + k
+            self._reserved[s] = lookahead
             if self._caching:
                 first = len(self._hashes[s])
                 self._hashes[s].extend(plan.new_hashes[s])
@@ -927,6 +930,7 @@ class ReferenceKVCacheManager:
                     if block in self._registered:
                         self._unregister(block)
                     del self._contents[block][new_length % size:]
+            self._reserved.pop(s, None)
             # Step 4.
             if new_length == 0:
                 self._live[s] = 0
@@ -974,6 +978,7 @@ class ReferenceKVCacheManager:
                     self._release(b)
             del self._tokens[s]
             del self._live[s]
+            self._reserved.pop(s, None)
             del self._token_ids[s]
             del self._extra_keys[s]
             self._hashes.pop(s, None)
@@ -1036,29 +1041,56 @@ class ReferenceKVCacheManager:
     def seq_lens(self, seq_ids: object) -> np.ndarray:
         return np.array([self._tokens[s] for s in self._known(seq_ids)], dtype=np.int32)
 
-    def block_table(self, seq_ids: object) -> np.ndarray:
+    def _kernel_split(self, kernel_block_size: object) -> int:
+        """Kernel blocks per block for ``kernel_block_size`` (1 for None)."""
+        if kernel_block_size is None:
+            return 1
+        if isinstance(kernel_block_size, (bool, np.bool_)):
+            raise TypeError("kernel_block_size must be an int, got a bool")
+        b = as_index(kernel_block_size, "kernel_block_size")
+        if b < 1 or self._block_size % b:
+            raise ValueError(f"kernel_block_size must divide the block size {self._block_size}, got {b}")
+        return self._block_size // b
+
+    def _kernel_row(self, s: int, k: int, count: int) -> list[int]:
+        """The first ``count`` kernel blocks of sequence ``s``'s row, ``k`` to a block."""
+        out = []
+        for b in self._blocks[s]:
+            out.extend([PAD_SLOT_ID] * k if b == PAD_SLOT_ID else [b * k + j for j in range(k)])
+        return out[:count]
+
+    def block_table(self, seq_ids: object, kernel_block_size: object = None) -> np.ndarray:
         """Rows as the page table holds them: released entries PAD_SLOT_ID, reserved
-        lookahead blocks at the end."""
+        lookahead blocks at the end; in kernel blocks, ``ceil((c + K) / b)`` of them."""
         ids = self._known(seq_ids)
-        width = max((len(self._blocks[s]) for s in ids), default=0)
+        k = self._kernel_split(kernel_block_size)
+        if k == 1 and kernel_block_size is None:
+            rows = [list(self._blocks[s]) for s in ids]
+        else:
+            b = self._block_size // k
+            rows = [self._kernel_row(s, k, -(-(self._tokens[s] + self._reserved.get(s, 0)) // b))
+                    for s in ids]
+        width = max((len(row) for row in rows), default=0)
         table = np.full((len(ids), width), PAD_SLOT_ID, dtype=np.int32)
-        for i, s in enumerate(ids):
-            for j, b in enumerate(self._blocks[s]):
-                table[i, j] = b
+        for i, row in enumerate(rows):
+            table[i, :len(row)] = row
         return table
 
-    def flashinfer_layout(self, seq_ids: object) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def flashinfer_layout(self, seq_ids: object, kernel_block_size: object = None
+                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         ids = self._known(seq_ids)
+        k = self._kernel_split(kernel_block_size)
+        page = self._block_size // k
         indptr = [0]
         indices: list[int] = []
         last_page_len = []
         for s in ids:
             # The pages holding the committed tokens: the page count and the last
             # page's length give the length, so reserved lookahead blocks stay out.
-            indices.extend(self._blocks[s][:self._blocks_for(self._tokens[s])])
+            indices.extend(self._kernel_row(s, k, -(-self._tokens[s] // page)))
             indptr.append(len(indices))
             tokens = self._tokens[s]
-            last_page_len.append((tokens - 1) % self._block_size + 1 if tokens else 0)
+            last_page_len.append((tokens - 1) % page + 1 if tokens else 0)
         return (
             np.array(indptr, dtype=np.int32),
             np.array(indices, dtype=np.int32),

@@ -30,7 +30,14 @@ from pagetable import KVCacheManager, OutOfBlocksError
 from pagetable.prefix import ExtraKeys
 from pagetable.reference import ReferenceKVCacheManager
 
+from side_by_side import cython_lacks
+
 TOKEN_ID_MAX = 2**31 - 1
+# docs/HYBRID.md rules run only once the Cython manager has them (both managers are
+# compared after every step).
+HAS_ADMISSION = cython_lacks("admission") is None
+HAS_TRUNCATE = cython_lacks("truncate") is None
+HAS_LOOKAHEAD = cython_lacks("lookahead") is None
 
 
 def outcome(call):
@@ -43,9 +50,13 @@ def outcome(call):
         return type(exc).__name__
     if result is None or isinstance(result, (int, np.integer)):
         return result
+    if isinstance(result, list):
+        return [outcome(lambda r=r: r) for r in result]
     plain = (result.slots.tolist(), result.copy_src.tolist(), result.copy_dst.tolist())
     if hasattr(result, "num_cached_tokens"):
         plain += (result.num_cached_tokens,)
+    if hasattr(result, "lookahead_slots"):
+        plain += (result.lookahead_slots.tolist(),)
     return plain
 
 
@@ -67,6 +78,8 @@ def stats_data(manager):
 
 
 class PrefixMachine(RuleBasedStateMachine):
+    window_options = st.just({})
+
     @initialize(
         block_size=st.sampled_from([1, 2, 3, 4, 8]),
         num_blocks=st.integers(3, 32),
@@ -78,12 +91,15 @@ class PrefixMachine(RuleBasedStateMachine):
         data=st.data(),
     )
     def make(self, block_size, num_blocks, algorithm, seeded, event_hash_format, medium, rank, data):
+        window = data.draw(self.window_options, label="window")
         # The xxhash algorithms draw a random seed per implementation without one.
         seed = "machine" if seeded or algorithm.startswith("xxhash") else None
         options = dict(enable_prefix_caching=True, enable_kv_cache_events=True,
                        hash_algorithm=algorithm, hash_seed=seed,
                        event_hash_format=event_hash_format, medium=medium,
-                       data_parallel_rank=rank)
+                       data_parallel_rank=rank, **window)
+        self.group = window.get("group_idx", 0)
+        self.truncated = False    # a truncate may leave hashes for a later append to drop
         self.medium, self.rank = medium, rank
         self.ref = ReferenceKVCacheManager(num_blocks, block_size, **options)
         self.fast = KVCacheManager(num_blocks, block_size, **options)
@@ -123,16 +139,22 @@ class PrefixMachine(RuleBasedStateMachine):
     def both(self, call):
         """Run ``call`` on each manager; the outcomes must agree; the events it
         recorded are compared and fed to the router's account."""
+        evictions = self.ref.prefix_cache_stats.evictions
         results = [outcome(lambda m=m: call(m)) for m in self.managers()]
         batches = [m.take_events() for m in self.managers()]
         events = [[event_data(e) for e in batch.events] for batch in batches]
         assert results[1] == results[0], ("fast", results[1], "reference", results[0])
         assert events[1] == events[0], ("fast", events[1], "reference", events[0])
         assert batches[0].data_parallel_rank == batches[1].data_parallel_rank == self.rank
-        self.follow(events[0])
+        # Hashes dropped (truncate, or a write into a block truncated while shared)
+        # come before the call's take; they are not evictions.
+        removed = sum(1 for e in events[0] if e[0] == "BlockRemoved")
+        drops = removed - (self.ref.prefix_cache_stats.evictions - evictions)
+        assert drops == 0 or self.truncated, "a hash dropped without a truncate"
+        self.follow(events[0], drops=drops)
         return results[0]
 
-    def follow(self, events, one_add=True):
+    def follow(self, events, one_add=True, drops=0):
         """The router's view: stored hashes in, removed ones out; within one add or
         append every eviction comes before every store."""
         stored_yet = False
@@ -141,16 +163,19 @@ class PrefixMachine(RuleBasedStateMachine):
                 stored_yet = True
                 hashes = event[1]
                 assert len(event[3]) == len(hashes) * self.B and event[4] == self.B
-                assert event[6] == self.medium and event[9] == 0
+                assert event[6] == self.medium and event[9] == self.group
                 for h in hashes:
                     assert h not in self.router, f"hash {h!r} stored twice"
                     self.router.add(h)
             elif event[0] == "BlockRemoved":
                 assert not (one_add and stored_yet), "an eviction after a store in one call"
-                assert event[2] == self.medium and event[3] == 0
+                assert event[2] == self.medium and event[3] == self.group
                 assert len(event[1]) == 1 and event[1][0] in self.router
                 self.router.discard(event[1][0])
-                self.counted[3] += 1
+                if drops:
+                    drops -= 1
+                else:
+                    self.counted[3] += 1
             else:
                 self.router.clear()
 
@@ -206,29 +231,33 @@ class PrefixMachine(RuleBasedStateMachine):
         more = data.draw(st.lists(st.integers(0, 3), max_size=self.B + 1))
         self.add_prompt(tokens[:cut] + more if data.draw(st.booleans()) else tokens, keys, give_count)
 
+    @precondition(lambda self: HAS_ADMISSION)
     @rule(drawn=st.lists(prompts, min_size=1, max_size=3))
     def add_batch(self, drawn):
         # A scheduler's admission of several prompts in one call: in order, a later one
-        # hitting what an earlier one registered, stopping at the first that does not fit.
+        # hitting what an earlier one registered; all or none (docs/HYBRID.md).
         prompts = [self.prompt(d) for d in drawn]
         seqs = [self.fresh_id() for _ in prompts]
+        before = self.unchanged()
         calls = []
         for m in self.managers():
-            calls.append(m.add_sequences(seqs, [t for t, _ in prompts], [k for _, k in prompts]))
+            calls.append(outcome(lambda m=m: m.add_sequences(
+                seqs, token_ids=[t for t, _ in prompts], extra_keys=[k for _, k in prompts])))
         batches = [m.take_events() for m in self.managers()]
         events = [[event_data(e) for e in batch.events] for batch in batches]
-        plain = [[outcome(lambda r=r: r) for r in results] for results in calls]
-        assert plain[1] == plain[0], ("fast", plain[1], "reference", plain[0])
+        assert calls[1] == calls[0], ("fast", calls[1], "reference", calls[0])
         assert events[1] == events[0], ("fast", events[1], "reference", events[0])
+        if not isinstance(calls[0], list):
+            assert events[0] == [] and self.unchanged() == before
+            assert all(seq not in self.ref for seq in seqs)
+            self.preempt()
+            return
+        plain = calls[0]
         self.follow(events[0], one_add=False)    # one add's evictions may follow another's stores
-        for seq, (tokens, keys), (slots, copy_src, copy_dst, cached) in zip(seqs, prompts, plain[0]):
+        for seq, (tokens, keys), (slots, copy_src, copy_dst, cached, *_) in zip(seqs, prompts, plain):
             assert cached % self.B == 0 and cached <= self.cap(len(tokens)) and copy_src == []
             assert slots == self.slots_of(seq, cached, len(tokens))
             self.admitted(seq, tokens, keys, slots, cached)
-        for seq in seqs[len(plain[0]):]:
-            assert seq not in self.ref
-        if len(plain[0]) < len(seqs):
-            self.preempt()
 
     def admitted(self, seq, tokens, keys, slots, cached):
         self.write(slots, tokens[cached:])
@@ -250,7 +279,7 @@ class PrefixMachine(RuleBasedStateMachine):
             assert self.unchanged() == before
             self.preempt()
             return
-        slots, copy_src, copy_dst, cached = result
+        slots, copy_src, copy_dst, cached = result[:4]
         assert cached == expected and cached % self.B == 0 and cached <= self.cap(len(tokens))
         assert copy_src == copy_dst == []
         assert slots == self.slots_of(seq, cached, len(tokens))
@@ -326,6 +355,52 @@ class PrefixMachine(RuleBasedStateMachine):
         self.write(result[0], first + second, result[1], result[2])
         self.tokens[order[0]] += first
         self.tokens[order[1]] += second
+
+    @precondition(lambda self: self.live and HAS_LOOKAHEAD)
+    @rule(data=st.data(), lookahead=st.integers(0, 6))
+    def append_with_lookahead(self, data, lookahead):
+        # A speculative step: committed tokens, then K reserved positions whose slots
+        # the engine fills with draft KV (here: a marker no committed token equals).
+        ids = data.draw(st.lists(st.sampled_from(self.live), min_size=1, max_size=3, unique=True))
+        counts = data.draw(st.lists(st.integers(0, 2), min_size=len(ids), max_size=len(ids)))
+        new = [data.draw(st.lists(st.integers(0, 3), min_size=k, max_size=k)) for k in counts]
+        flat = [t for tokens in new for t in tokens]
+        before = self.unchanged()
+        result = self.both(lambda m: m.append_tokens(ids, counts, token_ids=flat, num_lookahead=lookahead))
+        if isinstance(result, tuple) and result[0] == "OutOfBlocksError":
+            assert self.unchanged() == before
+            self.preempt()
+            return
+        slots, copy_src, copy_dst = result[:3]
+        expected_slots, expected_lookahead = [], []
+        for s, k in zip(ids, counts):
+            n = len(self.tokens[s])
+            expected_slots += self.slots_of(s, n, n + k)
+            expected_lookahead += self.slots_of(s, n + k, n + k + lookahead)
+        assert slots == expected_slots
+        self.write(slots, flat, copy_src, copy_dst)
+        if len(result) > 4:         # HAS_LOOKAHEAD implies it; a stand-in may lack it
+            assert result[4] == expected_lookahead
+            self.write(result[4], [-7] * len(result[4]))
+        for s, tokens in zip(ids, new):
+            self.tokens[s] += tokens
+
+    @precondition(lambda self: self.live and HAS_TRUNCATE)
+    @rule(data=st.data(), rollback=st.booleans())
+    def shrink(self, data, rollback):
+        # Rejected drafts rolled back, or a sequence cut to a length (docs/HYBRID.md).
+        ids = data.draw(st.lists(st.sampled_from(self.live), min_size=1, max_size=2, unique=True))
+        counts = [data.draw(st.integers(0, len(self.tokens[s]) + 1)) for s in ids]
+        before = self.unchanged()
+        self.truncated = True
+        name = "rollback" if rollback else "truncate"
+        result = self.both(lambda m: getattr(m, name)(ids, counts))
+        if isinstance(result, str):
+            assert self.unchanged() == before
+            return
+        assert result is None
+        for s, k in zip(ids, counts):
+            self.tokens[s] = self.tokens[s][:len(self.tokens[s]) - k if rollback else k]
 
     def preempt(self):
         """What a scheduler does when the pool is full: free the oldest sequence."""
@@ -432,12 +507,17 @@ class PrefixMachine(RuleBasedStateMachine):
         for seq, row in zip(live, table):
             tokens = self.tokens[seq]
             assert ref.sequence_tokens(seq) == tokens
-            # Through the block table, every position reads its own token back.
+            # Through the block table, every position of a held block reads its own
+            # token back (released blocks are PAD_SLOT_ID, never read).
             for p, token in enumerate(tokens):
-                assert self.memory.get(row[p // B] * B + p % B) == token, (seq, p)
-            # And the reference's record of each block says the same.
+                if row[p // B] >= 0:
+                    assert self.memory.get(row[p // B] * B + p % B) == token, (seq, p)
+            # And the reference's record of each block says the same (a partial block
+            # truncated while shared may hold more than this sequence's tokens).
             for j in range(-(-len(tokens) // B)):
-                assert ref.block_tokens(row[j]) == tokens[j * B:(j + 1) * B]
+                if row[j] >= 0:
+                    mine = tokens[j * B:(j + 1) * B]
+                    assert ref.block_tokens(row[j])[:len(mine)] == mine
         fast = self.fast
         assert fast.num_free_blocks == ref.num_free_blocks
         assert fast.num_cached_blocks == ref.num_cached_blocks
@@ -453,7 +533,8 @@ class PrefixMachine(RuleBasedStateMachine):
         content = dict(ref._registered)
         for seq, row in zip(live, table):
             for j in range(len(self.tokens[seq]) // B):
-                content[row[j]] = ref._hashes[seq][j]
+                if row[j] >= 0:
+                    content[row[j]] = ref._hashes[seq][j]
         assert {b: fast._block_hash(b) for b in content} == content
 
     def teardown(self):
@@ -468,6 +549,23 @@ class PrefixMachine(RuleBasedStateMachine):
 
 PrefixMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
 TestPrefixMachine = PrefixMachine.TestCase
+
+
+class WindowedPrefixMachine(PrefixMachine):
+    """The same machine with a sliding window or chunked-local attention and a group
+    index: released blocks, windowed hits, the chain past released blocks."""
+
+    window_options = st.one_of(
+        st.fixed_dictionaries({"sliding_window": st.integers(1, 9), "group_idx": st.integers(0, 3)}),
+        st.fixed_dictionaries({"attention_chunk": st.integers(1, 9), "group_idx": st.integers(0, 3)}),
+    )
+
+
+WindowedPrefixMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+TestWindowedPrefixMachine = pytest.mark.skipif(
+    cython_lacks("windows") is not None, reason=f"Cython manager lacks {cython_lacks('windows')}"
+)(WindowedPrefixMachine.TestCase)
+
 
 
 # The machine's findings, each cut down to its smallest case: the Cython manager must

@@ -602,7 +602,7 @@ class ReferenceKVCacheManager:
         results = []
         for p in plan.prompts:
             seq, n, hit, low = p.seq, p.num_tokens, p.hit, p.low
-            token_ids = p.token_ids if p.token_ids is not None else [None] * n
+            token_ids: list[int | None] = p.token_ids if p.token_ids is not None else [None] * n
             hit_blocks = []
             for k in range(low, hit):
                 block = self._cache[p.hashes[k]]     # registered now: before, or by an earlier prompt
@@ -839,7 +839,7 @@ class ReferenceKVCacheManager:
         fresh = self._take(plan.need)
         size = self._block_size
         lookahead = plan.num_lookahead
-        new_tokens = plan.new_tokens or [[None] * k for k in plan.counts]
+        new_tokens: list[list[int | None]] = plan.new_tokens or [[None] * k for k in plan.counts]
         slots: list[int] = []
         lookahead_slots: list[int] = []
         copy_src: list[int] = []

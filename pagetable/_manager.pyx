@@ -1153,14 +1153,30 @@ cdef class KVCacheManager(Persistent):
         watermark = float(watermark)
         if not 0.0 <= watermark < 1.0:
             raise ValueError(f"watermark must be in [0, 1), got {watermark}")
-        count, ids = self._prompt(num_tokens, token_ids, extra_keys)
-        cdef int64_t n = count, reserve
+        cdef int64_t n, reserve, need, available
         reserve = <int64_t>ceil(watermark * self._allocator.block_count())
-        self._read_begin()
-        plan = self._plan_prompts([-1], [n], [ids], [extra_keys], None)
-        return Admission(plan.need_ <= plan.available_ - reserve,
+        if token_ids is None and self._cache is not None:
+            # Without the ids there are no hits to count: the prompt's every block.
+            if extra_keys is not None and type(extra_keys) is not _prefix.ExtraKeys:
+                raise TypeError(f"extra_keys must be a pagetable.prefix.ExtraKeys or None, "
+                                f"got {type(extra_keys).__name__}")
+            if num_tokens is None:
+                raise TypeError("can_admit needs num_tokens or token_ids")
+            n = as_index(num_tokens, "num_tokens")
+            if n < 0:
+                raise ValueError(f"num_tokens must be >= 0, got {n}")
+            self._read_begin()
+            need = self._blocks_needed(n)
+            available = self._allocator.free_count()
+        else:
+            count, ids = self._prompt(num_tokens, token_ids, extra_keys)
+            n = count
+            self._read_begin()
+            plan = self._plan_prompts([-1], [n], [ids], [extra_keys], None)
+            need, available = plan.need_, plan.available_
+        return Admission(need <= available - reserve,
                          self._blocks_needed(n) <= self._allocator.block_count() - reserve,
-                         int(plan.need_))
+                         int(need))
 
     def reset_prefix_cache(self):
         """Forget every cached block; return how many hashes were dropped.

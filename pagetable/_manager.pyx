@@ -127,6 +127,7 @@ cdef struct _StepPlan:
     int64_t need                 # fresh blocks the step takes
     int64_t freed                # blocks its window releases free (count reaches 0)
     int64_t shared_tails         # growing sequences whose partial block may carry a hash
+    Py_ssize_t too_long          # 1 + the first sequence that would pass 2**31 - 1 tokens, or 0
     int64_t num_copies           # copy-on-write copies it makes
     int64_t num_slots            # slots it returns
 
@@ -664,7 +665,12 @@ cdef class KVCacheManager(Persistent):
         plan.num_slots = 0
         plan.freed = 0
         plan.shared_tails = 0
+        plan.too_long = 0
         plan.need = self._plan(plan)
+        if plan.too_long:
+            raise OverflowError(
+                f"sequence {self._sequences.slots[plan.slots[plan.too_long - 1]].seq_id} would hold "
+                f"more than 2**31 - 1 tokens")
         return slots, counts, ids
 
     cdef int64_t _plan(self, _StepPlan* plan) noexcept:
@@ -734,6 +740,9 @@ cdef class KVCacheManager(Persistent):
                 add = self._blocks_needed(tokens + count + lookahead) - length
             if add > 0:
                 need = _saturating_add(need, add)
+            if windowed and tokens + count + lookahead > INT32_MAX and plan.too_long == 0:
+                # A window's pool does not bound its sequences' lengths; int32 does.
+                plan.too_long = i + 1
         if copies or releasing:
             for i in range(n):
                 if counts[i * count_stride] == 0 and lookahead == 0:
@@ -981,8 +990,16 @@ cdef class KVCacheManager(Persistent):
         hashes = np.empty(num_full * self._cache.digest_size, dtype=np.uint8)
         self._cache.prompt_hashes(<const int32_t*>cnp.PyArray_DATA(ids), num_full, extra_keys,
                                   <uint8_t*>cnp.PyArray_DATA(hashes))
-        self._read_begin()
-        return self._servable(self._found(<uint8_t*>cnp.PyArray_DATA(hashes), self._hit_limit(n), None))
+        cdef int64_t epoch
+        cdef int attempt
+        for attempt in range(READ_ATTEMPTS):
+            # The lookups read only the map and fixed-size arrays; a change that ran
+            # meanwhile (an allocation may let another thread run) means read again.
+            epoch = self._read_begin()
+            mask = self._servable(self._found(<uint8_t*>cnp.PyArray_DATA(hashes), self._hit_limit(n), None))
+            if self._read_current(epoch):
+                return mask
+        raise RuntimeError(_READ_KEPT_CHANGING)
 
     cdef _AdmissionPlan _plan_prompts(self, list seqs, list lengths, list arrays, list keys,
                                       list forced):
@@ -1153,7 +1170,8 @@ cdef class KVCacheManager(Persistent):
         watermark = float(watermark)
         if not 0.0 <= watermark < 1.0:
             raise ValueError(f"watermark must be in [0, 1), got {watermark}")
-        cdef int64_t n, reserve, need, available
+        cdef int64_t n, reserve, need, available, epoch
+        cdef int attempt
         reserve = <int64_t>ceil(watermark * self._allocator.block_count())
         if token_ids is None and self._cache is not None:
             # Without the ids there are no hits to count: the prompt's every block.
@@ -1171,8 +1189,13 @@ cdef class KVCacheManager(Persistent):
         else:
             count, ids = self._prompt(num_tokens, token_ids, extra_keys)
             n = count
-            self._read_begin()
-            plan = self._plan_prompts([-1], [n], [ids], [extra_keys], None)
+            for attempt in range(READ_ATTEMPTS):
+                epoch = self._read_begin()
+                plan = self._plan_prompts([-1], [n], [ids], [extra_keys], None)
+                if self._read_current(epoch):
+                    break
+            else:
+                raise RuntimeError(_READ_KEPT_CHANGING)
             need, available = plan.need_, plan.available_
         return Admission(need <= available - reserve,
                          self._blocks_needed(n) <= self._allocator.block_count() - reserve,
@@ -2307,6 +2330,7 @@ cdef class KVCacheManager(Persistent):
             self._allocator, self._block_size, saved["algorithm"], saved["seed"],
             saved["events"], "int" if saved["int_hashes"] else "bytes", saved["medium"])
         self._cache = cache
+        cache.group_idx = self._group_idx
         cache._hash_arr[:] = saved["hashes"]
         cache._parent_arr[:] = saved["parents"]
         cache._known_arr[:] = saved["known"]

@@ -359,7 +359,8 @@ def manager_state(state: object, allow_pad: bool = False) -> tuple[int, int, np.
     if num_blocks * block_size > INT32_MAX:
         raise CorruptStateError(
             f"num_blocks * block_size must be below 2**31, got {num_blocks} * {block_size}")
-    tokens = _vector(state, "tokens", 0, num_blocks * block_size)
+    # A windowed manager's sequences release blocks, so its pool does not bound them.
+    tokens = _vector(state, "tokens", 0, INT32_MAX if allow_pad else num_blocks * block_size)
     if tokens.shape != seq_ids.shape:
         raise CorruptStateError(f"{seq_ids.shape[0]} sequences but {tokens.shape[0]} token counts")
     needed = (tokens + block_size - 1) // block_size

@@ -1492,9 +1492,13 @@ def scenario_table_writers(seconds, seed, size="normal"):
 
 
 def scenario_manager_writers(seconds, seed, size="normal"):
-    """Three threads change one KVCacheManager (each its own ids) with every kind of change."""
+    """Three threads change one KVCacheManager (each its own ids) with every kind of change.
+
+    Odd seeds use a sliding-window manager (64 tokens), whose appends release blocks
+    and whose rollbacks may be refused (a ``ValueError`` that must change nothing).
+    """
     pool = 300_000 if size == "normal" else 50_000
-    kv = KVCacheManager(pool, 16)
+    kv = KVCacheManager(pool, 16, sliding_window=64) if seed % 2 else KVCacheManager(pool, 16)
     num_threads = 3
     tokens = [dict() for _ in range(num_threads)]       # seq -> tokens, per thread
     rngs = [np.random.default_rng(seed * 100 + t) for t in range(num_threads)]
@@ -1527,15 +1531,26 @@ def scenario_manager_writers(seconds, seed, size="normal"):
                     if time.perf_counter() > deadline:
                         break
                 continue
-            if choice < 0.55:
+            if choice < 0.5:
                 seqs = [int(s) for s in rng.choice(live, size=min(len(live), int(rng.integers(1, 300))),
                                                    replace=False)]
                 counts = rng.integers(0, 20, size=len(seqs))
+                drafts = int(rng.integers(0, 5))     # speculative decoding's reserved slots
 
                 def mirror(seqs=seqs, counts=counts):
                     for s, c in zip(seqs, counts.tolist()):
                         mine[s] += c
-                op = ("append_tokens", lambda: kv.append_tokens(seqs, counts), seqs, mirror)
+                op = ("append_tokens", lambda: kv.append_tokens(seqs, counts, num_lookahead=drafts),
+                      seqs, mirror)
+            elif choice < 0.58:
+                seqs = [int(s) for s in rng.choice(live, size=min(len(live), int(rng.integers(1, 300))),
+                                                   replace=False)]
+                rejected = [int(rng.integers(0, min(mine[s], 5) + 1)) for s in seqs]
+
+                def mirror(seqs=seqs, rejected=rejected):
+                    for s, r in zip(seqs, rejected):
+                        mine[s] -= r
+                op = ("rollback", lambda: kv.rollback(seqs, rejected), seqs, mirror)
             elif choice < 0.7:
                 parent = int(live[int(rng.integers(len(live)))])
                 child = next_ids[t]
@@ -1562,6 +1577,13 @@ def scenario_manager_writers(seconds, seed, size="normal"):
             stats["out_of_blocks"] += 1
             if observed(involved) != before:
                 failures_inline.append(f"{kind} out of blocks but changed {involved[:5]}")
+            return
+        except ValueError as exc:
+            # A window's rollback refusal: it must change nothing.
+            if kind != "rollback" or "already released" not in str(exc):
+                failures_inline.append(f"{kind} raised {describe(exc)}")
+            elif observed(involved) != before:
+                failures_inline.append(f"refused rollback changed {involved[:5]}")
             return
         except RuntimeError as exc:
             stats["refusals"] += 1

@@ -14,6 +14,7 @@ cdef class BlockAllocator(Guarded):
     cdef:
         int32_t _num_blocks
         int32_t _num_free
+        int64_t _shared           # blocks with reference count >= 2: only those are ever copied
         object _refcount_arr      # int32 [num_blocks]
         object _free_stack_arr    # int32 [num_blocks]; entries 0 .. _num_free - 1 are free
         int32_t[::1] _refcount
@@ -54,6 +55,11 @@ cdef class BlockAllocator(Guarded):
         return self._lru_next[block]
 
     # Reference counts, ``block_count()`` entries; read-only for callers.
+    cdef inline int64_t shared_count(self) noexcept nogil:
+        """Blocks held more than once.  0 means no write can need a copy, so a step
+        skips the copy-on-write check (a random read per sequence)."""
+        return self._shared
+
     cdef inline const int32_t* refcounts(self) noexcept nogil:
         return &self._refcount[0]
 
@@ -131,7 +137,9 @@ cdef class BlockAllocator(Guarded):
         for i in range(n):
             block = blocks[i]
             self._refcount[block] -= 1
-            if self._refcount[block] == 0:
+            if self._refcount[block] == 1:
+                self._shared -= 1
+            elif self._refcount[block] == 0:
                 if self._cached != NULL and self._cached[block]:
                     self._lru_append(block)
                 # The bound holds whenever counts match the table; it keeps a pool that
@@ -159,6 +167,8 @@ cdef class BlockAllocator(Guarded):
             if self._refcount[block] == 0 and self._lru_prev != NULL:
                 self._lru_unlink(block)
             self._refcount[block] += 1
+            if self._refcount[block] == 2:
+                self._shared += 1
 
     # Give the pool a cached-free list (a prefix-caching manager does, once, at start).
     cdef int enable_lru(self) except -1

@@ -244,13 +244,17 @@ cdef class BlockAllocator(Guarded):
                 bad = i
                 break
             self._refcount[block] -= 1
-            if self._refcount[block] == 0:
+            if self._refcount[block] == 1:
+                self._shared -= 1
+            elif self._refcount[block] == 0:
                 self._free_stack[self._num_free] = block
                 self._num_free += 1
         if bad >= 0:
             # Undo: restore the counts and forget the blocks pushed so far.
             for j in range(bad):
                 self._refcount[<block_id_t>ids[j]] += 1
+                if self._refcount[<block_id_t>ids[j]] == 2:
+                    self._shared += 1
             self._num_free = saved_free
             raise ValueError(f"block_ids[{bad}] = {ids[bad]} is already free")
 
@@ -271,6 +275,8 @@ cdef class BlockAllocator(Guarded):
         if bad < 0:
             for i in range(n):
                 self._refcount[<block_id_t>ids[i]] += 1
+                if self._refcount[<block_id_t>ids[i]] == 2:
+                    self._shared += 1
         if bad >= 0:
             raise ValueError(
                 f"block_ids[{bad}] = {ids[bad]} is free; only allocated blocks can be shared")
@@ -310,6 +316,7 @@ cdef BlockAllocator allocator_from_arrays(int64_t num_blocks, object refcount, o
         memcpy(&allocator._free_stack[0], cnp.PyArray_DATA(<cnp.ndarray>free_stack),
                <size_t>num_free * sizeof(int32_t))
     allocator._num_free = <int32_t>num_free
+    allocator._shared = int((refcount >= 2).sum())
     return allocator
 
 

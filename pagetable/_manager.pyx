@@ -699,7 +699,17 @@ cdef class KVCacheManager(Persistent):
         cdef const SequenceSlot* records = self._sequences.slots
         cdef bint windowed = self._attention != ATTENTION_FULL
         cdef bint releasing = False
-        if windowed:
+        cdef bint any_shared = self._allocator.shared_count() > 0
+        if windowed and not any_shared:
+            # Every held block is held once: each release frees its block, and no
+            # copy-on-write count needs the scratch.  One pass over the records.
+            for i in range(n):
+                if counts[i * count_stride] == 0 and lookahead == 0:
+                    continue
+                end = self._released_to(records[slots[i]].tokens)
+                if end > records[slots[i]].live:
+                    freed += end - records[slots[i]].live
+        elif windowed:
             for i in range(n):
                 if counts[i * count_stride] == 0 and lookahead == 0:
                     continue
@@ -724,7 +734,8 @@ cdef class KVCacheManager(Persistent):
             shared_tails += records[slots[i]].shared_tail
             k = block_index(&self._geometry, tokens)
             # Drafts are written too: a reserving call copies a shared partial block.
-            if self._block_offset(tokens) and k < length:   # k < length holds; a tampered table may break it
+            # Without any shared block (no fork, no prefix hit) nothing is copied.
+            if any_shared and self._block_offset(tokens) and k < length:   # k < length holds; a tampered table may break it
                 last = self._table.row_blocks(row)[k]
                 if refcount[last] - pending[last] > 1:
                     need += 1
@@ -1446,6 +1457,8 @@ cdef class KVCacheManager(Persistent):
                     self._release_window(slot_ids[i])
         if step.shared_tails:
             self._drop_shared_tails(step)
+        # After the releases: a block they left held once needs no copy.
+        cdef bint any_shared = self._allocator.shared_count() > 0
         self._allocator.take(need, fresh_data)
         if cache is not None:
             cache.taken(fresh_data, need)
@@ -1457,7 +1470,7 @@ cdef class KVCacheManager(Persistent):
             tokens = records[slot_ids[i]].tokens
             length = self._table.row_length(row)
             k = block_index(&self._geometry, tokens)
-            if self._block_offset(tokens) and k < length:   # k < length holds; a tampered table may break it
+            if any_shared and self._block_offset(tokens) and k < length:   # k < length holds; a tampered table may break it
                 data = self._table.row_blocks(row)
                 last = data[k]
                 if refcount[last] > 1:
@@ -1704,27 +1717,34 @@ cdef class KVCacheManager(Persistent):
     cdef tuple _truncation(self, seq_ids, counts, bint rejected):
         """Checked ``(slots, new lengths)`` of a truncate (or, ``rejected``, a rollback)."""
         slots = self._slots(seq_ids, True)
-        cdef Py_ssize_t i, n = cnp.PyArray_DIM(slots, 0)
+        cdef Py_ssize_t i, n = cnp.PyArray_DIM(slots, 0), stride = 1
         cdef int64_t scalar = 0
         name = "num_rejected" if rejected else "num_tokens"
         values = self._counts(counts, n, &scalar)
+        cdef const int64_t* value_data = &scalar
         if values is None:
-            values = np.full(n, scalar, dtype=np.int64)
-        lengths = np.empty(n, dtype=np.int64)
+            stride = 0
+        else:
+            value_data = <const int64_t*>cnp.PyArray_DATA(values)
+        lengths = empty(n, cnp.NPY_INT64)
+        cdef int64_t* length_data = <int64_t*>cnp.PyArray_DATA(lengths)
         cdef const int32_t* slot_data = <const int32_t*>cnp.PyArray_DATA(slots)
-        cdef int64_t c, L
+        cdef const SequenceSlot* record
+        cdef int64_t c, L, value
         for i in range(n):
-            c = self._sequences.slots[slot_data[i]].tokens
-            if values[i] > c:
+            record = &self._sequences.slots[slot_data[i]]
+            c = record.tokens
+            value = value_data[i * stride]
+            if value > c:
                 raise ValueError(
-                    f"{name}[{i}] = {values[i]} is more than the {c} tokens sequence "
-                    f"{self._sequences.slots[slot_data[i]].seq_id} holds")
-            L = c - values[i] if rejected else values[i]
-            if L > 0 and self._released_to(L) < self._sequences.slots[slot_data[i]].live:
+                    f"{name}[{i if stride else 0}] = {value} is more than the {c} tokens sequence "
+                    f"{record.seq_id} holds")
+            L = c - value if rejected else value
+            if L > 0 and self._released_to(L) < record.live:
                 raise ValueError(
-                    f"sequence {self._sequences.slots[slot_data[i]].seq_id} cannot go back to "
-                    f"{L} tokens: its window would need blocks it has already released")
-            lengths[i] = L
+                    f"sequence {record.seq_id} cannot go back to {L} tokens: its window would "
+                    f"need blocks it has already released")
+            length_data[i] = L
         return slots, lengths
 
     cdef int _truncate(self, slots, lengths) except -1:
@@ -2419,6 +2439,10 @@ cdef class KVCacheManager(Persistent):
             b = int(wrong[0])
             raise AssertionError(
                 f"block {b} has refcount {refcount[b]} but {references[b]} table entries name it")
+        if self._allocator.shared_count() != int((refcount >= 2).sum()):
+            raise AssertionError(
+                f"the pool counts {self._allocator.shared_count()} shared blocks, but "
+                f"{int((refcount >= 2).sum())} have a reference count of 2 or more")
         if free.size and (free.min() < 0 or free.max() >= num_blocks):
             raise AssertionError("the free stack holds an id outside the pool")
         on_stack = np.bincount(free, minlength=num_blocks) if free.size else np.zeros(num_blocks, np.int64)

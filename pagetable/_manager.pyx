@@ -587,32 +587,33 @@ cdef class KVCacheManager(Persistent):
             raise ValueError(f"{name}[{bad}] = {ids_data[bad]} appears more than once")
         return slots
 
-    cdef object _counts(self, num_new_tokens, Py_ssize_t n, int64_t* scalar):
-        """Validate ``num_new_tokens``: an int64 array of length ``n``, or None for a scalar.
+    cdef object _counts(self, values, Py_ssize_t n, int64_t* scalar, str name="num_new_tokens"):
+        """Validate per-sequence counts (``name``): an int64 array of length ``n``, or
+        None for a scalar.
 
         A scalar count is stored in ``scalar`` and read with stride 0, so a decode step
         allocates no count array.
         """
-        if isinstance(num_new_tokens, np.ndarray) and num_new_tokens.ndim == 0:
-            num_new_tokens = num_new_tokens.item()     # a 0-d array is a scalar count
-        if isinstance(num_new_tokens, (list, tuple, np.ndarray)):
-            counts = _int64_vector(num_new_tokens, "num_new_tokens")
-            if counts is num_new_tokens:
+        if isinstance(values, np.ndarray) and values.ndim == 0:
+            values = values.item()     # a 0-d array is a scalar count
+        if isinstance(values, (list, tuple, np.ndarray)):
+            counts = _int64_vector(values, name)
+            if counts is values:
                 # The plan and the step both read the counts, and reserving room in
                 # between may let another thread run: it must not change them.
                 counts = counts.copy()
             if counts.shape[0] != n:
                 raise ValueError(
-                    f"num_new_tokens must have one entry per sequence ({n}), got {counts.shape[0]}")
+                    f"{name} must have one entry per sequence ({n}), got {counts.shape[0]}")
             if n and counts.min() < 0:
                 bad = int(np.argmax(counts < 0))
-                raise ValueError(f"num_new_tokens[{bad}] = {counts[bad]} is negative")
+                raise ValueError(f"{name}[{bad}] = {counts[bad]} is negative")
             return counts
-        count = as_index(num_new_tokens, "num_new_tokens")
+        count = as_index(values, name)
         if count < 0:
-            raise ValueError(f"num_new_tokens[0] = {count} is negative")
+            raise ValueError(f"{name}[0] = {count} is negative")
         if count > INT64_MAX:
-            raise OverflowError(f"num_new_tokens = {count} does not fit in 64 bits")
+            raise OverflowError(f"{name} = {count} does not fit in 64 bits")
         scalar[0] = count
         return None
 
@@ -1720,7 +1721,7 @@ cdef class KVCacheManager(Persistent):
         cdef Py_ssize_t i, n = cnp.PyArray_DIM(slots, 0), stride = 1
         cdef int64_t scalar = 0
         name = "num_rejected" if rejected else "num_tokens"
-        values = self._counts(counts, n, &scalar)
+        values = self._counts(counts, n, &scalar, name)
         cdef const int64_t* value_data = &scalar
         if values is None:
             stride = 0
@@ -2192,30 +2193,15 @@ cdef class KVCacheManager(Persistent):
     cdef object _last_counts(self, num_tokens, Py_ssize_t n, int64_t* scalar):
         """``slot_mapping``'s ``num_tokens``: an int64 array of ``n``, or None for a scalar.
 
-        The upper bound, each sequence's length, is checked in the read itself.
+        The upper bound, each sequence's length, is checked in the read itself; a
+        scalar past int32 is more than any sequence holds (and is kept from the sums).
         """
-        if isinstance(num_tokens, np.ndarray) and num_tokens.ndim == 0:
-            num_tokens = num_tokens.item()     # a 0-d array is a scalar count
-        if isinstance(num_tokens, (list, tuple, np.ndarray)):
-            counts = _int64_vector(num_tokens, "num_tokens")
-            if counts is num_tokens:
-                # Read twice (checked, then used to fill), and making the output in
-                # between may let another thread run: it must not change them.
-                counts = counts.copy()
-            if counts.shape[0] != n:
-                raise ValueError(
-                    f"num_tokens must have one entry per sequence ({n}), got {counts.shape[0]}")
-            if n and counts.min() < 0:
-                bad = int(np.argmax(counts < 0))
-                raise ValueError(f"num_tokens[{bad}] = {counts[bad]} is negative")
-            return counts
-        count = as_index(num_tokens, "num_tokens")
-        if count < 0:
-            raise ValueError(f"num_tokens = {count} is negative")
-        if count > INT32_MAX and n:
-            raise ValueError(f"num_tokens = {count} is more than any sequence holds")
-        scalar[0] = min(count, INT32_MAX)
-        return None
+        counts = self._counts(num_tokens, n, scalar, "num_tokens")
+        if counts is None and scalar[0] > INT32_MAX and n:
+            raise ValueError(f"num_tokens = {scalar[0]} is more than any sequence holds")
+        if counts is None:
+            scalar[0] = min(scalar[0], INT32_MAX)
+        return counts
 
     # -- state ---------------------------------------------------------------------------
     def _state(self):

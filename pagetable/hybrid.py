@@ -663,10 +663,7 @@ event_hash_format, medium, data_parallel_rank
         kernel_block_size : int, optional
             Export in kernel blocks of this many tokens (dividing the group's block size).
         """
-        manager = self._group(group)
-        if kernel_block_size is None:
-            return manager.block_table(seq_ids)
-        return manager.block_table(seq_ids, kernel_block_size=kernel_block_size)
+        return self._group(group).block_table(seq_ids, kernel_block_size=kernel_block_size)
 
     def flashinfer_layout(self, seq_ids: Any, group: int = 0,
                           kernel_block_size: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -681,10 +678,7 @@ event_hash_format, medium, data_parallel_rank
         kernel_block_size : int, optional
             Export in kernel blocks of this many tokens.
         """
-        manager = self._group(group)
-        if kernel_block_size is None:
-            return manager.flashinfer_layout(seq_ids)
-        return manager.flashinfer_layout(seq_ids, kernel_block_size=kernel_block_size)
+        return self._group(group).flashinfer_layout(seq_ids, kernel_block_size=kernel_block_size)
 
     def check(self) -> None:
         """Every group's own check, and the groups in step: the same sequences with the

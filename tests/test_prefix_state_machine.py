@@ -30,7 +30,7 @@ from pagetable import KVCacheManager, OutOfBlocksError
 from pagetable.prefix import ExtraKeys
 from pagetable.reference import ReferenceKVCacheManager
 
-from side_by_side import cython_lacks
+from side_by_side import cython_lacks, event_data
 
 TOKEN_ID_MAX = 2**31 - 1
 # docs/HYBRID.md rules run only once the Cython manager has them (both managers are
@@ -60,16 +60,6 @@ def outcome(call):
     return plain
 
 
-def event_data(event):
-    """An event as a plain tuple (type name, then its fields)."""
-    name = type(event).__name__.lstrip("_")
-    if name == "BlockStored":
-        return (name, list(event.block_hashes), event.parent_block_hash, list(event.token_ids),
-                event.block_size, event.lora_id, event.medium, event.lora_name,
-                event.extra_keys, event.group_idx)
-    if name == "BlockRemoved":
-        return (name, list(event.block_hashes), event.medium, event.group_idx)
-    return (name,)
 
 
 def stats_data(manager):

@@ -1923,54 +1923,9 @@ cdef class KVCacheManager(Persistent):
             ``kernel_block_size`` is not a positive integer dividing the block size.
         """
         ids = _int64_vector(seq_ids, "seq_ids")
-        if kernel_block_size is not None:
-            return self._kernel_flashinfer_layout(
-                ids, kernel_blocks_per_block(kernel_block_size, self._block_size))
-        cdef Py_ssize_t i, n
-        cdef const int32_t* slot_ids
-        cdef const SequenceSlot* records = self._sequences.slots
-        cdef int64_t nnz, tokens, epoch
-        cdef int32_t* indptr_data
-        cdef block_id_t* indices_data
-        cdef int32_t* last_data
-        cdef int32_t length
-        cdef int64_t at
-        cdef int attempt
-        for attempt in range(READ_ATTEMPTS):
-            epoch = self._read_begin()
-            slots = self._slots(ids, False)
-            n = cnp.PyArray_DIM(slots, 0)
-            slot_ids = <const int32_t*>cnp.PyArray_DATA(slots)
-            records = self._sequences.slots
-            nnz = 0
-            for i in range(n):
-                nnz += self._pages_of(&records[slot_ids[i]])
-            indptr = empty(n + 1, cnp.NPY_INT32)
-            indices = empty(nnz, cnp.NPY_INT32)
-            last_page_len = empty(n, cnp.NPY_INT32)
-            if not self._read_current(epoch):
-                continue
-            # From here on nothing can let another thread run: the sizes hold.
-            indptr_data = <int32_t*>cnp.PyArray_DATA(indptr)
-            indices_data = <block_id_t*>cnp.PyArray_DATA(indices)
-            last_data = <int32_t*>cnp.PyArray_DATA(last_page_len)
-            at = 0
-            indptr_data[0] = 0
-            for i in range(n):
-                length = <int32_t>self._pages_of(&records[slot_ids[i]])
-                memcpy(indices_data + at, self._table.row_blocks(records[slot_ids[i]].row),
-                       <size_t>length * sizeof(block_id_t))
-                at += length
-                indptr_data[i + 1] = <int32_t>at
-                tokens = self._sequences.slots[slot_ids[i]].tokens
-                last_data[i] = <int32_t>(self._block_offset(tokens - 1) + 1) if tokens else 0
-            return indptr, indices, last_page_len
-        raise RuntimeError(_READ_KEPT_CHANGING)
-
-    cdef inline int64_t _pages_of(self, const SequenceSlot* record) noexcept nogil:
-        """FlashInfer's pages of a sequence: the blocks holding its tokens (its page count
-        and last page length give its length, so reserved lookahead blocks are left out)."""
-        return min(self._blocks_needed(record.tokens), <int64_t>self._table.row_length(record.row))
+        # A manager's own pages are the split into one kernel block per block.
+        return self._kernel_flashinfer_layout(
+            ids, 1 if kernel_block_size is None else kernel_blocks_per_block(kernel_block_size, self._block_size))
 
     # Kernel blocks (see block_table).  The pool holds fewer than 2**31 tokens, so
     # every kernel block id m*k + j < num_blocks * B fits in int32.
@@ -2020,7 +1975,10 @@ cdef class KVCacheManager(Persistent):
         raise RuntimeError(_READ_KEPT_CHANGING)
 
     cdef object _kernel_flashinfer_layout(self, ids, int64_t per_block):
-        """``flashinfer_layout`` in kernel blocks, ``per_block`` to a block."""
+        """``flashinfer_layout`` in kernel blocks, ``per_block`` to a block (1: the
+        manager's own blocks).  Pages hold the committed tokens only: FlashInfer reads
+        a sequence's length from its page count and last page length, so reserved
+        lookahead blocks are left out."""
         cdef BlockGeometry kernel = block_geometry(self._block_size // per_block)
         cdef Py_ssize_t i, n
         cdef const int32_t* slot_ids

@@ -273,19 +273,10 @@ cdef class PrefixCache:
     cdef int taken(self, const block_id_t* blocks, int64_t n) except -1:
         """After a take: evict the cached-free blocks among ``blocks``; forget their contents."""
         cdef int64_t i
-        cdef block_id_t block
         for i in range(n):
-            block = blocks[i]
-            if self._allocator.is_cached(block):
-                if self.events is not None:
-                    self.events.append(self._removed(
-                        [self.event_hash(self._hash + <int64_t>block * self.digest_size)],
-                        self.medium, self.group_idx))
-                self._unregister(block)
+            if self._allocator.is_cached(blocks[i]):
                 self.evictions += 1
-            self._known[block] = 0
-            if self._extra_used:
-                self._extra[block] = None
+            self.forget(blocks[i])
         return 0
 
     cdef int forget(self, block_id_t block) except -1:

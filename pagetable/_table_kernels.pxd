@@ -363,6 +363,9 @@ cdef inline void expand_to_kernel_blocks(const int32_t* blocks, int64_t count, i
     """
     cdef int64_t j, full = count // k, rest = count - full * k
     cdef int32_t block
+    if k == 1:          # no split: the blocks themselves (a manager's own layout)
+        memcpy(dest, blocks, <size_t>count * sizeof(int32_t))
+        return
     # The usual splits get a constant k (see expand_whole_blocks).
     if k == 2:
         expand_whole_blocks(blocks, full, 2, dest)

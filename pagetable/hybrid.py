@@ -26,7 +26,7 @@ from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from pagetable._convert import INT32_MAX, INT64_MAX, as_index, as_int_array
+from pagetable._convert import INT32_MAX, INT64_MAX, as_index, as_int_array, check_range
 from pagetable._manager import KVCacheManager
 from pagetable._results import AppendResult, OutOfBlocksError
 from pagetable.events import KVEventBatch
@@ -37,12 +37,7 @@ __all__ = ["KVCacheGroupSpec", "HybridKVCacheManager", "HybridResult", "HybridAd
 def _positive(value: object, name: str, optional: bool = False) -> int | None:
     if optional and value is None:
         return None
-    number = as_index(value, name)
-    if number < 1:
-        raise ValueError(f"{name} must be >= 1, got {number}")
-    if number > INT32_MAX:
-        raise OverflowError(f"{name} must be at most 2**31 - 1, got {number}")
-    return number
+    return check_range(as_index(value, name), 1, INT32_MAX, name)
 
 
 @dataclass(frozen=True)

@@ -529,7 +529,7 @@ cdef class BatchTable:
             length = table._rows.length[source]
             if length > self._max_blocks:
                 raise ValueError(
-                    f"sequence {self._seq[r]} (row {r}) has {length} blocks, more than "
+                    f"sequence {self._seq[r]} has {length} blocks (row {r}), more than "
                     f"max_blocks_per_seq={self._max_blocks}; nothing was updated")
             if self._per_block > 1:
                 blocks = table.row_blocks(source)

@@ -648,6 +648,15 @@ cdef class BatchTable:
                 return changed
         raise RuntimeError(_KEPT_CHANGING)
 
+    def _check_update(self):
+        """Raise what :meth:`update` would raise now; change nothing visible."""
+        cdef PageTable table = self._source
+        cdef int64_t stamp = table._read_begin()
+        try:
+            self._check()
+        finally:
+            table._read_end(stamp)
+
     def changes(self, clear=True):
         """Rows whose entries changed since the changes were last cleared.
 

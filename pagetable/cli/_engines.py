@@ -41,6 +41,7 @@ engine to engine; the tests compare the structure (``check_step``).
 
 from __future__ import annotations
 
+from typing import Any
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -61,9 +62,9 @@ class EngineStep:
     slots: np.ndarray          # int64 [tokens]: the slot of each token of the step
     table: np.ndarray          # int32 [rows, width]: row r lists the blocks of row_seq_ids[r]
     num_blocks: np.ndarray     # int32 [rows]
-    row_seq_ids: np.ndarray    # int64 [rows]
-    token_seq_ids: np.ndarray  # int64 [tokens]: whose token each slot is
-    positions: np.ndarray      # int64 [tokens]
+    row_seq_ids: np.ndarray | None    # int64 [rows]
+    token_seq_ids: np.ndarray | None  # int64 [tokens]: whose token each slot is
+    positions: np.ndarray | None      # int64 [tokens]
 
 
 # =========================================================================== vLLM v1
@@ -345,6 +346,7 @@ class VLLMEngine:
             if empty >= last:
                 break
             request_id = self.req_ids[last]
+            assert request_id is not None          # rows up to the last are occupied
             self.req_ids[empty] = request_id
             self.req_ids[last] = None
             self.req_id_to_index[request_id] = empty
@@ -371,8 +373,9 @@ class VLLMEngine:
     def prepare_inputs(self, num_scheduled_tokens: dict[int, int]) -> EngineStep:
         """Each token's row and position, then the slot mapping over the persistent table."""
         num_reqs = len(self.req_ids)
-        tokens_per_row = np.array([num_scheduled_tokens[request_id] for request_id in self.req_ids],
-                                  dtype=np.int32)
+        # Condensed: rows 0 .. num_reqs - 1 all hold a request.
+        tokens_per_row = np.array([num_scheduled_tokens[request_id]  # type: ignore[index]
+                                   for request_id in self.req_ids], dtype=np.int32)
         req_indices = np.repeat(self.arange[:num_reqs], tokens_per_row)
         cu_num_tokens = np.cumsum(tokens_per_row)
         total = int(cu_num_tokens[-1]) if num_reqs else 0
@@ -736,6 +739,8 @@ def check_step(step: EngineStep, block_size: int, seq_lens: dict[int, int]) -> d
     exactly the blocks its sequence's ``seq_lens`` tokens need.  Raises AssertionError.
     """
     slots = np.asarray(step.slots)
+    assert step.token_seq_ids is not None and step.positions is not None and step.row_seq_ids is not None, \
+        "a step to check records whose tokens and rows it holds"
     assert len(slots) == len(step.token_seq_ids) == len(step.positions)
     assert len(np.unique(slots)) == len(slots), "two tokens share a slot"
     row_of = {int(seq_id): row for row, seq_id in enumerate(step.row_seq_ids.tolist())}
@@ -854,7 +859,7 @@ def free_run(side: str, engine, seq_ids: np.ndarray, seq_list=None) -> None:
 class SlotMappingCase:
     """One batch of tokens over tables both pagetable and the vLLM model hold."""
 
-    table: object                  # pagetable.PageTable
+    table: Any                     # pagetable.PageTable
     seq_ids: np.ndarray            # int64 [tokens]
     positions: np.ndarray          # int64 [tokens]
     row_hints: np.ndarray          # int32 [tokens]: each token's row in ``table``

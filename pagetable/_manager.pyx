@@ -527,6 +527,19 @@ cdef class KVCacheManager(Persistent):
         return (<slot_t>data[block_index(&self._geometry, position)] * self._block_size
                 + self._block_offset(position))
 
+    cdef inline void _fill_slots(self, const block_id_t* data, int64_t begin, int64_t end,
+                                 slot_t* out) noexcept nogil:
+        """``out[p - begin] = _slot(data, p)`` for ``begin <= p < end``, a block at a time
+        (within a block the slots are consecutive, a loop the compiler vectorises)."""
+        cdef int64_t p = begin, k, stop, base, B = self._block_size, j
+        while p < end:
+            k = block_index(&self._geometry, p)
+            stop = min(end, (k + 1) * B)
+            base = <slot_t>data[k] * B + (p - k * B) - (p - begin)
+            for j in range(p - begin, stop - begin):
+                out[j] = base + j
+            p = stop
+
     cdef inline int64_t _first_needed(self, int64_t position) noexcept nogil:
         """The first position the token at ``position`` attends to."""
         if self._attention == ATTENTION_WINDOW:
@@ -885,9 +898,7 @@ cdef class KVCacheManager(Persistent):
             self._table.append_to_row(row, fresh, need)    # room reserved above
         self._sequences.add(seq, row, <int32_t>N)
         cdef const block_id_t* data = self._table.row_blocks(row)
-        cdef slot_t* out = <slot_t*>cnp.PyArray_DATA(result.slots)
-        for p in range(N):
-            out[p] = self._slot(data, p)
+        self._fill_slots(data, 0, N, <slot_t*>cnp.PyArray_DATA(result.slots))
         return result
 
     cdef object _admit_counts(self, seq_ids, num_tokens):
@@ -953,8 +964,7 @@ cdef class KVCacheManager(Persistent):
             fresh += need
             slot = self._sequences.add(seqs[i], row_data[i], <int32_t>N)
             data = self._table.row_blocks(row_data[i])
-            for p in range(N):
-                out[p] = self._slot(data, p)
+            self._fill_slots(data, 0, N, out)
             out += N
             loc[i + 1] = loc[i] + N
         return result
@@ -1254,8 +1264,7 @@ cdef class KVCacheManager(Persistent):
             slot_data = <slot_t*>cnp.PyArray_DATA(slots) + loc[i]
             # The GIL stays held: another thread's call may grow the table, and must
             # not do so while this loop reads it.
-            for p in range(H * B, N):
-                slot_data[p - H * B] = self._slot(data, p)
+            self._fill_slots(data, H * B, N, slot_data)
             if cache is not None:
                 cache.taken(fresh_blocks + fresh_at[i], fresh)
                 for p in range(H * B, N):
@@ -1616,9 +1625,11 @@ cdef class KVCacheManager(Persistent):
                 self._table.append_to_row(row, fresh_data + taken, add)   # room reserved above
                 taken += add
             data = self._table.row_blocks(row)
-            for p in range(tokens, tokens + count):
-                slot_data[written] = self._slot(data, p)
-                written += 1
+            if count == 1:
+                slot_data[written] = self._slot(data, tokens)
+            else:
+                self._fill_slots(data, tokens, tokens + count, slot_data + written)
+            written += count
             for p in range(K):
                 ahead_data[i * K + p] = self._slot(data, tokens + count + p)
             records[slot_ids[i]].tokens = <int32_t>(tokens + count)

@@ -703,8 +703,8 @@ class PagetableEngine:
             if bt is not None:
                 bt.add(new_ids)
         slots = kv.append_tokens(decode_ids, 1).slots
-        if prefills:
-            slots = np.concatenate([result.slots for result in prefills] + [slots])
+        if prefills is not None:
+            slots = np.concatenate([prefills.slots, slots])     # every prompt's slots, one array
         if bt is not None:
             bt.update()
             rows = bt.num_rows

@@ -13,7 +13,8 @@ The GPU path lives in :mod:`pagetable.gpu` and needs CuPy; importing this packag
 never imports CuPy.
 """
 
-from pagetable._table import MAX_BLOCK_SIZE, PAD_SLOT_ID, PageTable
+from pagetable._table import (
+    MAX_BLOCK_SIZE, PAD_SLOT_ID, PageTable, get_num_threads, set_num_threads)
 from pagetable._allocator import BlockAllocator
 from pagetable._results import AdmissionResult, AppendResult, OutOfBlocksError
 from pagetable._manager import KVCacheManager
@@ -38,5 +39,7 @@ __all__ = [
     "HybridResult",
     "CorruptStateError",
     "load",
+    "set_num_threads",
+    "get_num_threads",
     "__version__",
 ]

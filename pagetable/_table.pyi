@@ -9,6 +9,10 @@ from pagetable._guard import Guarded
 PAD_SLOT_ID: int
 MAX_BLOCK_SIZE: int
 DEBUG_BUILD: bool
+OPENMP: bool
+
+def set_num_threads(n: int) -> None: ...
+def get_num_threads() -> int: ...
 __test__: dict[str, str]
 
 _IntArray = npt.ArrayLike

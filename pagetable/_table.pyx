@@ -26,7 +26,7 @@ from libc.stdlib cimport qsort
 
 import mmap as _mmap
 import sys
-from time import monotonic as _monotonic, sleep as _sleep
+from time import monotonic as _monotonic, perf_counter as _perf_counter, sleep as _sleep
 
 import numpy as np
 cimport numpy as cnp
@@ -59,11 +59,17 @@ cdef extern from *:
     #ifdef _OPENMP
     #include <omp.h>
     #define PAGETABLE_MAX_THREADS() omp_get_max_threads()
+    #define PAGETABLE_THREAD_NUM() omp_get_thread_num()
+    #define PAGETABLE_OPENMP 1
     #else
+    #define PAGETABLE_OPENMP 0
     #define PAGETABLE_MAX_THREADS() 1
+    #define PAGETABLE_THREAD_NUM() 0
     #endif
     """
     int PAGETABLE_MAX_THREADS() noexcept nogil
+    int PAGETABLE_THREAD_NUM() noexcept nogil
+    int PAGETABLE_OPENMP
 
 # Input scans of append_blocks.  With GCC on x86-64 Linux each is compiled twice, for
 # AVX2 and for the baseline, and the loader picks one (an ifunc): the baseline has no
@@ -187,6 +193,139 @@ cdef int wait_while_set(int32_t* flag, str message) except -1:
     return 0
 _INT32 = np.dtype(np.int32)
 _INT64 = np.dtype(np.int64)
+
+
+# ------------------------------------------------------------------------ threads
+# Threads for batches of PARALLEL_THRESHOLD tokens or more: set_num_threads, or
+# PAGETABLE_NUM_THREADS at import, else OpenMP's default (OMP_NUM_THREADS, or one per
+# CPU), never more than the CPUs this process may run on.  One means no thread team.
+cdef int _num_threads = 1
+
+
+def _available_cpus():
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    import os
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def _thread_count(n, str name):
+    """``n`` as a thread count (a positive integer), capped at the CPUs available."""
+    if isinstance(n, bool) or not hasattr(type(n), "__index__"):
+        raise TypeError(f"{name} must be a positive integer, got {n!r}")
+    value = as_index(n, name)
+    if value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value}")
+    return min(value, _available_cpus(), PAGETABLE_MAX_THREADS() if OPENMP else 1)
+
+
+def set_num_threads(n):
+    """Set how many threads a batch of 131,072 tokens or more is split over.
+
+    Parameters
+    ----------
+    n : int
+        A positive integer.  ``1`` runs every call on the calling thread alone (no
+        thread team is ever started).  A count above the CPUs this process may run
+        on (``os.sched_getaffinity``) is capped at that number, and at 1 in a build
+        without OpenMP.
+
+    Raises
+    ------
+    TypeError
+        If ``n`` is not an integer (a bool is refused too).
+    ValueError
+        If ``n`` is zero or negative.
+    """
+    global _num_threads
+    _num_threads = _thread_count(n, "n")
+
+
+def get_num_threads():
+    """Return how many threads a batch of 131,072 tokens or more is split over.
+
+    See :func:`set_num_threads`; the default is ``PAGETABLE_NUM_THREADS`` when set at
+    import, else OpenMP's (``OMP_NUM_THREADS``, or one per CPU), capped at the CPUs
+    this process may run on.
+    """
+    return _num_threads
+
+
+def _threads_from_environment():
+    import os
+    import warnings
+    text = os.environ.get("PAGETABLE_NUM_THREADS", "").strip()
+    if text:
+        try:
+            return _thread_count(int(text), "PAGETABLE_NUM_THREADS")
+        except (TypeError, ValueError) as error:
+            warnings.warn(f"ignoring PAGETABLE_NUM_THREADS={text!r}: {error}", RuntimeWarning,
+                          stacklevel=3)
+    return min(PAGETABLE_MAX_THREADS(), _available_cpus())
+
+
+# A thread team pays only while its helpers get CPU time: with another process
+# keeping a core busy, a helper that the OS takes off its core mid-chunk holds the
+# whole call up at the team's closing barrier.  So the time per token of both ways
+# (a team, the calling thread alone) is kept over each way's last three large calls,
+# and each call takes the way whose median is lower; every TEAM_PROBE_INTERVAL-th
+# call (less often while probes keep losing) runs the other way, so that the choice
+# follows the machine's load.  A median of three shrugs off one outlier, such as the
+# first team's start (tens of ms here).
+cdef double _seconds_per_token[2][3]    # [alone, team][last three]; 0 until measured
+cdef int64_t _timed_calls[2]
+cdef int64_t _large_calls = 0
+cdef int64_t _next_probe = 0
+cdef int64_t _probe_interval = 16
+cdef bint _probing = False, _probe_lost = False
+
+cdef enum:
+    TEAM_PROBE_INTERVAL = 16
+    TEAM_PROBE_MAX = 1024
+
+
+cdef inline double median_of_three(const double* x) noexcept:
+    return max(min(x[0], x[1]), min(max(x[0], x[1]), x[2]))
+
+
+cdef int team_size(int64_t n) noexcept:
+    """Threads for a batch of ``n`` tokens: 1, or ``_num_threads`` (see above)."""
+    global _large_calls, _next_probe, _probe_interval, _probing
+    if n < PARALLEL_THRESHOLD or _num_threads <= 1:
+        return 1
+    _large_calls += 1
+    cdef bint team
+    if _timed_calls[0] < 3 or _timed_calls[1] < 3:
+        team = _timed_calls[1] <= _timed_calls[0]
+    else:
+        team = median_of_three(_seconds_per_token[1]) < median_of_three(_seconds_per_token[0])
+        if _large_calls >= _next_probe:
+            team = not team
+            # A probe that loses again waits twice as long for the next one: on a
+            # busy machine one team call can cost several ordinary ones.
+            _probe_interval = min(2 * _probe_interval, TEAM_PROBE_MAX) if _probe_lost else TEAM_PROBE_INTERVAL
+            _next_probe = _large_calls + _probe_interval
+            _probing = True
+    return _num_threads if team else 1
+
+
+cdef void team_timed(bint team, double seconds_per_token) noexcept:
+    """Keep one large call's time per token among its way's last three."""
+    global _probing, _probe_lost
+    if _num_threads <= 1:
+        return
+    _seconds_per_token[team][_timed_calls[team] % 3] = seconds_per_token
+    _timed_calls[team] += 1
+    if _probing:
+        _probing = False
+        _probe_lost = seconds_per_token >= median_of_three(_seconds_per_token[not team])
+
+
+#: Whether this build splits large batches over OpenMP threads.
+OPENMP = PAGETABLE_MAX_THREADS() > 0 and PAGETABLE_OPENMP
+_num_threads = _threads_from_environment()
 
 
 def _check_block_size(block_size):
@@ -1533,7 +1672,8 @@ cdef class PageTable(Guarded):
         sequence; interleaved tokens are handled exactly as well, one probe each,
         or one check of their row hint when ``rows`` is given.
         Batches of 131,072 tokens or more are split over OpenMP threads where the
-        build has OpenMP (``OMP_NUM_THREADS`` sets the count).
+        build has OpenMP (see :func:`set_num_threads`), or run on the calling thread
+        alone when recent calls found that faster (a busy machine).
         """
         seq_array, pos_array = _pair(seq_ids, positions)
         cdef int64_t n = cnp.PyArray_DIM(<cnp.ndarray>seq_array, 0)
@@ -1569,14 +1709,15 @@ cdef class PageTable(Guarded):
         cdef TableView view
         cdef int64_t bad = -1, chunk, num_chunks = 0, begin, end, stamp
         cdef int64_t* chunk_bad = NULL
-        cdef int threads = PAGETABLE_MAX_THREADS()
+        cdef int threads = team_size(n)
         cdef int attempt
         cdef bint consistent = False
-        cdef bint parallel = n >= PARALLEL_THRESHOLD and threads > 1
+        cdef bint parallel = threads > 1
         if parallel:
             num_chunks = (n + PARALLEL_CHUNK - 1) // PARALLEL_CHUNK
             chunk_results = empty(num_chunks, cnp.NPY_INT64)
             chunk_bad = i64(chunk_results)
+        started = _perf_counter() if n >= PARALLEL_THRESHOLD else 0.0
         for attempt in range(READ_ATTEMPTS):
             stamp = self._read_begin()
             try:
@@ -1588,7 +1729,8 @@ cdef class PageTable(Guarded):
                     with nogil:
                         bad = slot_mapping_range(&view, seqs, hints, pos, out, 0, n)
                 else:
-                    for chunk in prange(num_chunks, nogil=True, schedule="dynamic"):
+                    for chunk in prange(num_chunks, nogil=True, schedule="dynamic",
+                                        num_threads=threads):
                         begin = chunk * PARALLEL_CHUNK
                         end = min(begin + PARALLEL_CHUNK, n)
                         chunk_bad[chunk] = slot_mapping_range(&view, seqs, hints, pos, out,
@@ -1599,6 +1741,8 @@ cdef class PageTable(Guarded):
                 break
         if not consistent:
             raise RuntimeError(_READ_KEPT_CHANGING)
+        if n >= PARALLEL_THRESHOLD and attempt == 0:
+            team_timed(parallel, (_perf_counter() - started) / n)
         if parallel and attempt == 0:
             bad = -1
             for chunk in range(num_chunks):

@@ -94,36 +94,132 @@ cdef inline int64_t block_of(int64_t pos, const TableView* view, int64_t limit,
     return pos // view.block_size
 
 
+cdef enum:
+    # The longest stretch of consecutive positions mapped in one pass (see
+    # ``block_slots``); past it the pool is read again for the same block.
+    CONSECUTIVE_STRETCH_MAX = 512
+    # end_of_run compares this many ids per step, without an early exit inside the
+    # step, so that the compiler turns the step into vector compares.
+    RUN_SCAN_STEP = 8
+
+
 cdef inline int64_t end_of_run(const int64_t* seq_ids, int64_t begin, int64_t end) noexcept nogil:
     """End of the run of equal ids starting at ``begin``."""
     cdef seq_id_t seq_id = seq_ids[begin]
-    cdef int64_t i = begin + 1
+    cdef int64_t i = begin + 1, t
+    cdef uint64_t differ
+    while i + RUN_SCAN_STEP <= end:
+        differ = 0
+        for t in range(RUN_SCAN_STEP):
+            differ |= <uint64_t>(seq_ids[i + t] ^ seq_id)
+        if differ:
+            break
+        i += RUN_SCAN_STEP
     while i < end and seq_ids[i] == seq_id:
         i += 1
     return i
 
 
-cdef inline void run_slots(const TableView* view, row_t row, const int64_t* positions,
-                            int64_t* out, int64_t count) noexcept nogil:
-    """Slots of ``count`` positions of one sequence (``row``, or -1 if unknown)."""
+# Consecutive positions of one sequence, the usual shape of its tokens (a prefill
+# chunk, a decode window), stay in one block for up to ``block_size`` tokens, and
+# there every slot is ``pos + (block - block_index) * block_size``: one pool read per
+# block and an add per token.  One pass over such a stretch checks that the ids are
+# still the run's and the positions still consecutive, and writes its guesses; a
+# stretch that fails the check is mapped again from where it failed.  Checking the
+# ids in the same pass leaves no separate scan for the run's end, so a grouped batch
+# reads each input once.  The loops are in C for ``__restrict`` (the callers never let
+# an output overlap an input): the compiler vectorises them with no overlap test, and
+# the common block sizes get a constant count, unrolled into whole vector steps.
+cdef extern from *:
+    """
+    static inline uint64_t pagetable_stretch_slots(const int64_t* __restrict seq_ids, int64_t seq_id,
+            const int64_t* __restrict positions, int64_t* __restrict out, int64_t count,
+            int64_t first, int64_t delta, int64_t pad) {
+        uint64_t differ = 0;
+        for (int64_t t = 0; t < count; t++) {
+            int64_t pos = positions[t];
+            differ |= (uint64_t)(pos ^ (first + t)) | (uint64_t)(seq_ids[t] ^ seq_id);
+            out[t] = (pos + delta) | pad;
+        }
+        return differ;
+    }
+    static inline uint64_t pagetable_stretch_lookup(const int64_t* __restrict seq_ids, int64_t seq_id,
+            const int64_t* __restrict positions, int32_t* __restrict blocks_out,
+            int32_t* __restrict offsets_out, int64_t count, int64_t first, int32_t block,
+            int64_t block_begin) {
+        uint64_t differ = 0;
+        for (int64_t t = 0; t < count; t++) {
+            int64_t pos = positions[t];
+            differ |= (uint64_t)(pos ^ (first + t)) | (uint64_t)(seq_ids[t] ^ seq_id);
+            blocks_out[t] = block;
+            offsets_out[t] = (int32_t)(pos - block_begin);
+        }
+        return differ;
+    }
+    """
+    uint64_t stretch_slots "pagetable_stretch_slots" (
+        const int64_t* seq_ids, int64_t seq_id, const int64_t* positions, int64_t* out,
+        int64_t count, int64_t first, int64_t delta, int64_t pad) noexcept nogil
+    uint64_t stretch_lookup "pagetable_stretch_lookup" (
+        const int64_t* seq_ids, int64_t seq_id, const int64_t* positions, int32_t* blocks_out,
+        int32_t* offsets_out, int64_t count, int64_t first, int32_t block,
+        int64_t block_begin) noexcept nogil
+
+
+cdef inline int64_t block_stretch(int64_t pos, int64_t block_index, int64_t block_size,
+                                  int64_t limit, int64_t count) noexcept nogil:
+    """Tokens from a mapped ``pos`` that stay in its block if positions are consecutive."""
+    cdef int64_t take = (block_index + 1) * block_size - pos
+    if take > limit - pos:
+        take = limit - pos
+    if take > count:
+        take = count
+    # A huge block would make one failed check cost a long second pass.
+    if take > CONSECUTIVE_STRETCH_MAX:
+        take = CONSECUTIVE_STRETCH_MAX
+    return take
+
+
+cdef inline uint64_t block_slots(const int64_t* seq_ids, int64_t seq_id, const int64_t* positions,
+                                 int64_t* out, int64_t take, int64_t pos, int64_t delta,
+                                 int64_t pad) noexcept nogil:
+    if take == 16:
+        return stretch_slots(seq_ids, seq_id, positions, out, 16, pos, delta, pad)
+    if take == 32:
+        return stretch_slots(seq_ids, seq_id, positions, out, 32, pos, delta, pad)
+    return stretch_slots(seq_ids, seq_id, positions, out, take, pos, delta, pad)
+
+
+cdef inline uint64_t block_lookup(const int64_t* seq_ids, int64_t seq_id, const int64_t* positions,
+                                  int32_t* blocks_out, int32_t* offsets_out, int64_t take,
+                                  int64_t pos, int32_t block, int64_t block_begin) noexcept nogil:
+    if take == 16:
+        return stretch_lookup(seq_ids, seq_id, positions, blocks_out, offsets_out, 16, pos,
+                              block, block_begin)
+    if take == 32:
+        return stretch_lookup(seq_ids, seq_id, positions, blocks_out, offsets_out, 32, pos,
+                              block, block_begin)
+    return stretch_lookup(seq_ids, seq_id, positions, blocks_out, offsets_out, take, pos,
+                          block, block_begin)
+
+
+cdef inline int64_t consecutive_prefix(const int64_t* seq_ids, int64_t seq_id,
+                                       const int64_t* positions, int64_t pos,
+                                       int64_t count) noexcept nogil:
+    """How many of ``count`` tokens are ``seq_id``'s and at ``pos``, ``pos + 1``, ..."""
+    cdef int64_t t = 0
+    while t < count and seq_ids[t] == seq_id and positions[t] == pos + t:
+        t += 1
+    return t
+
+
+cdef inline void slots_one_by_one(const int32_t* data, int64_t limit, int64_t block_size,
+                                     int32_t shift, int64_t mask, double reciprocal,
+                                     const int64_t* positions, int64_t* out,
+                                     int64_t count) noexcept nogil:
+    """Slots of ``count`` positions of one mapped row, each on its own."""
     cdef int64_t k, pos, block_index
     cdef int32_t block
-    cdef int64_t start = load_i64(view.row_start + row) if row >= 0 else 0
-    cdef int64_t length = load_i32(view.row_len + row) if row >= 0 else 0
-    cdef const int32_t* data
-    cdef int64_t block_size = view.block_size
-    cdef int32_t shift = view.block_shift
-    cdef int64_t mask = view.block_mask
-    cdef int64_t limit
-    cdef double reciprocal
-    if start < 0 or start + length > view.pool_capacity:
-        length = 0      # torn by a change in another thread: the caller reads again
-    limit = length * block_size      # positions 0 .. limit - 1 are mapped
-    if length <= 0:
-        for k in range(count):
-            out[k] = PAD
-        return
-    data = view.pool + start
     if shift >= 0:
         for k in range(count):
             pos = positions[k]
@@ -136,7 +232,6 @@ cdef inline void run_slots(const TableView* view, row_t row, const int64_t* posi
             else:
                 out[k] = PAD
     elif limit <= EXACT_DOUBLE_LIMIT:
-        reciprocal = 1.0 / <double>block_size
         for k in range(count):
             pos = positions[k]
             if <uint64_t>pos < <uint64_t>limit:
@@ -156,11 +251,69 @@ cdef inline void run_slots(const TableView* view, row_t row, const int64_t* posi
                 out[k] = PAD
 
 
-cdef inline void run_lookup(const TableView* view, row_t row, const int64_t* positions,
-                             int32_t* blocks_out, int32_t* offsets_out, int64_t count) noexcept nogil:
-    """Block ids and offsets of ``count`` positions of one sequence."""
-    cdef int64_t k, pos, block_index
+cdef inline int64_t run_slots(const TableView* view, row_t row, const int64_t* seq_ids,
+                               const int64_t* positions, int64_t* out, int64_t count) noexcept nogil:
+    """Slots of the run of ``seq_ids[0]`` (``row``, or -1 if unknown) among ``count`` tokens.
+
+    Returns the run's length: the tokens it mapped, up to the first other id.
+    """
+    cdef int64_t k = 0, pos, block_index, take, run_end
     cdef int32_t block
+    cdef seq_id_t seq_id = seq_ids[0]
+    cdef int64_t start = load_i64(view.row_start + row) if row >= 0 else 0
+    cdef int64_t length = load_i32(view.row_len + row) if row >= 0 else 0
+    cdef const int32_t* data
+    cdef int64_t block_size = view.block_size
+    cdef int64_t limit
+    cdef double reciprocal = 1.0 / <double>block_size
+    if start < 0 or start + length > view.pool_capacity:
+        length = 0      # torn by a change in another thread: the caller reads again
+    limit = length * block_size      # positions 0 .. limit - 1 are mapped
+    if length <= 0:
+        run_end = end_of_run(seq_ids, 0, count)
+        for k in range(run_end):
+            out[k] = PAD
+        return run_end
+    data = view.pool + start
+    while k < count:
+        if seq_ids[k] != seq_id:
+            return k
+        pos = positions[k]
+        if <uint64_t>pos >= <uint64_t>limit:
+            out[k] = PAD
+            k += 1
+            continue
+        block_index = block_of(pos, view, limit, reciprocal)
+        take = block_stretch(pos, block_index, block_size, limit, count - k)
+        block = data[block_index]
+        # A released entry (PAD, windowed managers) gives PAD: OR-ing in the block's
+        # sign (all ones for -1) keeps the loop branch-free.
+        if not block_slots(seq_ids + k, seq_id, positions + k, out + k, take, pos,
+                           (<int64_t>block - block_index) * block_size, <int64_t>block >> 31):
+            k += take
+            continue
+        k += consecutive_prefix(seq_ids + k, seq_id, positions + k, pos, take)
+        if k < count and seq_ids[k] == seq_id:
+            # Not consecutive: the rest of this run token by token.
+            run_end = end_of_run(seq_ids, k, count)
+            slots_one_by_one(data, limit, block_size, view.block_shift, view.block_mask,
+                             reciprocal, positions + k, out + k, run_end - k)
+            return run_end
+    return k
+
+
+cdef inline int64_t run_lookup(const TableView* view, row_t row, const int64_t* seq_ids,
+                                const int64_t* positions, int32_t* blocks_out,
+                                int32_t* offsets_out, int64_t count, bint consecutive) noexcept nogil:
+    """Block ids and offsets of the run of ``seq_ids[0]``; returns as ``run_slots``.
+
+    ``consecutive`` tries the one-pass stretches (see ``run_slots``); a short run
+    goes token by token from the start.
+    """
+    cdef int64_t k = 0, pos, block_index, take
+    cdef int64_t run_end = count if consecutive else end_of_run(seq_ids, 0, count)
+    cdef int32_t block
+    cdef seq_id_t seq_id = seq_ids[0]
     cdef int64_t start = load_i64(view.row_start + row) if row >= 0 else 0
     cdef int64_t length = load_i32(view.row_len + row) if row >= 0 else 0
     cdef const int32_t* data
@@ -171,20 +324,41 @@ cdef inline void run_lookup(const TableView* view, row_t row, const int64_t* pos
         length = 0      # torn by a change in another thread: the caller reads again
     limit = length * block_size
     if length <= 0:
-        for k in range(count):
+        if consecutive:
+            run_end = end_of_run(seq_ids, 0, count)
+        for k in range(run_end):
             blocks_out[k] = PAD
             offsets_out[k] = PAD
-        return
+        return run_end
     data = view.pool + start
-    for k in range(count):
+    while k < run_end:
+        if consecutive and seq_ids[k] != seq_id:
+            return k
         pos = positions[k]
-        if <uint64_t>pos < <uint64_t>limit:
-            block_index = block_of(pos, view, limit, reciprocal)
-            blocks_out[k] = data[block_index]
-            offsets_out[k] = <int32_t>(pos - block_index * block_size)
-        else:
+        if <uint64_t>pos >= <uint64_t>limit:
             blocks_out[k] = PAD
             offsets_out[k] = PAD
+            k += 1
+            continue
+        block_index = block_of(pos, view, limit, reciprocal)
+        if consecutive:
+            take = block_stretch(pos, block_index, block_size, limit, count - k)
+            block = data[block_index]
+            if not block_lookup(seq_ids + k, seq_id, positions + k, blocks_out + k,
+                                offsets_out + k, take, pos, block, block_index * block_size):
+                k += take
+                continue
+            k += consecutive_prefix(seq_ids + k, seq_id, positions + k, pos, take)
+            if k == count or seq_ids[k] != seq_id:
+                return k
+            # Not consecutive: the rest of this run token by token.
+            consecutive = False
+            run_end = end_of_run(seq_ids, k, count)
+            continue
+        blocks_out[k] = data[block_index]
+        offsets_out[k] = <int32_t>(pos - block_index * block_size)
+        k += 1
+    return run_end
 
 
 cdef enum:
@@ -233,6 +407,12 @@ cdef inline int64_t interleaved_slots(const TableView* view, const int64_t* seq_
     return -1
 
 
+cdef inline bint is_long_run(const int64_t* seq_ids, int64_t i, int64_t end) noexcept nogil:
+    """Whether ``seq_ids[i]`` starts a run of at least four (worth one probe for all)."""
+    return (i + 4 <= end and seq_ids[i + 1] == seq_ids[i] and seq_ids[i + 2] == seq_ids[i]
+            and seq_ids[i + 3] == seq_ids[i])
+
+
 cdef inline int64_t slot_mapping_range(const TableView* view, const int64_t* seq_ids,
                                  const int32_t* hints, const int64_t* positions,
                                  int64_t* out, int64_t begin, int64_t end) noexcept nogil:
@@ -241,15 +421,13 @@ cdef inline int64_t slot_mapping_range(const TableView* view, const int64_t* seq
     ``hints`` (NULL, or one row hint per entry) replaces probes whose hint is right.
     Returns the index of the first negative sequence id, or -1.
     """
-    cdef int64_t i = begin, run_end, batch_end, bad
+    cdef int64_t i = begin, batch_end, bad
     while i < end:
         if seq_ids[i] < 0:
             return i
-        run_end = end_of_run(seq_ids, i, end)
-        if run_end - i >= 4:
-            run_slots(view, hinted_find(view, hints, i, seq_ids[i]), positions + i,
-                       out + i, run_end - i)
-            i = run_end
+        if is_long_run(seq_ids, i, end):
+            i += run_slots(view, hinted_find(view, hints, i, seq_ids[i]), seq_ids + i,
+                           positions + i, out + i, end - i)
             continue
         # Short runs: the batch is interleaved here.
         batch_end = min(i + INTERLEAVED_BATCH, end)
@@ -261,19 +439,58 @@ cdef inline int64_t slot_mapping_range(const TableView* view, const int64_t* seq
     return -1
 
 
+cdef inline int64_t interleaved_lookup(const TableView* view, const int64_t* seq_ids,
+                                        const int32_t* hints, const int64_t* positions,
+                                        int32_t* blocks_out, int32_t* offsets_out,
+                                        int64_t count) noexcept nogil:
+    """Block ids and offsets of ``count`` tokens of mixed ids; see ``interleaved_slots``."""
+    cdef int64_t k, pos, block_index, limit, entry
+    cdef int64_t block_size = view.block_size
+    cdef int32_t shift = view.block_shift
+    cdef uint64_t capacity = <uint64_t>view.pool_capacity
+    cdef double reciprocal = 1.0 / <double>block_size
+    cdef seq_id_t seq_id
+    cdef row_t row
+    for k in range(count):
+        seq_id = seq_ids[k]
+        if seq_id < 0:
+            return k
+        row = hinted_find(view, hints, k, seq_id)
+        pos = positions[k]
+        limit = (load_i32(view.row_len + row) if row >= 0 else 0) * block_size
+        block_index = pos >> shift if shift >= 0 else block_of(pos, view, limit, reciprocal)
+        entry = load_i64(view.row_start + row) + block_index if row >= 0 else -1
+        # A row torn by a change in another thread must not send the read outside
+        # the pool; the caller reads again in that case.
+        if <uint64_t>pos >= <uint64_t>limit or <uint64_t>entry >= capacity:
+            blocks_out[k] = PAD
+            offsets_out[k] = PAD
+        else:
+            blocks_out[k] = view.pool[entry]
+            offsets_out[k] = <int32_t>(pos - block_index * block_size)
+    return -1
+
+
 cdef inline int64_t lookup_range(const TableView* view, const int64_t* seq_ids,
                            const int32_t* hints, const int64_t* positions,
                            int32_t* blocks_out, int32_t* offsets_out,
                            int64_t begin, int64_t end) noexcept nogil:
     """Block ids and offsets for entries ``begin .. end - 1``; see ``slot_mapping_range``."""
-    cdef int64_t i = begin, run_end
+    cdef int64_t i = begin, batch_end, bad
     while i < end:
         if seq_ids[i] < 0:
             return i
-        run_end = end_of_run(seq_ids, i, end)
-        run_lookup(view, hinted_find(view, hints, i, seq_ids[i]), positions + i,
-                    blocks_out + i, offsets_out + i, run_end - i)
-        i = run_end
+        if is_long_run(seq_ids, i, end):
+            i += run_lookup(view, hinted_find(view, hints, i, seq_ids[i]), seq_ids + i,
+                            positions + i, blocks_out + i, offsets_out + i, end - i, True)
+            continue
+        # Short runs: the batch is interleaved here.
+        batch_end = min(i + INTERLEAVED_BATCH, end)
+        bad = interleaved_lookup(view, seq_ids + i, hints + i if hints != NULL else NULL,
+                                 positions + i, blocks_out + i, offsets_out + i, batch_end - i)
+        if bad >= 0:
+            return i + bad
+        i = batch_end
     return -1
 
 

@@ -32,6 +32,7 @@ MODULES = [
     "pagetable._registry",    # the manager's record of its sequences
     "pagetable._prefix_cache",  # block hashes, the hash -> block map, events
     "pagetable._manager",     # KVCacheManager
+    "pagetable._batch",       # BatchTable, the persistent dense block table
 ]
 
 DIRECTIVES = {

@@ -17,6 +17,7 @@ from pagetable._table import MAX_BLOCK_SIZE, PAD_SLOT_ID, PageTable
 from pagetable._allocator import BlockAllocator
 from pagetable._results import AppendResult, OutOfBlocksError
 from pagetable._manager import KVCacheManager
+from pagetable._batch import BatchTable
 from pagetable._state import CorruptStateError, load
 from pagetable.hybrid import HybridKVCacheManager, HybridResult, KVCacheGroupSpec
 
@@ -28,6 +29,7 @@ __all__ = [
     "PageTable",
     "BlockAllocator",
     "KVCacheManager",
+    "BatchTable",
     "OutOfBlocksError",
     "AppendResult",
     "HybridKVCacheManager",

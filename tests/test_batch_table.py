@@ -505,6 +505,27 @@ def test_sizes_must_be_positive_integers(Table, name, value, error):
         Table(PageTable(4), sizes["max_rows"], sizes["max_blocks_per_seq"])
 
 
+@pytest.mark.parametrize("name", ["max_rows", "max_blocks_per_seq"])
+def test_sizes_past_int32_overflow(Table, name, request):
+    """Above its range a count is OverflowError, as everywhere in the package
+    (``check_range``: ``KVCacheManager(2**31)``, ``PageTable(2**40)``)."""
+    if Table is FAST:
+        request.applymarker(pytest.mark.xfail(
+            strict=True, reason="BatchTable raises ValueError for a size past int32"))
+    sizes = {"max_rows": 2, "max_blocks_per_seq": 2, name: 2**31}
+    with pytest.raises(OverflowError, match=name):
+        Table(PageTable(4), sizes["max_rows"], sizes["max_blocks_per_seq"])
+
+
+def test_a_model_or_a_hybrid_manager_is_no_source(Table):
+    from pagetable import HybridKVCacheManager, KVCacheGroupSpec
+    from pagetable.reference import ReferencePageTable
+
+    for source in (ReferencePageTable(4), HybridKVCacheManager([KVCacheGroupSpec(8, 4)])):
+        with pytest.raises(TypeError, match="source"):
+            Table(source, 2, 2)
+
+
 def test_sizes_accept_numpy_integers(Table):
     bt = Table(PageTable(4), np.int64(3), np.int32(2), kernel_block_size=np.int64(2))
     assert (bt.max_rows, bt.max_blocks_per_seq, bt.width, bt.kernel_block_size) == (3, 2, 4, 2)
@@ -544,6 +565,45 @@ BAD_ID_LISTS = [
 def test_bad_sequence_ids_are_refused(Table, method, ids, error, match):
     pt, bt = loaded(Table)
     assert_refused(bt, lambda b: getattr(b, method)(ids), error, match)
+
+
+def test_changes_takes_a_bool(Table):
+    pt, bt = loaded(Table)
+    for clear in (1, None, "yes"):
+        assert_refused(bt, lambda b: b.changes(clear=clear), TypeError, "clear")
+    assert bt.changes(clear=np.False_)[0].tolist() == [0]
+    assert bt.changes(clear=np.True_)[0].tolist() == [0]
+    assert bt.changes()[0].tolist() == []
+
+
+@pytest.mark.parametrize("form", ["tuple", "int32", "uint64", "read-only", "strided", "big-endian"])
+def test_ids_and_rows_come_in_any_integer_array(Table, form):
+    def make(values):
+        if form == "tuple":
+            return tuple(values)
+        if form == "int32":
+            return np.array(values, dtype=np.int32)
+        if form == "uint64":
+            return np.array(values, dtype=np.uint64)
+        if form == "read-only":
+            array = np.array(values, dtype=np.int64)
+            array.flags.writeable = False
+            return array
+        if form == "strided":
+            return np.repeat(np.array(values, dtype=np.int64), 2)[::2]
+        return np.array(values, dtype=">i8")
+
+    pt, bt = loaded(Table)                    # rows 0, 1, 3 hold 1, 2, 3
+    assert bt.add(make([4, 5]), rows=make([4, 2])).tolist() == [4, 2]
+    assert bt.rows(make([5, 4, 1])).tolist() == [2, 4, 0]
+    bt.swap(make([0, 3]), make([1, 3]))
+    assert bt.seq_ids.tolist() == [2, 1, 5, 3, 4]
+    bt.invalidate(make([4]))
+    assert bt.remove(make([4, 5])).tolist() == [4, 2]
+    bt.move(make([3]), make([2]))
+    assert bt.seq_ids.tolist() == [2, 1, 3, -1, -1]
+    bt.update()
+    assert_current(bt, pt)
 
 
 def test_add_refuses_repeats_members_and_more_sequences_than_free_rows(Table):

@@ -21,7 +21,8 @@ from pagetable._convert import (
     check_range,
     kernel_blocks_per_block,
 )
-from pagetable._table import PAD_SLOT_ID
+from pagetable._manager import KVCacheManager
+from pagetable._table import PAD_SLOT_ID, PageTable
 
 
 def _read_only(array: np.ndarray) -> np.ndarray:
@@ -35,10 +36,12 @@ class ReferenceBatchTable:
 
     def __init__(self, source: object, max_rows: int, max_blocks_per_seq: int, *,
                  kernel_block_size: int | None = None) -> None:
-        # A KVCacheManager is mirrored through its page table; anything else must be
-        # a table (the compiled PageTable, or the reference one).
-        table = getattr(source, "page_table", source)
-        if not (hasattr(table, "get_sequence_blocks") and hasattr(table, "block_size")):
+        # A KVCacheManager is mirrored through its page table.
+        if isinstance(source, KVCacheManager):
+            table = source.page_table
+        elif isinstance(source, PageTable):
+            table = source
+        else:
             raise TypeError(f"source must be a PageTable or a KVCacheManager, got {type(source).__name__}")
         max_rows = check_range(as_index(max_rows, "max_rows"), 1, INT32_MAX, "max_rows")
         max_blocks_per_seq = check_range(
@@ -119,10 +122,12 @@ class ReferenceBatchTable:
         return ids
 
     def _known_ids(self, seq_ids: object, name: str, distinct: bool) -> list[int]:
-        ids = self._sequence_ids(seq_ids, name, distinct)
+        ids = self._sequence_ids(seq_ids, name, distinct=False)
         for i, s in enumerate(ids):
             if s not in self._row_of:
                 raise KeyError(f"{name}[{i}] = {s} is not in the batch table")
+        if distinct:
+            self._sequence_ids(seq_ids, name, distinct=True)
         return ids
 
     def _row_indices(self, rows: object, name: str) -> list[int]:
@@ -270,6 +275,8 @@ class ReferenceBatchTable:
         return changed
 
     def changes(self, clear: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if not isinstance(clear, (bool, np.bool_)):
+            raise TypeError(f"clear must be a bool, got {type(clear).__name__}")
         rows: list[int] = []
         first: list[int] = []
         end: list[int] = []

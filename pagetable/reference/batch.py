@@ -242,8 +242,8 @@ class ReferenceBatchTable:
     # ------------------------------------------------------------ contents
     def _expected_row(self, row: int) -> list[int]:
         seq = int(self._seq_ids[row])
-        blocks = self._table.get_sequence_blocks(seq)
-        blocks = [] if blocks is None else [int(b) for b in blocks]
+        found = self._table.get_sequence_blocks(seq)
+        blocks = [] if found is None else [int(b) for b in found]
         if len(blocks) > self._max_blocks_per_seq:
             raise ValueError(
                 f"sequence {seq} (row {row}) has {len(blocks)} blocks, more than "

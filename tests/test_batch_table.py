@@ -352,6 +352,21 @@ def test_kernel_block_size_lists_kernel_blocks(Table):
     assert_current(bt, pt)
 
 
+def test_a_manager_source_lists_every_block_of_its_page_table(Table):
+    """A row of L blocks has L*k entries, as the page table lists them: with a manager
+    source too, whose own ``block_table(..., kernel_block_size=)`` stops at the
+    sequence's last token (3 kernel blocks of 2 tokens for 5 tokens, against 4)."""
+    kv = KVCacheManager(32, 4)
+    kv.add_sequence(1, 5)                     # blocks 0 and 1
+    bt = Table(kv, 1, 4, kernel_block_size=2)
+    bt.add([1])
+    bt.update()
+    assert bt.block_table[0].tolist() == [0, 1, 2, 3] + [PAD] * 4
+    assert bt.num_blocks.tolist() == [4]
+    assert kv.block_table([1], kernel_block_size=2).tolist() == [[0, 1, 2]]
+    assert_current(bt, kv)
+
+
 def test_kernel_block_size_of_the_block_size_is_one_entry_per_block(Table):
     pt = table_with(4, {1: [3, 7]})
     bt = Table(pt, 1, 2, kernel_block_size=4)

@@ -1,7 +1,7 @@
 """Workloads and baselines for the asv suites, plus per-process caches of built tables.
 
 The generators and baselines themselves live in ``pagetable/cli/`` (``workloads.py``,
-``_baselines.py``, ``_memory.py``: benchmark-only code, one copy shared with
+``_baselines.py``, ``_memory.py``, ``_engines.py``: benchmark-only code, one copy shared with
 pytest-benchmark, the memory test and ``pagetable bench``).  That folder is loaded here
 by path from this checkout, under a private name, not imported from the installed
 package, so that ``asv continuous main HEAD`` times every commit on the same workloads
@@ -31,6 +31,10 @@ else:  # benchmarks copied away from the checkout: use the installed package's c
 workloads = importlib.import_module(_PACKAGE + ".workloads")
 baselines = importlib.import_module(_PACKAGE + "._baselines")
 memory = importlib.import_module(_PACKAGE + "._memory")
+try:
+    engines = importlib.import_module(_PACKAGE + "._engines")
+except ImportError:  # an installed package from before the engine models
+    engines = None
 
 
 def page_table_class():

@@ -15,7 +15,7 @@ never imports CuPy.
 
 from pagetable._table import MAX_BLOCK_SIZE, PAD_SLOT_ID, PageTable
 from pagetable._allocator import BlockAllocator
-from pagetable._results import AppendResult, OutOfBlocksError
+from pagetable._results import AdmissionResult, AppendResult, OutOfBlocksError
 from pagetable._manager import KVCacheManager
 from pagetable._batch import BatchTable
 from pagetable._state import CorruptStateError, load
@@ -32,6 +32,7 @@ __all__ = [
     "BatchTable",
     "OutOfBlocksError",
     "AppendResult",
+    "AdmissionResult",
     "HybridKVCacheManager",
     "KVCacheGroupSpec",
     "HybridResult",

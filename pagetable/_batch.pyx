@@ -22,7 +22,7 @@ from pagetable._types cimport block_id_t, row_t, PAD
 from pagetable._accept cimport int_vector
 from pagetable._buffers cimport empty, i32, i64
 from pagetable._table cimport PageTable
-from pagetable._convert import as_index, kernel_blocks_per_block
+from pagetable._convert import as_index, check_range, kernel_blocks_per_block
 from pagetable._manager import KVCacheManager
 import operator
 
@@ -46,10 +46,7 @@ cdef object _readonly(object array):
 
 
 cdef object _size(object value, str name):
-    number = as_index(value, name)
-    if not 0 < number <= INT32_MAX:
-        raise ValueError(f"{name} must be in 1 .. {INT32_MAX}, got {number}")
-    return number
+    return check_range(as_index(value, name), 1, INT32_MAX, name)
 
 
 @cython.final
@@ -133,7 +130,7 @@ cdef class BatchTable:
             per_block = kernel_blocks_per_block(kernel_block_size, (<PageTable>table)._block_size)
             kernel_block_size = (<PageTable>table)._block_size // per_block
         if blocks * per_block > INT32_MAX:
-            raise ValueError(
+            raise OverflowError(
                 f"max_blocks_per_seq * (block_size // kernel_block_size) must be at most "
                 f"{INT32_MAX}, got {blocks} * {per_block}")
         self._source = table
@@ -529,7 +526,7 @@ cdef class BatchTable:
             length = table._rows.length[source]
             if length > self._max_blocks:
                 raise ValueError(
-                    f"sequence {self._seq[r]} (row {r}) has {length} blocks, more than "
+                    f"sequence {self._seq[r]} has {length} blocks (row {r}), more than "
                     f"max_blocks_per_seq={self._max_blocks}; nothing was updated")
             if self._per_block > 1:
                 blocks = table.row_blocks(source)
@@ -647,6 +644,15 @@ cdef class BatchTable:
                 self._stale = False
                 return changed
         raise RuntimeError(_KEPT_CHANGING)
+
+    def _check_update(self):
+        """Raise what :meth:`update` would raise now; change nothing visible."""
+        cdef PageTable table = self._source
+        cdef int64_t stamp = table._read_begin()
+        try:
+            self._check()
+        finally:
+            table._read_end(stamp)
 
     def changes(self, clear=True):
         """Rows whose entries changed since the changes were last cleared.

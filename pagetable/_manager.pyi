@@ -9,7 +9,7 @@ from pagetable.events import KVEventBatch
 
 from pagetable.prefix import ExtraKeys, PrefixCacheStats
 from pagetable._persist import Persistent
-from pagetable._results import AppendResult
+from pagetable._results import AdmissionResult, AppendResult
 from pagetable._table import PageTable
 
 _IntArray = npt.ArrayLike
@@ -61,7 +61,7 @@ class KVCacheManager(Persistent):
         num_tokens: _IntArray | None = None,
         token_ids: Sequence[_IntArray] | None = None,
         extra_keys: Sequence[ExtraKeys | None] | None = None,
-    ) -> list[AppendResult]: ...
+    ) -> AdmissionResult: ...
     def can_admit(
         self,
         num_tokens: int | None = None,

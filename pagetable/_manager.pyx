@@ -27,11 +27,11 @@ from pagetable._accept cimport block_arg, int_vector, seq_arg
 from pagetable._allocator cimport BlockAllocator, allocator_from_arrays, restore_lru
 from pagetable._blocks cimport BlockGeometry, block_geometry, block_index, block_offset, blocks_for
 from pagetable._table_kernels cimport expand_to_kernel_blocks
-from pagetable._buffers cimport empty
+from pagetable._buffers cimport empty, zeroed
 from pagetable._persist cimport Persistent
 from pagetable._prefix_cache cimport PrefixCache, new_prefix_cache
 from pagetable._registry cimport SequenceRegistry, SequenceSlot
-from pagetable._results cimport AppendResult, new_result
+from pagetable._results cimport AdmissionResult, AppendResult, new_result
 from cpython.dict cimport PyDict_Next
 from cpython.ref cimport PyObject
 from pagetable._table cimport PageTable, wait_while_set, _table_from_rows
@@ -527,6 +527,19 @@ cdef class KVCacheManager(Persistent):
         return (<slot_t>data[block_index(&self._geometry, position)] * self._block_size
                 + self._block_offset(position))
 
+    cdef inline void _fill_slots(self, const block_id_t* data, int64_t begin, int64_t end,
+                                 slot_t* out) noexcept nogil:
+        """``out[p - begin] = _slot(data, p)`` for ``begin <= p < end``, a block at a time
+        (within a block the slots are consecutive, a loop the compiler vectorises)."""
+        cdef int64_t p = begin, k, stop, base, B = self._block_size, j
+        while p < end:
+            k = block_index(&self._geometry, p)
+            stop = min(end, (k + 1) * B)
+            base = <slot_t>data[k] * B + (p - k * B) - (p - begin)
+            for j in range(p - begin, stop - begin):
+                out[j] = base + j
+            p = stop
+
     cdef inline int64_t _first_needed(self, int64_t position) noexcept nogil:
         """The first position the token at ``position`` attends to."""
         if self._attention == ATTENTION_WINDOW:
@@ -818,6 +831,8 @@ cdef class KVCacheManager(Persistent):
                 # Can never fit (and is not worth sizing).  With prefix caching the
                 # prompt's ids are already here, and the plan reports the need after hits.
                 raise OutOfBlocksError(-(-num_tokens // self._block_size), self._allocator.free_count())
+            if self._cache is None and num_tokens <= INT32_MAX:
+                return self._admit_one(seq, num_tokens)
             return self._admit_plan(self._plan_prompts([seq], [num_tokens], [ids], [extra_keys], None))[0]
         finally:
             self._end_write()
@@ -838,9 +853,11 @@ cdef class KVCacheManager(Persistent):
 
         Returns
         -------
-        list of AppendResult
-            One per prompt, in order, as ``add_sequence`` returns.  A later prompt may
-            hit blocks an earlier prompt of the same call registers.
+        AdmissionResult
+            Every prompt's slots in one array (``slots``, ``num_cached_tokens``,
+            ``query_start_loc``); ``result[i]`` is prompt ``i``'s AppendResult, as
+            ``add_sequence`` returns it.  A later prompt may hit blocks an earlier
+            prompt of the same call registers.
 
         Raises
         ------
@@ -851,10 +868,106 @@ cdef class KVCacheManager(Persistent):
         """
         self._begin_write()
         try:
+            if self._cache is None and token_ids is None and extra_keys is None and num_tokens is not None:
+                result = self._admit_counts(seq_ids, num_tokens)
+                if result is not None:
+                    return result
             seqs, lengths, arrays, keys = self._prompts(seq_ids, num_tokens, token_ids, extra_keys)
             return self._admit_plan(self._plan_prompts(seqs, lengths, arrays, keys, None))
         finally:
             self._end_write()
+
+    cdef AppendResult _admit_one(self, int64_t seq, int64_t N):
+        """``add_sequence`` without prefix caching (``seq`` checked new, ``N`` checked)."""
+        cdef int64_t need = self._blocks_needed(N), p
+        if need > self._allocator.free_count():
+            raise OutOfBlocksError(need, self._allocator.free_count())
+        self._sequences.reserve(1)
+        cdef AppendResult result = new_result()
+        result.slots = empty(N, cnp.NPY_INT64)
+        blocks = empty(need, cnp.NPY_INT32)
+        cdef row_t row = self._table.create_row(seq)
+        try:
+            self._table.reserve_row(row, _with_room_to_grow(need))
+        except BaseException:
+            self._table.drop_row(row)
+            raise
+        cdef block_id_t* fresh = <block_id_t*>cnp.PyArray_DATA(blocks)
+        if need:
+            self._allocator.take(need, fresh)
+            self._table.append_to_row(row, fresh, need)    # room reserved above
+        self._sequences.add(seq, row, <int32_t>N)
+        cdef const block_id_t* data = self._table.row_blocks(row)
+        self._fill_slots(data, 0, N, <slot_t*>cnp.PyArray_DATA(result.slots))
+        return result
+
+    cdef object _admit_counts(self, seq_ids, num_tokens):
+        """``add_sequences`` without prefix caching, in one pass with no object per prompt.
+
+        Returns None, having changed nothing, for anything but a batch it can admit:
+        the general path then raises the error it names (or admits it).
+        """
+        ids = _int64_vector(seq_ids, "seq_ids")
+        counts = _int64_vector(num_tokens, "num_tokens")
+        cdef Py_ssize_t i, n = cnp.PyArray_DIM(ids, 0)
+        if cnp.PyArray_DIM(counts, 0) != n:
+            return None
+        cdef const int64_t* seqs = <const int64_t*>cnp.PyArray_DATA(ids)
+        cdef const int64_t* lengths = <const int64_t*>cnp.PyArray_DATA(counts)
+        cdef int64_t total_slots = 0, total_blocks = 0, need, p, N
+        cdef bint increasing = True
+        for i in range(n):
+            if seqs[i] < 0 or not 0 <= lengths[i] <= INT32_MAX or self._sequences.find(seqs[i]) >= 0:
+                return None
+            if i and seqs[i] <= seqs[i - 1]:
+                increasing = False
+            total_slots += lengths[i]
+            total_blocks += self._blocks_needed(lengths[i])
+        if not increasing and len(set(ids.tolist())) != n:
+            return None
+        if total_blocks > self._allocator.free_count():
+            raise OutOfBlocksError(total_blocks, self._allocator.free_count())
+        # Everything that can fail comes before the first change.
+        self._sequences.reserve(n)
+        slots = empty(total_slots, cnp.NPY_INT64)
+        query_start = empty(n + 1, cnp.NPY_INT64)
+        blocks = empty(total_blocks, cnp.NPY_INT32)
+        cdef int64_t* loc = <int64_t*>cnp.PyArray_DATA(query_start)
+        cdef slot_t* out = <slot_t*>cnp.PyArray_DATA(slots)
+        cdef block_id_t* fresh = <block_id_t*>cnp.PyArray_DATA(blocks)
+        result = AdmissionResult.__new__(AdmissionResult)
+        (<AdmissionResult>result).slots = slots
+        (<AdmissionResult>result).num_cached_tokens = zeroed(n, cnp.NPY_INT64)
+        (<AdmissionResult>result).query_start_loc = query_start
+        rows = empty(n, cnp.NPY_INT32)
+        cdef int32_t* row_data = <int32_t*>cnp.PyArray_DATA(rows)
+        cdef Py_ssize_t made = 0
+        try:
+            self._table.reserve_sequences(n)
+            for i in range(n):
+                row_data[i] = self._table.create_row(seqs[i])
+                made += 1
+                self._table.reserve_row(row_data[i], _with_room_to_grow(self._blocks_needed(lengths[i])))
+        except BaseException:
+            for i in range(made):
+                self._table.drop_row(row_data[i])
+            raise
+        self._allocator.take(total_blocks, fresh)
+        loc[0] = 0
+        cdef const block_id_t* data
+        cdef int32_t slot
+        for i in range(n):
+            N = lengths[i]
+            need = self._blocks_needed(N)
+            if need:
+                self._table.append_to_row(row_data[i], fresh, need)   # room reserved above
+            fresh += need
+            slot = self._sequences.add(seqs[i], row_data[i], <int32_t>N)
+            data = self._table.row_blocks(row_data[i])
+            self._fill_slots(data, 0, N, out)
+            out += N
+            loc[i + 1] = loc[i] + N
+        return result
 
     def _admission_plan(self, seq_ids, num_tokens=None, token_ids=None, extra_keys=None,
                         hit_blocks=None):
@@ -1065,7 +1178,7 @@ cdef class KVCacheManager(Persistent):
         plan.available_ = self._allocator.free_count() - len(revived)
         return plan
 
-    cdef list _admit_plan(self, _AdmissionPlan plan):
+    cdef AdmissionResult _admit_plan(self, _AdmissionPlan plan):
         """Step 4 of ``add_sequences``: the plan, made under this change, carried out."""
         if plan.need_ > plan.available_:
             raise OutOfBlocksError(plan.need_, plan.available_)
@@ -1073,26 +1186,46 @@ cdef class KVCacheManager(Persistent):
         cdef Py_ssize_t i, n = len(plan.seqs)
         cdef int64_t N, F, H, lo, k, fresh, p, B = self._block_size
         cdef int64_t D = cache.digest_size if cache is not None else 0
+        cdef int64_t total_slots = 0, total_fresh = 0
         cdef int32_t* found_data
         cdef int32_t block, slot
         cdef row_t row
         cdef const block_id_t* data
         cdef slot_t* slot_data
+        cdef int64_t* loc
+        cdef int64_t* cached
+        cdef int64_t* fresh_at
+        cdef block_id_t* fresh_blocks
+        for i in range(n):
+            total_slots += <int64_t>plan.lengths[i] - <int64_t>plan.hits[i] * B
+            total_fresh += self._blocks_needed(plan.lengths[i]) - <int64_t>plan.hits[i]
         # Everything that can fail comes before the first change: the rows, their
         # room, the registry's room and every output array.
         self._sequences.reserve(n)
+        slots = empty(total_slots, cnp.NPY_INT64)
+        query_start = empty(n + 1, cnp.NPY_INT64)
+        num_cached = empty(n, cnp.NPY_INT64)
+        blocks = empty(total_fresh, cnp.NPY_INT32)
+        fresh_offsets = empty(n + 1, cnp.NPY_INT64)
+        loc = <int64_t*>cnp.PyArray_DATA(query_start)
+        cached = <int64_t*>cnp.PyArray_DATA(num_cached)
+        fresh_at = <int64_t*>cnp.PyArray_DATA(fresh_offsets)
+        fresh_blocks = <block_id_t*>cnp.PyArray_DATA(blocks)
+        loc[0] = fresh_at[0] = 0
+        for i in range(n):
+            cached[i] = <int64_t>plan.hits[i] * B
+            loc[i + 1] = loc[i] + <int64_t>plan.lengths[i] - cached[i]
+            fresh_at[i + 1] = fresh_at[i] + self._blocks_needed(plan.lengths[i]) - <int64_t>plan.hits[i]
+        result = AdmissionResult.__new__(AdmissionResult)
+        (<AdmissionResult>result).slots = slots
+        (<AdmissionResult>result).num_cached_tokens = num_cached
+        (<AdmissionResult>result).query_start_loc = query_start
         rows = []
         try:
             for i in range(n):
                 row = self._table.create_row(plan.seqs[i])
                 rows.append(row)
                 self._table.reserve_row(row, _with_room_to_grow(self._blocks_needed(plan.lengths[i])))
-            results = []
-            blocks = []
-            for i in range(n):
-                results.append(new_result())
-                (<AppendResult>results[i]).slots = empty(plan.lengths[i] - plan.hits[i] * B, cnp.NPY_INT64)
-                blocks.append(empty(self._blocks_needed(plan.lengths[i]) - plan.hits[i], cnp.NPY_INT32))
         except BaseException:
             for row in rows:
                 self._table.drop_row(row)
@@ -1121,21 +1254,19 @@ cdef class KVCacheManager(Persistent):
                         block = self._table.row_blocks(rows[-2 - found_data[k]])[k]
                         self._allocator.retain(&block, 1)
                     self._table.append_to_row(row, &block, 1)
-            fresh = self._blocks_needed(N) - H
+            fresh = fresh_at[i + 1] - fresh_at[i]
             if fresh:
-                self._allocator.take(fresh, <block_id_t*>cnp.PyArray_DATA(blocks[i]))
-                self._table.append_to_row(row, <block_id_t*>cnp.PyArray_DATA(blocks[i]), fresh)
+                self._allocator.take(fresh, fresh_blocks + fresh_at[i])
+                self._table.append_to_row(row, fresh_blocks + fresh_at[i], fresh)
             slot = self._sequences.add(plan.seqs[i], row, <int32_t>N)
             self._sequences.slots[slot].live = <int32_t>lo
             data = self._table.row_blocks(row)
-            slot_data = <slot_t*>cnp.PyArray_DATA((<AppendResult>results[i]).slots)
+            slot_data = <slot_t*>cnp.PyArray_DATA(slots) + loc[i]
             # The GIL stays held: another thread's call may grow the table, and must
             # not do so while this loop reads it.
-            for p in range(H * B, N):
-                slot_data[p - H * B] = self._slot(data, p)
-            (<AppendResult>results[i]).num_cached_tokens = H * B
+            self._fill_slots(data, H * B, N, slot_data)
             if cache is not None:
-                cache.taken(<block_id_t*>cnp.PyArray_DATA(blocks[i]), fresh)
+                cache.taken(fresh_blocks + fresh_at[i], fresh)
                 for p in range(H * B, N):
                     cache.tokens[slot_data[p - H * B]] = (<const int32_t*>cnp.PyArray_DATA(plan.arrays[i]))[p]
                 if lo:
@@ -1148,7 +1279,7 @@ cdef class KVCacheManager(Persistent):
                 cache.hits += H * B
                 if plan.keys[i] is not None:
                     self._keys[slot] = plan.keys[i]
-        return results
+        return result
 
     def count_cached_tokens(self, token_ids, extra_keys=None):
         """Tokens of a prompt that ``add_sequence`` would find in the prefix cache now.
@@ -1494,9 +1625,11 @@ cdef class KVCacheManager(Persistent):
                 self._table.append_to_row(row, fresh_data + taken, add)   # room reserved above
                 taken += add
             data = self._table.row_blocks(row)
-            for p in range(tokens, tokens + count):
-                slot_data[written] = self._slot(data, p)
-                written += 1
+            if count == 1:
+                slot_data[written] = self._slot(data, tokens)
+            else:
+                self._fill_slots(data, tokens, tokens + count, slot_data + written)
+            written += count
             for p in range(K):
                 ahead_data[i * K + p] = self._slot(data, tokens + count + p)
             records[slot_ids[i]].tokens = <int32_t>(tokens + count)

@@ -92,6 +92,86 @@ cdef class AppendResult:
                                self.lookahead_slots))
 
 
+cdef inline Py_ssize_t cnp_len(object array):
+    return array.shape[0]
+
+
+@cython.final
+cdef class AdmissionResult:
+    """What ``add_sequences`` returns: every prompt's slots in one array.
+
+    A sequence of :class:`AppendResult`, one per prompt (``result[i]``, ``len``,
+    iteration), built on demand from three arrays, so admitting a batch makes no
+    Python object per prompt.
+
+    Attributes
+    ----------
+    slots : numpy.ndarray of int64
+        The slots of every token the engine computes, prompt by prompt: prompt ``i``'s
+        positions ``num_cached_tokens[i] .. num_tokens[i] - 1``.
+    num_cached_tokens : numpy.ndarray of int64, shape (n,)
+        Each prompt's tokens found in the prefix cache (0 without prefix caching).
+    query_start_loc : numpy.ndarray of int64, shape (n + 1,)
+        Prompt ``i``'s slots are ``slots[query_start_loc[i]:query_start_loc[i + 1]]``
+        (the cumulative query lengths attention kernels take).
+    """
+
+    def __init__(self, slots, num_cached_tokens, query_start_loc):
+        slots = as_int_array(slots, "slots")
+        cached = as_int_array(num_cached_tokens, "num_cached_tokens")
+        loc = as_int_array(query_start_loc, "query_start_loc")
+        if loc.shape[0] != cached.shape[0] + 1:
+            raise ValueError(
+                f"query_start_loc must have one entry more than num_cached_tokens, "
+                f"got {loc.shape[0]} and {cached.shape[0]}")
+        if loc[0] != 0 or loc[-1] != slots.shape[0] or (np.diff(loc) < 0).any():
+            raise ValueError("query_start_loc must rise from 0 to len(slots)")
+        if (cached < 0).any():
+            raise ValueError("num_cached_tokens must be >= 0")
+        self.slots = slots
+        self.num_cached_tokens = cached
+        self.query_start_loc = loc
+
+    def __len__(self):
+        return cnp_len(self.num_cached_tokens)
+
+    def __getitem__(self, index):
+        cdef Py_ssize_t n = cnp_len(self.num_cached_tokens)
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(n))]
+        i = as_index(index, "index")
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"prompt index {index} is out of range for {n} prompts")
+        cdef AppendResult result = new_result()
+        result.slots = self.slots[self.query_start_loc[i]:self.query_start_loc[i + 1]]
+        result.num_cached_tokens = self.num_cached_tokens[i]
+        return result
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+    def __repr__(self):
+        return (f"AdmissionResult(slots={self.slots!r}, num_cached_tokens={self.num_cached_tokens!r}, "
+                f"query_start_loc={self.query_start_loc!r})")
+
+    def __eq__(self, other):
+        if isinstance(other, AdmissionResult):
+            return (np.array_equal(self.slots, other.slots)
+                    and np.array_equal(self.num_cached_tokens, other.num_cached_tokens)
+                    and np.array_equal(self.query_start_loc, other.query_start_loc))
+        if isinstance(other, (list, tuple)):
+            return len(other) == len(self) and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    __hash__ = None
+
+    def __reduce__(self):
+        return (AdmissionResult, (self.slots, self.num_cached_tokens, self.query_start_loc))
+
+
 cdef AppendResult new_result():
     """An empty AppendResult, made before a change so that making it cannot fail after."""
     cdef AppendResult result = AppendResult.__new__(AppendResult)

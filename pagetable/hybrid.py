@@ -26,6 +26,7 @@ from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
+from pagetable._batch import BatchTable
 from pagetable._convert import INT32_MAX, INT64_MAX, as_index, as_int_array, check_range
 from pagetable._manager import KVCacheManager
 from pagetable._results import AppendResult, OutOfBlocksError
@@ -660,6 +661,21 @@ event_hash_format, medium, data_parallel_rank
         """
         return self._group(group).block_table(seq_ids, kernel_block_size=kernel_block_size)
 
+    def batch_table(self, max_rows: int, max_blocks_per_seq: Any,
+                    kernel_block_size: Any = None) -> HybridBatchTable:
+        """A persistent batch table over every group (docs/BATCH_TABLE.md).
+
+        Parameters
+        ----------
+        max_rows : int
+            Rows: the most sequences held at once.
+        max_blocks_per_seq : int or sequence of int
+            The most blocks of one sequence, for all groups or one per group.
+        kernel_block_size : int or sequence of (int or None), optional
+            Kernel block size for all groups or one per group (None: the group's blocks).
+        """
+        return HybridBatchTable(self, max_rows, max_blocks_per_seq, kernel_block_size)
+
     def flashinfer_layout(self, seq_ids: Any, group: int = 0,
                           kernel_block_size: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One group's ``(indptr, indices, last_page_len)`` for FlashInfer.
@@ -718,3 +734,100 @@ event_hash_format, medium, data_parallel_rank
         state["_options"] = dict(self._options)
         clone.__setstate__(state)
         return clone
+
+
+class HybridBatchTable:
+    """One :class:`pagetable.BatchTable` per KV-cache group, with rows kept in step.
+
+    Rows are added, removed, moved, swapped and condensed in every group together,
+    so row ``r`` holds the same sequence in every group; :meth:`update` updates each
+    group's table from its own page table.  Made by
+    :meth:`HybridKVCacheManager.batch_table`.
+
+    Attributes
+    ----------
+    groups : tuple of BatchTable
+        Group ``i``'s table (``groups[i].block_table`` is what its attention layers take).
+    """
+
+    def __init__(self, manager: HybridKVCacheManager, max_rows: int, max_blocks_per_seq: Any,
+                 kernel_block_size: Any = None) -> None:
+        managers = manager.managers
+        count = len(managers)
+        blocks = self._per_group(max_blocks_per_seq, count, "max_blocks_per_seq")
+        kernels = self._per_group(kernel_block_size, count, "kernel_block_size")
+        self.groups = tuple(BatchTable(m, max_rows, b, kernel_block_size=k)
+                            for m, b, k in zip(managers, blocks, kernels))
+
+    @staticmethod
+    def _per_group(value: Any, count: int, name: str) -> list[Any]:
+        if isinstance(value, (list, tuple)):
+            if len(value) != count:
+                raise ValueError(f"{name} has {len(value)} entries for {count} groups")
+            return list(value)
+        return [value] * count
+
+    # Every row operation is checked by the first group's table (all hold the same
+    # rows), so a bad argument raises there before any group changes.
+    def add(self, seq_ids: Any, rows: Any = None) -> np.ndarray:
+        """Give each sequence a free row in every group; the rows (int32)."""
+        result = self.groups[0].add(seq_ids, rows)
+        for table in self.groups[1:]:
+            table.add(seq_ids, result)
+        return result
+
+    def remove(self, seq_ids: Any) -> np.ndarray:
+        """Free these sequences' rows in every group; the rows (int32)."""
+        result = self.groups[0].remove(seq_ids)
+        for table in self.groups[1:]:
+            table.remove(seq_ids)
+        return result
+
+    def move(self, src_rows: Any, dst_rows: Any) -> None:
+        """Move occupied rows into free rows, pairwise, in every group."""
+        self.groups[0].move(src_rows, dst_rows)
+        for table in self.groups[1:]:
+            table.move(src_rows, dst_rows)
+
+    def swap(self, rows_a: Any, rows_b: Any) -> None:
+        """Exchange rows pairwise in every group."""
+        for table in self.groups:
+            table.swap(rows_a, rows_b)
+
+    def condense(self) -> tuple[np.ndarray, np.ndarray]:
+        """Condense every group alike (see BatchTable.condense); the moves made."""
+        src, dst = self.groups[0].condense()
+        for table in self.groups[1:]:
+            table.move(src, dst)
+        return src, dst
+
+    def rows(self, seq_ids: Any) -> np.ndarray:
+        """Each sequence's row (the same in every group)."""
+        return self.groups[0].rows(seq_ids)
+
+    def update(self) -> tuple[int, ...]:
+        """Update every group's table; the rows changed in each.
+
+        Every group is checked before any changes: a row too long in one group raises
+        ``ValueError`` and no group changes.
+        """
+        for table in self.groups:
+            table._check_update()
+        return tuple(table.update() for table in self.groups)
+
+    @property
+    def num_rows(self) -> int:
+        return self.groups[0].num_rows
+
+    @property
+    def seq_ids(self) -> np.ndarray:
+        return self.groups[0].seq_ids
+
+    def __len__(self) -> int:
+        return len(self.groups[0])
+
+    def __contains__(self, seq_id: object) -> bool:
+        return seq_id in self.groups[0]
+
+    def __repr__(self) -> str:
+        return f"HybridBatchTable(groups={len(self.groups)}, num_rows={self.num_rows})"

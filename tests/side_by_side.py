@@ -8,7 +8,7 @@ reason; once the Cython side lands, the tests turn on by themselves.
 import numpy as np
 import pytest
 
-from pagetable import AppendResult, KVCacheManager, OutOfBlocksError
+from pagetable import AdmissionResult, AppendResult, KVCacheManager, OutOfBlocksError
 from pagetable.reference import ReferenceKVCacheManager
 
 
@@ -137,7 +137,7 @@ def random_workload(pair, rng, steps, lookahead=True, truncate=True, admission=T
 
 def plain(result):
     """A result (or list of results) as plain data."""
-    if isinstance(result, list):
+    if isinstance(result, (list, AdmissionResult)):
         return [plain(r) for r in result]
     if isinstance(result, AppendResult):
         out = (result.slots.tolist(), result.copy_src.tolist(), result.copy_dst.tolist(),

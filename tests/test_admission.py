@@ -1,10 +1,13 @@
 """Batched admission, can_admit, reset and the coordinator hooks (docs/HYBRID.md,
 "Batched admission and scheduler calls", "The hooks a group coordinator uses")."""
 
+import pickle
+
 import numpy as np
 import pytest
 
-from pagetable import OutOfBlocksError, PAD_SLOT_ID
+import pagetable
+from pagetable import KVCacheManager, OutOfBlocksError, PAD_SLOT_ID
 from pagetable._admission import Admission
 
 from side_by_side import Pair, implementations, make, needs_cython, random_workload
@@ -133,3 +136,74 @@ def test_random_admissions_match_the_reference(block_size, seed):
 def test_random_admissions_keep_the_reference_consistent(block_size):
     pair = Pair(16, block_size, compare=False, **CACHING)
     random_workload(pair, np.random.default_rng(block_size + 7), 250)
+
+
+# ---- the batched result -----------------------------------------------------------
+
+def test_add_sequences_returns_every_slot_in_one_array():
+    kv = KVCacheManager(16, 4)
+    result = kv.add_sequences(np.array([5, 3, 9]), num_tokens=np.array([6, 0, 3]))
+    assert isinstance(result, pagetable.AdmissionResult)
+    assert len(result) == 3
+    assert result.query_start_loc.tolist() == [0, 6, 6, 9]
+    assert result.num_cached_tokens.tolist() == [0, 0, 0]
+    for i, seq in enumerate([5, 3, 9]):
+        a, b = result.query_start_loc[i], result.query_start_loc[i + 1]
+        n = b - a
+        assert result.slots[a:b].tolist() == kv.page_table.slot_mapping([seq] * n, range(n)).tolist()
+        assert result[i].slots.tolist() == result.slots[a:b].tolist()
+    assert result[-1] == result[2] and result[1:] == [result[1], result[2]]
+    assert [r.num_cached_tokens for r in result] == [0, 0, 0]
+    assert pickle.loads(pickle.dumps(result)) == result
+    with pytest.raises(IndexError, match="prompt index 3"):
+        result[3]
+    with pytest.raises(TypeError):
+        result["a"]
+
+
+def test_the_one_pass_admission_matches_prompt_by_prompt_admission():
+    rng = np.random.default_rng(4)
+    for trial in range(20):
+        ids = rng.permutation(40)[:int(rng.integers(1, 30))]
+        lengths = rng.integers(0, 70, ids.size)
+        batched, single = KVCacheManager(400, 16), KVCacheManager(400, 16)
+        result = batched.add_sequences(ids, num_tokens=lengths)
+        singles = [single.add_sequence(int(s), int(n)) for s, n in zip(ids, lengths)]
+        assert result == singles
+        assert batched.block_table(ids).tolist() == single.block_table(ids).tolist()
+        batched.check()
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda kv: kv.add_sequences(np.array([1, 2, 1]), num_tokens=np.array([1, 1, 1])), ValueError,
+     r"seq_ids\[2\] = 1 appears more than once"),
+    (lambda kv: kv.add_sequences(np.array([1, -2]), num_tokens=np.array([1, 1])), ValueError, "negative"),
+    (lambda kv: kv.add_sequences(np.array([1, 7]), num_tokens=np.array([1, 1])), ValueError,
+     r"seq_ids\[1\] = 7 already exists"),
+    (lambda kv: kv.add_sequences(np.array([1, 2]), num_tokens=np.array([1, -1])), ValueError,
+     "prompt 1: num_tokens must be >= 0"),
+    (lambda kv: kv.add_sequences(np.array([1, 2]), num_tokens=np.array([1])), ValueError, "1 entries for 2"),
+    (lambda kv: kv.add_sequences(np.array([1, 2]), num_tokens=np.array([1.5, 2])), TypeError, "num_tokens"),
+    (lambda kv: kv.add_sequences(np.array([1, 2]), num_tokens=np.array([40, 40])), OutOfBlocksError, "need 6"),
+])
+def test_one_pass_admission_errors_change_nothing(call, error, message):
+    kv = KVCacheManager(4, 16)
+    kv.add_sequence(7, 3)
+    before = kv._state()
+    with pytest.raises(error, match=message):
+        call(kv)
+    after = kv._state()
+    assert before.keys() == after.keys()
+    assert all(np.array_equal(before[k], after[k]) if isinstance(before[k], np.ndarray) else before[k] == after[k]
+               for k in before)
+    kv.check()
+
+
+def test_admission_result_checks_its_arrays():
+    with pytest.raises(ValueError, match="one entry more"):
+        pagetable.AdmissionResult([1, 2], [0], [0, 1, 2])
+    with pytest.raises(ValueError, match="rise from 0"):
+        pagetable.AdmissionResult([1, 2], [0, 0], [0, 2, 1])
+    with pytest.raises(ValueError, match=">= 0"):
+        pagetable.AdmissionResult([1, 2], [-1], [0, 2])
+    assert pagetable.AdmissionResult([], [], [0]) == []

@@ -267,7 +267,8 @@ def test_the_bench_table_fits_in_100_columns(monkeypatch):
                 "traced_per_block": per_block}
 
     monkeypatch.setattr(bench._memory, "measure_memory", reading)
-    settings = dict(bench.QUICK, repeats=1, min_sample=1e-5, queries=100, append_blocks_per_sequence=2)
+    settings = dict(bench.QUICK, repeats=1, min_sample=1e-5, queries=100, append_blocks_per_sequence=2,
+                    engine_repeats=1, serving_steps=5)
     progress = _progress.Progress(1, enabled=False)
     rows, _ = bench.measure(settings, memory=True, with_sweep=False, progress=progress)
     table = bench.format_table(rows)

@@ -51,7 +51,7 @@ class EmulatedDevice:
     def __init__(self, kernels, page_table, max_rows, max_blocks):
         self.kernels = kernels
         self.page_table = page_table
-        self.mirror = gpu._HostMirror(max_rows, max_blocks, page_table.block_size)
+        self.mirror = gpu._HostMirror(page_table, max_rows, max_blocks)
         self.table = np.full((max_rows, max_blocks), PAD_SLOT_ID, dtype=np.int32)
         self.row_lengths = np.zeros(max_rows, dtype=np.int32)
 
@@ -474,13 +474,13 @@ def test_sync_rejects_too_long_sequence_without_changes(kernels):
 
 
 def test_mirror_row_bookkeeping_errors():
-    mirror = gpu._HostMirror(2, 4, 16)
+    mirror = gpu._HostMirror(PageTable(16), 2, 4)
     assert mirror.assign([7, 8]).tolist() == [0, 1]
     with pytest.raises(ValueError, match="only 0 of max_rows=2 are free"):
         mirror.assign([9])
-    with pytest.raises(ValueError, match="already has a device row"):
+    with pytest.raises(ValueError, match="already has a row"):
         mirror.assign([7])
-    with pytest.raises(KeyError, match="sequence 9 has no device row"):
+    with pytest.raises(KeyError, match=r"seq_ids\[1\] = 9 has no row"):
         mirror.release([8, 9])
     assert mirror.rows_for([8, 7]).tolist() == [1, 0]  # the failed release changed nothing
     mirror.release([7])
@@ -563,7 +563,7 @@ def test_importing_gpu_never_imports_cupy(tmp_path):
         "import sys\n"
         "from pagetable import gpu\n"
         "gpu.kernel_signatures(); gpu.launch_shape_per_item(5)\n"
-        "gpu._HostMirror(2, 4, 16).assign([3])\n"
+        "import pagetable; gpu._HostMirror(pagetable.PageTable(16), 2, 4).assign([3])\n"
         "assert getattr(sys, 'cupy_imports', 0) == 0, 'cupy imported before a device function'\n"
         "assert not gpu.is_available()\n"
         "assert sys.cupy_imports == 1, 'is_available() did not try the stand-in'\n"

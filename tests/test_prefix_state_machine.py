@@ -26,6 +26,7 @@ import pytest
 from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+import pagetable
 from pagetable import KVCacheManager, OutOfBlocksError
 from pagetable.prefix import ExtraKeys
 from pagetable.reference import ReferenceKVCacheManager
@@ -50,7 +51,7 @@ def outcome(call):
         return type(exc).__name__
     if result is None or isinstance(result, (int, np.integer)):
         return result
-    if isinstance(result, list):
+    if isinstance(result, (list, pagetable.AdmissionResult)):
         return [outcome(lambda r=r: r) for r in result]
     plain = (result.slots.tolist(), result.copy_src.tolist(), result.copy_dst.tolist())
     if hasattr(result, "num_cached_tokens"):

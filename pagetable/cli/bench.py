@@ -4,7 +4,8 @@ Every speed goal is a ratio of two timings taken in this process, interleaved
 (ours, baseline, ours, baseline, ...) so that load from other processes hits both
 alike; each figure is the minimum over the repeats.  The workloads live in
 :mod:`pagetable.cli.workloads`, the baselines in :mod:`pagetable.cli._baselines` and
-the memory reading in :mod:`pagetable.cli._memory` (benchmark-only code).
+the memory reading in :mod:`pagetable.cli._memory`, the engine models of the step rows in
+:mod:`pagetable.cli._engines` (benchmark-only code).
 
 Usage::
 
@@ -14,6 +15,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -25,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from . import _baselines as bl
-from . import _memory, _options, workloads
+from . import _engines, _memory, _options, workloads
 from ._progress import Progress
 
 HELP = "time pagetable against its baselines and report each speed goal as a ratio"
@@ -98,6 +100,33 @@ def compare(candidates: dict[str, Callable[[], object]], repeats: int, min_sampl
             for _ in range(number):
                 function()
             samples[name].append((time.perf_counter() - start) / number)
+    if medians is not None:
+        medians.update({name: float(np.median(values)) for name, values in samples.items()})
+    return {name: min(values) for name, values in samples.items()}
+
+
+def compare_fresh(candidates: dict[str, tuple[Callable[[], Any], Callable[[Any], object]]],
+                  repeats: int, medians: dict[str, float] | None = None) -> dict[str, float]:
+    """Seconds per run of each candidate on fresh state: the minimum over interleaved repeats.
+
+    For work that changes its state (engine steps): each candidate is a ``(setup, run)``
+    pair; every sample builds its state with ``setup()`` untimed, then times one
+    ``run(state)`` with the garbage collector held off (the engines' object graphs would
+    otherwise be traced mid-sample).  The collection runs before ``setup``, so that it
+    does not leave the state it would walk cold in the caches.
+    """
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(repeats):
+        for name, (setup, run) in candidates.items():
+            gc.collect()
+            state = setup()
+            gc.disable()
+            try:
+                start = time.perf_counter()
+                run(state)
+                samples[name].append(time.perf_counter() - start)
+            finally:
+                gc.enable()
     if medians is not None:
         medians.update({name: float(np.median(values)) for name, values in samples.items()})
     return {name: min(values) for name, values in samples.items()}
@@ -288,6 +317,96 @@ def _table_rows(PageTable, settings, progress):
     ]
 
 
+# Engine steps: pagetable against the engines' own bookkeeping (pagetable/cli/_engines.py).
+# (goal, target against the vLLM model, target against the LMDeploy model) per case.
+DECODE_CASES = [(256, "", None, None), (1024, "7", 300.0, 100.0)]
+SERVING_TARGETS = ("8", 150.0, 50.0)
+ADMISSION_TARGET = ("9", 30.0)
+SLOT_ALONE_TARGET = ("10", 5.0)
+ENGINE_UNITS = len(DECODE_CASES) + 4   # decode cases, serving, admission, free, slot mapping
+
+
+def _engine_candidates(setup, run):
+    return {side: (lambda side=side: setup(side), lambda state, side=side: run(side, state))
+            for side in _engines.SIDES}
+
+
+def _versus(goal, operation, size, times, ours, targets, divide=1):
+    """Rows of ``ours`` against each engine model; ``targets``: side -> target or None."""
+    rows = []
+    for side in _engines.SIDES[1:]:
+        target = targets.get(side)
+        rows.append(Row(goal if target else "", operation, size, times[ours] / divide,
+                        f"{side} model", times[side] / divide, times[side] / times[ours], target,
+                        f">= {target:g}x" if target else "-"))
+    return rows
+
+
+def _engine_rows(PageTable, settings, progress):
+    repeats = settings["engine_repeats"]
+    rows = []
+    for num_seqs, goal, vllm_target, lmdeploy_target in DECODE_CASES:
+        batch = workloads.decode_batch(num_seqs)
+        times = compare_fresh(_engine_candidates(
+            lambda side: _engines.decode_setup(side, batch),
+            lambda side, engine: _engines.decode_run(side, engine, batch)), repeats)
+        progress.advance(f"decode step, {num_seqs} sequences")
+        size = (f"decode step, {num_seqs:,} sequences of 1..2,048 tokens, block size 16 "
+                f"(mean of {batch.steps} steps)")
+        rows += _versus(goal, "decode step", size, times, "pagetable",
+                        {"vLLM": vllm_target, "LMDeploy": lmdeploy_target}, batch.steps)
+
+    trace = workloads.serving_trace(settings["serving_steps"])
+    python_steps = workloads.serving_python_steps(trace)
+    times = compare_fresh(_engine_candidates(
+        lambda side: _engines.serving_setup(side, trace),
+        lambda side, engine: _engines.serving_run(side, engine, trace, python_steps)), repeats)
+    progress.advance("serving loop")
+    goal, vllm_target, lmdeploy_target = SERVING_TARGETS
+    admitted = sum(len(step.new_ids) for step in trace.steps)
+    size = (f"serving loop, {len(trace.steps)} steps, {trace.max_rows} running, "
+            f"{admitted} admitted and freed (mean per step)")
+    rows += _versus(goal, "serving step", size, times, "pagetable",
+                    {"vLLM": vllm_target, "LMDeploy": lmdeploy_target}, len(trace.steps))
+
+    seq_ids, num_tokens = workloads.admission_prompts()
+    lists = (seq_ids.tolist(), num_tokens.tolist())
+    candidates = _engine_candidates(
+        lambda side: _engines.admission_setup(side, num_tokens),
+        lambda side, engine: _engines.admission_run(side, engine, seq_ids, num_tokens, lists))
+    candidates["add_sequence loop"] = (lambda: _engines.admission_setup("pagetable", num_tokens),
+                                       lambda engine: engine.admit_one_by_one(*lists))
+    times = compare_fresh(candidates, repeats)
+    progress.advance("admission")
+    goal, target = ADMISSION_TARGET
+    size = f"admit {len(seq_ids)} prompts ({int(num_tokens.sum()):,} tokens), one call per prompt in the models"
+    rows += _versus(goal, "add_sequences", size, times, "pagetable", {"vLLM": target})
+    rows += _versus("", "add_sequence loop", size, times, "add_sequence loop", {})
+
+    times = compare_fresh(_engine_candidates(
+        lambda side: _engines.free_setup(side, seq_ids, num_tokens),
+        lambda side, engine: _engines.free_run(side, engine, seq_ids, lists[0])), repeats)
+    progress.advance("free")
+    rows += _versus("", "free_sequence", f"free {len(seq_ids)} finished sequences", times,
+                    "pagetable", {})
+
+    goal, target = SLOT_ALONE_TARGET
+    decode = workloads.decode_batch(1024)
+    for case, size in (
+            (_engines.slot_mapping_case(seq_ids, num_tokens, decode=False),
+             f"slot mapping alone, the {int(num_tokens.sum()):,} prompt tokens just admitted"),
+            (_engines.slot_mapping_case(decode.seq_ids, decode.num_tokens, decode=True),
+             "slot mapping alone, 1,024 decode tokens (one per sequence)")):
+        times = compare({"ours": case.pagetable, "hinted": lambda case=case: case.pagetable(True),
+                         "vLLM": case.vllm}, settings["repeats"], settings["min_sample"])
+        rows.append(Row(goal, "slot_mapping", size, times["ours"], "vLLM slot mapping",
+                        times["vLLM"], times["vLLM"] / times["ours"], target, f">= {target:g}x"))
+        rows.append(Row(goal, "slot_mapping + hints", size, times["hinted"], "vLLM slot mapping",
+                        times["vLLM"], times["vLLM"] / times["hinted"], target, f">= {target:g}x"))
+    progress.advance("slot mapping alone")
+    return rows
+
+
 MEMORY_BUILDS = ("grow", "bulk")
 MEMORY_UNITS = 2 + len(MEMORY_BUILDS)   # the seed's two readings, then ours per build
 
@@ -446,9 +565,11 @@ def format_table(rows: list[Row]) -> str:
 
 
 QUICK: dict[str, Any] = {"repeats": 15, "min_sample": 0.002, "queries": 10_000, "append_blocks_per_sequence": 32,
+         "engine_repeats": 5, "serving_steps": 100,
          "sweep_tokens": [1 << 10, 1 << 13, 1 << 16, 1 << 20], "sweep_sequences": [4, 16, 64, 256],
          "sweep_repeats": 3}
 FULL: dict[str, Any] = {"repeats": 41, "min_sample": 0.005, "queries": 100_000, "append_blocks_per_sequence": 64,
+        "engine_repeats": 21, "serving_steps": workloads.SERVING_STEPS,
         "sweep_tokens": [1 << k for k in range(8, 21, 2)], "sweep_sequences": [1, 4, 16, 64, 256],
         "sweep_repeats": 7}
 
@@ -473,6 +594,7 @@ SECTIONS = (  # (function, units of progress it reports)
     (_get_block_rows, 1),
     (_append_rows, len(APPEND_ORDERS)),
     (_table_rows, 1),
+    (_engine_rows, ENGINE_UNITS),
 )
 
 

@@ -386,3 +386,150 @@ def random_token_ids(seed: int, lengths: np.ndarray) -> list[np.ndarray]:
     nothing, for running a workload without token ids of its own with caching on."""
     rng = np.random.default_rng([seed, 9])
     return [rng.integers(0, VOCAB_SIZE, size=int(n), dtype=np.int64) for n in lengths]
+
+
+# --------------------------------------------------------------------------- engine steps
+
+#: Block size of the engine-step workloads (vLLM's default).
+STEP_BLOCK_SIZE = 16
+#: Decode steps in one timed sample: over 16 steps every sequence crosses exactly one
+#: block boundary, so a sample holds the steps that allocate and those that do not.
+DECODE_STEPS = 16
+#: Prompt lengths of the decode-step batches: uniform in 1..2,048 tokens.
+DECODE_MAX_PROMPT = 2048
+#: The serving loop: steps, and sequences kept running.
+SERVING_STEPS = 500
+SERVING_RUNNING = 256
+#: Prompts admitted at once in the admission workload.
+ADMISSION_PROMPTS = 256
+
+
+def step_sequence_ids(count: int, first: int = 0) -> np.ndarray:
+    """Distinct scattered int64 ids for the engine-step workloads (the k-th is the same
+    in every workload that asks for it)."""
+    return (np.arange(first, first + count, dtype=np.int64) * 7919 + 1_000_003)
+
+
+@dataclass
+class DecodeBatch:
+    """``B`` running sequences about to decode: ids, tokens held, and what the engines need."""
+
+    seq_ids: np.ndarray            # int64 [B]
+    num_tokens: np.ndarray         # int64 [B], 1..DECODE_MAX_PROMPT
+    steps: int                     # decode steps the pool and rows are sized for
+    block_size: int = STEP_BLOCK_SIZE
+
+    @property
+    def max_blocks_per_seq(self) -> int:
+        return -(-(int(self.num_tokens.max()) + self.steps) // self.block_size)
+
+    @property
+    def num_blocks(self) -> int:
+        """Blocks for every sequence after ``steps`` steps, and one spare per sequence."""
+        return int((-(-(self.num_tokens + self.steps) // self.block_size)).sum()) + len(self.seq_ids)
+
+
+def decode_batch(num_seqs: int, steps: int = DECODE_STEPS, seed: int = 0) -> DecodeBatch:
+    """``num_seqs`` sequences holding 1..2,048 tokens (uniform, seeded)."""
+    rng = np.random.default_rng([seed, 10])
+    lengths = rng.integers(1, DECODE_MAX_PROMPT + 1, size=num_seqs, dtype=np.int64)
+    return DecodeBatch(step_sequence_ids(num_seqs), lengths, steps)
+
+
+def admission_prompts(count: int = ADMISSION_PROMPTS, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` prompts of ShareGPT-like lengths (int64 ids, int64 token counts)."""
+    rng = np.random.default_rng([seed, 11])
+    return step_sequence_ids(count), _serving_lengths(rng, SERVING["sharegpt"]["prompt"], count)
+
+
+@dataclass
+class ServingStep:
+    """One step of the serving loop, as the scheduler decided it (int64 arrays)."""
+
+    finished: np.ndarray           # freed before the step
+    new_ids: np.ndarray            # admitted this step (their prompts are its prefill)
+    new_tokens: np.ndarray         # their prompt lengths
+    decode_ids: np.ndarray         # running before the step and not finished: +1 token each
+
+
+@dataclass
+class ServingTrace:
+    """The serving loop: sequences running when it starts, then every step's changes."""
+
+    initial_ids: np.ndarray        # int64: running at the start ...
+    initial_tokens: np.ndarray     # ... holding these many tokens
+    steps: list[ServingStep]
+    num_blocks: int                # pool that holds the peak, with a spare block per sequence
+    max_blocks_per_seq: int
+    max_tokens_per_step: int
+    max_rows: int
+    block_size: int = STEP_BLOCK_SIZE
+
+
+def serving_trace(steps: int = SERVING_STEPS, running: int = SERVING_RUNNING, seed: int = 0,
+                  block_size: int = STEP_BLOCK_SIZE) -> ServingTrace:
+    """``steps`` engine steps keeping ``running`` sequences running (ShareGPT lengths).
+
+    Each sequence decodes a sampled number of tokens after its prompt, then finishes
+    and is freed; a new one is admitted in its place in the same step.  The sequences
+    running at the start are part-way through their outputs (uniformly), so that
+    sequences finish from the first step on.
+    """
+    rng = np.random.default_rng([seed, 12])
+    spec = SERVING["sharegpt"]
+    pool_prompts = _serving_lengths(rng, spec["prompt"], running + steps * running)
+    pool_outputs = _serving_lengths(rng, spec["output"], running + steps * running)
+    next_request = 0
+    remaining: dict[int, int] = {}          # id -> decode steps still to run
+    length: dict[int, int] = {}             # id -> tokens held
+    ids = step_sequence_ids(len(pool_prompts))
+
+    initial_ids, initial_tokens = [], []
+    for _ in range(running):
+        seq_id = int(ids[next_request])
+        output = int(pool_outputs[next_request])
+        done = int(rng.integers(0, output))
+        length[seq_id] = int(pool_prompts[next_request]) + done
+        remaining[seq_id] = output - done
+        initial_ids.append(seq_id)
+        initial_tokens.append(length[seq_id])
+        next_request += 1
+
+    def blocks(count: int) -> int:
+        return -(-count // block_size)
+
+    peak_blocks = sum(blocks(n + 1) for n in length.values())
+    widest = max(blocks(n + r) for n, r in zip(length.values(), remaining.values()))
+    most_tokens = 0
+    plan = []
+    for _ in range(steps):
+        finished = [seq_id for seq_id, left in remaining.items() if left == 0]
+        for seq_id in finished:
+            del remaining[seq_id], length[seq_id]
+        decode = list(remaining)
+        new_ids, new_tokens = [], []
+        while len(remaining) < running:
+            seq_id = int(ids[next_request])
+            prompt, output = int(pool_prompts[next_request]), int(pool_outputs[next_request])
+            next_request += 1
+            new_ids.append(seq_id)
+            new_tokens.append(prompt)
+            length[seq_id] = prompt
+            remaining[seq_id] = output
+            widest = max(widest, blocks(prompt + output))
+        for seq_id in decode:
+            length[seq_id] += 1
+            remaining[seq_id] -= 1
+        peak_blocks = max(peak_blocks, sum(blocks(n) for n in length.values()))
+        most_tokens = max(most_tokens, len(decode) + sum(new_tokens))
+        plan.append(ServingStep(np.array(finished, dtype=np.int64), np.array(new_ids, dtype=np.int64),
+                                np.array(new_tokens, dtype=np.int64), np.array(decode, dtype=np.int64)))
+    return ServingTrace(np.array(initial_ids, dtype=np.int64), np.array(initial_tokens, dtype=np.int64),
+                        plan, peak_blocks + 2 * running, widest, most_tokens, running, block_size)
+
+
+def serving_python_steps(trace: ServingTrace) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """The trace's steps as the engines' schedulers hold them: Python lists of
+    (finished ids, [(new id, prompt tokens), ...])."""
+    return [(step.finished.tolist(), list(zip(step.new_ids.tolist(), step.new_tokens.tolist())))
+            for step in trace.steps]

@@ -179,20 +179,20 @@ class DeviceBlockTable:
     rows with :meth:`assign` and give them back with :meth:`release`; the device kernels take
     row indices (see :meth:`rows_for`).
 
-    :meth:`sync` uploads what changed since the last call.  The page table's change
-    stamps (``PageTable.versions``) pick the rows that changed at all; of those, a row
-    whose rewrite stamp moved (a block other than its last was replaced) is rewritten
-    whole, and the others send only their appended blocks and, after copy-on-write, their
-    new last block.  Rows assigned or released, and rows named in :meth:`invalidate`, are
-    handled too (``invalidate`` is never required for edits made through the page table).  Updates are packed into pinned host staging buffers, copied on a non-blocking
+    :meth:`sync` uploads what changed since the last call.  The host copy is a
+    :class:`pagetable.BatchTable` (docs/BATCH_TABLE.md), whose change planning this
+    shares: the page table's change stamps pick the rows that changed at all, and only
+    entries that differ from what the device holds are sent (appended blocks, a last
+    block replaced by copy-on-write, a row rewritten further in, the PAD entries of a
+    released or shrunk row).  Rows named in :meth:`invalidate` are compared whole
+    (never required for edits made through the page table).  Updates are packed into pinned host staging buffers, copied on a non-blocking
     stream and applied by one scatter kernel; when the packed updates would be at least
     ``full_upload_fraction`` of the table's bytes, the whole table is uploaded instead.
 
     Parameters
     ----------
-    page_table : pagetable.PageTable
-        The host table to mirror.  It must provide ``block_size``, ``num_blocks`` and
-        ``lookup``.
+    page_table : pagetable.PageTable or pagetable.KVCacheManager
+        The host table to mirror (a manager's ``page_table``).
     max_rows : int
         Rows of the device table: the most sequences mirrored at once.
     max_blocks_per_seq : int
@@ -246,7 +246,7 @@ class DeviceBlockTable:
         self._block_size = int(page_table.block_size)
         self._block_shift = _block_shift(self._block_size)
         self._full_upload_fraction = float(full_upload_fraction)
-        self._mirror = _HostMirror(int(max_rows), int(max_blocks_per_seq), self._block_size)
+        self._mirror = _HostMirror(page_table, int(max_rows), int(max_blocks_per_seq))
         self._device = cupy.cuda.Device(device) if device is not None else cupy.cuda.Device()
         with self._device:
             self._stream = cupy.cuda.Stream(non_blocking=True)

@@ -21,7 +21,7 @@ from pagetable._admission import Admission
 from pagetable._convert import INT64_MAX, as_index, as_int_array, check_range
 # The exception and the result container are shared with the Cython manager, so that
 # callers catch one OutOfBlocksError; every decision below is plain Python.
-from pagetable._results import AppendResult, OutOfBlocksError
+from pagetable._results import AdmissionResult, AppendResult, OutOfBlocksError
 from pagetable._table import PAD_SLOT_ID
 # The event and statistics types too: plain containers, no decisions in them.
 from pagetable.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
@@ -692,9 +692,14 @@ class ReferenceKVCacheManager:
         return self._plan_prompts(entries, hits)
 
     def add_sequences(self, seq_ids: object, num_tokens: object = None, token_ids: object = None,
-                      extra_keys: object = None) -> list[AppendResult]:
+                      extra_keys: object = None) -> AdmissionResult:
         """Admit every prompt or none (docs/HYBRID.md, "Batched admission")."""
-        return self._admit(self._admission_plan(seq_ids, num_tokens, token_ids, extra_keys))
+        results = self._admit(self._admission_plan(seq_ids, num_tokens, token_ids, extra_keys))
+        lengths = [len(r.slots) for r in results]
+        return AdmissionResult(
+            np.array([q for r in results for q in r.slots.tolist()], dtype=np.int64),
+            np.array([r.num_cached_tokens for r in results], dtype=np.int64),
+            np.array([0] + [sum(lengths[:i + 1]) for i in range(len(lengths))], dtype=np.int64))
 
     def can_admit(self, num_tokens: object, token_ids: object = None, extra_keys: Any = None,
                   watermark: object = 0.0) -> Admission:

@@ -522,15 +522,17 @@ def test_sizes_must_be_positive_integers(Table, name, value, error):
 
 
 @pytest.mark.parametrize("name", ["max_rows", "max_blocks_per_seq"])
-def test_sizes_past_int32_overflow(Table, name, request):
+def test_sizes_past_int32_overflow(Table, name):
     """Above its range a count is OverflowError, as everywhere in the package
     (``check_range``: ``KVCacheManager(2**31)``, ``PageTable(2**40)``)."""
-    if Table is FAST:
-        request.applymarker(pytest.mark.xfail(
-            strict=True, reason="BatchTable raises ValueError for a size past int32"))
     sizes = {"max_rows": 2, "max_blocks_per_seq": 2, name: 2**31}
     with pytest.raises(OverflowError, match=name):
         Table(PageTable(4), sizes["max_rows"], sizes["max_blocks_per_seq"])
+
+
+def test_a_row_wider_than_int32_overflows(Table):
+    with pytest.raises(OverflowError, match="max_blocks_per_seq"):
+        Table(PageTable(4), 1, 2**30, kernel_block_size=1)
 
 
 def test_a_model_or_a_hybrid_manager_is_no_source(Table):

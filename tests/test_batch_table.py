@@ -490,6 +490,52 @@ def test_rows_follow_the_decode_loop_of_the_contract(Table):
             running = [s for s in running if s not in done]
 
 
+@pytest.mark.parametrize("seed, kernel_block_size", [(0, None), (1, 4), (2, 8)])
+def test_rows_follow_a_page_table_under_heavy_churn(Table, seed, kernel_block_size):
+    """Thousands of sequences appended, truncated, rewritten and removed between
+    updates, so that the page table grows, reuses and gives back its storage and
+    rows (every row hint goes stale); rows added, removed and condensed meanwhile."""
+    rng = np.random.default_rng(seed)
+    pt = PageTable(16)
+    bt = Table(pt, 64, 40, kernel_block_size=kernel_block_size)
+    ref = ReferenceBatchTable(pt, 64, 40, kernel_block_size=kernel_block_size)
+    ids = rng.choice(10**12, size=3000, replace=False)
+    for step in range(25):
+        n = int(rng.integers(0, 800))
+        pt.append_blocks(rng.choice(ids, size=n), rng.integers(0, 2**20, size=n))
+        live = pt.sequence_ids()
+        for seq in rng.choice(live, size=min(len(live), int(rng.integers(0, 400))), replace=False).tolist():
+            length = int(pt.num_blocks([seq])[0])
+            choice = rng.integers(0, 3)
+            if choice == 0:
+                pt.remove_sequence(seq)
+            elif choice == 1:
+                pt.truncate_sequence(seq, int(rng.integers(0, length + 1)))
+            elif length:
+                pt.set_block(seq, int(rng.integers(0, length)), int(rng.integers(0, 2**20)))
+        for seq in pt.sequence_ids().tolist():
+            if pt.num_blocks([seq])[0] > 40:
+                pt.truncate_sequence(seq, 40)
+        members = [int(s) for s in ref.seq_ids if s >= 0]
+        if members and rng.random() < 0.5:
+            leaving = rng.choice(members, size=int(rng.integers(1, len(members) + 1)), replace=False).tolist()
+            assert bt.remove(leaving).tolist() == ref.remove(leaving).tolist()
+        free = 64 - ref.num_rows
+        joining = list(dict.fromkeys(int(s) for s in rng.choice(ids, size=free) if int(s) not in ref))
+        joining = joining[: int(rng.integers(0, free + 1))]
+        assert bt.add(joining).tolist() == ref.add(joining).tolist()
+        if rng.random() < 0.3:
+            assert [a.tolist() for a in bt.condense()] == [a.tolist() for a in ref.condense()]
+        assert bt.update() == ref.update()
+        assert_current(bt, pt)
+        assert bt.block_table.tolist() == ref.block_table.tolist()
+        rows, first, end = bt.changes()
+        ref_rows, ref_first, ref_end = ref.changes()
+        covered = dict(zip(rows.tolist(), zip(first.tolist(), end.tolist())))
+        for r, f, e in zip(ref_rows.tolist(), ref_first.tolist(), ref_end.tolist()):
+            assert covered[r][0] <= f and e <= covered[r][1], (r, covered[r], (f, e))
+
+
 # ---------------------------------------------------------------- (b) bad inputs
 
 def loaded(Table, kernel_block_size=None):

@@ -12,14 +12,15 @@ changed nothing.
 """
 
 cimport cython
-from libc.stdint cimport int32_t, int64_t, INT32_MAX, INT64_MAX
+from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t, INT32_MAX, INT64_MAX
 from libc.string cimport memcpy
 
 import numpy as np
 cimport numpy as cnp
 
 from pagetable._types cimport block_id_t, row_t, PAD
-from pagetable._accept cimport int_vector
+from pagetable._accept cimport int_vector, is_kernel_vector, output_vector, shares_memory
+from pagetable._blocks cimport BlockGeometry, block_geometry, block_index, block_offset
 from pagetable._buffers cimport empty, i32, i64
 from pagetable._table cimport PageTable
 from pagetable._convert import as_index, check_range, kernel_blocks_per_block
@@ -110,6 +111,7 @@ cdef class BatchTable:
         int32_t* _moved      # scratch of update: the rows whose stamps moved
         int64_t _num_moved
         dict _row_of
+        BlockGeometry _entry      # tokens per entry: the kernel block size, or the block size
         int64_t _seen_stamp   # the source's stamp when every row was last current
         bint _stale           # a row was added or invalidated since the last update
         readonly object kernel_block_size
@@ -134,6 +136,7 @@ cdef class BatchTable:
                 f"max_blocks_per_seq * (block_size // kernel_block_size) must be at most "
                 f"{INT32_MAX}, got {blocks} * {per_block}")
         self._source = table
+        self._entry = block_geometry((<PageTable>table)._block_size // per_block)
         self._max_rows = rows
         self._max_blocks = blocks
         self._per_block = per_block
@@ -644,6 +647,97 @@ cdef class BatchTable:
                 self._stale = False
                 return changed
         raise RuntimeError(_KEPT_CHANGING)
+
+    def slot_mapping(self, rows, positions, out=None):
+        """Each token's cache slot from its row and position, over the table as it is.
+
+        What a step computes from its persistent table (``rows`` is each token's row,
+        as :meth:`rows` gives them): ``slot = entry * e + position % e`` with ``entry =
+        block_table[row, position // e]`` and ``e`` tokens per entry (the kernel block
+        size, or the block size), equal to the page table's ``block * block_size +
+        offset``.  Reads only this table: call :meth:`update` first.
+
+        Parameters
+        ----------
+        rows : array_like of int, shape (n,)
+            Rows, ``0 .. max_rows - 1`` (int32 or int64 arrays are read as they are).
+        positions : array_like of int, shape (n,)
+        out : numpy.ndarray of int64, shape (n,), optional
+            Preallocated output (native int64, C-contiguous, writeable); it may
+            overlap the inputs.
+
+        Returns
+        -------
+        numpy.ndarray of int64, shape (n,)
+            ``PAD_SLOT_ID`` for a position that is negative or past the row's entries,
+            in a free row, or in a released (PAD) entry.
+
+        Raises
+        ------
+        IndexError
+            A row outside ``0 .. max_rows - 1`` (``out`` may then be partly written).
+        """
+        cdef bint narrow = is_kernel_vector(rows, cnp.NPY_INT32)
+        row_array = rows if narrow else int_vector(rows, "rows", cnp.NPY_INT64)
+        pos_array = int_vector(positions, "positions", cnp.NPY_INT64)
+        cdef Py_ssize_t n = cnp.PyArray_DIM(<cnp.ndarray>row_array, 0)
+        if cnp.PyArray_DIM(<cnp.ndarray>pos_array, 0) != n:
+            raise ValueError(f"rows and positions must have the same length, "
+                             f"got {n} and {pos_array.shape[0]}")
+        out_array = None
+        if out is None:
+            result = empty(n, cnp.NPY_INT64)
+        else:
+            out_array = output_vector(out, n, cnp.NPY_INT64)
+            if shares_memory(out_array, row_array) or shares_memory(out_array, pos_array):
+                result = empty(n, cnp.NPY_INT64)
+            else:
+                result = out_array
+        cdef int64_t bad
+        if narrow:
+            bad = self._slots_i32(<const int32_t*>cnp.PyArray_DATA(<cnp.ndarray>row_array),
+                                  i64(pos_array), i64(result), n)
+        else:
+            bad = self._slots_i64(i64(row_array), i64(pos_array), i64(result), n)
+        if bad >= 0:
+            raise IndexError(f"rows[{bad}] = {row_array[bad]} is not a row (0 .. {self._max_rows - 1})")
+        if out is None:
+            return result
+        if result is not out_array:
+            memcpy(cnp.PyArray_DATA(<cnp.ndarray>out_array), cnp.PyArray_DATA(<cnp.ndarray>result),
+                   <size_t>n * sizeof(int64_t))
+        return out
+
+    cdef inline int64_t _slot_of(self, int64_t row, int64_t position) noexcept nogil:
+        cdef int64_t j
+        cdef int32_t entry
+        if position < 0:
+            return PAD
+        j = block_index(&self._entry, position)
+        if j >= self._num[row]:
+            return PAD
+        entry = self._table[row * self._width + j]
+        if entry == PAD:
+            return PAD
+        return <int64_t>entry * self._entry.size + block_offset(&self._entry, position)
+
+    cdef int64_t _slots_i32(self, const int32_t* rows, const int64_t* positions, int64_t* out,
+                            Py_ssize_t n) noexcept:
+        cdef Py_ssize_t i
+        for i in range(n):
+            if <uint32_t>rows[i] >= <uint64_t>self._max_rows:
+                return i
+            out[i] = self._slot_of(rows[i], positions[i])
+        return -1
+
+    cdef int64_t _slots_i64(self, const int64_t* rows, const int64_t* positions, int64_t* out,
+                            Py_ssize_t n) noexcept:
+        cdef Py_ssize_t i
+        for i in range(n):
+            if <uint64_t>rows[i] >= <uint64_t>self._max_rows:
+                return i
+            out[i] = self._slot_of(rows[i], positions[i])
+        return -1
 
     def _check_update(self):
         """Raise what :meth:`update` would raise now; change nothing visible."""

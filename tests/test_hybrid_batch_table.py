@@ -84,3 +84,49 @@ def test_per_group_arguments_are_checked():
     assert 5 in bt and len(bt) == 1 and bt.rows([5]).tolist() == [0]
     with pytest.raises(TypeError, match="batch_table"):
         pagetable.BatchTable(h, 4, 8)
+
+
+# ---- BatchTable.slot_mapping: the step's slots from rows and positions -------------
+
+@pytest.mark.parametrize("kernel_block_size", [None, 4, 1])
+@pytest.mark.parametrize("row_dtype", [np.int32, np.int64])
+def test_batch_slot_mapping_equals_the_page_tables(kernel_block_size, row_dtype):
+    rng = np.random.default_rng(5)
+    kv = pagetable.KVCacheManager(400, 16, sliding_window=40)
+    ids = np.arange(12, dtype=np.int64)
+    kv.add_sequences(ids, num_tokens=rng.integers(0, 90, ids.size))
+    kv.append_tokens(ids, 30)                       # windows release their early blocks
+    bt = pagetable.BatchTable(kv, 16, 16, kernel_block_size=kernel_block_size)
+    bt.add(ids[::-1])
+    bt.remove([3])
+    bt.update()
+    seqs = rng.choice(ids, 500)
+    positions = rng.integers(-3, 140, 500)
+    rows = np.where(seqs == 3, 12, 0)               # row 12 is free: all PAD
+    rows[seqs != 3] = bt.rows(seqs[seqs != 3])
+    expected = kv.page_table.slot_mapping(seqs, positions)
+    expected[seqs == 3] = PAD_SLOT_ID
+    got = bt.slot_mapping(rows.astype(row_dtype), positions)
+    np.testing.assert_array_equal(got, expected)
+    out = np.full(500, 7, dtype=np.int64)
+    assert bt.slot_mapping(rows.astype(row_dtype), positions, out=out) is out
+    np.testing.assert_array_equal(out, expected)
+    alias = positions.copy()
+    bt.slot_mapping(rows, alias, out=alias)         # out may overlap an input
+    np.testing.assert_array_equal(alias, expected)
+
+
+def test_batch_slot_mapping_argument_errors():
+    kv = pagetable.KVCacheManager(16, 16)
+    bt = pagetable.BatchTable(kv, 4, 4)
+    with pytest.raises(IndexError, match=r"rows\[1\] = 4 is not a row"):
+        bt.slot_mapping([0, 4], [0, 0])
+    with pytest.raises(IndexError, match=r"rows\[0\] = -1"):
+        bt.slot_mapping(np.array([-1], dtype=np.int32), [0])
+    with pytest.raises(ValueError, match="same length"):
+        bt.slot_mapping([0, 1], [0])
+    with pytest.raises(TypeError, match="positions"):
+        bt.slot_mapping([0], [0.5])
+    with pytest.raises((TypeError, ValueError), match="out"):
+        bt.slot_mapping([0], [0], out=np.empty(1, dtype=np.int32))
+    assert bt.slot_mapping([], []).shape == (0,)

@@ -10,6 +10,8 @@ import pytest
 import pagetable
 from pagetable.cli.workloads import TableWorkload, token_batch
 
+from conftest import child_env
+
 
 @pytest.fixture
 def restore_threads():
@@ -45,25 +47,26 @@ def test_set_num_threads_caps_at_the_cpus(restore_threads):
     assert 1 <= pagetable.get_num_threads() <= len(os.sched_getaffinity(0))
 
 
-def _threads_in_subprocess(value):
-    env = dict(os.environ)
+def _threads_in_subprocess(value, tmp_path):
+    env = child_env()
     env.pop("OMP_NUM_THREADS", None)
     env["PAGETABLE_NUM_THREADS"] = value
     code = "import warnings, pagetable; print(pagetable.get_num_threads())"
-    result = subprocess.run([sys.executable, "-W", "always", "-c", code], env=env,
+    # Outside the source tree: an uncompiled checkout there would shadow the build.
+    result = subprocess.run([sys.executable, "-W", "always", "-c", code], env=env, cwd=tmp_path,
                             capture_output=True, text=True, check=True)
     return int(result.stdout.strip()), result.stderr
 
 
-def test_environment_variable_sets_the_count():
-    assert _threads_in_subprocess("1") == (1, "")
-    count, _ = _threads_in_subprocess(" 1000 ")
+def test_environment_variable_sets_the_count(tmp_path):
+    assert _threads_in_subprocess("1", tmp_path) == (1, "")
+    count, _ = _threads_in_subprocess(" 1000 ", tmp_path)
     assert 1 <= count <= len(os.sched_getaffinity(0))
 
 
 @pytest.mark.parametrize("bad", ["zero", "0", "-3", "1.5"])
-def test_bad_environment_variable_warns_and_keeps_the_default(bad):
-    count, stderr = _threads_in_subprocess(bad)
+def test_bad_environment_variable_warns_and_keeps_the_default(bad, tmp_path):
+    count, stderr = _threads_in_subprocess(bad, tmp_path)
     assert "PAGETABLE_NUM_THREADS" in stderr and "RuntimeWarning" in stderr
     assert 1 <= count <= len(os.sched_getaffinity(0))
 

@@ -82,9 +82,14 @@ class Admission(_Mutating):
     def time_admit(self, side):
         engines.admission_run(side, self.engine, self.seq_ids, self.num_tokens, self.lists)
 
-    def time_admit_one_by_one(self, side):
-        if side != "pagetable":   # the models admit one by one in time_admit already
-            raise NotImplementedError
+
+
+class AdmissionOneByOne(Admission):
+    """pagetable admitting from a Python loop, one add_sequence per prompt (the models
+    admit one by one in Admission.time_admit already)."""
+    params = (["pagetable"],)
+
+    def time_admit(self, side):
         self.engine.admit_one_by_one(*self.lists)
 
 

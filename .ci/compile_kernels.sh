@@ -5,9 +5,17 @@
 #      gfx940), failing on any error or warning in the program log: gfx908 gfx90a gfx1030;
 #   2. Debian's hipcc (HIP_PLATFORM=amd, hip_runtime.h force-included, -Werror):
 #      gfx908 gfx90a gfx940 gfx1030;
-#   3. nvcc to PTX with warnings as errors, where nvcc exists.
-# Installs Debian's hipcc when it is missing (set PAGETABLE_NO_APT=1 to skip that; the
-# AMD steps are then skipped with a message).  Idempotent; quick once hipcc is installed.
+#   3. ROCm 7's hiprtc mode for the GPUs Debian's ROCm 5.2 does not know (gfx942: MI300X/
+#      MI325X; gfx1100: RDNA3; gfx1201: RDNA4): Debian's clang-19 with ROCm 7.2's
+#      hiprtc_runtime.h prepended, __HIPCC_RTC__ defined, no include paths, Debian's
+#      rocm-device-libs linked, -Werror -Wall -Wextra; each code object must hold every
+#      extern "C" __global__ kernel of the source and none may spill or use scratch
+#      (.ci/rtc7_compile.py).  Three deliberately broken sources must fail the same check;
+#   4. nvcc to PTX with warnings as errors, where nvcc exists.
+# Installs Debian's hipcc, clang-19, lld-19, llvm-19 and rocm-device-libs when missing, and
+# fetches the header from PyPI each run (set PAGETABLE_NO_APT=1 to skip the installs; the
+# steps whose tools are missing are then skipped with a message).  PAGETABLE_RTC7_JSON=DIR
+# keeps each target's per-kernel figures as DIR/rtc7_TARGET.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SOURCE=pagetable/gpu/pagetable_kernels.cu
@@ -16,12 +24,19 @@ WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 failures=0
 
-if ! command -v hipcc >/dev/null 2>&1 && [ "${PAGETABLE_NO_APT:-0}" = "0" ] \
+RTC7_PACKAGES="clang-19 lld-19 llvm-19 rocm-device-libs"
+have_rtc7_tools() {
+    command -v clang-19 >/dev/null 2>&1 && command -v llvm-readelf-19 >/dev/null 2>&1 \
+        && command -v ld.lld-19 >/dev/null 2>&1 \
+        && [ -f /usr/lib/x86_64-linux-gnu/amdgcn/bitcode/ockl.bc ]
+}
+if { ! command -v hipcc >/dev/null 2>&1 || ! have_rtc7_tools; } \
+        && [ "${PAGETABLE_NO_APT:-0}" = "0" ] \
         && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
-    echo "== installing Debian's hipcc (brings libamdhip64 with hiprtc)"
+    echo "== installing Debian's hipcc (brings libamdhip64 with hiprtc) and $RTC7_PACKAGES"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y -q hipcc >/dev/null 2>&1 \
-        || { apt-get update -q >/dev/null && apt-get install -y -q hipcc >/dev/null; }
+    apt-get install -y -q hipcc $RTC7_PACKAGES >/dev/null 2>&1 \
+        || { apt-get update -q >/dev/null && apt-get install -y -q hipcc $RTC7_PACKAGES >/dev/null; }
 fi
 
 if command -v hipcc >/dev/null 2>&1; then
@@ -43,6 +58,42 @@ if command -v hipcc >/dev/null 2>&1; then
     done
 else
     echo "hipcc/hiprtc: SKIPPED (not installed; apt-get install -y hipcc)"
+fi
+
+if have_rtc7_tools; then
+    header="$WORK/hiprtc_runtime.h"
+    if PYTHON="$PYTHON" bash .ci/fetch_hiprtc_runtime.sh "$header"; then
+        for target in gfx942 gfx1100 gfx1201; do
+            json=()
+            if [ -n "${PAGETABLE_RTC7_JSON:-}" ]; then
+                mkdir -p "$PAGETABLE_RTC7_JSON"
+                json=(--json "$PAGETABLE_RTC7_JSON/rtc7_$target.json")
+            fi
+            if ! "$PYTHON" .ci/rtc7_compile.py "$SOURCE" "$target" --header "$header" \
+                    "${json[@]}"; then
+                failures=$((failures + 1))
+            fi
+        done
+        # The check is only worth having if it fails: a warning, a kernel that the
+        # hiprtc mode drops, and a kernel that uses scratch must each fail it.
+        printf '__device__ int maybe(int a) { if (a) return 1; }\nextern "C" __global__ void k(int* x) { x[0] = maybe(x[1]); }\n' >"$WORK/warns.cu"
+        printf 'extern "C" __global__ void k(int* x) { x[0] = 1; }\n#ifndef __HIPCC_RTC__\nextern "C" __global__ void k_dropped(int* x) { x[0] = 2; }\n#endif\n' >"$WORK/missing.cu"
+        printf 'extern "C" __global__ void k(int* x) { int a[64]; for (int i = 0; i < 64; ++i) a[i] = x[i]; x[0] = a[x[64] & 63]; }\n' >"$WORK/scratch.cu"
+        for broken in warns missing scratch; do
+            if "$PYTHON" .ci/rtc7_compile.py "$WORK/$broken.cu" gfx942 --header "$header" \
+                    >"$WORK/$broken.log" 2>&1; then
+                echo "hiprtc-7 mode self-check: the $broken source PASSED but must fail"
+                cat "$WORK/$broken.log"; failures=$((failures + 1))
+            else
+                echo "hiprtc-7 mode self-check: the $broken source fails, as it must"
+            fi
+        done
+    else
+        echo "hiprtc-7 mode: FAILED to fetch ROCm 7.2's hiprtc_runtime.h from PyPI"
+        failures=$((failures + 1))
+    fi
+else
+    echo "hiprtc-7 mode: SKIPPED (apt-get install -y $RTC7_PACKAGES)"
 fi
 
 if command -v nvcc >/dev/null 2>&1; then

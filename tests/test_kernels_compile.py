@@ -94,3 +94,76 @@ def test_hiprtc_check_fails_on_a_warning(tmp_path):
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "warning" in result.stdout
+
+
+# ROCm 7's hiprtc mode (``.ci/rtc7_compile.py``): Debian's clang-19 with ROCm 7.2's
+# hiprtc_runtime.h, for the GPUs Debian's ROCm 5.2 does not know.  The header comes from
+# PyPI (``bash .ci/fetch_hiprtc_runtime.sh PATH``); these run where PAGETABLE_HIPRTC_RUNTIME_H
+# names it and clang-19 is installed.  ``.ci/compile_kernels.sh`` runs them in CI.
+RTC7_SCRIPT = os.path.join(ROOT, ".ci", "rtc7_compile.py")
+
+
+def _load_rtc7():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("rtc7_compile", RTC7_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rtc7_check_reads_every_declared_kernel():
+    """The symbol check expects exactly the kernels the launcher knows of."""
+    rtc7 = _load_rtc7()
+    assert rtc7.declared_kernels(gpu.kernel_source()) == KERNEL_NAMES
+    assert rtc7.declared_kernels('// extern "C" __global__ void gone(int* x) {}\n'
+                                 '/* extern "C" __global__ void gone2(int* x) {} */\n'
+                                 'extern "C"  __global__ void kept (int* x) {}\n') == ["kept"]
+    assert rtc7.expected_wavefront_size("gfx942") == 64
+    assert rtc7.expected_wavefront_size("gfx90a") == 64
+    assert rtc7.expected_wavefront_size("gfx1100") == 32
+    assert rtc7.expected_wavefront_size("gfx1201") == 32
+
+
+def _rtc7_header():
+    header = os.environ.get("PAGETABLE_HIPRTC_RUNTIME_H")
+    if not header or not os.path.isfile(header):
+        pytest.skip("set PAGETABLE_HIPRTC_RUNTIME_H (bash .ci/fetch_hiprtc_runtime.sh PATH)")
+    if shutil.which("clang-19") is None:
+        pytest.skip("clang-19 not installed: apt-get install -y clang-19 lld-19 llvm-19 "
+                    "rocm-device-libs")
+    return header
+
+
+@pytest.mark.parametrize("target", ["gfx942", "gfx1100", "gfx1201"])
+def test_rtc7_mode_compiles_every_kernel_without_spills(target, tmp_path):
+    header = _rtc7_header()
+    figures = tmp_path / "figures.json"
+    result = subprocess.run([sys.executable, RTC7_SCRIPT, SOURCE, target, "--header", header,
+                             "--json", str(figures)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    import json
+    kernels = json.loads(figures.read_text())["kernels"]
+    assert sorted(kernels) == KERNEL_NAMES
+    wave = 64 if target == "gfx942" else 32
+    for name, row in kernels.items():
+        assert row["wavefront_size"] == wave, name
+        assert row["private_segment_fixed_size"] == 0, name
+        assert row["vgpr_spill_count"] == row["sgpr_spill_count"] == 0, name
+
+
+@pytest.mark.parametrize("body", [
+    '__device__ int maybe(int a) { if (a) return 1; }\n'
+    'extern "C" __global__ void k(int* x) { x[0] = maybe(x[1]); }\n',
+    'extern "C" __global__ void k(int* x) { x[0] = 1; }\n#ifndef __HIPCC_RTC__\n'
+    'extern "C" __global__ void k_dropped(int* x) { x[0] = 2; }\n#endif\n',
+    'extern "C" __global__ void k(int* x) { int a[64]; for (int i = 0; i < 64; ++i) '
+    'a[i] = x[i]; x[0] = a[x[64] & 63]; }\n',
+], ids=["warning", "missing_kernel", "scratch"])
+def test_rtc7_check_fails_on_a_broken_source(body, tmp_path):
+    header = _rtc7_header()
+    source = tmp_path / "broken.cu"
+    source.write_text(body)
+    result = subprocess.run([sys.executable, RTC7_SCRIPT, str(source), "gfx942",
+                             "--header", header], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "FAILED" in result.stdout

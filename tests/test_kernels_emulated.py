@@ -131,19 +131,29 @@ def random_queries(rng, device, count):
     return rows, positions
 
 
-LAUNCH_SHAPES = ["planned", "one_small_block"]
+# Block widths: the planned 256; 3 (grid-stride loops in a tiny grid); one RDNA wavefront
+# (32) and one CDNA wavefront (64); 100, a width that is no multiple of either.  The
+# kernels use no warp-level operation (test_kernels_compile checks the source for one),
+# so a wavefront is only a block width to them; these hold that for both widths.
+LAUNCH_SHAPES = ["planned", "one_small_block", "wave32", "wave64", "block100"]
+_FIXED_SHAPES = {
+    "one_small_block": ((1, 1, 1), (3, 1, 1), (2, 2, 1), (3, 1, 1)),
+    "wave32": ((2, 1, 1), (32, 1, 1), (2, 1, 1), (32, 1, 1)),
+    "wave64": ((1, 1, 1), (64, 1, 1), (1, 3, 1), (64, 1, 1)),
+    "block100": ((2, 1, 1), (100, 1, 1), (3, 1, 1), (100, 1, 1)),
+}
 
 
 def _shape_per_item(kind, count):
     if kind == "planned":
         return gpu.launch_shape_per_item(count)
-    return (1, 1, 1), (3, 1, 1)  # exercises the grid-stride loops
+    return _FIXED_SHAPES[kind][:2]
 
 
 def _shape_per_request(kind, num_requests, items):
     if kind == "planned":
         return gpu.launch_shape_per_request(num_requests, items)
-    return (2, 2, 1), (3, 1, 1)
+    return _FIXED_SHAPES[kind][2:]
 
 
 # ------------------------------------------------------------------ tests

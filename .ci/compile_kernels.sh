@@ -6,7 +6,8 @@
 #   2. Debian's hipcc (HIP_PLATFORM=amd, hip_runtime.h force-included, -Werror):
 #      gfx908 gfx90a gfx940 gfx1030;
 #   3. ROCm 7's hiprtc mode for the GPUs Debian's ROCm 5.2 does not know (gfx942: MI300X/
-#      MI325X; gfx1100: RDNA3; gfx1201: RDNA4): Debian's clang-19 with ROCm 7.2's
+#      MI325X; gfx1100-gfx1102: RDNA3; gfx1200, gfx1201: RDNA4) and for MI200 (gfx90a)
+#      as a ROCm 7 user compiles for it: Debian's clang-19 with ROCm 7.2's
 #      hiprtc_runtime.h prepended, __HIPCC_RTC__ defined, no include paths, Debian's
 #      rocm-device-libs linked, -Werror -Wall -Wextra; each code object must hold every
 #      extern "C" __global__ kernel of the source and none may spill or use scratch
@@ -63,7 +64,7 @@ fi
 if have_rtc7_tools; then
     header="$WORK/hiprtc_runtime.h"
     if PYTHON="$PYTHON" bash .ci/fetch_hiprtc_runtime.sh "$header"; then
-        for target in gfx942 gfx1100 gfx1201; do
+        for target in gfx942 gfx90a gfx1100 gfx1101 gfx1102 gfx1200 gfx1201; do
             json=()
             if [ -n "${PAGETABLE_RTC7_JSON:-}" ]; then
                 mkdir -p "$PAGETABLE_RTC7_JSON"

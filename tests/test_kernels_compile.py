@@ -134,7 +134,8 @@ def _rtc7_header():
     return header
 
 
-@pytest.mark.parametrize("target", ["gfx942", "gfx1100", "gfx1201"])
+@pytest.mark.parametrize("target", ["gfx942", "gfx90a", "gfx1100", "gfx1101", "gfx1102",
+                                    "gfx1200", "gfx1201"])
 def test_rtc7_mode_compiles_every_kernel_without_spills(target, tmp_path):
     header = _rtc7_header()
     figures = tmp_path / "figures.json"
@@ -144,7 +145,7 @@ def test_rtc7_mode_compiles_every_kernel_without_spills(target, tmp_path):
     import json
     kernels = json.loads(figures.read_text())["kernels"]
     assert sorted(kernels) == KERNEL_NAMES
-    wave = 64 if target == "gfx942" else 32
+    wave = 64 if target in ("gfx942", "gfx90a") else 32
     for name, row in kernels.items():
         assert row["wavefront_size"] == wave, name
         assert row["private_segment_fixed_size"] == 0, name

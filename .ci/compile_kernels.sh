@@ -25,19 +25,13 @@ WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 failures=0
 
-RTC7_PACKAGES="clang-19 lld-19 llvm-19 rocm-device-libs"
-have_rtc7_tools() {
-    command -v clang-19 >/dev/null 2>&1 && command -v llvm-readelf-19 >/dev/null 2>&1 \
-        && command -v ld.lld-19 >/dev/null 2>&1 \
-        && [ -f /usr/lib/x86_64-linux-gnu/amdgcn/bitcode/ockl.bc ]
-}
-if { ! command -v hipcc >/dev/null 2>&1 || ! have_rtc7_tools; } \
-        && [ "${PAGETABLE_NO_APT:-0}" = "0" ] \
+. .ci/toolchains.sh
+if ! have_kernel_tools && [ "${PAGETABLE_NO_APT:-0}" = "0" ] \
         && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
-    echo "== installing Debian's hipcc (brings libamdhip64 with hiprtc) and $RTC7_PACKAGES"
+    echo "== installing Debian's $KERNEL_PACKAGES (hipcc brings libamdhip64 with hiprtc)"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y -q hipcc $RTC7_PACKAGES >/dev/null 2>&1 \
-        || { apt-get update -q >/dev/null && apt-get install -y -q hipcc $RTC7_PACKAGES >/dev/null; }
+    apt-get install -y -q $KERNEL_PACKAGES >/dev/null 2>&1 \
+        || { apt-get update -q >/dev/null && apt-get install -y -q $KERNEL_PACKAGES >/dev/null; }
 fi
 
 if command -v hipcc >/dev/null 2>&1; then
